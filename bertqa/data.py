@@ -28,6 +28,7 @@ __all__ = [
     "answerable_only",
     "check_labels",
     "label_features",
+    "load_examples",
     "load_squad",
     "parse_squad",
     "resolve_source",
@@ -253,6 +254,16 @@ def _nearest_occurrence(context: str, text: str, start: int) -> int | None:
 
 
 # ------------------------------------------------------------------------------------------ filtering, subsampling
+
+
+def load_examples(
+    source: str | Path, *, answerable: bool = False, max_examples: int | None = None, seed: int = 0
+) -> tuple[list[Example], LoadReport]:
+    """`load_squad`, then optionally keep answerable questions only, then a seeded subset of examples."""
+    examples, report = load_squad(source)
+    if answerable:
+        examples = answerable_only(examples)
+    return subsample(examples, max_examples, seed=seed), report
 
 
 def answerable_only(examples: Iterable[Example]) -> list[Example]:

@@ -52,7 +52,8 @@ def squad_v1_scores(predictions: Mapping[str, str], golds: Mapping[str, Sequence
         pred = predictions.get(qid, "")
         em += max(exact_match(pred, a) for a in answers)
         f1 += max(f1_score(pred, a) for a in answers)
-    return {"exact_match": 100 * em / len(golds), "f1": 100 * f1 / len(golds), "total": float(len(golds))}
+    # Named "exact" (the official v1.1 script says "exact_match") so v1.1 and v2.0 results share their keys.
+    return {"exact": 100 * em / len(golds), "f1": 100 * f1 / len(golds), "total": float(len(golds))}
 
 
 def _v2_golds(answers: Sequence[str]) -> list[str]:

@@ -28,7 +28,7 @@ def test_v1_scores_take_the_best_gold_answer():
     preds = {"a": "the Broncos", "b": "in 1858 or so"}  # c has no prediction: scores 0
     scores = squad_v1_scores(preds, golds)
     # a: EM 1 (matches "Broncos"); b: F1 with 1 of 4 pred tokens: P 1/4, R 1 -> 0.4; c: 0.
-    assert scores["exact_match"] == pytest.approx(100 / 3)
+    assert scores["exact"] == pytest.approx(100 / 3)
     assert scores["f1"] == pytest.approx(100 * (1 + 0.4) / 3)
     with pytest.raises(ValueError):
         squad_v1_scores({}, {})

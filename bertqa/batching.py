@@ -1,0 +1,138 @@
+"""Batches of windows: a torch Dataset over `Features`, dynamic padding, and length-aware batch orders.
+
+Real SQuAD windows are short (about 170 tokens on average at max 384), so padding every batch to 384 wastes about
+half the compute. Training batches are therefore drawn from length-sorted pools of shuffled windows, and every batch
+is padded only to its own longest window (rounded up to a multiple of 8 for tensor cores). The order depends only on
+(seed, epoch), so every process computes the same list of batches and Accelerate hands each process its share.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from bertqa.data import Features
+
+__all__ = ["Collator", "FeatureDataset", "LengthGroupedBatchSampler", "SortedBatchSampler"]
+
+
+class FeatureDataset(torch.utils.data.Dataset):
+    """Index -> one window as plain lists; labels are included when the features have them."""
+
+    def __init__(self, features: Features) -> None:
+        self.features = features
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        f = self.features
+        item: dict[str, Any] = {"input_ids": f.input_ids[i], "feature_index": i}
+        if f.token_type_ids is not None:
+            item["token_type_ids"] = f.token_type_ids[i]
+        if f.start_positions is not None and f.end_positions is not None:
+            item["start_positions"] = int(f.start_positions[i])
+            item["end_positions"] = int(f.end_positions[i])
+        return item
+
+
+class Collator:
+    """Pad a list of windows to the longest one (rounded up to `pad_to_multiple_of`) and build the attention mask."""
+
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int = 8) -> None:
+        self.pad_token_id = pad_token_id
+        self.multiple = pad_to_multiple_of
+
+    def __call__(self, items: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        longest = max(len(item["input_ids"]) for item in items)
+        length = math.ceil(longest / self.multiple) * self.multiple
+        input_ids = torch.full((len(items), length), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(items), length), dtype=torch.long)
+        has_types = "token_type_ids" in items[0]
+        types = torch.zeros((len(items), length), dtype=torch.long) if has_types else None
+        for row, item in enumerate(items):
+            n = len(item["input_ids"])
+            input_ids[row, :n] = torch.as_tensor(item["input_ids"])
+            mask[row, :n] = 1
+            if types is not None:
+                types[row, :n] = torch.as_tensor(item["token_type_ids"])
+        batch = {"input_ids": input_ids, "attention_mask": mask}
+        if types is not None:
+            batch["token_type_ids"] = types
+        for key in ("start_positions", "end_positions", "feature_index"):
+            if key in items[0]:
+                batch[key] = torch.tensor([item[key] for item in items], dtype=torch.long)
+        return batch
+
+
+class LengthGroupedBatchSampler:
+    """Shuffled training batches of similar-length windows, identical on every process for a given epoch.
+
+    Each epoch: shuffle all windows with a generator seeded by (seed, epoch), cut the order into pools of
+    `pool_batches` batches, sort each pool by length and cut it into batches, then shuffle the batch order so the
+    lengths seen by the optimizer stay mixed. With `group_by_length=False` it is a plain seeded shuffle.
+    """
+
+    def __init__(
+        self,
+        lengths: np.ndarray,
+        batch_size: int,
+        *,
+        seed: int,
+        group_by_length: bool = True,
+        pool_batches: int = 50,
+    ) -> None:
+        self.lengths = np.asarray(lengths)
+        self.batch_size = batch_size  # Accelerate reads this to shard batches across processes
+        self.drop_last = False
+        self.seed = seed
+        self.group_by_length = group_by_length
+        self.pool_batches = pool_batches
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def batches(self) -> list[list[int]]:
+        rng = np.random.default_rng([self.seed, self.epoch])
+        order = rng.permutation(len(self.lengths))
+        if not self.group_by_length:
+            return [order[i : i + self.batch_size].tolist() for i in range(0, len(order), self.batch_size)]
+        pool = self.batch_size * self.pool_batches
+        batches = []
+        for begin in range(0, len(order), pool):
+            chunk = order[begin : begin + pool]
+            chunk = chunk[np.argsort(-self.lengths[chunk], kind="stable")]
+            batches += [chunk[i : i + self.batch_size].tolist() for i in range(0, len(chunk), self.batch_size)]
+        # Keep every batch full except the very last one, which Accelerate may pad across processes.
+        full = [b for b in batches if len(b) == self.batch_size]
+        partial = [i for b in batches if len(b) < self.batch_size for i in b]
+        full = [full[i] for i in rng.permutation(len(full))]
+        tail = [partial[i : i + self.batch_size] for i in range(0, len(partial), self.batch_size)]
+        return full + tail
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self.batches())
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.lengths) / self.batch_size)
+
+
+class SortedBatchSampler:
+    """Evaluation batches in order of decreasing length (least padding); results are put back by feature index."""
+
+    def __init__(self, lengths: np.ndarray, batch_size: int) -> None:
+        self.batch_size = batch_size
+        self.drop_last = False
+        order = np.argsort(-np.asarray(lengths), kind="stable")
+        self._batches = [order[i : i + batch_size].tolist() for i in range(0, len(order), batch_size)]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self._batches)
+
+    def __len__(self) -> int:
+        return len(self._batches)

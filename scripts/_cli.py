@@ -1,0 +1,80 @@
+"""Shared command-line plumbing for the scripts: flags built from TrainConfig, logging, errors -> exit codes."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import sys
+import types
+import typing
+from collections.abc import Callable
+from typing import Any
+
+from bertqa.config import TrainConfig
+
+
+def setup_logging() -> None:
+    """Library messages to stdout; silence transformers' load report and hub chatter (offline by default)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    logging.getLogger("accelerate").setLevel(logging.WARNING)  # one line per saved file is noise here
+    transformers.utils.logging.disable_progress_bar()
+
+
+def _bool(text: str) -> bool:
+    if text.lower() in {"1", "true", "yes", "on"}:
+        return True
+    if text.lower() in {"0", "false", "no", "off"}:
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+def _optional(kind: Callable[[str], Any]) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        return None if text.lower() in {"none", "null", ""} else kind(text)
+
+    return parse
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One --flag per TrainConfig field, with its help text and default; defaults are left unset (None) here so
+    that only flags given on the command line override a preset."""
+    hints = typing.get_type_hints(TrainConfig)
+    for field in dataclasses.fields(TrainConfig):
+        hint = hints[field.name]
+        args = typing.get_args(hint)
+        optional = type(None) in args
+        base = next((a for a in args if a is not type(None)), hint) if isinstance(hint, types.UnionType) else hint
+        flag = "--" + field.name.replace("_", "-")
+        help_text = f"{field.metadata['help']} (default: {field.default})"
+        if base is bool:
+            parser.add_argument(flag, type=_bool, metavar="BOOL", help=help_text)
+        elif typing.get_origin(base) is tuple:
+            parser.add_argument(flag, nargs="*", help=help_text)
+        else:
+            kind = _optional(base) if optional else base
+            parser.add_argument(flag, type=kind, choices=field.metadata.get("choices"), help=help_text)
+
+
+def config_changes(args: argparse.Namespace) -> dict[str, Any]:
+    changes = {}
+    for field in dataclasses.fields(TrainConfig):
+        value = getattr(args, field.name, None)
+        if value is not None:
+            changes[field.name] = tuple(value) if isinstance(value, list) else value
+    return changes
+
+
+def run(main: Callable[[], int]) -> None:
+    """Run a script's main(); turn the library's clear errors into a one-line message and exit code 2."""
+    try:
+        sys.exit(main())
+    except (ValueError, FileNotFoundError, TypeError, FloatingPointError) as err:
+        logging.getLogger("bertqa").debug("error", exc_info=True)
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,250 @@
+"""Engine: LR schedule, optimizer groups, accumulation, overfitting, NaN guard, callbacks, checkpoints and resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from bertqa import batching, data, engine
+from bertqa.checkpoint import latest_checkpoint, list_checkpoints
+from bertqa.config import TrainConfig
+from bertqa.model import build_model
+from tests.conftest import TINY
+
+
+def tiny_config(tmp_path, **changes) -> TrainConfig:
+    base = dict(
+        model="minilm-l6",
+        train_data="dev-v1.1",
+        eval_data="dev-v1.1",
+        max_train_examples=40,
+        max_eval_examples=12,
+        max_seq_length=128,
+        doc_stride=32,
+        max_query_length=32,
+        batch_size=8,
+        eval_batch_size=16,
+        epochs=1.0,
+        lr=1e-3,
+        log_every=1,
+        output_dir=str(tmp_path / "run"),
+        save_model=False,
+        label_check_min=0.9,
+    )
+    return TrainConfig(**{**base, **changes})
+
+
+def tiny(seed=0, **overrides):
+    torch.manual_seed(seed)
+    return build_model("minilm-l6", pretrained=False, config_overrides={**TINY, **overrides})
+
+
+def weights(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+# --------------------------------------------------------------------------------------------------------- pieces
+
+
+def test_schedule_warmup_and_decay():
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = engine.build_scheduler(opt, total_steps=10, warmup_steps=4)
+    factors = [sched.lr_lambdas[0](s) for s in range(11)]
+    assert factors[0] == 0.0 and factors[2] == 0.5 and factors[4] == 1.0
+    assert factors[7] == pytest.approx(0.5) and factors[10] == 0.0
+    cosine = engine.build_scheduler(opt, total_steps=10, warmup_steps=0, schedule="cosine").lr_lambdas[0]
+    assert cosine(0) == 1.0 and cosine(5) == pytest.approx(0.5) and cosine(10) == pytest.approx(0.0)
+
+
+def test_no_weight_decay_on_biases_and_layernorm(tiny_model):
+    opt = engine.build_optimizer(tiny_model, lr=1e-3, weight_decay=0.01, eps=1e-8)
+    decayed, plain = opt.param_groups
+    names = {id(p): n for n, p in tiny_model.named_parameters()}
+    assert decayed["weight_decay"] == 0.01 and plain["weight_decay"] == 0.0
+    assert all("LayerNorm" in names[id(p)] or names[id(p)].endswith("bias") for p in plain["params"])
+    assert any(names[id(p)].endswith("query.weight") for p in decayed["params"])
+
+
+@pytest.fixture(scope="module")
+def small_features(tokenizer):
+    examples, _ = data.load_examples("dev-v1.1", max_examples=8, seed=3)
+    features = data.tokenize_examples(examples, tokenizer, max_seq_length=96, doc_stride=32, max_query_length=32)
+    return data.label_features(features, examples)
+
+
+def run_epoch(
+    model, features, tokenizer, *, batch_size, grad_accum, lr=1e-2, steps=100, callbacks=(), loss_fn=None, sgd=False
+):
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(gradient_accumulation_steps=grad_accum, cpu=True)
+    loader = torch.utils.data.DataLoader(
+        batching.FeatureDataset(features),
+        batch_size=batch_size,
+        collate_fn=batching.Collator(tokenizer.pad_token_id),
+    )
+    # SGD where updates are compared: Adam's first step is lr * sign(grad), which blows rounding noise in
+    # near-zero gradients (e.g. biases that softmax is invariant to) up to full-size differences.
+    opt = (
+        torch.optim.SGD(model.parameters(), lr=lr)
+        if sgd
+        else engine.build_optimizer(model, lr=lr, weight_decay=0.0, eps=1e-8)
+    )
+    model, opt, loader = accelerator.prepare(model, opt, loader)
+    sched = engine.build_scheduler(opt, total_steps=steps, warmup_steps=0, schedule="constant")
+    state = engine.TrainState()
+    result = engine.train_one_epoch(
+        accelerator,
+        model,
+        opt,
+        sched,
+        loader,
+        state=state,
+        max_steps=steps,
+        max_grad_norm=0.0,
+        log_every=1,
+        compute_loss=loss_fn or engine.default_loss,
+        callbacks=callbacks,
+    )
+    return state, result
+
+
+def test_gradient_accumulation_2x2_equals_batch_4(small_features, tokenizer):
+    features = data.Features(
+        input_ids=small_features.input_ids[:4],
+        token_type_ids=small_features.token_type_ids[:4],
+        offsets=small_features.offsets[:4],
+        example_index=small_features.example_index[:4],
+        cls_index=small_features.cls_index[:4],
+        start_positions=small_features.start_positions[:4],
+        end_positions=small_features.end_positions[:4],
+    )
+    big, small = tiny(), tiny()
+    state_big, _ = run_epoch(big, features, tokenizer, batch_size=4, grad_accum=1, lr=1.0, sgd=True)
+    state_small, _ = run_epoch(small, features, tokenizer, batch_size=2, grad_accum=2, lr=1.0, sgd=True)
+    assert state_big.step == state_small.step == 1
+    before = weights(tiny())
+    for (name, a), b in zip(weights(big).items(), weights(small).values()):
+        assert torch.allclose(a, b, atol=1e-6), name
+    assert any(not torch.equal(before[k], v) for k, v in weights(big).items())  # it did update
+
+
+def test_loss_falls_when_overfitting_one_batch(small_features, tokenizer):
+    model = tiny()
+    features = small_features
+    losses = []
+    for _ in range(25):
+        _, result = run_epoch(model, features, tokenizer, batch_size=len(features), grad_accum=1, lr=3e-3)
+        losses.append(result["train_loss"])
+    assert losses[-1] < 0.3 * losses[0], losses
+
+
+def test_nan_loss_raises_a_clear_error(small_features, tokenizer):
+    def nan_loss(model, batch):
+        return engine.default_loss(model, batch) * float("nan")
+
+    with pytest.raises(engine.NonFiniteLossError, match="training loss is nan"):
+        run_epoch(tiny(), small_features, tokenizer, batch_size=4, grad_accum=1, loss_fn=nan_loss)
+
+
+def test_callbacks_called_once_per_update(small_features, tokenizer):
+    seen = []
+    state, _ = run_epoch(
+        tiny(), small_features, tokenizer, batch_size=2, grad_accum=3, callbacks=[lambda u: seen.append(u.step)]
+    )
+    n_batches = -(-len(small_features) // 2)
+    assert seen == list(range(1, -(-n_batches // 3) + 1)) and state.step == len(seen)
+
+
+# ------------------------------------------------------------------------------------------------------------ fit
+
+
+def test_fit_lr_schedule_with_accumulation(tmp_path):
+    lrs = []
+    config = tiny_config(tmp_path, batch_size=4, grad_accum=2, warmup_ratio=0.25, epochs=2.0, lr=1e-3)
+    summary = engine.fit(config, model=tiny(), callbacks=[lambda u: lrs.append(u.lr)])
+    windows = summary["label_report"].n_features
+    per_epoch = -(-(-(-windows // 4)) // 2)  # ceil(ceil(windows / 4) / 2)
+    total = 2 * per_epoch
+    warmup = round(0.25 * total)
+    assert len(lrs) == summary["steps"] == total
+    assert lrs[0] == pytest.approx(1e-3 / warmup)
+    assert lrs[warmup - 1] == pytest.approx(1e-3)
+    assert lrs[-1] == pytest.approx(0.0)
+    assert summary["epochs_done"] == 2
+
+
+def test_fit_writes_logs_plot_and_models(tmp_path):
+    config = tiny_config(tmp_path, save_model=True)
+    summary = engine.fit(config, model=tiny())
+    out = tmp_path / "run"
+    evals = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(evals) == 1 and {"exact", "f1", "step"} <= set(evals[0])
+    assert summary["final"]["f1"] == evals[0]["f1"]
+    assert (out / "training_curves.png").stat().st_size > 10_000
+    assert json.loads((out / "config.json").read_text())["max_seq_length"] == 128
+    from transformers import AutoModelForQuestionAnswering, AutoTokenizer
+
+    reloaded = AutoModelForQuestionAnswering.from_pretrained(out / "final_model")
+    assert AutoTokenizer.from_pretrained(out / "final_model").is_fast
+    assert reloaded.config.hidden_size == TINY["hidden_size"]
+    meta = json.loads((out / "final_model" / "bertqa.json").read_text())
+    assert meta["max_seq_length"] == 128 and meta["v2"] is False and meta["no_answer_threshold"] is None
+
+
+class Crash(RuntimeError):
+    pass
+
+
+def test_resume_gives_the_same_next_step_and_final_weights(tmp_path):
+    # Dropout on: the resumed run must also restore the random state to match.
+    kwargs = dict(epochs=2.0, batch_size=4, save_every_steps=3, keep_checkpoints=5)
+    straight = tiny(hidden_dropout_prob=0.1)
+    engine.fit(tiny_config(tmp_path / "a", **kwargs), model=straight)
+
+    def crash(update):
+        if update.step == 5:
+            raise Crash
+
+    with pytest.raises(Crash):
+        engine.fit(tiny_config(tmp_path / "b", **kwargs), model=tiny(hidden_dropout_prob=0.1), callbacks=[crash])
+    assert latest_checkpoint(tmp_path / "b" / "run").name == "step_00000003"
+    resumed = tiny(seed=123, hidden_dropout_prob=0.1)  # different init: everything must come from the checkpoint
+    engine.fit(tiny_config(tmp_path / "b", resume="latest", **kwargs), model=resumed)
+    log_a = [json.loads(x) for x in (tmp_path / "a/run/train_log.jsonl").read_text().splitlines()]
+    log_b = [json.loads(x) for x in (tmp_path / "b/run/train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log_b] == [r["step"] for r in log_a]  # logs after the checkpoint were replaced
+    assert log_b[3]["loss"] == pytest.approx(log_a[3]["loss"], rel=1e-6)  # step 4, the first after resuming
+    for (name, a), b in zip(weights(straight).items(), weights(resumed).values()):
+        assert torch.allclose(a, b, atol=1e-6), name
+
+
+def test_checkpoints_are_pruned_and_tmp_folders_ignored(tmp_path):
+    out = tmp_path / "run"
+    (out / "checkpoints" / "step_00000099.tmp").mkdir(parents=True)  # a save that was killed
+    engine.fit(tiny_config(tmp_path, batch_size=4, save_every_steps=2, keep_checkpoints=2), model=tiny())
+    names = [p.name for p in list_checkpoints(out)]
+    assert len(names) == 2 and names == sorted(names)
+    assert not list((out / "checkpoints").glob("*.tmp"))
+
+
+def test_fit_with_own_examples_and_loss(tmp_path, tokenizer):
+    examples, _ = data.load_examples("dev-v1.1", max_examples=16, seed=5)
+    calls = []
+
+    def loss(model, batch):
+        calls.append(batch["input_ids"].shape[0])
+        return engine.default_loss(model, batch)
+
+    summary = engine.fit(
+        tiny_config(tmp_path),
+        model=tiny(),
+        tokenizer=tokenizer,
+        train_examples=examples,
+        eval_examples=examples[:4],
+        compute_loss=loss,
+    )
+    assert sum(calls) == summary["label_report"].n_features
+    assert summary["final"]["total"] == 4
