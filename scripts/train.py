@@ -15,9 +15,9 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _cli import add_config_flags, config_changes, run, setup_logging  # noqa: E402
+from _cli import add_config_flags, config_changes, run, setup_logging
 
-from bertqa.config import PRESETS, load_config, preset  # noqa: E402
+from bertqa.config import PRESETS, load_config, preset
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -36,10 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     from bertqa.engine import fit
 
     changes = config_changes(args)
-    if args.config is not None:
-        config = load_config(args.config).replace(**changes)
-    else:
-        config = preset(args.preset, **changes)
+    base = load_config(args.config) if args.config is not None else preset(args.preset)
+    config = base.replace(**changes)
     summary = fit(config)
     final = summary["final"]
     report = summary["label_report"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -154,8 +155,8 @@ def test_callbacks_called_once_per_update(small_features, tokenizer):
     state, _ = run_epoch(
         tiny(), small_features, tokenizer, batch_size=2, grad_accum=3, callbacks=[lambda u: seen.append(u.step)]
     )
-    n_batches = -(-len(small_features) // 2)
-    assert seen == list(range(1, -(-n_batches // 3) + 1)) and state.step == len(seen)
+    n_batches = math.ceil(len(small_features) / 2)
+    assert seen == list(range(1, math.ceil(n_batches / 3) + 1)) and state.step == len(seen)
 
 
 # ------------------------------------------------------------------------------------------------------------ fit
@@ -166,7 +167,7 @@ def test_fit_lr_schedule_with_accumulation(tmp_path):
     config = tiny_config(tmp_path, batch_size=4, grad_accum=2, warmup_ratio=0.25, epochs=2.0, lr=1e-3)
     summary = engine.fit(config, model=tiny(), callbacks=[lambda u: lrs.append(u.lr)])
     windows = summary["label_report"].n_features
-    per_epoch = -(-(-(-windows // 4)) // 2)  # ceil(ceil(windows / 4) / 2)
+    per_epoch = math.ceil(math.ceil(windows / 4) / 2)
     total = 2 * per_epoch
     warmup = round(0.25 * total)
     assert len(lrs) == summary["steps"] == total
