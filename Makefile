@@ -5,6 +5,8 @@ VENV ?= .venv
 # Pinned so pip does not pull a multi-GB CUDA build on CPU machines; override for GPUs, e.g. TORCH=torch.
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
+# accelerate launch would otherwise pin a CPU run to one thread (OMP_NUM_THREADS=1).
+THREADS ?= $(shell nproc 2>/dev/null || echo 1)
 
 .PHONY: setup train test lint bench
 setup: $(VENV)/.installed
@@ -19,7 +21,8 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 
 train: setup
 	$(BIN)/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
-		scripts/train.py --preset quick $(ARGS)
+		--num_cpu_threads_per_process $(THREADS) \
+		scripts/train.py --preset quick --resume latest $(ARGS)
 
 test: setup
 	$(BIN)/python -m pytest -q $(ARGS)

@@ -60,6 +60,7 @@ class TrainConfig:
     num_workers: int = _f(0, "DataLoader worker processes")
     # evaluation, logging, checkpoints
     eval_every_steps: int | None = _f(None, "also evaluate every N optimizer updates (always after each epoch)")
+    eval_before_training: bool = _f(False, "evaluate the untrained model first (the baseline that training must beat)")
     log_every: int = _f(10, "log loss/LR every N updates (the loss is read from the device only then)")
     save_every_steps: int | None = _f(None, "checkpoint every N updates (always after each epoch)")
     keep_checkpoints: int = _f(2, "how many recent checkpoints to keep")
@@ -129,6 +130,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "lr": 1e-4,
         "batch_size": 32,
         "eval_batch_size": 64,
+        "eval_before_training": True,
+        "log_every": 5,
         "output_dir": "runs/quick",
     },
     # The course notebook's setup (answerable SQuAD, 8000/2000 examples, 2 epochs, 384/128), done right.
@@ -139,6 +142,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "epochs": 2.0,
         "lr": 5e-5,
         "batch_size": 32,
+        "eval_before_training": True,
+        "eval_every_steps": 100,
         "output_dir": "runs/recipe",
     },
     # The whole bundled SQuAD v1.1 train set, scored on the whole official dev set.

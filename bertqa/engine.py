@@ -32,6 +32,8 @@ __all__ = [
     "build_scheduler",
     "default_loss",
     "evaluate",
+    "evaluate_model",
+    "fit",
     "predict",
     "score",
     "train_one_epoch",
@@ -236,7 +238,8 @@ def predict(
     for batch in loader:
         index = batch["feature_index"]
         out = model(**{k: v for k, v in batch.items() if k not in _NOT_INPUTS})
-        # Pad to one width so batches of different lengths can be gathered across processes.
+        # One width for every batch so they can be gathered across processes (a negative pad crops the
+        # multiple-of-8 padding that can reach past the longest window).
         logits = torch.stack([out.start_logits, out.end_logits], dim=1).float()
         logits = torch.nn.functional.pad(logits, (0, width - logits.shape[-1]), value=-1e4)
         logits = accelerator.pad_across_processes(logits, dim=0)
@@ -307,6 +310,17 @@ def resolve_precision(mode: str) -> str:
     return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
 
 
+def make_accelerator(**kwargs: Any) -> Any:
+    """An Accelerator; several processes without a GPU (torchrun, `accelerate launch --multi_gpu` on a CPU machine)
+    become CPU data parallelism over gloo instead of silently running as independent single processes."""
+    import os
+
+    from accelerate import Accelerator
+
+    multi_process = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return Accelerator(cpu=multi_process and not torch.cuda.is_available(), **kwargs)
+
+
 def fit(
     config: Any,
     *,
@@ -321,7 +335,6 @@ def fit(
 
     Anything passed in replaces what the config would build: your own model, tokenizer or examples.
     """
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
 
     from bertqa import checkpoint, reporting
@@ -330,7 +343,13 @@ def fit(
 
     c = config
     out = Path(c.output_dir)
-    accelerator = Accelerator(
+    resume_from = checkpoint.resolve_resume(c.resume, out)
+    if resume_from is None and checkpoint.latest_checkpoint(out) is not None:
+        raise ValueError(
+            f"{out} already holds checkpoints of an earlier run; resume it with resume='latest' (--resume latest) "
+            "or choose another output_dir"
+        )
+    accelerator = make_accelerator(
         mixed_precision=resolve_precision(c.mixed_precision),
         gradient_accumulation_steps=c.grad_accum,
         log_with=list(c.report_to) or None,
@@ -380,7 +399,6 @@ def fit(
     state = TrainState()
     accelerator.register_for_checkpointing(scheduler, state)
 
-    resume_from = checkpoint.resolve_resume(c.resume, out)
     train_log, eval_log = out / "train_log.jsonl", out / "metrics.jsonl"
     if resume_from is not None:
         accelerator.load_state(str(resume_from))
@@ -458,6 +476,8 @@ def fit(
 
     last_eval: dict[str, Any] = {}
     t_start, train_time = time.perf_counter(), 0.0
+    if c.eval_before_training and state.step == 0:
+        run_eval()
     while state.step < total_steps:
         epoch_loader = accelerator.skip_first_batches(loader, state.batches_done) if state.batches_done else loader
         # Both: Accelerate's loader re-seeds the sampler from its own pass counter, which a resumed run does not share.
@@ -501,6 +521,63 @@ def fit(
         "label_report": label_report,
         "output_dir": str(out),
     }
+
+
+def evaluate_model(
+    model_dir: str,
+    eval_data: str,
+    *,
+    answerable_only: bool = False,
+    max_examples: int | None = None,
+    seed: int = 42,
+    batch_size: int = 64,
+    threshold: float | None = None,
+    mixed_precision: str = "auto",
+) -> tuple[dict[str, float], dict[str, Prediction], list[Example]]:
+    """Score a saved model on a dataset with the settings it was trained with; works under `accelerate launch`.
+
+    For v2 data the no-answer threshold is `threshold`, else the one saved with the model, else 0.
+    Returns (metrics, predictions, examples); metrics on every process, predictions on the main one.
+    """
+    from bertqa.data import load_examples, tokenize_examples
+    from bertqa.inference import load_settings
+    from bertqa.model import build_model, build_tokenizer
+
+    accelerator = make_accelerator(mixed_precision=resolve_precision(mixed_precision))
+    settings = load_settings(model_dir)
+    tokenizer = build_tokenizer(model_dir)
+    examples, _ = load_examples(eval_data, answerable=answerable_only, max_examples=max_examples, seed=seed)
+    features = tokenize_examples(
+        examples,
+        tokenizer,
+        max_seq_length=settings["max_seq_length"],
+        doc_stride=settings["doc_stride"],
+        max_query_length=settings["max_query_length"],
+    )
+    model = accelerator.prepare(build_model(model_dir))
+    v2 = any(ex.is_impossible for ex in examples)
+    logger.info(
+        "evaluating %d examples (%d windows, %s) on %d processes",
+        len(examples),
+        len(features),
+        "v2.0" if v2 else "v1.1",
+        accelerator.num_processes,
+    )
+    if threshold is None:
+        threshold = settings["no_answer_threshold"] or 0.0
+    metrics, predictions = evaluate(
+        accelerator,
+        model,
+        examples,
+        features,
+        v2=v2,
+        batch_size=batch_size,
+        pad_token_id=tokenizer.pad_token_id,
+        max_answer_length=settings["max_answer_length"],
+        threshold=threshold,
+    )
+    metrics["no_answer_threshold"] = threshold if v2 else None
+    return metrics, predictions, examples
 
 
 def _progress(accelerator: Any, total: int, initial: int) -> Any:

@@ -40,7 +40,7 @@ def plot_curves(train_log: str | Path, eval_log: str | Path, out: str | Path, *,
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4), sharex=True)
     steps = [r["step"] for r in train]
     axes[0].plot(steps, [r["loss"] for r in train], label="train loss")
     axes[0].set(xlabel="optimizer update", ylabel="loss", title="training loss")

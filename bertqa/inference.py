@@ -1,0 +1,81 @@
+"""Answer questions with a trained model, and read the settings it was trained with (`bertqa.json`)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from bertqa.batching import Collator, FeatureDataset, SortedBatchSampler
+from bertqa.data import Example, Features, tokenize_examples
+from bertqa.postprocess import Prediction, postprocess
+
+__all__ = ["DEFAULT_SETTINGS", "answer_questions", "load_settings", "logits_for"]
+
+# What a model folder without bertqa.json (e.g. a plain hub checkpoint) is used with.
+DEFAULT_SETTINGS: dict[str, Any] = {
+    "max_seq_length": 384,
+    "doc_stride": 128,
+    "max_query_length": 64,
+    "max_answer_length": 30,
+    "v2": False,
+    "no_answer_threshold": None,
+}
+
+
+def load_settings(model_dir: str | Path) -> dict[str, Any]:
+    """The window settings and no-answer threshold saved next to a model by training, else the defaults."""
+    path = Path(model_dir) / "bertqa.json"
+    saved = json.loads(path.read_text()) if path.is_file() else {}
+    return {**DEFAULT_SETTINGS, **{k: v for k, v in saved.items() if k in DEFAULT_SETTINGS}}
+
+
+@torch.no_grad()
+def logits_for(
+    model: torch.nn.Module, features: Features, *, pad_token_id: int, batch_size: int = 64
+) -> tuple[np.ndarray, np.ndarray]:
+    """Start/end logits of every window on the model's device, one process, longest batches first."""
+    loader = torch.utils.data.DataLoader(
+        FeatureDataset(features),
+        batch_sampler=SortedBatchSampler(features.lengths, batch_size),
+        collate_fn=Collator(pad_token_id),
+    )
+    device = next(model.parameters()).device
+    width = int(features.lengths.max())
+    start = np.full((len(features), width), -1e4, dtype=np.float32)
+    end = np.full_like(start, -1e4)
+    model.eval()
+    for batch in loader:
+        index = batch.pop("feature_index").numpy()
+        out = model(**{k: v.to(device) for k, v in batch.items()})
+        n = min(width, out.start_logits.shape[1])  # batches are padded up to a multiple of 8, maybe past `width`
+        start[index, :n] = out.start_logits[:, :n].float().cpu().numpy()
+        end[index, :n] = out.end_logits[:, :n].float().cpu().numpy()
+    return start, end
+
+
+def answer_questions(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    items: Sequence[tuple[str, str]],
+    *,
+    settings: dict[str, Any] | None = None,
+    batch_size: int = 64,
+) -> list[Prediction]:
+    """Answer (question, context) pairs. Use `Prediction.answer(threshold)` for v2 models' "no answer"."""
+    settings = {**DEFAULT_SETTINGS, **(settings or {})}
+    examples = [Example(str(i), "", context, question, (), (), True) for i, (question, context) in enumerate(items)]
+    features = tokenize_examples(
+        examples,
+        tokenizer,
+        max_seq_length=settings["max_seq_length"],
+        doc_stride=settings["doc_stride"],
+        max_query_length=settings["max_query_length"],
+    )
+    start, end = logits_for(model, features, pad_token_id=tokenizer.pad_token_id, batch_size=batch_size)
+    preds = postprocess(examples, features, start, end, max_answer_length=settings["max_answer_length"])
+    return [preds[ex.id] for ex in examples]

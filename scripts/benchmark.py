@@ -1,0 +1,332 @@
+"""Throughput: bertqa's training/eval loop against a transformers.Trainer set up as run_qa.py sets it up.
+
+Both train on the same real SQuAD train windows (max 384 / stride 128), the same model, per-device batch and
+precision, in the same run. The baseline pads every window to max_seq_length (run_qa.py's default), uses the
+Trainer's defaults (fused AdamW on GPUs) and no compile; bertqa uses length-grouped batches padded to a multiple of 8.
+
+  python scripts/benchmark.py                                # CPU, the offline MiniLM
+  python scripts/benchmark.py --shape bert-base --batch-size 64 --windows 8192 --compile   # GPU, BERT-base shape
+
+Prints, for each: windows/s and examples/s, real tokens/s, padding efficiency, MFU on real tokens (when the device's
+peak is known), peak memory; bertqa's eval windows/s; post-processing time of the whole v2 dev set; the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _cli import run, setup_logging
+
+# Dense bf16 tensor-core peaks (TFLOP/s) used for MFU; unknown devices print no MFU unless --peak-tflops is given.
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+BERT_BASE = {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="minilm-l6", help="model alias/folder (weights or, with --shape, its config)")
+    p.add_argument(
+        "--shape",
+        choices=("pretrained", "bert-base"),
+        default="pretrained",
+        help="pretrained: the model as is; bert-base: BERT-base shape from config, random weights",
+    )
+    p.add_argument("--windows", type=int, default=512, help="training windows per loop (one pass)")
+    p.add_argument("--batch-size", type=int, default=16, help="windows per batch, both loops")
+    p.add_argument("--warmup-steps", type=int, default=2, help="updates excluded from the timing")
+    p.add_argument("--precision", choices=("auto", "no", "bf16", "fp16"), default="auto")
+    p.add_argument("--compile", action="store_true", help="torch.compile bertqa's model")
+    p.add_argument("--eval-examples", type=int, default=300, help="v2 dev examples for the eval timing")
+    p.add_argument("--skip-trainer", action="store_true", help="measure bertqa only")
+    p.add_argument("--peak-tflops", type=float, help="device peak for MFU (default: known GPUs only)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", type=Path, help="also write the results here")
+    return p.parse_args(argv)
+
+
+def flops_per_window(n_params: int, layers: int, hidden: int, length: int) -> float:
+    """Training FLOPs of one window counted on its real tokens: 6 x params x tokens, plus attention scores and
+    weighted sums (2 matmuls of 2 x length x hidden per token per layer, x3 for forward and backward)."""
+    return 6 * n_params * length + 12 * layers * hidden * length * length
+
+
+def sync(device: Any) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def peak_memory_gib(device: Any) -> float | None:
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+
+
+def fresh_model(args: argparse.Namespace) -> Any:
+    import torch
+
+    from bertqa.model import build_model
+
+    torch.manual_seed(args.seed)
+    if args.shape == "bert-base":
+        return build_model(args.model, pretrained=False, config_overrides=BERT_BASE)
+    return build_model(args.model)
+
+
+def bench_bertqa(args, features, precision: str) -> dict[str, Any]:
+    import torch
+
+    from bertqa import engine
+    from bertqa.batching import Collator, FeatureDataset, LengthGroupedBatchSampler
+
+    accelerator = engine.make_accelerator(mixed_precision=precision)
+    model = fresh_model(args)
+    if args.compile:
+        model = torch.compile(model, dynamic=True)
+    sampler = LengthGroupedBatchSampler(features.lengths, args.batch_size, seed=args.seed)
+    batches = sampler.batches()
+    loader = torch.utils.data.DataLoader(
+        FeatureDataset(features), batch_sampler=sampler, collate_fn=Collator(0), generator=torch.Generator()
+    )
+    fused = accelerator.device.type == "cuda"
+    optimizer = engine.build_optimizer(model, lr=3e-5, weight_decay=0.01, eps=1e-8, fused=fused)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    scheduler = engine.build_scheduler(optimizer, total_steps=len(batches), warmup_steps=0, schedule="constant")
+    marks: dict[int, float] = {}
+
+    def mark(update: engine.Update) -> None:
+        if update.step in (args.warmup_steps, len(batches)):
+            sync(accelerator.device)
+            marks[update.step] = time.perf_counter()
+
+    if accelerator.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    engine.train_one_epoch(
+        accelerator, model, optimizer, scheduler, loader, state=engine.TrainState(), max_steps=len(batches),
+        log_every=len(batches), callbacks=[mark],
+    )  # fmt: skip
+    timed = batches[args.warmup_steps :]
+    padded = [math.ceil(max(features.lengths[b]) / 8) * 8 * len(b) for b in timed]
+    result = {
+        "seconds": marks[len(batches)] - marks[args.warmup_steps],
+        "windows": sum(len(b) for b in timed),
+        "real_tokens": int(sum(features.lengths[b].sum() for b in timed)),
+        "padded_tokens": int(sum(padded)),
+        "lengths": [features.lengths[b].tolist() for b in timed],
+        "peak_memory_gib": peak_memory_gib(accelerator.device),
+        "device": str(accelerator.device),
+        "precision": accelerator.mixed_precision,
+    }
+    result.update(bench_eval(args, accelerator, model))
+    return result
+
+
+def bench_eval(args, accelerator, model) -> dict[str, Any]:
+    from bertqa import data, engine
+    from bertqa.model import build_tokenizer
+
+    tokenizer = build_tokenizer(args.model)
+    examples, _ = data.load_examples("dev-v2.0", max_examples=args.eval_examples, seed=args.seed)
+    features = data.tokenize_examples(examples, tokenizer)
+    engine.predict(accelerator, model, features, batch_size=64, pad_token_id=tokenizer.pad_token_id)  # warm-up
+    sync(accelerator.device)
+    t0 = time.perf_counter()
+    engine.predict(accelerator, model, features, batch_size=64, pad_token_id=tokenizer.pad_token_id)
+    sync(accelerator.device)
+    return {"eval_windows_per_s": len(features) / (time.perf_counter() - t0)}
+
+
+def bench_trainer(args, features, precision: str) -> dict[str, Any]:
+    """transformers.Trainer as run_qa.py configures it: windows padded to max_seq_length, default optimizer."""
+    import datasets
+    import torch
+    from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator
+
+    width = 384
+    rows: dict[str, list] = {k: [] for k in ("input_ids", "token_type_ids", "attention_mask")}
+    for i, ids in enumerate(features.input_ids):
+        pad = width - len(ids)
+        rows["input_ids"].append(ids + [0] * pad)
+        rows["token_type_ids"].append(features.token_type_ids[i] + [0] * pad)
+        rows["attention_mask"].append([1] * len(ids) + [0] * pad)
+    rows["start_positions"] = features.start_positions.tolist()
+    rows["end_positions"] = features.end_positions.tolist()
+    dataset = datasets.Dataset.from_dict(rows)
+    steps = math.ceil(len(dataset) / args.batch_size)
+    marks: dict[int, float] = {}
+
+    class Timer(TrainerCallback):
+        def on_step_end(self, _args, state, control, **kwargs):
+            if state.global_step in (args.warmup_steps, steps):
+                sync(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+                marks[state.global_step] = time.perf_counter()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        training_args = TrainingArguments(
+            output_dir=tmp,
+            per_device_train_batch_size=args.batch_size,
+            max_steps=steps,
+            learning_rate=3e-5,
+            bf16=precision == "bf16",
+            fp16=precision == "fp16",
+            save_strategy="no",
+            report_to="none",
+            disable_tqdm=True,
+            logging_steps=10**9,
+            seed=args.seed,
+            use_cpu=not torch.cuda.is_available(),
+        )
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        trainer = Trainer(
+            model=fresh_model(args), args=training_args, train_dataset=dataset, data_collator=default_data_collator,
+            callbacks=[Timer()],
+        )  # fmt: skip
+        trainer.train()
+    timed_windows = len(dataset) - args.warmup_steps * args.batch_size
+    real = int(features.lengths.sum() * timed_windows / len(dataset))  # random order: the average share
+    return {
+        "seconds": marks[steps] - marks[args.warmup_steps],
+        "windows": timed_windows,
+        "real_tokens": real,
+        "padded_tokens": timed_windows * width,
+        "peak_memory_gib": peak_memory_gib(trainer.args.device),
+        "device": str(trainer.args.device),
+    }
+
+
+def postprocess_seconds(args) -> float:
+    """The whole v2 dev set (11,873 questions) through the vectorised post-processing, on random logits."""
+    import numpy as np
+
+    from bertqa import data, postprocess
+    from bertqa.model import build_tokenizer
+
+    examples, _ = data.load_squad("dev-v2.0")
+    features = data.tokenize_examples(examples, build_tokenizer(args.model))
+    rng = np.random.default_rng(args.seed)
+    shape = (len(features), int(features.lengths.max()))
+    start, end = rng.normal(size=shape).astype(np.float32), rng.normal(size=shape).astype(np.float32)
+    t0 = time.perf_counter()
+    postprocess.postprocess(examples, features, start, end)
+    return time.perf_counter() - t0
+
+
+def summarise(name: str, r: dict[str, Any], *, n_params: int, layers: int, hidden: int, peak: float | None,
+              windows_per_example: float) -> dict[str, Any]:  # fmt: skip
+    windows_per_s = r["windows"] / r["seconds"]
+    if "lengths" in r:
+        flops = sum(flops_per_window(n_params, layers, hidden, n) for batch in r.pop("lengths") for n in batch)
+    else:  # average window length for the padded baseline (real tokens only)
+        mean = r["real_tokens"] / r["windows"]
+        flops = r["windows"] * flops_per_window(n_params, layers, hidden, round(mean))
+    out = {
+        "loop": name,
+        "windows_per_s": windows_per_s,
+        "examples_per_s": windows_per_s / windows_per_example,
+        "real_tokens_per_s": r["real_tokens"] / r["seconds"],
+        "padding_efficiency": r["real_tokens"] / r["padded_tokens"],
+        "tflops_real": flops / r["seconds"] / 1e12,
+        "mfu_real": flops / r["seconds"] / 1e12 / peak if peak else None,
+        **{k: v for k, v in r.items() if k not in {"seconds", "windows", "real_tokens", "padded_tokens"}},
+        "timed_windows": r["windows"],
+        "seconds": r["seconds"],
+    }
+    return out
+
+
+def device_peak(args) -> float | None:
+    import torch
+
+    if args.peak_tflops:
+        return args.peak_tflops
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    setup_logging()
+    import torch
+    import transformers
+
+    from bertqa import data
+    from bertqa.engine import resolve_precision
+    from bertqa.model import build_tokenizer
+
+    precision = resolve_precision(args.precision)
+    tokenizer = build_tokenizer(args.model)
+    examples, _ = data.load_examples("train-v1.1", max_examples=args.windows, seed=args.seed)
+    features = data.label_features(data.tokenize_examples(examples, tokenizer), examples)
+    keep = list(range(min(args.windows, len(features))))
+    features = data.Features(
+        [features.input_ids[i] for i in keep], [features.token_type_ids[i] for i in keep],
+        [features.offsets[i] for i in keep], features.example_index[keep], features.cls_index[keep],
+        features.start_positions[keep], features.end_positions[keep],
+    )  # fmt: skip
+    windows_per_example = len(features) / len(set(features.example_index.tolist()))
+    probe = fresh_model(args)
+    cfg = probe.config
+    n_params = sum(p.numel() for n, p in probe.named_parameters() if "embeddings" not in n)
+    del probe
+    peak = device_peak(args)
+    shape = dict(n_params=n_params, layers=cfg.num_hidden_layers, hidden=cfg.hidden_size, peak=peak,
+                 windows_per_example=windows_per_example)  # fmt: skip
+    results = [summarise("bertqa", bench_bertqa(args, features, precision), **shape)]
+    if not args.skip_trainer:
+        results.append(summarise("Trainer (run_qa.py setup)", bench_trainer(args, features, precision), **shape))
+    report = {
+        "device": torch.cuda.get_device_name()
+        if torch.cuda.is_available()
+        else f"CPU ({torch.get_num_threads()} threads)",
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "model": args.model if args.shape == "pretrained" else f"BERT-base shape from config ({args.model} vocab)",
+        "non_embedding_params": n_params,
+        "batch_size": args.batch_size,
+        "precision": precision,
+        "compile": args.compile,
+        "windows": len(features),
+        "results": results,
+        "postprocess_v2_dev_s": postprocess_seconds(args),
+    }
+    if len(results) == 2:
+        report["ratio_examples_per_s"] = results[0]["examples_per_s"] / results[1]["examples_per_s"]
+    print_report(report)
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+def print_report(report: dict[str, Any]) -> None:
+    print(f"device {report['device']} | torch {report['torch']} | transformers {report['transformers']}")
+    print(f"model {report['model']} ({report['non_embedding_params'] / 1e6:.1f}M non-embedding params), "
+          f"batch {report['batch_size']}, precision {report['precision']}, compile {report['compile']}, "
+          f"{report['windows']} real SQuAD train windows")  # fmt: skip
+    columns = ("windows/s", "examples/s", "tokens/s", "pad eff", "TFLOP/s", "MFU", "peak GiB")
+    widths = (10, 10, 10, 8, 8, 6, 8)
+    print(f"{'loop':28} " + " ".join(f"{c:>{w}}" for c, w in zip(columns, widths)))
+    for r in report["results"]:
+        mfu = f"{100 * r['mfu_real']:.1f}%" if r["mfu_real"] is not None else "n/a"
+        mem = f"{r['peak_memory_gib']:.1f}" if r["peak_memory_gib"] is not None else "n/a"
+        print(f"{r['loop']:28} {r['windows_per_s']:10.1f} {r['examples_per_s']:10.1f} {r['real_tokens_per_s']:10.0f} "
+              f"{100 * r['padding_efficiency']:7.1f}% {r['tflops_real']:8.2f} {mfu:>6} {mem:>8}")  # fmt: skip
+    print(f"bertqa eval: {report['results'][0]['eval_windows_per_s']:.1f} windows/s (length-sorted batches)")
+    print(f"post-processing of the whole v2 dev set: {report['postprocess_v2_dev_s']:.2f} s")
+    if "ratio_examples_per_s" in report:
+        print(f"ratio bertqa / Trainer, examples/s: {report['ratio_examples_per_s']:.2f}x")
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,67 @@
+"""Score a saved model on SQuAD with the official EM/F1; write predictions, n-best lists and scores.
+
+Examples:
+  python scripts/evaluate.py runs/quick/final_model --data dev-v1.1
+  accelerate launch --num_processes 2 scripts/evaluate.py runs/v2/best_model --data dev-v2.0 --out runs/v2/eval
+
+Writes to --out (main process only): predictions.json (id -> answer, "" for no answer), nbest_predictions.json,
+null_odds.json (id -> no-answer score, for the official v2 script's --na-prob-file), scores.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _cli import run, setup_logging
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", help="saved model folder (final_model/best_model of a run), alias or hub id")
+    parser.add_argument("--data", default="dev-v1.1", help="bundled name, SQuAD JSON path or hub name")
+    parser.add_argument("--answerable-only", action="store_true", help="score only questions that have an answer")
+    parser.add_argument("--max-examples", type=int, help="seeded random subset of examples")
+    parser.add_argument("--seed", type=int, default=42, help="seed of the subset")
+    parser.add_argument("--batch-size", type=int, default=64, help="windows per batch on each process")
+    parser.add_argument("--threshold", type=float, help="v2 no-answer threshold (default: the one saved, else 0)")
+    parser.add_argument("--out", type=Path, help="output folder (default: <model>/eval)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    setup_logging()
+    from bertqa.engine import evaluate_model
+
+    metrics, predictions, examples = evaluate_model(
+        args.model,
+        args.data,
+        answerable_only=args.answerable_only,
+        max_examples=args.max_examples,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        threshold=args.threshold,
+    )
+    if not predictions:  # not the main process
+        return 0
+    threshold = metrics["no_answer_threshold"]
+    out = args.out or Path(args.model) / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    order = [ex.id for ex in examples if ex.id in predictions]
+    write = lambda name, obj: (out / name).write_text(json.dumps(obj, indent=1, ensure_ascii=False) + "\n")  # noqa: E731
+    write("predictions.json", {q: predictions[q].answer(threshold) for q in order})
+    write("nbest_predictions.json", {q: [{"text": t, "score": s} for t, s in predictions[q].nbest] for q in order})
+    write("null_odds.json", {q: predictions[q].no_answer_score for q in order})
+    write("scores.json", metrics)
+    shown = {k: round(v, 2) if isinstance(v, float) else v for k, v in metrics.items() if not k.startswith("eval_")}
+    print(json.dumps(shown))
+    print(f"wrote predictions.json, nbest_predictions.json, null_odds.json, scores.json to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,23 @@
+"""The README's library example runs as written (real MiniLM, a few dozen real examples)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def readme_example() -> str:
+    text = README.read_text()
+    match = re.search(r"<!-- this block is run by tests/test_readme.py -->\n```python\n(.*?)```", text, re.S)
+    assert match, "README lost its tested example"
+    return match.group(1)
+
+
+def test_readme_example_runs(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    exec(compile(readme_example(), "README.md", "exec"), {"__name__": "readme"})
+    out = capsys.readouterr().out
+    assert re.search(r"F1 \d+\.\d after \d+ updates, peak LR 1\.0e-04", out), out
+    assert (tmp_path / "runs" / "readme-example" / "final_model" / "model.safetensors").exists()

@@ -1,0 +1,174 @@
+"""The scripts end to end (tiny model): train, evaluate, predict, two processes, a SIGKILL and resume, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from bertqa.model import build_model, build_tokenizer
+from tests.conftest import TINY
+
+ROOT = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+SMALL = [
+    "--train-data", "dev-v1.1", "--eval-data", "dev-v2.0", "--max-train-examples", "48", "--max-eval-examples", "24",
+    "--max-seq-length", "128", "--doc-stride", "32", "--max-query-length", "32", "--batch-size", "4", "--lr", "1e-3",
+]  # fmt: skip
+
+
+def script(name: str, *args: str, launch: list[str] | None = None, check: bool = True, **kw):
+    cmd = [*(launch or [sys.executable]), str(ROOT / "scripts" / name), *map(str, args)]
+    result = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600, **kw)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{name} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return result
+
+
+def two_processes() -> list[str]:
+    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or "accelerate"
+    return [
+        accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517",
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny")
+    torch.manual_seed(0)
+    build_model("minilm-l6", pretrained=False, config_overrides=TINY).save_pretrained(path)
+    build_tokenizer("minilm-l6").save_pretrained(path)
+    return path
+
+
+def test_help_explains_every_setting():
+    out = script("train.py", "--help").stdout
+    assert "--doc-stride" in out and "tokens shared by consecutive windows" in out
+    assert "--preset {full-v1,quick,recipe}" in out
+    for name in ("evaluate.py", "predict.py"):
+        assert "usage:" in script(name, "--help").stdout
+
+
+def test_train_evaluate_predict(tmp_path, tiny_dir):
+    run = tmp_path / "run"
+    result = script("train.py", "--model", tiny_dir, *SMALL, "--epochs", "1", "--output-dir", run)
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert {"exact", "f1", "HasAns_f1", "NoAns_f1", "best_f1"} <= set(summary)
+    assert "in-window labels that decode to the gold answer" in result.stderr
+    meta = json.loads((run / "final_model" / "bertqa.json").read_text())
+    assert meta["v2"] is True and isinstance(meta["no_answer_threshold"], float)
+
+    out = tmp_path / "eval"
+    script("evaluate.py", run / "final_model", "--data", "dev-v2.0", "--max-examples", "24", "--out", out)
+    scores = json.loads((out / "scores.json").read_text())
+    assert scores["no_answer_threshold"] == meta["no_answer_threshold"]
+    preds = json.loads((out / "predictions.json").read_text())
+    assert len(preds) == 24 and len(json.loads((out / "null_odds.json").read_text())) == 24
+
+    questions = tmp_path / "q.jsonl"
+    questions.write_text(
+        json.dumps({"id": "a", "question": "Who?", "context": "Ann wrote it."})
+        + "\n"
+        + json.dumps({"question": "When?", "context": "It was 1990."})
+        + "\n"
+    )
+    lines = script("predict.py", run / "final_model", "--file", questions).stdout.strip().splitlines()
+    answers = [json.loads(line) for line in lines]
+    assert [a["id"] for a in answers] == ["a", 1]
+    assert all({"answer", "score", "no_answer_score"} <= set(a) for a in answers)
+
+
+def test_two_processes_give_the_same_predictions_as_one(tmp_path, tiny_dir):
+    args = [tiny_dir, "--data", "dev-v2.0", "--max-examples", "50", "--batch-size", "7"]  # 8 uneven batches
+    script("evaluate.py", *args, "--out", tmp_path / "one")
+    result = script("evaluate.py", *args, "--out", tmp_path / "two", launch=two_processes())
+    assert "on 2 processes" in result.stderr
+    one = json.loads((tmp_path / "one" / "predictions.json").read_text())
+    two = json.loads((tmp_path / "two" / "predictions.json").read_text())
+    assert one == two and len(one) == 50
+    s1 = json.loads((tmp_path / "one" / "scores.json").read_text())
+    s2 = json.loads((tmp_path / "two" / "scores.json").read_text())
+    for key in ("exact", "f1", "HasAns_f1", "NoAns_f1", "best_f1"):
+        assert s1[key] == pytest.approx(s2[key])
+
+
+def test_two_process_training_runs(tmp_path, tiny_dir):
+    result = script(
+        "train.py", "--model", tiny_dir, *SMALL, "--epochs", "1", "--output-dir", tmp_path / "ddp",
+        launch=two_processes(),
+    )  # fmt: skip
+    assert "2 processes" in result.stderr and "effective batch 8 windows" in result.stderr
+    assert (tmp_path / "ddp" / "final_model" / "model.safetensors").exists()
+
+
+def final_record(run: Path) -> dict:
+    return json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+
+
+def test_sigkill_mid_run_then_resume_matches_uninterrupted(tmp_path, tiny_dir):
+    args = ["--model", tiny_dir, *SMALL, "--batch-size", "2", "--epochs", "3", "--save-every-steps", "10"]
+    script("train.py", *args, "--output-dir", tmp_path / "straight")
+
+    killed = tmp_path / "killed"
+    cmd = [sys.executable, str(ROOT / "scripts" / "train.py"), *map(str, args), "--output-dir", str(killed)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (killed / "checkpoints" / "step_00000020").exists() and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    assert not (killed / "final_model").exists(), "the run finished before it could be killed"
+
+    result = script("train.py", *args, "--output-dir", killed, "--resume", "latest")
+    assert re.search(r"resumed from .*step_000000[2-9]0", result.stderr)
+    a, b = final_record(tmp_path / "straight"), final_record(killed)
+    assert (a["step"], a["exact"], a["f1"]) == (b["step"], b["exact"], b["f1"])
+    from safetensors.torch import load_file
+
+    wa = load_file(tmp_path / "straight" / "final_model" / "model.safetensors")
+    wb = load_file(killed / "final_model" / "model.safetensors")
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--model", "/no/such/model"], "model folder '/no/such/model' does not exist"),
+        (["--doc-stride", "400"], "doc_stride=400 must be >= 0 and smaller"),
+        (["--train-data", "/no/such.json"], "SQuAD file not found"),
+        (["--lr", "-1"], "lr must be positive"),
+    ],
+)
+def test_bad_input_gives_a_clear_error(tmp_path, args, message):
+    result = script("train.py", *SMALL, "--output-dir", tmp_path / "r", *args, check=False)
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_fresh_run_refuses_to_mix_with_old_checkpoints(tmp_path, tiny_dir):
+    (tmp_path / "r" / "checkpoints" / "step_00000005").mkdir(parents=True)
+    result = script("train.py", "--model", tiny_dir, *SMALL, "--output-dir", tmp_path / "r", check=False)
+    assert result.returncode == 2 and "--resume latest" in result.stderr
+
+
+def test_benchmark_runs_both_loops(tmp_path, tiny_dir):
+    out = tmp_path / "bench.json"
+    args = ["--model", tiny_dir, "--windows", "48", "--batch-size", "8", "--eval-examples", "16", "--json", out]
+    result = script("benchmark.py", *args)
+    report = json.loads(out.read_text())
+    bertqa, trainer = report["results"]
+    assert bertqa["loop"] == "bertqa" and trainer["loop"].startswith("Trainer")
+    assert trainer["padding_efficiency"] < bertqa["padding_efficiency"] <= 1.0
+    assert bertqa["timed_windows"] == trainer["timed_windows"] == 48 - 2 * 8
+    assert report["ratio_examples_per_s"] > 0 and report["postprocess_v2_dev_s"] > 0
+    assert "ratio bertqa / Trainer" in result.stdout
