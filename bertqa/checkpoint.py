@@ -2,18 +2,27 @@
 
 `accelerator.save_state` writes into `step_XXXXXXXX.tmp`, which is renamed to `step_XXXXXXXX` only once every
 process has finished writing. A kill during a save leaves a `.tmp` folder that is ignored and later removed, and the
-last complete checkpoint stays untouched; old checkpoints are pruned only after the new one is in place.
+last complete checkpoint stays untouched; old checkpoints are pruned only after the new one is in place. Saved
+models (`best_model/`, `final_model/`) are replaced the same way.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 from pathlib import Path
 from typing import Any
 
-__all__ = ["checkpoint_dir", "latest_checkpoint", "list_checkpoints", "resolve_resume", "save_checkpoint"]
+__all__ = [
+    "checkpoint_dir",
+    "latest_checkpoint",
+    "list_checkpoints",
+    "resolve_resume",
+    "save_checkpoint",
+    "save_model",
+]
 
 _NAME = re.compile(r"^step_(\d{8})$")
 
@@ -68,3 +77,22 @@ def save_checkpoint(accelerator: Any, output_dir: str | Path, step: int, *, keep
             shutil.rmtree(stale, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def save_model(accelerator: Any, model: Any, tokenizer: Any, path: Path, meta: dict[str, Any]) -> None:
+    """save_pretrained model + tokenizer (loadable with plain transformers) and bertqa.json with the settings used.
+
+    For v2 models `no_answer_threshold` is the best-F1 threshold found on the evaluation set.
+    """
+    accelerator.wait_for_everyone()
+    unwrapped = accelerator.unwrap_model(model)
+    tmp = path.with_name(path.name + ".tmp")
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        unwrapped.save_pretrained(tmp, save_function=accelerator.save)
+        tokenizer.save_pretrained(tmp)
+        threshold = meta["eval"].get("best_f1_thresh", 0.0) if meta.get("v2") else None
+        (tmp / "bertqa.json").write_text(json.dumps({**meta, "no_answer_threshold": threshold}, indent=2) + "\n")
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
+    accelerator.wait_for_everyone()

@@ -33,6 +33,7 @@ class TrainConfig:
     max_query_length: int = _f(64, "questions are cut to this many tokens")
     max_answer_length: int = _f(30, "longest predicted answer, in tokens")
     label_check_min: float = _f(0.99, "fail if fewer in-window labels than this decode to the gold answer")
+    cache_dir: str | None = _f("~/.cache/bertqa", "tokenized windows are cached here between runs (none: off)")
     # optimisation
     epochs: float = _f(2.0, "passes over the training windows (fractions allowed)")
     max_steps: int | None = _f(None, "stop after this many optimizer updates (overrides epochs)")

@@ -32,10 +32,10 @@ __all__ = [
     "build_scheduler",
     "default_loss",
     "evaluate",
-    "evaluate_model",
     "fit",
     "predict",
     "score",
+    "train_loader",
     "train_one_epoch",
 ]
 
@@ -310,6 +310,28 @@ def resolve_precision(mode: str) -> str:
     return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
 
 
+def train_loader(
+    features: Features,
+    *,
+    batch_size: int,
+    seed: int,
+    group_by_length: bool,
+    pad_token_id: int,
+    pad_to_multiple_of: int = 8,
+    num_workers: int = 0,
+) -> tuple[torch.utils.data.DataLoader, LengthGroupedBatchSampler]:
+    """The training DataLoader and its batch sampler (whose epoch the caller sets before each pass)."""
+    sampler = LengthGroupedBatchSampler(features.lengths, batch_size, seed=seed, group_by_length=group_by_length)
+    loader = torch.utils.data.DataLoader(
+        FeatureDataset(features),
+        batch_sampler=sampler,
+        collate_fn=Collator(pad_token_id, pad_to_multiple_of),
+        num_workers=num_workers,
+        generator=torch.Generator().manual_seed(seed),  # keeps loader start-up off the global RNG (resume)
+    )
+    return loader, sampler
+
+
 def make_accelerator(**kwargs: Any) -> Any:
     """An Accelerator; several processes without a GPU (torchrun, `accelerate launch --multi_gpu` on a CPU machine)
     become CPU data parallelism over gloo instead of silently running as independent single processes."""
@@ -338,7 +360,8 @@ def fit(
     from accelerate.utils import set_seed
 
     from bertqa import checkpoint, reporting
-    from bertqa.data import check_labels, label_features, load_examples, tokenize_examples
+    from bertqa.cache import cached_features
+    from bertqa.data import check_labels, load_examples
     from bertqa.model import build_model, build_tokenizer
 
     c = config
@@ -360,7 +383,7 @@ def fit(
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = c.tf32
     tokenizer = tokenizer if tokenizer is not None else build_tokenizer(c.model)
     window = {"max_seq_length": c.max_seq_length, "doc_stride": c.doc_stride, "max_query_length": c.max_query_length}
-    with accelerator.main_process_first():
+    with accelerator.main_process_first():  # the main process fills the window cache, the others read it
         if train_examples is None:
             train_examples, _ = load_examples(
                 c.train_data, answerable=c.answerable_only, max_examples=c.max_train_examples, seed=c.seed
@@ -369,24 +392,23 @@ def fit(
             eval_examples, _ = load_examples(
                 c.eval_data, answerable=c.answerable_only, max_examples=c.max_eval_examples, seed=c.seed
             )
-        train_features = label_features(tokenize_examples(train_examples, tokenizer, **window), train_examples)
+        train_features = cached_features(train_examples, tokenizer, cache_dir=c.cache_dir, labelled=True, **window)
         label_report = check_labels(train_features, train_examples, min_match_rate=c.label_check_min)
-        eval_features = tokenize_examples(eval_examples, tokenizer, **window)
+        eval_features = cached_features(eval_examples, tokenizer, cache_dir=c.cache_dir, labelled=False, **window)
     v2 = any(ex.is_impossible for ex in eval_examples)
     if model is None:
         model = build_model(c.model, attn_implementation=c.attn_implementation)
     if c.compile:
         model = torch.compile(model, dynamic=True)
 
-    sampler = LengthGroupedBatchSampler(
-        train_features.lengths, c.batch_size, seed=c.seed, group_by_length=c.group_by_length
-    )
-    loader = torch.utils.data.DataLoader(
-        FeatureDataset(train_features),
-        batch_sampler=sampler,
-        collate_fn=Collator(tokenizer.pad_token_id, c.pad_to_multiple_of),
+    loader, sampler = train_loader(
+        train_features,
+        batch_size=c.batch_size,
+        seed=c.seed,
+        group_by_length=c.group_by_length,
+        pad_token_id=tokenizer.pad_token_id,
+        pad_to_multiple_of=c.pad_to_multiple_of,
         num_workers=c.num_workers,
-        generator=torch.Generator().manual_seed(c.seed),  # keeps loader start-up off the global RNG (resume)
     )
     optimizer = build_optimizer(
         model, lr=c.lr, weight_decay=c.weight_decay, eps=c.adam_eps, fused=accelerator.device.type == "cuda"
@@ -402,13 +424,8 @@ def fit(
     train_log, eval_log = out / "train_log.jsonl", out / "metrics.jsonl"
     if resume_from is not None:
         accelerator.load_state(str(resume_from))
-        logger.info(
-            "resumed from %s at step %d (epoch %d, micro-batch %d)",
-            resume_from,
-            state.step,
-            state.epoch,
-            state.batches_done,
-        )
+        logger.info("resumed from %s at step %d (epoch %d, micro-batch %d)", *(resume_from, state.step),
+                    *(state.epoch, state.batches_done))  # fmt: skip
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         c.save(out / "config.json")
@@ -416,21 +433,13 @@ def fit(
             reporting.truncate_jsonl(log, state.step) if resume_from else log.unlink(missing_ok=True)
     accelerator.init_trackers("bertqa", config={k: str(v) for k, v in c.to_dict().items()})
     logger.info("label self-check:\n%s", label_report.format())
+    # The derived values, once: what the run will really do.
     logger.info(
         "%d train examples -> %d windows; %d eval examples -> %d windows (%s); %d processes on %s, precision %s; "
         "effective batch %d windows; %d updates (%d per epoch, %d warmup)",
-        len(train_examples),
-        len(train_features),
-        len(eval_examples),
-        len(eval_features),
-        "v2.0" if v2 else "v1.1",
-        accelerator.num_processes,
-        accelerator.device,
-        accelerator.mixed_precision,
-        c.batch_size * c.grad_accum * accelerator.num_processes,
-        total_steps,
-        updates_per_epoch,
-        warmup_steps,
+        *(len(train_examples), len(train_features), len(eval_examples), len(eval_features), "v2.0" if v2 else "v1.1"),
+        *(accelerator.num_processes, accelerator.device, accelerator.mixed_precision),
+        *(c.batch_size * c.grad_accum * accelerator.num_processes, total_steps, updates_per_epoch, warmup_steps),
     )
 
     meta = {**window, "max_answer_length": c.max_answer_length, "v2": v2}
@@ -438,23 +447,17 @@ def fit(
 
     def run_eval() -> dict[str, float]:
         metrics, _ = evaluate(
-            accelerator,
-            model,
-            eval_examples,
-            eval_features,
-            v2=v2,
-            batch_size=c.eval_batch_size,
-            pad_token_id=tokenizer.pad_token_id,
-            max_answer_length=c.max_answer_length,
+            accelerator, model, eval_examples, eval_features, v2=v2, batch_size=c.eval_batch_size,
+            pad_token_id=tokenizer.pad_token_id, max_answer_length=c.max_answer_length,
             pad_to_multiple_of=c.pad_to_multiple_of,
-        )
+        )  # fmt: skip
         record = {"step": state.step, "epoch": state.epoch, **metrics}
         logger.info("eval at step %d: %s", state.step, _fmt(metrics))
         accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=state.step)
         if accelerator.is_main_process:
             reporting.append_jsonl(eval_log, record)
         if c.save_model and metrics["f1"] > state.best_f1:
-            _save_model(accelerator, model, tokenizer, out / "best_model", {**meta, "eval": record})
+            checkpoint.save_model(accelerator, model, tokenizer, out / "best_model", {**meta, "eval": record})
         state.best_f1 = max(state.best_f1, metrics["f1"])
         return record
 
@@ -485,19 +488,10 @@ def fit(
         epoch_loader.set_epoch(state.epoch)
         t0 = time.perf_counter()
         train_one_epoch(
-            accelerator,
-            model,
-            optimizer,
-            scheduler,
-            epoch_loader,
-            state=state,
-            max_steps=total_steps,
-            max_grad_norm=c.max_grad_norm,
-            log_every=c.log_every,
-            compute_loss=compute_loss,
-            callbacks=[periodic, *callbacks],
-            on_log=on_log,
-        )
+            accelerator, model, optimizer, scheduler, epoch_loader, state=state, max_steps=total_steps,
+            max_grad_norm=c.max_grad_norm, log_every=c.log_every, compute_loss=compute_loss,
+            callbacks=[periodic, *callbacks], on_log=on_log,
+        )  # fmt: skip
         train_time += time.perf_counter() - t0
         if state.batches_done >= len(loader):  # a whole epoch: the next run starts on the next one
             state.epoch, state.batches_done = state.epoch + 1, 0
@@ -507,7 +501,7 @@ def fit(
     if not last_eval or last_eval["step"] != state.step:  # resumed after the final checkpoint
         last_eval = run_eval()
     if c.save_model:
-        _save_model(accelerator, model, tokenizer, out / "final_model", {**meta, "eval": last_eval})
+        checkpoint.save_model(accelerator, model, tokenizer, out / "final_model", {**meta, "eval": last_eval})
     if accelerator.is_main_process:
         reporting.plot_curves(train_log, eval_log, out / "training_curves.png", title=f"bertqa: {c.model}")
     accelerator.end_training()
@@ -523,63 +517,6 @@ def fit(
     }
 
 
-def evaluate_model(
-    model_dir: str,
-    eval_data: str,
-    *,
-    answerable_only: bool = False,
-    max_examples: int | None = None,
-    seed: int = 42,
-    batch_size: int = 64,
-    threshold: float | None = None,
-    mixed_precision: str = "auto",
-) -> tuple[dict[str, float], dict[str, Prediction], list[Example]]:
-    """Score a saved model on a dataset with the settings it was trained with; works under `accelerate launch`.
-
-    For v2 data the no-answer threshold is `threshold`, else the one saved with the model, else 0.
-    Returns (metrics, predictions, examples); metrics on every process, predictions on the main one.
-    """
-    from bertqa.data import load_examples, tokenize_examples
-    from bertqa.inference import load_settings
-    from bertqa.model import build_model, build_tokenizer
-
-    accelerator = make_accelerator(mixed_precision=resolve_precision(mixed_precision))
-    settings = load_settings(model_dir)
-    tokenizer = build_tokenizer(model_dir)
-    examples, _ = load_examples(eval_data, answerable=answerable_only, max_examples=max_examples, seed=seed)
-    features = tokenize_examples(
-        examples,
-        tokenizer,
-        max_seq_length=settings["max_seq_length"],
-        doc_stride=settings["doc_stride"],
-        max_query_length=settings["max_query_length"],
-    )
-    model = accelerator.prepare(build_model(model_dir))
-    v2 = any(ex.is_impossible for ex in examples)
-    logger.info(
-        "evaluating %d examples (%d windows, %s) on %d processes",
-        len(examples),
-        len(features),
-        "v2.0" if v2 else "v1.1",
-        accelerator.num_processes,
-    )
-    if threshold is None:
-        threshold = settings["no_answer_threshold"] or 0.0
-    metrics, predictions = evaluate(
-        accelerator,
-        model,
-        examples,
-        features,
-        v2=v2,
-        batch_size=batch_size,
-        pad_token_id=tokenizer.pad_token_id,
-        max_answer_length=settings["max_answer_length"],
-        threshold=threshold,
-    )
-    metrics["no_answer_threshold"] = threshold if v2 else None
-    return metrics, predictions, examples
-
-
 def _progress(accelerator: Any, total: int, initial: int) -> Any:
     from tqdm.auto import tqdm
 
@@ -589,26 +526,3 @@ def _progress(accelerator: Any, total: int, initial: int) -> Any:
 def _fmt(metrics: dict[str, float]) -> str:
     keys = ("exact", "f1", "HasAns_f1", "NoAns_f1", "best_f1", "best_f1_thresh")
     return " ".join(f"{k}={metrics[k]:.2f}" for k in keys if k in metrics)
-
-
-def _save_model(accelerator: Any, model: torch.nn.Module, tokenizer: Any, path: Path, meta: dict[str, Any]) -> None:
-    """save_pretrained model + tokenizer (loadable with plain transformers) and bertqa.json with the settings used.
-
-    For v2 models `no_answer_threshold` is the best-F1 threshold found on the evaluation set.
-    """
-    import json
-    import os
-    import shutil
-
-    accelerator.wait_for_everyone()
-    unwrapped = accelerator.unwrap_model(model)
-    tmp = path.with_name(path.name + ".tmp")
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        unwrapped.save_pretrained(tmp, save_function=accelerator.save)
-        tokenizer.save_pretrained(tmp)
-        threshold = meta["eval"].get("best_f1_thresh", 0.0) if meta.get("v2") else None
-        (tmp / "bertqa.json").write_text(json.dumps({**meta, "no_answer_threshold": threshold}, indent=2) + "\n")
-        shutil.rmtree(path, ignore_errors=True)
-        os.replace(tmp, path)
-    accelerator.wait_for_everyone()

@@ -86,17 +86,15 @@ def bench_bertqa(args, features, precision: str) -> dict[str, Any]:
     import torch
 
     from bertqa import engine
-    from bertqa.batching import Collator, FeatureDataset, LengthGroupedBatchSampler
 
     accelerator = engine.make_accelerator(mixed_precision=precision)
     model = fresh_model(args)
     if args.compile:
         model = torch.compile(model, dynamic=True)
-    sampler = LengthGroupedBatchSampler(features.lengths, args.batch_size, seed=args.seed)
-    batches = sampler.batches()
-    loader = torch.utils.data.DataLoader(
-        FeatureDataset(features), batch_sampler=sampler, collate_fn=Collator(0), generator=torch.Generator()
+    loader, sampler = engine.train_loader(
+        features, batch_size=args.batch_size, seed=args.seed, group_by_length=True, pad_token_id=0
     )
+    batches = sampler.batches()
     fused = accelerator.device.type == "cuda"
     optimizer = engine.build_optimizer(model, lr=3e-5, weight_decay=0.01, eps=1e-8, fused=fused)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)

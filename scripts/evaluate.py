@@ -35,7 +35,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging()
-    from bertqa.engine import evaluate_model
+    from bertqa.inference import evaluate_model
 
     metrics, predictions, examples = evaluate_model(
         args.model,

@@ -33,6 +33,7 @@ def tiny_config(tmp_path, **changes) -> TrainConfig:
         output_dir=str(tmp_path / "run"),
         save_model=False,
         label_check_min=0.9,
+        cache_dir=None,
     )
     return TrainConfig(**{**base, **changes})
 

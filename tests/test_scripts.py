@@ -23,6 +23,7 @@ ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
 SMALL = [
     "--train-data", "dev-v1.1", "--eval-data", "dev-v2.0", "--max-train-examples", "48", "--max-eval-examples", "24",
     "--max-seq-length", "128", "--doc-stride", "32", "--max-query-length", "32", "--batch-size", "4", "--lr", "1e-3",
+    "--cache-dir", "none",
 ]  # fmt: skip
 
 

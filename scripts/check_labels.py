@@ -1,0 +1,61 @@
+"""Window a SQuAD set, label it, and run the label self-check: how many labels decode back to their gold answer.
+
+Examples:
+  python scripts/check_labels.py --data train-v1.1                  # the whole bundled train set
+  python scripts/check_labels.py --data dev-v2.0 --max-seq-length 256 --doc-stride 64
+
+Prints the report and the time of each stage (load, tokenize, label, check).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _cli import run, setup_logging
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default="train-v1.1", help="bundled name, SQuAD JSON path or hub name")
+    parser.add_argument("--model", default="minilm-l6", help="whose tokenizer to use")
+    parser.add_argument("--max-seq-length", type=int, default=384)
+    parser.add_argument("--doc-stride", type=int, default=128)
+    parser.add_argument("--max-query-length", type=int, default=64)
+    parser.add_argument("--min-match-rate", type=float, default=0.99, help="fail (exit 2) below this match rate")
+    args = parser.parse_args(argv)
+    setup_logging()
+    from bertqa import data
+    from bertqa.model import build_tokenizer
+
+    tokenizer = build_tokenizer(args.model)
+    t0 = time.perf_counter()
+    examples, report = data.load_squad(args.data)
+    t1 = time.perf_counter()
+    features = data.tokenize_examples(
+        examples,
+        tokenizer,
+        max_seq_length=args.max_seq_length,
+        doc_stride=args.doc_stride,
+        max_query_length=args.max_query_length,
+    )
+    t2 = time.perf_counter()
+    data.label_features(features, examples)
+    t3 = time.perf_counter()
+    labels = data.check_labels(features, examples, min_match_rate=args.min_match_rate)
+    t4 = time.perf_counter()
+    print(f"{report.source}: version {report.version}, {report.n_examples:,} examples "
+          f"({report.n_impossible:,} unanswerable), {report.n_repaired} answer offsets repaired")  # fmt: skip
+    print(labels.format())
+    print(
+        f"time: load {t1 - t0:.1f} s, tokenize {t2 - t1:.1f} s ({len(examples) / (t2 - t1):,.0f} examples/s), "
+        f"label {t3 - t2:.1f} s, check {t4 - t3:.1f} s"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,47 @@
+"""The window cache: a hit returns the same windows, anything that changes them changes the key."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from bertqa import data
+from bertqa.cache import cached_features, features_key
+
+WINDOW = {"max_seq_length": 128, "doc_stride": 32, "max_query_length": 32}
+
+
+def same(a: data.Features, b: data.Features) -> bool:
+    return (
+        a.input_ids == b.input_ids
+        and a.token_type_ids == b.token_type_ids
+        and all(np.array_equal(x, y) for x, y in zip(a.offsets, b.offsets))
+        and np.array_equal(a.example_index, b.example_index)
+        and np.array_equal(a.start_positions, b.start_positions)
+    )
+
+
+def test_cache_hit_returns_identical_windows(tmp_path, tokenizer):
+    examples, _ = data.load_examples("dev-v1.1", max_examples=30, seed=0)
+    fresh = cached_features(examples, tokenizer, cache_dir=None, labelled=True, **WINDOW)
+    first = cached_features(examples, tokenizer, cache_dir=tmp_path, labelled=True, **WINDOW)
+    files = list(tmp_path.glob("windows-*.pkl"))
+    assert len(files) == 1
+    second = cached_features(examples, tokenizer, cache_dir=tmp_path, labelled=True, **WINDOW)
+    assert same(fresh, first) and same(first, second)
+    files[0].write_bytes(b"damaged")
+    assert same(fresh, cached_features(examples, tokenizer, cache_dir=tmp_path, labelled=True, **WINDOW))
+
+
+def test_key_changes_with_everything_the_windows_depend_on(tokenizer):
+    examples, _ = data.load_examples("dev-v1.1", max_examples=5, seed=0)
+    key = features_key(examples, tokenizer, labelled=True, **WINDOW)
+    assert key == features_key(list(examples), tokenizer, labelled=True, **WINDOW)
+    assert key != features_key(examples, tokenizer, labelled=False, **WINDOW)
+    assert key != features_key(examples, tokenizer, labelled=True, **{**WINDOW, "doc_stride": 16})
+    assert key != features_key(examples[1:], tokenizer, labelled=True, **WINDOW)
+    edited = [examples[0].__class__(**{**_fields(examples[0]), "question": "Other?"}), *examples[1:]]
+    assert key != features_key(edited, tokenizer, labelled=True, **WINDOW)
+
+
+def _fields(ex: data.Example) -> dict:
+    return {name: getattr(ex, name) for name in ex.__slots__}
