@@ -219,6 +219,8 @@ def predict(
         FeatureDataset(features),
         batch_sampler=SortedBatchSampler(features.lengths, batch_size),
         collate_fn=Collator(pad_token_id, pad_to_multiple_of),
+        # Its own generator: starting a loader draws a seed, and an evaluation must not shift training's dropout.
+        generator=torch.Generator(),
     )
     # The module-level function, not accelerator.prepare: a prepared loader would be registered for checkpointing.
     from accelerate.data_loader import prepare_data_loader

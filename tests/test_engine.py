@@ -160,6 +160,15 @@ def test_callbacks_called_once_per_update(small_features, tokenizer):
     assert seen == list(range(1, math.ceil(n_batches / 3) + 1)) and state.step == len(seen)
 
 
+def test_evaluation_leaves_the_global_rng_alone(small_features, tokenizer):
+    from accelerate import Accelerator
+
+    model, accelerator = tiny(), Accelerator(cpu=True)
+    before = torch.get_rng_state()
+    engine.predict(accelerator, model, small_features, batch_size=4, pad_token_id=tokenizer.pad_token_id)
+    assert torch.equal(before, torch.get_rng_state())  # so evaluating mid-run cannot change training's dropout
+
+
 # ------------------------------------------------------------------------------------------------------------ fit
 
 
