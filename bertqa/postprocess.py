@@ -45,7 +45,7 @@ def pad_offsets(features: Features, length: int) -> np.ndarray:
 def best_spans(
     start_logits: np.ndarray, end_logits: np.ndarray, offsets: np.ndarray, *, max_answer_length: int, n_best: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Top `n_best` spans of each window: scores (n, k), start tokens (n, k), end tokens (n, k), best first.
+    """Top `n_best` spans of each window (one per start token): scores, start and end tokens, each (n, k), best first.
 
     Only tokens inside the context (offset >= 0) may start or end a span; a window with no valid span gets -inf.
     """
@@ -58,15 +58,17 @@ def best_spans(
     shifted = np.full((n, length, width), -np.inf, dtype=np.float32)
     for k in range(width):
         shifted[:, : length - k, k] = end[:, k:]
-    scores = (start[:, :, None] + shifted).reshape(n, length * width)
-    k = min(n_best, scores.shape[1])
-    top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-    top_scores = np.take_along_axis(scores, top, axis=1)
+    # Best end for every start first: the top-k search then runs over `length` candidates, not length x width
+    # (that search was most of the time). The best span is exact; the n-best list holds distinct starts.
+    best_len = np.argmax(shifted + start[:, :, None], axis=2)
+    per_start = start + np.take_along_axis(shifted, best_len[:, :, None], axis=2)[:, :, 0]
+    k = min(n_best, length)
+    top = np.argpartition(-per_start, k - 1, axis=1)[:, :k]
+    top_scores = np.take_along_axis(per_start, top, axis=1)
     order = np.argsort(-top_scores, axis=1, kind="stable")
-    top = np.take_along_axis(top, order, axis=1)
+    starts = np.take_along_axis(top, order, axis=1)
     top_scores = np.take_along_axis(top_scores, order, axis=1)
-    starts, lengths = np.divmod(top, width)
-    return top_scores, starts, starts + lengths
+    return top_scores, starts, starts + np.take_along_axis(best_len, starts, axis=1)
 
 
 def postprocess(
