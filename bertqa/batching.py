@@ -17,7 +17,7 @@ import torch
 
 from bertqa.data import Features
 
-__all__ = ["Collator", "FeatureDataset", "LengthGroupedBatchSampler", "SortedBatchSampler"]
+__all__ = ["Collator", "FeatureDataset", "LengthGroupedBatchSampler", "SortedBatchSampler", "eval_loader"]
 
 
 class FeatureDataset(torch.utils.data.Dataset):
@@ -136,3 +136,16 @@ class SortedBatchSampler:
 
     def __len__(self) -> int:
         return len(self._batches)
+
+
+def eval_loader(
+    features: Features, *, batch_size: int, pad_token_id: int, pad_to_multiple_of: int = 8
+) -> torch.utils.data.DataLoader:
+    """Length-sorted evaluation batches that carry their feature indices, so results can be put back in order."""
+    return torch.utils.data.DataLoader(
+        FeatureDataset(features),
+        batch_sampler=SortedBatchSampler(features.lengths, batch_size),
+        collate_fn=Collator(pad_token_id, pad_to_multiple_of),
+        # Its own generator: starting a loader draws a seed, and an evaluation must not shift training's dropout.
+        generator=torch.Generator(),
+    )

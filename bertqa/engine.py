@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bertqa.batching import Collator, FeatureDataset, LengthGroupedBatchSampler, SortedBatchSampler
+from bertqa.batching import Collator, FeatureDataset, LengthGroupedBatchSampler, eval_loader
 from bertqa.data import Example, Features
 from bertqa.metrics import squad_v1_scores, squad_v2_scores
 from bertqa.postprocess import Prediction, postprocess
@@ -139,12 +139,12 @@ def train_one_epoch(
     callbacks: Sequence[Callable[[Update], None]] = (),
     on_log: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, float]:
-    """One pass over `loader` (or until `max_steps` updates). Returns the mean loss and window rate of the pass.
+    """One pass over `loader` (or until `max_steps` updates). Returns the mean training loss of the pass.
 
     The loss is read from the device only every `log_every` updates; that is also where a non-finite loss is caught.
     """
     model.train()
-    window_sum = torch.zeros((), device=accelerator.device)  # losses summed on the device: no per-step sync
+    loss_sum = torch.zeros((), device=accelerator.device)  # update losses summed on the device: no per-step sync
     update_loss = torch.zeros((), device=accelerator.device)
     log_loss, log_updates, log_windows, log_tokens, epoch_losses = 0.0, 0, 0, 0, []
     micro, t_log = 0, time.perf_counter()
@@ -168,12 +168,13 @@ def train_one_epoch(
         if not accelerator.optimizer_step_was_skipped:  # fp16 overflow: keep the schedule in step with real updates
             scheduler.step()
         state.step += 1
-        window_sum += update_loss / micro
+        mean_loss = update_loss / micro
+        loss_sum += mean_loss
         log_updates += 1
-        info = Update(step=state.step, epoch=state.epoch, lr=scheduler.get_last_lr()[0], loss=update_loss / micro)
+        info = Update(step=state.step, epoch=state.epoch, lr=scheduler.get_last_lr()[0], loss=mean_loss)
         update_loss, micro = torch.zeros((), device=accelerator.device), 0
         if log_updates == log_every or state.step >= max_steps:
-            loss_value = window_sum.item() / log_updates  # the one sync point of the loop
+            loss_value = loss_sum.item() / log_updates  # the one sync point of the loop
             if not math.isfinite(loss_value):
                 raise NonFiniteLossError(
                     f"training loss is {loss_value} around step {state.step} (lr {info.lr:.3g}); lower the learning "
@@ -191,7 +192,7 @@ def train_one_epoch(
             epoch_losses.append((loss_value, log_updates))
             if on_log is not None:
                 on_log(record)
-            window_sum.zero_()
+            loss_sum.zero_()
             log_loss, log_updates, log_windows, log_tokens, t_log = loss_value, 0, 0, 0, time.perf_counter()
         for callback in callbacks:
             callback(info)
@@ -215,12 +216,8 @@ def predict(
     Batches run longest first (least padding); each process returns its windows' logits with their feature
     indices, and the gathered rows are written to their index, so duplicates from uneven sharding fall away.
     """
-    loader = torch.utils.data.DataLoader(
-        FeatureDataset(features),
-        batch_sampler=SortedBatchSampler(features.lengths, batch_size),
-        collate_fn=Collator(pad_token_id, pad_to_multiple_of),
-        # Its own generator: starting a loader draws a seed, and an evaluation must not shift training's dropout.
-        generator=torch.Generator(),
+    loader = eval_loader(
+        features, batch_size=batch_size, pad_token_id=pad_token_id, pad_to_multiple_of=pad_to_multiple_of
     )
     # The module-level function, not accelerator.prepare: a prepared loader would be registered for checkpointing.
     from accelerate.data_loader import prepare_data_loader

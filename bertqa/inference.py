@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bertqa.batching import Collator, FeatureDataset, SortedBatchSampler
+from bertqa.batching import eval_loader
 from bertqa.data import Example, Features, tokenize_examples
 from bertqa.postprocess import Prediction, postprocess
 
@@ -55,11 +55,7 @@ def logits_for(
     model: torch.nn.Module, features: Features, *, pad_token_id: int, batch_size: int = 64
 ) -> tuple[np.ndarray, np.ndarray]:
     """Start/end logits of every window on the model's device, one process, longest batches first."""
-    loader = torch.utils.data.DataLoader(
-        FeatureDataset(features),
-        batch_sampler=SortedBatchSampler(features.lengths, batch_size),
-        collate_fn=Collator(pad_token_id),
-    )
+    loader = eval_loader(features, batch_size=batch_size, pad_token_id=pad_token_id)
     device = next(model.parameters()).device
     width = int(features.lengths.max())
     start = np.full((len(features), width), -1e4, dtype=np.float32)
