@@ -42,12 +42,16 @@ def cached_features(
     max_seq_length: int,
     doc_stride: int,
     max_query_length: int,
+    num_proc: int = 1,
 ) -> Features:
-    """`tokenize_examples` (+ `label_features` when `labelled`), read from `cache_dir` when it was done before."""
+    """`tokenize_examples` (+ `label_features` when `labelled`), read from `cache_dir` when it was done before.
+
+    `num_proc` is not part of the key: any number of tokenizing processes gives the same windows.
+    """
     window = {"max_seq_length": max_seq_length, "doc_stride": doc_stride, "max_query_length": max_query_length}
 
     def build() -> Features:
-        features = tokenize_examples(examples, tokenizer, **window)
+        features = tokenize_examples(examples, tokenizer, num_proc=num_proc, **window)
         return label_features(features, examples) if labelled else features
 
     if cache_dir is None:

@@ -23,7 +23,11 @@ def _f(default: Any, help: str, **kwargs: Any) -> Any:
 class TrainConfig:
     # data
     model: str = _f("minilm-l6", "model alias (minilm-l6), local Hugging Face folder or hub id (bert-base-uncased)")
-    train_data: str = _f("train-v1.1", "bundled name (train-v1.1, dev-v1.1, dev-v2.0), SQuAD JSON path or hub name")
+    train_data: str = _f(
+        "train-v1.1",
+        "bundled name (train-v1.1, dev-v1.1, dev-v2.0), SQuAD JSON path or hub name; a trailing "
+        "[a:b] keeps articles a..b-1 only (dev-v2.0[:25])",
+    )
     eval_data: str = _f("dev-v1.1", "evaluation data, same forms as train_data (hub: squad:validation)")
     answerable_only: bool = _f(False, "drop unanswerable questions from training and evaluation data")
     max_train_examples: int | None = _f(None, "seeded random subset of training *examples* (all if unset)")
@@ -34,6 +38,7 @@ class TrainConfig:
     max_answer_length: int = _f(30, "longest predicted answer, in tokens")
     label_check_min: float = _f(0.99, "fail if fewer in-window labels than this decode to the gold answer")
     cache_dir: str | None = _f("~/.cache/bertqa", "tokenized windows are cached here between runs (none: off)")
+    tokenize_workers: int = _f(1, "processes that tokenize (the same windows for any number; helps on many cores)")
     # optimisation
     epochs: float = _f(2.0, "passes over the training windows (fractions allowed)")
     max_steps: int | None = _f(None, "stop after this many optimizer updates (overrides epochs)")
@@ -79,6 +84,7 @@ class TrainConfig:
             "eval_batch_size",
             "log_every",
             "pad_to_multiple_of",
+            "tokenize_workers",
         ):
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be positive")
@@ -146,6 +152,17 @@ PRESETS: dict[str, dict[str, Any]] = {
         "eval_before_training": True,
         "eval_every_steps": 100,
         "output_dir": "runs/recipe",
+    },
+    # SQuAD v2 offline: only the v2 dev set ships, so train on its first 25 articles (8,017 questions, 4,040 of them
+    # unanswerable) and evaluate on the other 10 (3,856 questions, 1,905 unanswerable). No article is in both.
+    "v2-split": {
+        "train_data": "dev-v2.0[:25]",
+        "eval_data": "dev-v2.0[25:]",
+        "epochs": 2.0,
+        "lr": 5e-5,
+        "batch_size": 32,
+        "eval_before_training": True,
+        "output_dir": "runs/v2-split",
     },
     # The whole bundled SQuAD v1.1 train set, scored on the whole official dev set.
     "full-v1": {"epochs": 2.0, "lr": 1e-4, "batch_size": 32, "output_dir": "runs/full-v1"},

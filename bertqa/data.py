@@ -7,8 +7,10 @@ its own. Vocabulary: an *example* is one SQuAD question with its context; a *fea
 from __future__ import annotations
 
 import gzip
+import itertools
 import json
 import random
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +34,8 @@ __all__ = [
     "load_squad",
     "parse_squad",
     "resolve_source",
+    "select_articles",
+    "split_article_range",
     "subsample",
     "tokenize_examples",
 ]
@@ -259,11 +263,41 @@ def _nearest_occurrence(context: str, text: str, start: int) -> int | None:
 def load_examples(
     source: str | Path, *, answerable: bool = False, max_examples: int | None = None, seed: int = 0
 ) -> tuple[list[Example], LoadReport]:
-    """`load_squad`, then optionally keep answerable questions only, then a seeded subset of examples."""
+    """`load_squad`, then a range of articles, then optionally answerable questions only, then a seeded subset.
+
+    `source` may end in an article range, `dev-v2.0[:25]` or `dev-v2.0[25:]` (see `split_article_range`): this is how
+    one file is split into training and evaluation parts that share no article.
+    """
+    source, articles = split_article_range(source)
     examples, report = load_squad(source)
+    if articles is not None:
+        examples = select_articles(examples, articles)
     if answerable:
         examples = answerable_only(examples)
     return subsample(examples, max_examples, seed=seed), report
+
+
+_ARTICLE_RANGE = re.compile(r"^(?P<source>.+)\[(?P<start>\d*):(?P<stop>\d*)\]$")
+
+
+def split_article_range(source: str | Path) -> tuple[str | Path, slice | None]:
+    """`"dev-v2.0[:25]"` -> `("dev-v2.0", slice(None, 25))`; a source without a trailing `[a:b]` is returned as is."""
+    match = _ARTICLE_RANGE.match(str(source)) if isinstance(source, str) else None
+    if match is None:
+        return source, None
+    start, stop = (int(match[k]) if match[k] else None for k in ("start", "stop"))
+    return match["source"], slice(start, stop)
+
+
+def select_articles(examples: Sequence[Example], articles: slice) -> list[Example]:
+    """The examples of the articles in `articles`, a slice over the articles in file order (titles, first seen)."""
+    titles = list(dict.fromkeys(ex.title for ex in examples))
+    chosen = set(titles[articles])
+    if not chosen:
+        raise ValueError(
+            f"article range [{articles.start or ''}:{articles.stop or ''}] selects no article of the {len(titles)}"
+        )
+    return [ex for ex in examples if ex.title in chosen]
 
 
 def answerable_only(examples: Iterable[Example]) -> list[Example]:
@@ -337,16 +371,34 @@ def tokenize_examples(
     doc_stride: int = 128,
     max_query_length: int = 64,
     batch_size: int = 1000,
+    num_proc: int = 1,
 ) -> Features:
     """Cut question+context into overlapping windows (`doc_stride` tokens shared between neighbours).
 
     Questions lose leading whitespace and are cut to `max_query_length` tokens, so that every window keeps the
-    same minimum room for the context; only the context is ever split (`only_second`).
+    same minimum room for the context; only the context is ever split (`only_second`). With `num_proc` > 1 the
+    examples are cut into that many contiguous shards, tokenized in worker processes and joined in order: the
+    result is the same as with one process.
     """
     if not getattr(tokenizer, "is_fast", False):
         raise TypeError("tokenize_examples needs a fast tokenizer: character offsets come only from fast tokenizers")
     n_special = tokenizer.num_special_tokens_to_add(pair=True)
     check_window_settings(max_seq_length, doc_stride, max_query_length, n_special)
+    window = {"max_seq_length": max_seq_length, "doc_stride": doc_stride, "max_query_length": max_query_length}
+    if num_proc > 1 and len(examples) > 1:
+        return _tokenize_in_processes(examples, tokenizer, num_proc=num_proc, batch_size=batch_size, **window)
+    return _tokenize(examples, tokenizer, batch_size=batch_size, **window)
+
+
+def _tokenize(
+    examples: Sequence[Example],
+    tokenizer: Any,
+    *,
+    max_seq_length: int,
+    doc_stride: int,
+    max_query_length: int,
+    batch_size: int,
+) -> Features:
     with_type_ids = "token_type_ids" in tokenizer.model_input_names
     input_ids: list[list[int]] = []
     type_ids: list[list[int]] = []
@@ -384,6 +436,39 @@ def tokenize_examples(
         example_index=np.asarray(example_index, dtype=np.int64),
         cls_index=np.asarray(cls_index, dtype=np.int64),
     )
+
+
+def _tokenize_in_processes(examples: Sequence[Example], tokenizer: Any, *, num_proc: int, **settings: int) -> Features:
+    """`_tokenize` on `num_proc` contiguous shards in worker processes, joined back in example order.
+
+    Forked workers, as `datasets.map(num_proc=...)` uses on Linux: spawned ones would need every calling script to
+    guard its entry point with `if __name__ == "__main__"`. The workers touch only the tokenizer and numpy, never
+    torch or a GPU. The Rust tokenizer's own threads speed up the batch encoding only; the per-window Python work is
+    what the processes spread over the cores.
+    """
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    bounds = np.linspace(0, len(examples), min(num_proc, len(examples)) + 1).astype(int)
+    shards = [list(examples[a:b]) for a, b in itertools.pairwise(bounds.tolist())]
+    with ProcessPoolExecutor(len(shards), mp_context=multiprocessing.get_context("fork")) as pool:
+        parts = list(pool.map(_tokenize_shard, shards, [tokenizer] * len(shards), [settings] * len(shards)))
+    with_type_ids = parts[0].token_type_ids is not None
+    return Features(
+        input_ids=[ids for part in parts for ids in part.input_ids],
+        token_type_ids=[t for part in parts for t in part.token_type_ids] if with_type_ids else None,
+        offsets=[o for part in parts for o in part.offsets],
+        example_index=np.concatenate([part.example_index + first for part, first in zip(parts, bounds)]),
+        cls_index=np.concatenate([part.cls_index for part in parts]),
+    )
+
+
+def _tokenize_shard(examples: list[Example], tokenizer: Any, settings: dict[str, int]) -> Features:
+    # One worker per core already: the tokenizer's thread pool would only compete with the other workers.
+    import os
+
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    return _tokenize(examples, tokenizer, **settings)
 
 
 def _cut_questions(questions: list[str], tokenizer: Any, max_query_length: int) -> list[str]:

@@ -382,6 +382,7 @@ def fit(
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = c.tf32
     tokenizer = tokenizer if tokenizer is not None else build_tokenizer(c.model)
     window = {"max_seq_length": c.max_seq_length, "doc_stride": c.doc_stride, "max_query_length": c.max_query_length}
+    prep = {**window, "num_proc": c.tokenize_workers}  # how to tokenize; not part of the windows
     with accelerator.main_process_first():  # the main process fills the window cache, the others read it
         if train_examples is None:
             train_examples, _ = load_examples(
@@ -391,9 +392,9 @@ def fit(
             eval_examples, _ = load_examples(
                 c.eval_data, answerable=c.answerable_only, max_examples=c.max_eval_examples, seed=c.seed
             )
-        train_features = cached_features(train_examples, tokenizer, cache_dir=c.cache_dir, labelled=True, **window)
+        train_features = cached_features(train_examples, tokenizer, cache_dir=c.cache_dir, labelled=True, **prep)
         label_report = check_labels(train_features, train_examples, min_match_rate=c.label_check_min)
-        eval_features = cached_features(eval_examples, tokenizer, cache_dir=c.cache_dir, labelled=False, **window)
+        eval_features = cached_features(eval_examples, tokenizer, cache_dir=c.cache_dir, labelled=False, **prep)
     v2 = any(ex.is_impossible for ex in eval_examples)
     if model is None:
         model = build_model(c.model, attn_implementation=c.attn_implementation)

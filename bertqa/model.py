@@ -65,14 +65,16 @@ def build_model(
     name_or_path: str | Path,
     *,
     pretrained: bool = True,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype = torch.float32,
     attn_implementation: str | None = None,
     config_overrides: dict[str, Any] | None = None,
 ) -> torch.nn.Module:
     """A question-answering model: pretrained weights (a fresh QA head), or randomly initialised from the config.
 
-    `config_overrides` changes config fields first (e.g. `{"hidden_dropout_prob": 0.0}`, or a smaller shape when
-    `pretrained=False`).
+    The weights are float32 by default even when the checkpoint stores half precision (transformers would otherwise
+    keep the stored dtype): they are the master weights that AdamW updates, and mixed precision only casts the
+    compute. `config_overrides` changes config fields first (e.g. `{"hidden_dropout_prob": 0.0}`, or a smaller
+    shape when `pretrained=False`).
     """
     from transformers import AutoConfig, AutoModelForQuestionAnswering
 
@@ -84,8 +86,5 @@ def build_model(
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
     if not pretrained:
-        model = AutoModelForQuestionAnswering.from_config(config, **kwargs)
-        return model.to(dtype) if dtype is not None else model
-    if dtype is not None:
-        kwargs["dtype"] = dtype
-    return _load("model", AutoModelForQuestionAnswering.from_pretrained, name, config=config, **kwargs)
+        return AutoModelForQuestionAnswering.from_config(config, **kwargs).to(dtype)
+    return _load("model", AutoModelForQuestionAnswering.from_pretrained, name, config=config, dtype=dtype, **kwargs)

@@ -8,6 +8,7 @@ a second instead of a Python loop over windows. A real no-answer score is kept p
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -54,14 +55,15 @@ def best_spans(
     valid = offsets[:, :, 0] >= 0
     start = np.where(valid, start_logits, -np.inf).astype(np.float32)
     end = np.where(valid, end_logits, -np.inf).astype(np.float32)
-    # shifted[:, i, k] = end logit of token i + k: every allowed span length in one (n, length, width) array.
-    shifted = np.full((n, length, width), -np.inf, dtype=np.float32)
-    for k in range(width):
-        shifted[:, : length - k, k] = end[:, k:]
+    # shifted[:, i, k] = end logit of token i + k: every allowed span length as a strided view (no copy) of the end
+    # logits padded with -inf, so spans running past the window end never win.
+    padded = np.concatenate([end, np.full((n, width - 1), -np.inf, dtype=np.float32)], axis=1)
+    shifted = np.lib.stride_tricks.sliding_window_view(padded, width, axis=1)
     # Best end for every start first: the top-k search then runs over `length` candidates, not length x width
     # (that search was most of the time). The best span is exact; the n-best list holds distinct starts.
-    best_len = np.argmax(shifted + start[:, :, None], axis=2)
-    per_start = start + np.take_along_axis(shifted, best_len[:, :, None], axis=2)[:, :, 0]
+    spans = shifted + start[:, :, None]
+    best_len = np.argmax(spans, axis=2)
+    per_start = np.take_along_axis(spans, best_len[:, :, None], axis=2)[:, :, 0]
     k = min(n_best, length)
     top = np.argpartition(-per_start, k - 1, axis=1)[:, :k]
     top_scores = np.take_along_axis(per_start, top, axis=1)
@@ -116,32 +118,35 @@ def _per_example(
     null: np.ndarray,
     n_best: int,
 ) -> dict[str, Prediction]:
-    """Merge window candidates into one prediction per example (windows of one example are contiguous or not)."""
+    """Merge window candidates into one prediction per example (windows of one example are contiguous or not).
+
+    Everything that can be is done on whole arrays first (character spans, the minimum null score per example);
+    the loop then only reads plain Python lists, which is several times faster than indexing numpy scalars.
+    """
+    rows = np.arange(len(scores))[:, None]
+    char_start = offsets[rows, tok_start, 0]
+    char_end = offsets[rows, tok_end, 1]
     order = np.argsort(features.example_index, kind="stable")
-    ex_ids = features.example_index[order]
-    bounds = np.flatnonzero(np.diff(ex_ids)) + 1
+    firsts = np.concatenate([[0], np.flatnonzero(np.diff(features.example_index[order])) + 1]).astype(np.int64)
+    group_null = np.minimum.reduceat(null[order], firsts) if len(order) else np.empty(0)
     out: dict[str, Prediction] = {}
-    for group in np.split(order, bounds):
-        if len(group) == 0:
-            continue
+    for group, null_score in zip(np.split(order, firsts[1:]), group_null.tolist()):
         ex = examples[features.example_index[group[0]]]
-        cand_scores = scores[group].ravel()
-        k = min(n_best, len(cand_scores))
-        top = np.argsort(-cand_scores, kind="stable")[:k]
-        nbest = []
-        for flat in top:
-            if not np.isfinite(cand_scores[flat]):
-                break
-            f, j = group[flat // scores.shape[1]], flat % scores.shape[1]
-            a, b = offsets[f, tok_start[f, j], 0], offsets[f, tok_end[f, j], 1]
-            nbest.append((ex.context[a:b], float(cand_scores[flat])))
-        best_text, best_score = nbest[0] if nbest else ("", -np.inf)
-        null_score = float(null[group].min())
+        if len(group) == 1:  # most examples: the window's candidates are already sorted, best first
+            cands = zip(scores[group[0]].tolist(), char_start[group[0]].tolist(), char_end[group[0]].tolist())
+        else:
+            flat = scores[group].ravel()
+            top = np.argsort(-flat, kind="stable")[:n_best]
+            cands = zip(
+                flat[top].tolist(), char_start[group].ravel()[top].tolist(), char_end[group].ravel()[top].tolist()
+            )
+        nbest = tuple((ex.context[a:b], score) for score, a, b in cands if score > -math.inf)
+        best_text, best_score = nbest[0] if nbest else ("", -math.inf)
         out[ex.id] = Prediction(
             text=best_text,
-            span_score=float(best_score),
+            span_score=best_score,
             null_score=null_score,
-            no_answer_score=float(null_score - best_score),
-            nbest=tuple(nbest),
+            no_answer_score=null_score - best_score,
+            nbest=nbest,
         )
     return out

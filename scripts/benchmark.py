@@ -24,6 +24,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _cli import run, setup_logging
+from _trainer import padded_dataset, training_arguments
 
 # Dense bf16 tensor-core peaks (TFLOP/s) used for MFU; unknown devices print no MFU unless --peak-tflops is given.
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
@@ -145,20 +146,11 @@ def bench_eval(args, accelerator, model) -> dict[str, Any]:
 
 def bench_trainer(args, features, precision: str) -> dict[str, Any]:
     """transformers.Trainer as run_qa.py configures it: windows padded to max_seq_length, default optimizer."""
-    import datasets
     import torch
-    from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator
+    from transformers import Trainer, TrainerCallback, default_data_collator
 
     width = 384
-    rows: dict[str, list] = {k: [] for k in ("input_ids", "token_type_ids", "attention_mask")}
-    for i, ids in enumerate(features.input_ids):
-        pad = width - len(ids)
-        rows["input_ids"].append(ids + [0] * pad)
-        rows["token_type_ids"].append(features.token_type_ids[i] + [0] * pad)
-        rows["attention_mask"].append([1] * len(ids) + [0] * pad)
-    rows["start_positions"] = features.start_positions.tolist()
-    rows["end_positions"] = features.end_positions.tolist()
-    dataset = datasets.Dataset.from_dict(rows)
+    dataset = padded_dataset(features, width=width, pad_token_id=0, labelled=True)
     steps = math.ceil(len(dataset) / args.batch_size)
     marks: dict[int, float] = {}
 
@@ -169,19 +161,15 @@ def bench_trainer(args, features, precision: str) -> dict[str, Any]:
                 marks[state.global_step] = time.perf_counter()
 
     with tempfile.TemporaryDirectory() as tmp:
-        training_args = TrainingArguments(
-            output_dir=tmp,
+        training_args = training_arguments(
+            tmp,
+            precision=precision,
+            seed=args.seed,
             per_device_train_batch_size=args.batch_size,
             max_steps=steps,
             learning_rate=3e-5,
-            bf16=precision == "bf16",
-            fp16=precision == "fp16",
-            save_strategy="no",
-            report_to="none",
             disable_tqdm=True,
             logging_steps=10**9,
-            seed=args.seed,
-            use_cpu=not torch.cuda.is_available(),
         )
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()

@@ -3,6 +3,7 @@
 Examples:
   python scripts/check_labels.py --data train-v1.1                  # the whole bundled train set
   python scripts/check_labels.py --data dev-v2.0 --max-seq-length 256 --doc-stride 64
+  python scripts/check_labels.py --data train-v1.1 --workers 8          # tokenize in 8 processes
 
 Prints the report and the time of each stage (load, tokenize, label, check).
 """
@@ -20,11 +21,14 @@ from _cli import run, setup_logging
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default="train-v1.1", help="bundled name, SQuAD JSON path or hub name")
+    parser.add_argument(
+        "--data", default="train-v1.1", help="bundled name, SQuAD JSON path or hub name, optionally with [a:b] articles"
+    )
     parser.add_argument("--model", default="minilm-l6", help="whose tokenizer to use")
     parser.add_argument("--max-seq-length", type=int, default=384)
     parser.add_argument("--doc-stride", type=int, default=128)
     parser.add_argument("--max-query-length", type=int, default=64)
+    parser.add_argument("--workers", type=int, default=1, help="tokenizing processes (same windows for any number)")
     parser.add_argument("--min-match-rate", type=float, default=0.99, help="fail (exit 2) below this match rate")
     args = parser.parse_args(argv)
     setup_logging()
@@ -33,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
 
     tokenizer = build_tokenizer(args.model)
     t0 = time.perf_counter()
-    examples, report = data.load_squad(args.data)
+    examples, report = data.load_examples(args.data)
     t1 = time.perf_counter()
     features = data.tokenize_examples(
         examples,
@@ -41,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         max_seq_length=args.max_seq_length,
         doc_stride=args.doc_stride,
         max_query_length=args.max_query_length,
+        num_proc=args.workers,
     )
     t2 = time.perf_counter()
     data.label_features(features, examples)

@@ -141,6 +141,20 @@ def test_subsample_is_seeded_ordered_and_by_example():
         data.subsample(examples, 0, seed=0)
 
 
+def test_article_range_splits_a_file_without_shared_articles():
+    assert data.split_article_range("dev-v2.0[:25]") == ("dev-v2.0", slice(None, 25))
+    assert data.split_article_range("squad_v2:validation[3:7]") == ("squad_v2:validation", slice(3, 7))
+    assert data.split_article_range("dev-v2.0") == ("dev-v2.0", None)
+    train, _ = data.load_examples("dev-v2.0[:25]")
+    held_out, _ = data.load_examples("dev-v2.0[25:]")
+    assert (len(train), len(held_out)) == (8017, 3856)  # the 11,873 questions of the v2 dev set
+    assert not {ex.title for ex in train} & {ex.title for ex in held_out}
+    assert len({ex.title for ex in train}) == 25 and train[0].title == "Normans"
+    assert sum(ex.is_impossible for ex in held_out) == 1905
+    with pytest.raises(ValueError, match="selects no article of the 35"):
+        data.load_examples("dev-v2.0[40:]")
+
+
 # --------------------------------------------------------------------------------------------------------- windows
 
 
@@ -326,3 +340,15 @@ def squash(text: str) -> str:
     """Normalised, accent-free, space-free text: what an uncased WordPiece decode can be compared on."""
     text = unicodedata.normalize("NFD", normalize_answer(text))
     return "".join(ch for ch in text if not unicodedata.combining(ch) and not ch.isspace())
+
+
+def test_tokenizing_in_processes_gives_the_same_windows(tokenizer):
+    examples, _ = data.load_examples("dev-v2.0", max_examples=60, seed=4)
+    context = " ".join(f"w{i}" for i in range(500))
+    examples = [*examples, Example("long", "t", context, "Which?", ("w250",), (context.index("w250 "),))]
+    one = data.tokenize_examples(examples, tokenizer, max_seq_length=128, doc_stride=32)
+    three = data.tokenize_examples(examples, tokenizer, max_seq_length=128, doc_stride=32, num_proc=3)
+    assert len(one) > len(examples)  # the long context spans several windows
+    assert one.input_ids == three.input_ids and one.token_type_ids == three.token_type_ids
+    assert all(np.array_equal(a, b) for a, b in zip(one.offsets, three.offsets))
+    assert np.array_equal(one.example_index, three.example_index) and np.array_equal(one.cls_index, three.cls_index)

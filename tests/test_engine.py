@@ -259,3 +259,14 @@ def test_fit_with_own_examples_and_loss(tmp_path, tokenizer):
     )
     assert sum(calls) == summary["label_report"].n_features
     assert summary["final"]["total"] == 4
+
+
+def test_half_precision_checkpoints_load_as_float32_master_weights(tmp_path, tiny_model, tokenizer):
+    tiny_model.half().save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    from transformers import AutoModelForQuestionAnswering
+
+    assert next(AutoModelForQuestionAnswering.from_pretrained(tmp_path).parameters()).dtype == torch.float16
+    model = build_model(tmp_path)  # what training gets: AdamW must not update half-precision weights
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    assert torch.equal(model.qa_outputs.weight, tiny_model.qa_outputs.weight.float())

@@ -120,3 +120,30 @@ def test_pad_offsets_and_shape_check(tokenizer):
     assert padded.shape == (1, 20, 2) and np.all(padded[0, len(features.input_ids[0]) :] == -1)
     with pytest.raises(ValueError, match="logits for 2 windows"):
         postprocess(examples, features, np.zeros((2, 5)), np.zeros((2, 5)))
+
+
+def test_nbest_merged_over_windows_matches_brute_force(tokenizer):
+    context = " ".join(f"word{i}" for i in range(150))
+    examples = [example(context, "word5", qid="long"), example("short text here", "text", qid="short")]
+    features = data.tokenize_examples(examples, tokenizer, max_seq_length=48, doc_stride=8, max_query_length=16)
+    length = int(features.lengths.max())
+    rng = np.random.default_rng(3)
+    start = rng.normal(size=(len(features), length)).astype(np.float32)
+    end = rng.normal(size=(len(features), length)).astype(np.float32)
+    preds = postprocess(examples, features, start, end, max_answer_length=5, n_best=6)
+    offsets = pad_offsets(features, length)
+    for e, ex in enumerate(examples):
+        windows = np.flatnonzero(features.example_index == e)
+        # Brute force: the best end of every start token of every window, then the top 6 of those.
+        spans = []
+        for w in windows:
+            for i in range(length):
+                ends = [j for j in range(i, min(length, i + 5)) if offsets[w, i, 0] >= 0 and offsets[w, j, 0] >= 0]
+                if ends:
+                    j = max(ends, key=lambda j: end[w, j])
+                    spans.append((float(start[w, i] + end[w, j]), ex.context[offsets[w, i, 0] : offsets[w, j, 1]]))
+        spans.sort(key=lambda s: -s[0])
+        got = preds[ex.id].nbest
+        assert [t for t, _ in got] == [t for _, t in spans[:6]]
+        assert [s for _, s in got] == pytest.approx([s for s, _ in spans[:6]], rel=1e-5)
+        assert preds[ex.id].null_score == pytest.approx(float((start[windows, 0] + end[windows, 0]).min()))

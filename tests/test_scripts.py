@@ -55,7 +55,7 @@ def tiny_dir(tmp_path_factory):
 def test_help_explains_every_setting():
     out = script("train.py", "--help").stdout
     assert "--doc-stride" in out and "tokens shared by consecutive windows" in out
-    assert "--preset {full-v1,quick,recipe}" in out
+    assert "--preset {full-v1,quick,recipe,v2-split}" in out
     for name in ("evaluate.py", "predict.py"):
         assert "usage:" in script(name, "--help").stdout
 
@@ -173,3 +173,18 @@ def test_benchmark_runs_both_loops(tmp_path, tiny_dir):
     assert bertqa["timed_windows"] == trainer["timed_windows"] == 48 - 2 * 8
     assert report["ratio_examples_per_s"] > 0 and report["postprocess_v2_dev_s"] > 0
     assert "ratio bertqa / Trainer" in result.stdout
+
+
+def test_trainer_baseline_trains_on_the_same_windows(tmp_path, tiny_dir):
+    out = tmp_path / "baseline.json"
+    args = [*SMALL, "--epochs", "2", "--log-every", "1", "--output-dir", tmp_path / "tb", "--json", out]
+    result = script("trainer_baseline.py", "--model", tiny_dir, *args)
+    report = json.loads(out.read_text())
+    assert json.loads(result.stdout.strip().splitlines()[-1])["f1"] == report["f1"]
+    # 48 dev-v1.1 examples at 128 tokens: the same windows as bertqa cuts (see the label check of train.py)
+    bertqa = script("train.py", "--model", tiny_dir, *SMALL, "--epochs", "1", "--output-dir", tmp_path / "b")
+    windows = int(re.search(r"48 train examples -> (\d+) windows", bertqa.stdout + bertqa.stderr)[1])
+    assert report["train_windows"] == windows and report["steps"] == 2 * -(-windows // 4)
+    assert report["eval_windows"] >= 24 and 0 <= report["f1"] <= 100
+    assert report["last_logged_loss"] < report["first_logged_loss"]  # lr 1e-3 on a tiny model: it does move
+    assert report["train_time_s"] > 0 and report["config"]["batch_size"] == 4

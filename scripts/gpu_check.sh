@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Every GPU measurement in one command, sized for one H100/H200; each step has a time limit, all together 580 s:
+#   1. throughput, bertqa vs transformers.Trainer (run_qa.py setup), BERT-base shape, bf16, eager
+#   2. full SQuAD v1.1 fine-tune of MiniLM (the full-v1 preset), official dev set; then bertqa compiled (throughput)
+#   3. SQuAD v2 article split (the v2-split preset), with the calibrated no-answer threshold
+#   4. the original recipe with bertqa and with the Trainer baseline, for F1 and wall time side by side
+# Needs torch, transformers, accelerate and tqdm (not datasets) and a model folder; make one that travels light with
+#   python scripts/pack_model.py --model minilm-l6 --dtype float16 --out gpu/minilm-fp16
+# Usage: OUT=runs/gpu MODEL=gpu/minilm-fp16 bash scripts/gpu_check.sh      (SMOKE=1: tiny sizes, to try it on a CPU)
+# Writes gpu_check.log (everything printed) and the JSON/plots named below under $OUT.
+set -uo pipefail
+OUT=${OUT:-runs/gpu}
+MODEL=${MODEL:-gpu/minilm-fp16}
+RUNS=${RUNS:-/tmp/bertqa-gpu-runs}
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
+mkdir -p "$OUT" "$RUNS"
+LOG=$OUT/gpu_check.log
+: >"$LOG"
+if [[ ${SMOKE:-0} == 1 ]]; then
+  BENCH=(--windows 64 --batch-size 8 --eval-examples 16 --precision no)
+  SMALL=(--max-train-examples 64 --max-eval-examples 32 --max-steps 2 --batch-size 8)
+else
+  BENCH=(--windows 8192 --batch-size 64 --eval-examples 2000 --shape bert-base --precision bf16)
+  SMALL=()
+fi
+WORKERS=$(( $(nproc) > 8 ? 8 : $(nproc) ))
+COMMON=(--model "$MODEL" --tokenize-workers "$WORKERS" --cache-dir "$RUNS/cache" --log-every 50)
+
+step() {  # step NAME SECONDS COMMAND...: run with a time limit, log everything, never stop the later steps
+  local name=$1 limit=$2
+  shift 2
+  echo "=== $name ($(date +%T)): $*" | tee -a "$LOG"
+  local t0=$SECONDS
+  timeout "$limit" "$@" 2>&1 | grep --line-buffered -v -e '^train:' -e 'it/s\]' | tee -a "$LOG"
+  echo "=== $name: exit ${PIPESTATUS[0]} after $((SECONDS - t0)) s" | tee -a "$LOG"
+}
+
+step device 20 bash -c 'nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; python -c "
+import torch, transformers, accelerate; print(\"torch\", torch.__version__, \"transformers\", transformers.__version__,
+\"accelerate\", accelerate.__version__, \"cuda\", torch.version.cuda)"'
+step bench-eager 100 python scripts/benchmark.py --model "$MODEL" "${BENCH[@]}" \
+  --json "$OUT/bench_eager.json"
+step full-v1 170 python scripts/train.py --preset full-v1 "${COMMON[@]}" "${SMALL[@]}" --output-dir "$RUNS/full-v1"
+cp "$RUNS/full-v1/metrics.jsonl" "$OUT/full_v1_metrics.jsonl" 2>/dev/null
+cp "$RUNS/full-v1/training_curves.png" "$OUT/full_v1_curves.png" 2>/dev/null
+step bench-compile 120 python scripts/benchmark.py --model "$MODEL" "${BENCH[@]}" \
+  --compile --skip-trainer --json "$OUT/bench_compile.json"
+step v2-split 50 python scripts/train.py --preset v2-split "${COMMON[@]}" "${SMALL[@]}" --output-dir "$RUNS/v2-split"
+cp "$RUNS/v2-split/metrics.jsonl" "$OUT/v2_split_metrics.jsonl" 2>/dev/null
+step recipe 40 python scripts/train.py --preset recipe "${COMMON[@]}" "${SMALL[@]}" --eval-before-training false \
+  --eval-every-steps none --output-dir "$RUNS/recipe"
+step recipe-trainer 80 python scripts/trainer_baseline.py --preset recipe "${COMMON[@]}" "${SMALL[@]}" \
+  --output-dir "$RUNS/recipe-trainer" --json "$OUT/recipe_trainer.json"
+echo "done ($(date +%T))" | tee -a "$LOG"

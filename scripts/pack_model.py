@@ -1,0 +1,43 @@
+"""Save a model and its tokenizer as one folder, optionally in half precision (half the size on disk).
+
+Useful to ship a model to a machine without the alias package or the hub: training loads it back as float32
+master weights (see `bertqa.model.build_model`), so only the storage is half precision.
+
+  python scripts/pack_model.py --model minilm-l6 --dtype float16 --out gpu/minilm-fp16
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _cli import run, setup_logging
+
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="minilm-l6", help="model alias, local folder or hub id")
+    parser.add_argument("--dtype", choices=DTYPES, default="float16", help="storage precision of the weights")
+    parser.add_argument("--out", type=Path, required=True, help="folder to write")
+    args = parser.parse_args(argv)
+    setup_logging()
+    import torch
+    from transformers import AutoModel
+
+    from bertqa.model import build_tokenizer, resolve_model
+
+    # The encoder only (AutoModel), as the pretrained checkpoint is: a QA head is created fresh when training starts.
+    model = AutoModel.from_pretrained(resolve_model(args.model), dtype=getattr(torch, args.dtype))
+    model.save_pretrained(args.out)
+    build_tokenizer(args.model).save_pretrained(args.out)
+    size = sum(f.stat().st_size for f in args.out.iterdir()) / 2**20
+    print(f"wrote {args.out} ({size:.1f} MiB, {args.dtype} weights)")
+    return 0
+
+
+if __name__ == "__main__":
+    run(main)

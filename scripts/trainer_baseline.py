@@ -1,0 +1,127 @@
+"""Train the same model on the same data with a transformers.Trainer set up as run_qa.py sets it up.
+
+The side-by-side partner of scripts/train.py: it reads the same preset, config and flags, trains on the same
+examples and windows with the same hyperparameters (lr, epochs, batch, warmup ratio, weight decay, clipping, seed,
+precision), and scores the same evaluation examples with bertqa's post-processing and the official metrics, so the
+only differences are the loops: windows padded to max_seq_length, the Trainer's data pipeline and its loss.
+
+  python scripts/trainer_baseline.py --preset quick --output-dir runs/quick-trainer
+  python scripts/train.py --preset quick --eval-before-training false     # bertqa, for the comparison
+
+Prints one JSON line: EM/F1 (HasAns/NoAns for v2), train_time_s, eval_time_s, wall_time_s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _cli import add_config_flags, config_changes, run, setup_logging
+from _trainer import padded_dataset, training_arguments
+
+from bertqa.config import PRESETS, TrainConfig, load_config, preset
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+    )
+    parser.add_argument("--preset", choices=sorted(PRESETS), help="start from a named preset; flags override it")
+    parser.add_argument("--config", type=Path, help="start from a saved config.json; flags override it")
+    parser.add_argument("--json", type=Path, help="also write the result here")
+    add_config_flags(parser)
+    return parser.parse_args(argv)
+
+
+def train_and_score(c: TrainConfig) -> dict[str, Any]:
+    """The Trainer run for config `c`: train, predict the eval windows, post-process and score."""
+    import transformers
+    from transformers import Trainer, default_data_collator
+
+    from bertqa.cache import cached_features
+    from bertqa.data import load_examples
+    from bertqa.engine import resolve_precision, score
+    from bertqa.model import build_model, build_tokenizer
+    from bertqa.postprocess import postprocess
+
+    t_start = time.perf_counter()
+    tokenizer = build_tokenizer(c.model)
+    window = {"max_seq_length": c.max_seq_length, "doc_stride": c.doc_stride, "max_query_length": c.max_query_length}
+    prep = {**window, "num_proc": c.tokenize_workers}  # how to tokenize; not part of the windows
+    train_examples, _ = load_examples(
+        c.train_data, answerable=c.answerable_only, max_examples=c.max_train_examples, seed=c.seed
+    )
+    eval_examples, _ = load_examples(
+        c.eval_data, answerable=c.answerable_only, max_examples=c.max_eval_examples, seed=c.seed
+    )
+    train_features = cached_features(train_examples, tokenizer, cache_dir=c.cache_dir, labelled=True, **prep)
+    eval_features = cached_features(eval_examples, tokenizer, cache_dir=c.cache_dir, labelled=False, **prep)
+    pad = {"width": c.max_seq_length, "pad_token_id": tokenizer.pad_token_id}
+    train_set = padded_dataset(train_features, labelled=True, **pad)
+    eval_set = padded_dataset(eval_features, labelled=False, **pad)
+
+    transformers.set_seed(c.seed)  # the QA head's initialisation, as in run_qa.py
+    model = build_model(c.model, attn_implementation=c.attn_implementation)
+    steps_per_epoch = math.ceil(len(train_set) / (c.batch_size * c.grad_accum))
+    args = training_arguments(
+        c.output_dir,
+        precision=resolve_precision(c.mixed_precision),
+        seed=c.seed,
+        per_device_train_batch_size=c.batch_size,
+        per_device_eval_batch_size=c.eval_batch_size,
+        gradient_accumulation_steps=c.grad_accum,
+        learning_rate=c.lr,
+        lr_scheduler_type=c.schedule,
+        max_steps=c.max_steps or math.ceil(c.epochs * steps_per_epoch),
+        warmup_steps=round(c.warmup_ratio * (c.max_steps or math.ceil(c.epochs * steps_per_epoch))),
+        weight_decay=c.weight_decay,
+        adam_epsilon=c.adam_eps,
+        max_grad_norm=c.max_grad_norm,
+        logging_steps=c.log_every,
+        dataloader_num_workers=c.num_workers,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=train_set, data_collator=default_data_collator)
+    t0 = time.perf_counter()
+    trainer.train()
+    t1 = time.perf_counter()
+    start, end = trainer.predict(eval_set).predictions[:2]
+    predictions = postprocess(eval_examples, eval_features, start, end, max_answer_length=c.max_answer_length)
+    v2 = any(ex.is_impossible for ex in eval_examples)
+    metrics = score(eval_examples, predictions, v2=v2)
+    t2 = time.perf_counter()
+    losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
+    return {
+        "loop": "transformers.Trainer (run_qa.py setup)",
+        **{k: round(v, 2) for k, v in metrics.items() if k in ("exact", "f1", "HasAns_f1", "NoAns_f1", "best_f1")},
+        "steps": trainer.state.global_step,
+        "first_logged_loss": losses[0] if losses else None,
+        "last_logged_loss": losses[-1] if losses else None,
+        "train_windows": len(train_set),
+        "eval_windows": len(eval_set),
+        "train_time_s": round(t1 - t0, 1),
+        "eval_time_s": round(t2 - t1, 1),
+        "wall_time_s": round(t2 - t_start, 1),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    setup_logging()
+    base = load_config(args.config) if args.config is not None else preset(args.preset)
+    config = base.replace(**config_changes(args))
+    result = train_and_score(config)
+    print(json.dumps(result))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"config": config.to_dict(), **result}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    run(main)
