@@ -15,13 +15,15 @@ from collections.abc import Mapping, Sequence
 
 __all__ = ["best_threshold", "exact_match", "f1_score", "normalize_answer", "squad_v1_scores", "squad_v2_scores"]
 
-_PUNCT = set(string.punctuation)
+# str.translate deletes the same characters as the official `"".join(ch for ch in s if ch not in punctuation)`,
+# several times faster (scoring the v2 dev set normalises ~125k strings).
+_DROP_PUNCT = str.maketrans("", "", string.punctuation)
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 
 
 def normalize_answer(text: str) -> str:
     """Lower-case, drop punctuation and the articles a/an/the, and collapse whitespace (the official normalisation)."""
-    text = "".join(ch for ch in text.lower() if ch not in _PUNCT)
+    text = text.lower().translate(_DROP_PUNCT)
     return " ".join(_ARTICLES.sub(" ", text).split())
 
 
@@ -31,8 +33,10 @@ def exact_match(prediction: str, gold: str) -> float:
 
 def f1_score(prediction: str, gold: str, *, v2: bool = False) -> float:
     """Token-overlap F1 after normalisation. With `v2`, an empty side scores 1 only if both are empty."""
-    pred_tokens = normalize_answer(prediction).split()
-    gold_tokens = normalize_answer(gold).split()
+    return _token_f1(normalize_answer(prediction).split(), normalize_answer(gold).split(), v2=v2)
+
+
+def _token_f1(pred_tokens: list[str], gold_tokens: list[str], *, v2: bool) -> float:
     if v2 and (not pred_tokens or not gold_tokens):
         return float(pred_tokens == gold_tokens)
     common = sum((Counter(pred_tokens) & Counter(gold_tokens)).values())
@@ -43,15 +47,28 @@ def f1_score(prediction: str, gold: str, *, v2: bool = False) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
+def _best_em_f1(prediction: str, golds: Sequence[str], *, v2: bool) -> tuple[float, float]:
+    """max over the gold answers of EM and of F1, normalising each string once (the same values as calling
+    `exact_match` and `f1_score` per gold answer)."""
+    pred = normalize_answer(prediction)
+    pred_tokens = pred.split()
+    em = f1 = 0.0
+    for answer in golds:
+        gold = normalize_answer(answer)
+        em = max(em, float(pred == gold))
+        f1 = max(f1, _token_f1(pred_tokens, gold.split(), v2=v2))
+    return em, f1
+
+
 def squad_v1_scores(predictions: Mapping[str, str], golds: Mapping[str, Sequence[str]]) -> dict[str, float]:
     """Official v1.1 EM/F1 (percent) over the questions in `golds`; a question without a prediction scores 0."""
     if not golds:
         raise ValueError("no gold answers to score against")
     em = f1 = 0.0
     for qid, answers in golds.items():
-        pred = predictions.get(qid, "")
-        em += max(exact_match(pred, a) for a in answers)
-        f1 += max(f1_score(pred, a) for a in answers)
+        q_em, q_f1 = _best_em_f1(predictions.get(qid, ""), answers, v2=False)
+        em += q_em
+        f1 += q_f1
     # Named "exact" (the official v1.1 script says "exact_match") so v1.1 and v2.0 results share their keys.
     return {"exact": 100 * em / len(golds), "f1": 100 * f1 / len(golds), "total": float(len(golds))}
 
@@ -82,9 +99,7 @@ def squad_v2_scores(
     for qid, answers in golds.items():
         gold = _v2_golds(answers)
         has_ans[qid] = gold != [""]
-        pred = predictions.get(qid, "")
-        raw_em[qid] = max(exact_match(pred, a) for a in gold)
-        raw_f1[qid] = max(f1_score(pred, a, v2=True) for a in gold)
+        raw_em[qid], raw_f1[qid] = _best_em_f1(predictions.get(qid, ""), gold, v2=True)
     em, f1 = raw_em, raw_f1
     if no_answer_scores is not None:
         em = _apply_threshold(raw_em, no_answer_scores, has_ans, threshold)

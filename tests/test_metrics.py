@@ -61,3 +61,25 @@ def test_v2_best_threshold_by_hand():
 def test_best_threshold_keeps_everything_unanswered_when_that_is_best():
     score, thresh = best_threshold({"q": "x"}, {"q": 0.0}, {"q": 3.0}, {"q": False})
     assert (score, thresh) == (100.0, 0.0)
+
+
+def test_scores_equal_the_per_answer_definitions_on_real_answers():
+    from bertqa.data import load_squad
+
+    examples, _ = load_squad("dev-v2.0")
+    examples = examples[:600]
+    # Predictions that hit, half-hit and miss: the first gold answer, its first word, a word of the context, "".
+    preds = {}
+    for i, ex in enumerate(examples):
+        first = ex.answer_texts[0] if ex.answer_texts else ex.context.split()[3]
+        preds[ex.id] = [first, first.split()[0], ex.context.split()[i % 7], ""][i % 4]
+    golds = {ex.id: list(ex.answer_texts) for ex in examples}
+    answerable = {q: g for q, g in golds.items() if g}
+    v1 = squad_v1_scores(preds, answerable)
+    em = [max(exact_match(preds[q], a) for a in g) for q, g in answerable.items()]
+    f1 = [max(f1_score(preds[q], a) for a in g) for q, g in answerable.items()]
+    assert v1["exact"] == pytest.approx(100 * sum(em) / len(em)) and v1["f1"] == pytest.approx(100 * sum(f1) / len(f1))
+    v2 = squad_v2_scores(preds, golds)
+    f1_v2 = [max(f1_score(preds[q], a, v2=True) for a in (g or [""])) for q, g in golds.items()]
+    assert v2["f1"] == pytest.approx(100 * sum(f1_v2) / len(f1_v2))
+    assert 0 < v1["exact"] < v1["f1"] < 100
