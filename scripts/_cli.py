@@ -10,9 +10,10 @@ import sys
 import types
 import typing
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
-from bertqa.config import TrainConfig
+from bertqa.config import PRESETS, TrainConfig, load_config, preset
 
 
 def setup_logging() -> None:
@@ -59,6 +60,23 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
         else:
             kind = _optional(base) if optional else base
             parser.add_argument(flag, type=kind, choices=field.metadata.get("choices"), help=help_text)
+
+
+def config_parser(description: str | None) -> argparse.ArgumentParser:
+    """A parser with --preset, --config and one flag per TrainConfig field (read back with `config_from_args`)."""
+    parser = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+    )
+    parser.add_argument("--preset", choices=sorted(PRESETS), help="start from a named preset; flags override it")
+    parser.add_argument("--config", type=Path, help="start from a saved config.json; flags override it")
+    add_config_flags(parser)
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The preset or saved config, with the flags given on the command line applied on top."""
+    base = load_config(args.config) if args.config is not None else preset(args.preset)
+    return base.replace(**config_changes(args))
 
 
 def config_changes(args: argparse.Namespace) -> dict[str, Any]:

@@ -9,35 +9,20 @@ Examples:
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _cli import add_config_flags, config_changes, run, setup_logging
-
-from bertqa.config import PRESETS, load_config, preset
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
-    )
-    parser.add_argument("--preset", choices=sorted(PRESETS), help="start from a named preset; flags override it")
-    parser.add_argument("--config", type=Path, help="start from a saved config.json; flags override it")
-    add_config_flags(parser)
-    return parser.parse_args(argv)
+from _cli import config_from_args, config_parser, run, setup_logging
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    args = config_parser(__doc__).parse_args(argv)
     setup_logging()
     from bertqa.engine import fit
 
-    changes = config_changes(args)
-    base = load_config(args.config) if args.config is not None else preset(args.preset)
-    config = base.replace(**changes)
+    config = config_from_args(args)
     summary = fit(config)
     final = summary["final"]
     report = summary["label_report"]

@@ -13,7 +13,6 @@ Prints one JSON line: EM/F1 (HasAns/NoAns for v2), train_time_s, eval_time_s, wa
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -22,21 +21,10 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _cli import add_config_flags, config_changes, run, setup_logging
+from _cli import config_from_args, config_parser, run, setup_logging
 from _trainer import padded_dataset, training_arguments
 
-from bertqa.config import PRESETS, TrainConfig, load_config, preset
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
-    )
-    parser.add_argument("--preset", choices=sorted(PRESETS), help="start from a named preset; flags override it")
-    parser.add_argument("--config", type=Path, help="start from a saved config.json; flags override it")
-    parser.add_argument("--json", type=Path, help="also write the result here")
-    add_config_flags(parser)
-    return parser.parse_args(argv)
+from bertqa.config import TrainConfig
 
 
 def train_and_score(c: TrainConfig) -> dict[str, Any]:
@@ -111,10 +99,11 @@ def train_and_score(c: TrainConfig) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    parser = config_parser(__doc__)
+    parser.add_argument("--json", type=Path, help="also write the result here")
+    args = parser.parse_args(argv)
     setup_logging()
-    base = load_config(args.config) if args.config is not None else preset(args.preset)
-    config = base.replace(**config_changes(args))
+    config = config_from_args(args)
     result = train_and_score(config)
     print(json.dumps(result))
     if args.json:
