@@ -46,10 +46,14 @@ def plot_curves(train_log: str | Path, eval_log: str | Path, out: str | Path, *,
     axes[0].set(xlabel="optimizer update", ylabel="loss", title="training loss")
     axes[1].plot(steps, [r["lr"] for r in train], color="tab:orange")
     axes[1].set(xlabel="optimizer update", ylabel="learning rate", title="learning rate")
-    for key, style in (("exact", "o-"), ("f1", "s-")):
+    # On SQuAD v2 the overall F1 alone hides a model that answers "no answer" to everything (about 50%), so the
+    # HasAns/NoAns split and the F1 at the best no-answer threshold are drawn too when they were measured.
+    curves = (("exact", "o-", "EM"), ("f1", "s-", "F1"), ("HasAns_f1", "^--", "HasAns F1"),
+              ("NoAns_f1", "v--", "NoAns F1"), ("best_f1", "d:", "F1, best threshold"))  # fmt: skip
+    for key, style, label in curves:
         points = [(r["step"], r[key]) for r in evals if key in r]
         if points:
-            axes[2].plot(*zip(*points), style, label=key.upper() if key == "f1" else "EM")
+            axes[2].plot(*zip(*points), style, label=label)
     axes[2].set(xlabel="optimizer update", ylabel="score (%)", title="dev EM / F1")
     for ax in axes:
         ax.grid(alpha=0.3)
