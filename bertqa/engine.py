@@ -34,6 +34,7 @@ __all__ = [
     "evaluate",
     "fit",
     "predict",
+    "prepare_data",
     "score",
     "train_loader",
     "train_one_epoch",
@@ -331,6 +332,35 @@ def train_loader(
     return loader, sampler
 
 
+def prepare_data(
+    c: Any,
+    tokenizer: Any,
+    *,
+    train_examples: Sequence[Example] | None = None,
+    eval_examples: Sequence[Example] | None = None,
+) -> tuple[Sequence[Example], Sequence[Example], Features, Features]:
+    """The examples and windows that config `c` (a `TrainConfig`) trains and evaluates on; given examples are kept.
+
+    `fit` and the Trainer baseline script both call this, so the two can only ever see the same data.
+    """
+    from bertqa.cache import cached_features
+    from bertqa.data import load_examples
+
+    window = {"max_seq_length": c.max_seq_length, "doc_stride": c.doc_stride, "max_query_length": c.max_query_length}
+    prep = {**window, "cache_dir": c.cache_dir, "num_proc": c.tokenize_workers}
+    if train_examples is None:
+        train_examples, _ = load_examples(
+            c.train_data, answerable=c.answerable_only, max_examples=c.max_train_examples, seed=c.seed
+        )
+    if eval_examples is None:
+        eval_examples, _ = load_examples(
+            c.eval_data, answerable=c.answerable_only, max_examples=c.max_eval_examples, seed=c.seed
+        )
+    train_features = cached_features(train_examples, tokenizer, labelled=True, **prep)
+    eval_features = cached_features(eval_examples, tokenizer, labelled=False, **prep)
+    return train_examples, eval_examples, train_features, eval_features
+
+
 def make_accelerator(**kwargs: Any) -> Any:
     """An Accelerator; several processes without a GPU (torchrun, `accelerate launch --multi_gpu` on a CPU machine)
     become CPU data parallelism over gloo instead of silently running as independent single processes."""
@@ -359,8 +389,7 @@ def fit(
     from accelerate.utils import set_seed
 
     from bertqa import checkpoint, reporting
-    from bertqa.cache import cached_features
-    from bertqa.data import check_labels, load_examples
+    from bertqa.data import check_labels
     from bertqa.model import build_model, build_tokenizer
 
     c = config
@@ -382,19 +411,11 @@ def fit(
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = c.tf32
     tokenizer = tokenizer if tokenizer is not None else build_tokenizer(c.model)
     window = {"max_seq_length": c.max_seq_length, "doc_stride": c.doc_stride, "max_query_length": c.max_query_length}
-    prep = {**window, "num_proc": c.tokenize_workers}  # how to tokenize; not part of the windows
     with accelerator.main_process_first():  # the main process fills the window cache, the others read it
-        if train_examples is None:
-            train_examples, _ = load_examples(
-                c.train_data, answerable=c.answerable_only, max_examples=c.max_train_examples, seed=c.seed
-            )
-        if eval_examples is None:
-            eval_examples, _ = load_examples(
-                c.eval_data, answerable=c.answerable_only, max_examples=c.max_eval_examples, seed=c.seed
-            )
-        train_features = cached_features(train_examples, tokenizer, cache_dir=c.cache_dir, labelled=True, **prep)
+        train_examples, eval_examples, train_features, eval_features = prepare_data(
+            c, tokenizer, train_examples=train_examples, eval_examples=eval_examples
+        )
         label_report = check_labels(train_features, train_examples, min_match_rate=c.label_check_min)
-        eval_features = cached_features(eval_examples, tokenizer, cache_dir=c.cache_dir, labelled=False, **prep)
     v2 = any(ex.is_impossible for ex in eval_examples)
     if model is None:
         model = build_model(c.model, attn_implementation=c.attn_implementation)

@@ -32,31 +32,20 @@ def train_and_score(c: TrainConfig) -> dict[str, Any]:
     import transformers
     from transformers import Trainer, default_data_collator
 
-    from bertqa.cache import cached_features
-    from bertqa.data import load_examples
-    from bertqa.engine import resolve_precision, score
+    from bertqa.engine import prepare_data, resolve_precision, score
     from bertqa.model import build_model, build_tokenizer
     from bertqa.postprocess import postprocess
 
     t_start = time.perf_counter()
     tokenizer = build_tokenizer(c.model)
-    window = {"max_seq_length": c.max_seq_length, "doc_stride": c.doc_stride, "max_query_length": c.max_query_length}
-    prep = {**window, "num_proc": c.tokenize_workers}  # how to tokenize; not part of the windows
-    train_examples, _ = load_examples(
-        c.train_data, answerable=c.answerable_only, max_examples=c.max_train_examples, seed=c.seed
-    )
-    eval_examples, _ = load_examples(
-        c.eval_data, answerable=c.answerable_only, max_examples=c.max_eval_examples, seed=c.seed
-    )
-    train_features = cached_features(train_examples, tokenizer, cache_dir=c.cache_dir, labelled=True, **prep)
-    eval_features = cached_features(eval_examples, tokenizer, cache_dir=c.cache_dir, labelled=False, **prep)
+    _, eval_examples, train_features, eval_features = prepare_data(c, tokenizer)
     pad = {"width": c.max_seq_length, "pad_token_id": tokenizer.pad_token_id}
     train_set = padded_dataset(train_features, labelled=True, **pad)
     eval_set = padded_dataset(eval_features, labelled=False, **pad)
 
     transformers.set_seed(c.seed)  # the QA head's initialisation, as in run_qa.py
     model = build_model(c.model, attn_implementation=c.attn_implementation)
-    steps_per_epoch = math.ceil(len(train_set) / (c.batch_size * c.grad_accum))
+    total_steps = c.max_steps or math.ceil(c.epochs * math.ceil(len(train_set) / (c.batch_size * c.grad_accum)))
     args = training_arguments(
         c.output_dir,
         precision=resolve_precision(c.mixed_precision),
@@ -66,8 +55,8 @@ def train_and_score(c: TrainConfig) -> dict[str, Any]:
         gradient_accumulation_steps=c.grad_accum,
         learning_rate=c.lr,
         lr_scheduler_type=c.schedule,
-        max_steps=c.max_steps or math.ceil(c.epochs * steps_per_epoch),
-        warmup_steps=round(c.warmup_ratio * (c.max_steps or math.ceil(c.epochs * steps_per_epoch))),
+        max_steps=total_steps,
+        warmup_steps=round(c.warmup_ratio * total_steps),
         weight_decay=c.weight_decay,
         adam_epsilon=c.adam_eps,
         max_grad_norm=c.max_grad_norm,
