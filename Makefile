@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 # accelerate launch would otherwise pin a CPU run to one thread (OMP_NUM_THREADS=1).
 THREADS ?= $(shell nproc 2>/dev/null || echo 1)
 
-.PHONY: setup train test lint bench
+.PHONY: setup train test test-fast lint bench
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: setup.cfg pyproject.toml
@@ -26,6 +26,10 @@ train: setup
 
 test: setup
 	$(BIN)/python -m pytest -q $(ARGS)
+
+# The edit loop: everything but the slow real-model learning tests (those stay in `make test` and CI).
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow" $(ARGS)
 
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

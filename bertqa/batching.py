@@ -17,7 +17,20 @@ import torch
 
 from bertqa.data import Features
 
-__all__ = ["Collator", "FeatureDataset", "LengthGroupedBatchSampler", "SortedBatchSampler", "eval_loader"]
+__all__ = [
+    "Collator",
+    "FeatureDataset",
+    "LengthGroupedBatchSampler",
+    "SortedBatchSampler",
+    "eval_loader",
+    "model_inputs",
+    "train_loader",
+]
+
+
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The batch without what the model must not see: feature indices and start/end labels."""
+    return {k: v for k, v in batch.items() if k not in ("feature_index", "start_positions", "end_positions")}
 
 
 class FeatureDataset(torch.utils.data.Dataset):
@@ -149,3 +162,25 @@ def eval_loader(
         # Its own generator: starting a loader draws a seed, and an evaluation must not shift training's dropout.
         generator=torch.Generator(),
     )
+
+
+def train_loader(
+    features: Features,
+    *,
+    batch_size: int,
+    seed: int,
+    group_by_length: bool,
+    pad_token_id: int,
+    pad_to_multiple_of: int = 8,
+    num_workers: int = 0,
+) -> tuple[torch.utils.data.DataLoader, LengthGroupedBatchSampler]:
+    """The training DataLoader and its batch sampler (whose epoch the caller sets before each pass)."""
+    sampler = LengthGroupedBatchSampler(features.lengths, batch_size, seed=seed, group_by_length=group_by_length)
+    loader = torch.utils.data.DataLoader(
+        FeatureDataset(features),
+        batch_sampler=sampler,
+        collate_fn=Collator(pad_token_id, pad_to_multiple_of),
+        num_workers=num_workers,
+        generator=torch.Generator().manual_seed(seed),  # keeps loader start-up off the global RNG (resume)
+    )
+    return loader, sampler

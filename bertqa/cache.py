@@ -1,6 +1,7 @@
-"""A disk cache for tokenized windows, so a rerun (or every process of a multi-process run) tokenizes only once.
+"""The windows of a run: the examples a config names, tokenized and labelled once and cached on disk, so a rerun
+(or every process of a multi-process run) does not tokenize again.
 
-The key covers everything the windows depend on: the examples (ids, questions, contexts, answers), the tokenizer's
+The cache key covers everything the windows depend on: the examples (ids, questions, contexts, answers), the tokenizer's
 full definition, the window settings, whether labels are included, and `FORMAT`, which changes whenever the
 windowing code changes what it produces.
 """
@@ -12,19 +13,23 @@ import json
 import os
 import pickle
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from bertqa.data import Example, Features, label_features, tokenize_examples
+from bertqa.data import Example, Features, Window, label_features, load_examples, tokenize_examples
 
-__all__ = ["FORMAT", "cached_features", "features_key"]
+if TYPE_CHECKING:
+    from bertqa.config import TrainConfig
+
+__all__ = ["FORMAT", "RunData", "cached_features", "features_key", "prepare_data"]
 
 FORMAT = 1
 
 
-def features_key(examples: Sequence[Example], tokenizer: Any, *, labelled: bool, **window: int) -> str:
+def features_key(examples: Sequence[Example], tokenizer: Any, window: Window, *, labelled: bool) -> str:
     h = hashlib.sha256()
-    h.update(json.dumps({"format": FORMAT, "labelled": labelled, **window}, sort_keys=True).encode())
+    h.update(json.dumps({"format": FORMAT, "labelled": labelled, **window.to_dict()}, sort_keys=True).encode())
     h.update(tokenizer.backend_tokenizer.to_str().encode())
     for ex in examples:
         parts = (ex.id, ex.question, ex.context, *ex.answer_texts, *map(str, ex.answer_starts), str(ex.is_impossible))
@@ -36,29 +41,24 @@ def features_key(examples: Sequence[Example], tokenizer: Any, *, labelled: bool,
 def cached_features(
     examples: Sequence[Example],
     tokenizer: Any,
+    window: Window,
     *,
     cache_dir: str | Path | None,
     labelled: bool,
-    max_seq_length: int,
-    doc_stride: int,
-    max_query_length: int,
     num_proc: int = 1,
 ) -> Features:
     """`tokenize_examples` (+ `label_features` when `labelled`), read from `cache_dir` when it was done before.
 
     `num_proc` is not part of the key: any number of tokenizing processes gives the same windows.
     """
-    window = {"max_seq_length": max_seq_length, "doc_stride": doc_stride, "max_query_length": max_query_length}
 
     def build() -> Features:
-        features = tokenize_examples(examples, tokenizer, num_proc=num_proc, **window)
+        features = tokenize_examples(examples, tokenizer, window, num_proc=num_proc)
         return label_features(features, examples) if labelled else features
 
     if cache_dir is None:
         return build()
-    path = (
-        Path(cache_dir).expanduser() / f"windows-{features_key(examples, tokenizer, labelled=labelled, **window)}.pkl"
-    )
+    path = Path(cache_dir).expanduser() / f"windows-{features_key(examples, tokenizer, window, labelled=labelled)}.pkl"
     if path.is_file():
         try:
             with open(path, "rb") as f:
@@ -72,3 +72,41 @@ def cached_features(
         pickle.dump(features, f, protocol=pickle.HIGHEST_PROTOCOL)
     os.replace(tmp, path)  # readers see the whole file or none
     return features
+
+
+@dataclass(frozen=True)
+class RunData:
+    """The examples and windows a run trains and evaluates on."""
+
+    train_examples: Sequence[Example]
+    eval_examples: Sequence[Example]
+    train_features: Features
+    eval_features: Features
+
+
+def prepare_data(
+    config: TrainConfig,
+    tokenizer: Any,
+    *,
+    train_examples: Sequence[Example] | None = None,
+    eval_examples: Sequence[Example] | None = None,
+) -> RunData:
+    """The examples and windows that `config` trains and evaluates on; examples passed in are used as given.
+
+    `fit` and the Trainer baseline script both call this, so the two can only ever see the same data.
+    """
+
+    def load(source: str, limit: int | None) -> Sequence[Example]:
+        return load_examples(source, answerable=config.answerable_only, max_examples=limit, seed=config.seed)[0]
+
+    if train_examples is None:
+        train_examples = load(config.train_data, config.max_train_examples)
+    if eval_examples is None:
+        eval_examples = load(config.eval_data, config.max_eval_examples)
+    windows = {"window": config.window, "cache_dir": config.cache_dir, "num_proc": config.tokenize_workers}
+    return RunData(
+        train_examples,
+        eval_examples,
+        cached_features(train_examples, tokenizer, labelled=True, **windows),
+        cached_features(eval_examples, tokenizer, labelled=False, **windows),
+    )

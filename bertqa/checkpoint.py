@@ -46,8 +46,16 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
 
 
 def resolve_resume(resume: str | None, output_dir: str | Path) -> Path | None:
-    """`None` -> no resume; `"latest"` -> the newest checkpoint in output_dir (None if there is none yet); a path."""
+    """`None` -> no resume; `"latest"` -> the newest checkpoint in output_dir (None if there is none yet); a path.
+
+    Starting afresh where an earlier run left checkpoints is refused: it would mix two runs' records.
+    """
     if resume is None:
+        if latest_checkpoint(output_dir) is not None:
+            raise ValueError(
+                f"{output_dir} already holds checkpoints of an earlier run; resume it with resume='latest' "
+                "(--resume latest) or choose another output_dir"
+            )
         return None
     if resume == "latest":
         return latest_checkpoint(output_dir)

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bertqa.data import Window
+
 __all__ = ["PRESETS", "TrainConfig", "load_config", "preset"]
 
 
@@ -32,9 +34,9 @@ class TrainConfig:
     answerable_only: bool = _f(False, "drop unanswerable questions from training and evaluation data")
     max_train_examples: int | None = _f(None, "seeded random subset of training *examples* (all if unset)")
     max_eval_examples: int | None = _f(None, "seeded random subset of evaluation examples (all windows kept)")
-    max_seq_length: int = _f(384, "tokens per window (question + context + special tokens)")
-    doc_stride: int = _f(128, "tokens shared by consecutive windows of a long context")
-    max_query_length: int = _f(64, "questions are cut to this many tokens")
+    max_seq_length: int = _f(Window.max_seq_length, "tokens per window (question + context + special tokens)")
+    doc_stride: int = _f(Window.doc_stride, "tokens shared by consecutive windows of a long context")
+    max_query_length: int = _f(Window.max_query_length, "questions are cut to this many tokens")
     max_answer_length: int = _f(30, "longest predicted answer, in tokens")
     label_check_min: float = _f(0.99, "fail if fewer in-window labels than this decode to the gold answer")
     cache_dir: str | None = _f("~/.cache/bertqa", "tokenized windows are cached here between runs (none: off)")
@@ -104,6 +106,11 @@ class TrainConfig:
                 problems.append(f"{f.name} must be one of {', '.join(choices)}, got {getattr(self, f.name)!r}")
         if problems:
             raise ValueError("invalid TrainConfig: " + "; ".join(problems))
+
+    @property
+    def window(self) -> Window:
+        """The window settings as one value, which every layer below the config takes."""
+        return Window(self.max_seq_length, self.doc_stride, self.max_query_length)
 
     def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)

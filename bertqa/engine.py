@@ -1,9 +1,9 @@
-"""The train/eval loop: plain functions on top of Accelerate, and `fit`, which reads the config and wires them up.
+"""The training loop: plain functions on top of Accelerate, and `fit`, which reads the config and wires them up.
 
 Accelerate owns devices, mixed precision, DDP and gradient accumulation. Everything is counted in optimizer updates
 ("steps"); a micro-batch is one forward pass. Research hooks, lowest rung first: change a config field; pass your
 own model/tokenizer/examples to `fit`; pass `compute_loss(model, batch)` and `callbacks` (called after each update);
-compose your own loop from `train_one_epoch` and `evaluate`.
+compose your own loop from `train_one_epoch` and `bertqa.inference.evaluate`; copy `train_one_epoch`.
 """
 
 from __future__ import annotations
@@ -13,35 +13,40 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 
-from bertqa.batching import Collator, FeatureDataset, LengthGroupedBatchSampler, eval_loader
-from bertqa.data import Example, Features
-from bertqa.metrics import squad_v1_scores, squad_v2_scores
-from bertqa.postprocess import Prediction, postprocess
+from bertqa import checkpoint
+from bertqa.batching import LengthGroupedBatchSampler, model_inputs, train_loader
+from bertqa.cache import RunData, prepare_data
+from bertqa.data import Example, Features, LabelReport, check_labels, is_v2
+from bertqa.inference import eval_batches, evaluate, make_accelerator, resolve_precision
+from bertqa.optim import build_optimizer, build_scheduler, count_updates
+from bertqa.reporting import LogMeter, RunRecorder
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+    from bertqa.config import TrainConfig
 
 __all__ = [
     "NonFiniteLossError",
+    "RunData",
     "TrainState",
     "Update",
-    "build_optimizer",
-    "build_scheduler",
     "default_loss",
-    "evaluate",
     "fit",
-    "predict",
+    "make_accelerator",
     "prepare_data",
-    "score",
-    "train_loader",
     "train_one_epoch",
 ]
 
 logger = logging.getLogger("bertqa")
 LossFn = Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor]
+Callback = Callable[["Update"], None]
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -75,16 +80,13 @@ class TrainState:
             setattr(self, key, value)
 
 
-_NOT_INPUTS = ("feature_index", "start_positions", "end_positions")
-
-
 def default_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Mean of the start and end cross-entropy over the real tokens of each window.
 
     The models' built-in QA loss lets padding positions into the softmax, so the same window would get a different
     loss in a batch padded further; masking them makes the objective independent of how batches are padded.
     """
-    out = model(**{k: v for k, v in batch.items() if k not in _NOT_INPUTS})
+    out = model(**model_inputs(batch))
     padding = batch["attention_mask"] == 0
     losses = [
         torch.nn.functional.cross_entropy(logits.float().masked_fill(padding, -1e9), batch[target])
@@ -93,62 +95,30 @@ def default_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torc
     return (losses[0] + losses[1]) / 2
 
 
-def build_optimizer(
-    model: torch.nn.Module, *, lr: float, weight_decay: float, eps: float, fused: bool = False
-) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only: biases and LayerNorm weights (dim < 2) are not decayed."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(groups, lr=lr, eps=eps, fused=fused or None)
-
-
-def build_scheduler(
-    optimizer: torch.optim.Optimizer, *, total_steps: int, warmup_steps: int, schedule: str = "linear"
-) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warmup from 0 to the peak LR over `warmup_steps` updates, then linear/cosine decay to 0 or constant.
-
-    It is stepped once per optimizer update (not per micro-batch, process or epoch), so the schedule is the same for
-    any gradient accumulation and any number of processes.
-    """
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return step / max(1, warmup_steps)
-        if schedule == "constant":
-            return 1.0
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else 1.0 - progress
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
 def train_one_epoch(
-    accelerator: Any,
+    accelerator: Accelerator,
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
-    loader: Any,
+    loader: torch.utils.data.DataLoader,
     *,
     state: TrainState,
     max_steps: int,
     max_grad_norm: float = 1.0,
     log_every: int = 10,
     compute_loss: LossFn = default_loss,
-    callbacks: Sequence[Callable[[Update], None]] = (),
+    callbacks: Sequence[Callback] = (),
     on_log: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, float]:
-    """One pass over `loader` (or until `max_steps` updates). Returns the mean training loss of the pass.
+    """One pass over `loader` (or until `max_steps` updates). Returns the pass's `train_loss` (mean over its
+    updates), `updates` and `train_time_s`.
 
-    The loss is read from the device only every `log_every` updates; that is also where a non-finite loss is caught.
+    The loss is read from the device only every `log_every` updates and at the end of the pass; that is also where
+    a non-finite loss is caught.
     """
     model.train()
-    loss_sum = torch.zeros((), device=accelerator.device)  # update losses summed on the device: no per-step sync
-    update_loss = torch.zeros((), device=accelerator.device)
-    log_loss, log_updates, log_windows, log_tokens, epoch_losses = 0.0, 0, 0, 0, []
-    micro, t_log = 0, time.perf_counter()
+    meter, t0, updates = LogMeter(accelerator.device), time.perf_counter(), 0
+    update_loss, micro = torch.zeros((), device=accelerator.device), 0
     for batch in loader:
         if state.step >= max_steps:
             break
@@ -160,390 +130,250 @@ def train_one_epoch(
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         state.batches_done += 1
-        update_loss += loss.detach()
-        micro += 1
-        log_windows += batch["input_ids"].shape[0]
-        log_tokens += batch["attention_mask"].sum()
+        update_loss, micro = update_loss + loss.detach(), micro + 1
+        meter.add_batch(batch)
         if not accelerator.sync_gradients:
             continue
         if not accelerator.optimizer_step_was_skipped:  # fp16 overflow: keep the schedule in step with real updates
             scheduler.step()
-        state.step += 1
-        mean_loss = update_loss / micro
-        loss_sum += mean_loss
-        log_updates += 1
-        info = Update(step=state.step, epoch=state.epoch, lr=scheduler.get_last_lr()[0], loss=mean_loss)
+        state.step, updates = state.step + 1, updates + 1
+        update = Update(step=state.step, epoch=state.epoch, lr=scheduler.get_last_lr()[0], loss=update_loss / micro)
+        meter.add_update(update.loss)
         update_loss, micro = torch.zeros((), device=accelerator.device), 0
-        if log_updates == log_every or state.step >= max_steps:
-            loss_value = loss_sum.item() / log_updates  # the one sync point of the loop
-            if not math.isfinite(loss_value):
-                raise NonFiniteLossError(
-                    f"training loss is {loss_value} around step {state.step} (lr {info.lr:.3g}); lower the learning "
-                    "rate, check the data, or use bf16 instead of fp16. Checkpoints saved so far are intact."
-                )
-            elapsed = time.perf_counter() - t_log
-            record = {
-                "step": state.step,
-                "epoch": state.epoch,
-                "loss": loss_value,
-                "lr": info.lr,
-                "windows_per_s": log_windows * accelerator.num_processes / elapsed,
-                "tokens_per_s": float(log_tokens) * accelerator.num_processes / elapsed,
-            }
-            epoch_losses.append((loss_value, log_updates))
-            if on_log is not None:
-                on_log(record)
-            loss_sum.zero_()
-            log_loss, log_updates, log_windows, log_tokens, t_log = loss_value, 0, 0, 0, time.perf_counter()
+        if meter.updates == log_every or state.step >= max_steps:
+            _log(meter, update, accelerator.num_processes, on_log)
         for callback in callbacks:
-            callback(info)
-    total = sum(n for _, n in epoch_losses)
-    mean = sum(v * n for v, n in epoch_losses) / total if total else log_loss
-    return {"train_loss": mean}
+            callback(update)
+    if meter.updates:  # the pass ended between two log points
+        _log(meter, update, accelerator.num_processes, on_log)
+    return {"train_loss": meter.pass_mean(), "updates": updates, "train_time_s": time.perf_counter() - t0}
 
 
-@torch.no_grad()
-def predict(
-    accelerator: Any,
-    model: torch.nn.Module,
-    features: Features,
-    *,
-    batch_size: int,
-    pad_token_id: int,
-    pad_to_multiple_of: int = 8,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Start/end logits of every window, in the order of `features`, gathered from all processes.
-
-    Batches run longest first (least padding); each process returns its windows' logits with their feature
-    indices, and the gathered rows are written to their index, so duplicates from uneven sharding fall away.
-    """
-    loader = eval_loader(
-        features, batch_size=batch_size, pad_token_id=pad_token_id, pad_to_multiple_of=pad_to_multiple_of
-    )
-    # The module-level function, not accelerator.prepare: a prepared loader would be registered for checkpointing.
-    from accelerate.data_loader import prepare_data_loader
-
-    loader = prepare_data_loader(
-        loader,
-        accelerator.device,
-        num_processes=accelerator.num_processes,
-        process_index=accelerator.process_index,
-        put_on_device=True,
-    )
-    width = int(features.lengths.max())
-    start = np.full((len(features), width), -1e4, dtype=np.float32)
-    end = np.full((len(features), width), -1e4, dtype=np.float32)
-    was_training = model.training
-    model.eval()
-    for batch in loader:
-        index = batch["feature_index"]
-        out = model(**{k: v for k, v in batch.items() if k not in _NOT_INPUTS})
-        # One width for every batch so they can be gathered across processes (a negative pad crops the
-        # multiple-of-8 padding that can reach past the longest window).
-        logits = torch.stack([out.start_logits, out.end_logits], dim=1).float()
-        logits = torch.nn.functional.pad(logits, (0, width - logits.shape[-1]), value=-1e4)
-        logits = accelerator.pad_across_processes(logits, dim=0)
-        index = accelerator.pad_across_processes(index, dim=0, pad_index=-1)
-        logits, index = accelerator.gather((logits, index))
-        keep = (index >= 0).cpu().numpy()
-        index, logits = index.cpu().numpy()[keep], logits.cpu().numpy()[keep]
-        start[index], end[index] = logits[:, 0], logits[:, 1]
-    model.train(was_training)
-    return start, end
-
-
-def score(
-    examples: Sequence[Example], predictions: dict[str, Prediction], *, v2: bool, threshold: float = 0.0
-) -> dict[str, float]:
-    """Official EM/F1 for the examples. v2: spans vs no-answer at `threshold`, plus the best-threshold search."""
-    golds = {ex.id: list(ex.answer_texts) for ex in examples if ex.id in predictions}
-    if not v2:
-        return squad_v1_scores({q: p.text for q, p in predictions.items()}, golds)
-    spans = {q: p.text for q, p in predictions.items()}
-    na = {q: p.no_answer_score for q, p in predictions.items()}
-    return squad_v2_scores(spans, golds, na, threshold=threshold)
-
-
-def evaluate(
-    accelerator: Any,
-    model: torch.nn.Module,
-    examples: Sequence[Example],
-    features: Features,
-    *,
-    v2: bool,
-    batch_size: int,
-    pad_token_id: int,
-    max_answer_length: int = 30,
-    threshold: float = 0.0,
-    pad_to_multiple_of: int = 8,
-) -> tuple[dict[str, float], dict[str, Prediction]]:
-    """Predict every window, post-process and score once on the main process, and share the metrics with all."""
-    t0 = time.perf_counter()
-    start, end = predict(
-        accelerator,
-        model,
-        features,
-        batch_size=batch_size,
-        pad_token_id=pad_token_id,
-        pad_to_multiple_of=pad_to_multiple_of,
-    )
-    t1 = time.perf_counter()
-    metrics: dict[str, float] = {}
-    predictions: dict[str, Prediction] = {}
-    if accelerator.is_main_process:
-        predictions = postprocess(examples, features, start, end, max_answer_length=max_answer_length)
-        metrics = score(examples, predictions, v2=v2, threshold=threshold)
-        metrics.update(eval_predict_s=t1 - t0, eval_postprocess_s=time.perf_counter() - t1)
-    from accelerate.utils import broadcast_object_list
-
-    metrics = broadcast_object_list([metrics])[0]
-    return metrics, predictions
+def _log(meter: LogMeter, update: Update, num_processes: int, on_log: Callable[[dict], None] | None) -> None:
+    record = meter.read(step=update.step, epoch=update.epoch, lr=update.lr, num_processes=num_processes)
+    if not math.isfinite(record["loss"]):
+        raise NonFiniteLossError(
+            f"training loss is {record['loss']} around step {update.step} (lr {update.lr:.3g}); lower the learning "
+            "rate, check the data, or use bf16 instead of fp16. Checkpoints saved so far are intact."
+        )
+    if on_log is not None:
+        on_log(record)
 
 
 # ------------------------------------------------------------------------------------------------------------- fit
 
 
-def resolve_precision(mode: str) -> str:
-    """ "auto" -> bf16 on GPUs that support it, otherwise full precision (fp16 only when asked for)."""
-    if mode != "auto":
-        return mode
-    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+# Below: `fit` and the private helpers that read its config for it. Everything above takes explicit arguments.
 
 
-def train_loader(
-    features: Features,
-    *,
-    batch_size: int,
-    seed: int,
-    group_by_length: bool,
-    pad_token_id: int,
-    pad_to_multiple_of: int = 8,
-    num_workers: int = 0,
-) -> tuple[torch.utils.data.DataLoader, LengthGroupedBatchSampler]:
-    """The training DataLoader and its batch sampler (whose epoch the caller sets before each pass)."""
-    sampler = LengthGroupedBatchSampler(features.lengths, batch_size, seed=seed, group_by_length=group_by_length)
-    loader = torch.utils.data.DataLoader(
-        FeatureDataset(features),
-        batch_sampler=sampler,
-        collate_fn=Collator(pad_token_id, pad_to_multiple_of),
-        num_workers=num_workers,
-        generator=torch.Generator().manual_seed(seed),  # keeps loader start-up off the global RNG (resume)
+@dataclass
+class _Training:
+    """The prepared model, optimizer, schedule and data order of a run, and how long it is."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    loader: Any  # Accelerate's DataLoaderShard
+    sampler: LengthGroupedBatchSampler
+    state: TrainState
+    per_epoch: int
+    total_steps: int
+    warmup_steps: int
+
+    def epoch_loader(self, accelerator: Accelerator) -> Any:
+        """This epoch's batches, or what is left of them when a resumed run starts mid-epoch."""
+        # Both: Accelerate's loader re-seeds the sampler from its own pass counter, which a resumed run does not share.
+        self.sampler.set_epoch(self.state.epoch)
+        self.loader.set_epoch(self.state.epoch)
+        done = self.state.batches_done
+        return accelerator.skip_first_batches(self.loader, done) if done else self.loader
+
+    def end_pass(self) -> None:
+        if self.state.batches_done >= len(self.loader):  # a whole epoch: the next pass starts on the next one
+            self.state.epoch, self.state.batches_done = self.state.epoch + 1, 0
+
+
+def _build_training(
+    config: TrainConfig, accelerator: Accelerator, model: torch.nn.Module, features: Features, pad_token_id: int
+) -> _Training:
+    if config.compile:
+        model = torch.compile(model, dynamic=True)
+    loader, sampler = train_loader(
+        features,
+        batch_size=config.batch_size,
+        seed=config.seed,
+        group_by_length=config.group_by_length,
+        pad_token_id=pad_token_id,
+        pad_to_multiple_of=config.pad_to_multiple_of,
+        num_workers=config.num_workers,
     )
-    return loader, sampler
+    fused = accelerator.device.type == "cuda"
+    optimizer = build_optimizer(model, lr=config.lr, weight_decay=config.weight_decay, eps=config.adam_eps, fused=fused)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    per_epoch, total = count_updates(
+        len(loader), grad_accum=config.grad_accum, epochs=config.epochs, max_steps=config.max_steps
+    )
+    warmup = round(config.warmup_ratio * total)
+    scheduler = build_scheduler(optimizer, total_steps=total, warmup_steps=warmup, schedule=config.schedule)
+    state = TrainState()
+    accelerator.register_for_checkpointing(scheduler, state)
+    return _Training(model, optimizer, scheduler, loader, sampler, state, per_epoch, total, warmup)
 
 
-def prepare_data(
-    c: Any,
-    tokenizer: Any,
+@dataclass
+class _Evaluation:
+    """Evaluate, record, and keep the best model by F1: the same at epoch ends, mid-epoch and before training."""
+
+    accelerator: Accelerator
+    loader: torch.utils.data.DataLoader
+    examples: Sequence[Example]
+    recorder: RunRecorder
+    tokenizer: Any
+    meta: dict[str, Any]  # written to bertqa.json beside a saved model
+    best_model: Path | None  # where the best model by F1 is kept (None: not saved)
+
+    def __call__(self, model: torch.nn.Module, state: TrainState, **train_stats: float) -> dict[str, Any]:
+        v2, longest = self.meta["v2"], self.meta["max_answer_length"]
+        metrics, _ = evaluate(self.accelerator, model, self.loader, self.examples, v2=v2, max_answer_length=longest)
+        record = {"step": state.step, "epoch": state.epoch, **train_stats, **metrics}
+        self.recorder.log_eval(record)
+        if self.best_model is not None and metrics["f1"] > state.best_f1:
+            self.save_model(model, self.best_model, record)
+        state.best_f1 = max(state.best_f1, metrics["f1"])
+        return record
+
+    def save_model(self, model: torch.nn.Module, path: Path, record: dict[str, Any]) -> None:
+        checkpoint.save_model(self.accelerator, model, self.tokenizer, path, {**self.meta, "eval": record})
+
+
+def _build_evaluation(
+    config: TrainConfig, accelerator: Accelerator, tokenizer: Any, data: RunData, recorder: RunRecorder
+) -> _Evaluation:
+    loader = eval_batches(
+        data.eval_features,
+        batch_size=config.eval_batch_size,
+        pad_token_id=tokenizer.pad_token_id,
+        pad_to_multiple_of=config.pad_to_multiple_of,
+        accelerator=accelerator,
+    )
+    meta = {**config.window.to_dict(), "max_answer_length": config.max_answer_length, "v2": is_v2(data.eval_examples)}
+    best = Path(config.output_dir) / "best_model" if config.save_model else None
+    return _Evaluation(accelerator, loader, data.eval_examples, recorder, tokenizer, meta, best)
+
+
+def _periodic(
+    update: Update,
     *,
-    train_examples: Sequence[Example] | None = None,
-    eval_examples: Sequence[Example] | None = None,
-) -> tuple[Sequence[Example], Sequence[Example], Features, Features]:
-    """The examples and windows that config `c` (a `TrainConfig`) trains and evaluates on; given examples are kept.
-
-    `fit` and the Trainer baseline script both call this, so the two can only ever see the same data.
-    """
-    from bertqa.cache import cached_features
-    from bertqa.data import load_examples
-
-    window = {"max_seq_length": c.max_seq_length, "doc_stride": c.doc_stride, "max_query_length": c.max_query_length}
-    prep = {**window, "cache_dir": c.cache_dir, "num_proc": c.tokenize_workers}
-    if train_examples is None:
-        train_examples, _ = load_examples(
-            c.train_data, answerable=c.answerable_only, max_examples=c.max_train_examples, seed=c.seed
-        )
-    if eval_examples is None:
-        eval_examples, _ = load_examples(
-            c.eval_data, answerable=c.answerable_only, max_examples=c.max_eval_examples, seed=c.seed
-        )
-    train_features = cached_features(train_examples, tokenizer, labelled=True, **prep)
-    eval_features = cached_features(eval_examples, tokenizer, labelled=False, **prep)
-    return train_examples, eval_examples, train_features, eval_features
-
-
-def make_accelerator(**kwargs: Any) -> Any:
-    """An Accelerator; several processes without a GPU (torchrun, `accelerate launch --multi_gpu` on a CPU machine)
-    become CPU data parallelism over gloo instead of silently running as independent single processes."""
-    import os
-
-    from accelerate import Accelerator
-
-    multi_process = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    return Accelerator(cpu=multi_process and not torch.cuda.is_available(), **kwargs)
+    training: _Training,
+    evaluation: _Evaluation,
+    eval_every: int | None,
+    save_every: int | None,
+    keep: int,
+) -> None:
+    """Mid-epoch evaluation and checkpoints, as an update callback."""
+    if eval_every and update.step % eval_every == 0 and update.step < training.total_steps:
+        evaluation(training.model, training.state)
+        training.model.train()
+    if save_every and update.step % save_every == 0:
+        if not torch.isfinite(update.loss):  # never let a NaN step overwrite good checkpoints
+            raise NonFiniteLossError(f"training loss is {update.loss.item()} at step {update.step}")
+        checkpoint.save_checkpoint(evaluation.accelerator, evaluation.recorder.out, update.step, keep=keep)
 
 
 def fit(
-    config: Any,
+    config: TrainConfig,
     *,
     model: torch.nn.Module | None = None,
     tokenizer: Any = None,
     train_examples: Sequence[Example] | None = None,
     eval_examples: Sequence[Example] | None = None,
     compute_loss: LossFn = default_loss,
-    callbacks: Sequence[Callable[[Update], None]] = (),
+    callbacks: Sequence[Callback] = (),
 ) -> dict[str, Any]:
-    """Train and evaluate as `config` (a `bertqa.config.TrainConfig`) says; return a summary of the run.
+    """Train and evaluate as `config` says; return a summary of the run (steps, times, final and best scores).
 
     Anything passed in replaces what the config would build: your own model, tokenizer or examples.
     """
     from accelerate.utils import set_seed
 
-    from bertqa import checkpoint, reporting
-    from bertqa.data import check_labels
     from bertqa.model import build_model, build_tokenizer
 
-    c = config
-    out = Path(c.output_dir)
-    resume_from = checkpoint.resolve_resume(c.resume, out)
-    if resume_from is None and checkpoint.latest_checkpoint(out) is not None:
-        raise ValueError(
-            f"{out} already holds checkpoints of an earlier run; resume it with resume='latest' (--resume latest) "
-            "or choose another output_dir"
-        )
-    accelerator = make_accelerator(
-        mixed_precision=resolve_precision(c.mixed_precision),
-        gradient_accumulation_steps=c.grad_accum,
-        log_with=list(c.report_to) or None,
-        project_dir=str(out),
-        step_scheduler_with_optimizer=False,
-    )
-    set_seed(c.seed)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = c.tf32
-    tokenizer = tokenizer if tokenizer is not None else build_tokenizer(c.model)
-    window = {"max_seq_length": c.max_seq_length, "doc_stride": c.doc_stride, "max_query_length": c.max_query_length}
+    out = Path(config.output_dir)
+    resume_from = checkpoint.resolve_resume(config.resume, out)
+    accelerator = _build_accelerator(config)
+    set_seed(config.seed)
+    tokenizer = tokenizer if tokenizer is not None else build_tokenizer(config.model)
     with accelerator.main_process_first():  # the main process fills the window cache, the others read it
-        train_examples, eval_examples, train_features, eval_features = prepare_data(
-            c, tokenizer, train_examples=train_examples, eval_examples=eval_examples
-        )
-        label_report = check_labels(train_features, train_examples, min_match_rate=c.label_check_min)
-    v2 = any(ex.is_impossible for ex in eval_examples)
-    if model is None:
-        model = build_model(c.model, attn_implementation=c.attn_implementation)
-    if c.compile:
-        model = torch.compile(model, dynamic=True)
-
-    loader, sampler = train_loader(
-        train_features,
-        batch_size=c.batch_size,
-        seed=c.seed,
-        group_by_length=c.group_by_length,
-        pad_token_id=tokenizer.pad_token_id,
-        pad_to_multiple_of=c.pad_to_multiple_of,
-        num_workers=c.num_workers,
-    )
-    optimizer = build_optimizer(
-        model, lr=c.lr, weight_decay=c.weight_decay, eps=c.adam_eps, fused=accelerator.device.type == "cuda"
-    )
-    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    updates_per_epoch = math.ceil(len(loader) / c.grad_accum)
-    total_steps = c.max_steps or math.ceil(c.epochs * updates_per_epoch)
-    warmup_steps = round(c.warmup_ratio * total_steps)
-    scheduler = build_scheduler(optimizer, total_steps=total_steps, warmup_steps=warmup_steps, schedule=c.schedule)
-    state = TrainState()
-    accelerator.register_for_checkpointing(scheduler, state)
-
-    train_log, eval_log = out / "train_log.jsonl", out / "metrics.jsonl"
+        data = prepare_data(config, tokenizer, train_examples=train_examples, eval_examples=eval_examples)
+        labels = check_labels(data.train_features, data.train_examples, min_match_rate=config.label_check_min)
+    model = model if model is not None else build_model(config.model, attn_implementation=config.attn_implementation)
+    run = _build_training(config, accelerator, model, data.train_features, tokenizer.pad_token_id)
     if resume_from is not None:
         accelerator.load_state(str(resume_from))
-        logger.info("resumed from %s at step %d (epoch %d, micro-batch %d)", *(resume_from, state.step),
-                    *(state.epoch, state.batches_done))  # fmt: skip
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        c.save(out / "config.json")
-        for log in (train_log, eval_log):
-            reporting.truncate_jsonl(log, state.step) if resume_from else log.unlink(missing_ok=True)
-    accelerator.init_trackers("bertqa", config={k: str(v) for k, v in c.to_dict().items()})
-    logger.info("label self-check:\n%s", label_report.format())
-    # The derived values, once: what the run will really do.
-    logger.info(
-        "%d train examples -> %d windows; %d eval examples -> %d windows (%s); %d processes on %s, precision %s; "
-        "effective batch %d windows; %d updates (%d per epoch, %d warmup)",
-        *(len(train_examples), len(train_features), len(eval_examples), len(eval_features), "v2.0" if v2 else "v1.1"),
-        *(accelerator.num_processes, accelerator.device, accelerator.mixed_precision),
-        *(c.batch_size * c.grad_accum * accelerator.num_processes, total_steps, updates_per_epoch, warmup_steps),
-    )
+        logger.info("resumed from %s at step %d (epoch %d)", resume_from, run.state.step, run.state.epoch)
+    recorder = RunRecorder(
+        out, is_main=accelerator.is_main_process, total_steps=run.total_steps, step=run.state.step,
+        tracker_log=accelerator.log,
+    )  # fmt: skip
+    recorder.start(config.to_dict(), resumed_at=run.state.step if resume_from is not None else None)
+    accelerator.init_trackers("bertqa", config={k: str(v) for k, v in config.to_dict().items()})
+    _log_plan(accelerator, data, labels, run, batch=config.batch_size * config.grad_accum)
+    evaluation = _build_evaluation(config, accelerator, tokenizer, data, recorder)
+    periodic = partial(
+        _periodic, training=run, evaluation=evaluation, eval_every=config.eval_every_steps,
+        save_every=config.save_every_steps, keep=config.keep_checkpoints,
+    )  # fmt: skip
 
-    meta = {**window, "max_answer_length": c.max_answer_length, "v2": v2}
-    bar = _progress(accelerator, total_steps, state.step)
-
-    def run_eval() -> dict[str, float]:
-        metrics, _ = evaluate(
-            accelerator, model, eval_examples, eval_features, v2=v2, batch_size=c.eval_batch_size,
-            pad_token_id=tokenizer.pad_token_id, max_answer_length=c.max_answer_length,
-            pad_to_multiple_of=c.pad_to_multiple_of,
-        )  # fmt: skip
-        record = {"step": state.step, "epoch": state.epoch, **metrics}
-        logger.info("eval at step %d: %s", state.step, _fmt(metrics))
-        accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=state.step)
-        if accelerator.is_main_process:
-            reporting.append_jsonl(eval_log, record)
-        if c.save_model and metrics["f1"] > state.best_f1:
-            checkpoint.save_model(accelerator, model, tokenizer, out / "best_model", {**meta, "eval": record})
-        state.best_f1 = max(state.best_f1, metrics["f1"])
-        return record
-
-    def on_log(record: dict[str, Any]) -> None:
-        bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}", win_s=f"{record['windows_per_s']:.1f}")
-        accelerator.log({f"train/{k}": v for k, v in record.items() if k != "step"}, step=record["step"])
-        if accelerator.is_main_process:
-            reporting.append_jsonl(train_log, record)
-
-    def periodic(update: Update) -> None:
-        bar.update(1)
-        if c.eval_every_steps and update.step % c.eval_every_steps == 0 and update.step < total_steps:
-            run_eval()
-            model.train()
-        if c.save_every_steps and update.step % c.save_every_steps == 0:
-            if not torch.isfinite(update.loss):  # never let a NaN step overwrite good checkpoints
-                raise NonFiniteLossError(f"training loss is {update.loss.item()} at step {update.step}")
-            checkpoint.save_checkpoint(accelerator, out, update.step, keep=c.keep_checkpoints)
-
-    last_eval: dict[str, Any] = {}
     t_start, train_time = time.perf_counter(), 0.0
-    if c.eval_before_training and state.step == 0:
-        run_eval()
-    while state.step < total_steps:
-        epoch_loader = accelerator.skip_first_batches(loader, state.batches_done) if state.batches_done else loader
-        # Both: Accelerate's loader re-seeds the sampler from its own pass counter, which a resumed run does not share.
-        sampler.set_epoch(state.epoch)
-        epoch_loader.set_epoch(state.epoch)
-        t0 = time.perf_counter()
-        train_one_epoch(
-            accelerator, model, optimizer, scheduler, epoch_loader, state=state, max_steps=total_steps,
-            max_grad_norm=c.max_grad_norm, log_every=c.log_every, compute_loss=compute_loss,
-            callbacks=[periodic, *callbacks], on_log=on_log,
+    last_eval = evaluation(run.model, run.state) if config.eval_before_training and run.state.step == 0 else {}
+    while run.state.step < run.total_steps:
+        stats = train_one_epoch(
+            accelerator, run.model, run.optimizer, run.scheduler, run.epoch_loader(accelerator), state=run.state,
+            max_steps=run.total_steps, max_grad_norm=config.max_grad_norm, log_every=config.log_every,
+            compute_loss=compute_loss, callbacks=[recorder.on_update, periodic, *callbacks], on_log=recorder.log_train,
         )  # fmt: skip
-        train_time += time.perf_counter() - t0
-        if state.batches_done >= len(loader):  # a whole epoch: the next run starts on the next one
-            state.epoch, state.batches_done = state.epoch + 1, 0
-        last_eval = run_eval()
-        checkpoint.save_checkpoint(accelerator, out, state.step, keep=c.keep_checkpoints)
-    bar.close()
-    if not last_eval or last_eval["step"] != state.step:  # resumed after the final checkpoint
-        last_eval = run_eval()
-    if c.save_model:
-        checkpoint.save_model(accelerator, model, tokenizer, out / "final_model", {**meta, "eval": last_eval})
-    if accelerator.is_main_process:
-        reporting.plot_curves(train_log, eval_log, out / "training_curves.png", title=f"bertqa: {c.model}")
+        train_time += stats["train_time_s"]
+        run.end_pass()
+        pass_stats = {"train_loss": stats["train_loss"]} if stats["updates"] else {}
+        last_eval = evaluation(run.model, run.state, **pass_stats)
+        checkpoint.save_checkpoint(accelerator, out, run.state.step, keep=config.keep_checkpoints)
+    if last_eval.get("step") != run.state.step:  # resumed after the final checkpoint
+        last_eval = evaluation(run.model, run.state)
+    if config.save_model:
+        evaluation.save_model(run.model, out / "final_model", last_eval)
+    recorder.finish(title=f"bertqa: {config.model}")
     accelerator.end_training()
     return {
-        "steps": state.step,
-        "epochs_done": state.epoch,
+        "steps": run.state.step,
+        "epochs_done": run.state.epoch,
         "train_time_s": train_time,
         "wall_time_s": time.perf_counter() - t_start,
         "final": last_eval,
-        "best_f1": state.best_f1,
-        "label_report": label_report,
+        "best_f1": run.state.best_f1,
+        "label_report": labels,
         "output_dir": str(out),
     }
 
 
-def _progress(accelerator: Any, total: int, initial: int) -> Any:
-    from tqdm.auto import tqdm
+def _build_accelerator(config: TrainConfig) -> Accelerator:
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = config.tf32
+    return make_accelerator(
+        mixed_precision=resolve_precision(config.mixed_precision),
+        gradient_accumulation_steps=config.grad_accum,
+        log_with=list(config.report_to) or None,
+        project_dir=config.output_dir,
+        step_scheduler_with_optimizer=False,
+    )
 
-    return tqdm(total=total, initial=initial, desc="train", unit="upd", disable=not accelerator.is_main_process)
 
-
-def _fmt(metrics: dict[str, float]) -> str:
-    keys = ("exact", "f1", "HasAns_f1", "NoAns_f1", "best_f1", "best_f1_thresh")
-    return " ".join(f"{k}={metrics[k]:.2f}" for k in keys if k in metrics)
+def _log_plan(accelerator: Accelerator, data: RunData, labels: LabelReport, run: _Training, *, batch: int) -> None:
+    """The label self-check and the derived values, once: what the run will really do."""
+    logger.info("label self-check:\n%s", labels.format())
+    logger.info(
+        "%d train examples -> %d windows; %d eval examples -> %d windows (%s); %d processes on %s, precision %s; "
+        "effective batch %d windows; %d updates (%d per epoch, %d warmup)",
+        *(len(data.train_examples), len(data.train_features), len(data.eval_examples), len(data.eval_features)),
+        "v2.0" if is_v2(data.eval_examples) else "v1.1",
+        *(accelerator.num_processes, accelerator.device, accelerator.mixed_precision),
+        *(batch * accelerator.num_processes, run.total_steps, run.per_epoch, run.warmup_steps),
+    )

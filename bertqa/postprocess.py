@@ -4,6 +4,7 @@ The span search is vectorised with numpy: for each window it scores every (start
 start <= end < start + max_answer_length inside the context in one array operation, so a whole dev set takes about
 a second instead of a Python loop over windows. A real no-answer score is kept per example for SQuAD v2:
 (best CLS score over its windows, taken as the minimum as in the original BERT code) minus the best span score.
+`score` turns the predictions into the official EM/F1.
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from bertqa.data import Example, Features
+from bertqa.metrics import squad_v1_scores, squad_v2_scores
 
-__all__ = ["Prediction", "best_spans", "pad_offsets", "postprocess"]
+__all__ = ["Prediction", "best_spans", "pad_offsets", "postprocess", "score"]
 
 
 @dataclass(frozen=True)
@@ -150,3 +152,15 @@ def _per_example(
             nbest=nbest,
         )
     return out
+
+
+def score(
+    examples: Sequence[Example], predictions: dict[str, Prediction], *, v2: bool, threshold: float = 0.0
+) -> dict[str, float]:
+    """Official EM/F1 for the examples. v2: spans vs no-answer at `threshold`, plus the best-threshold search."""
+    golds = {ex.id: list(ex.answer_texts) for ex in examples if ex.id in predictions}
+    spans = {q: p.text for q, p in predictions.items()}
+    if not v2:
+        return squad_v1_scores(spans, golds)
+    na = {q: p.no_answer_score for q, p in predictions.items()}
+    return squad_v2_scores(spans, golds, na, threshold=threshold)

@@ -1,13 +1,124 @@
-"""Run records a person can read: JSON-lines logs and a PNG of the training curves (loss, LR, EM/F1)."""
+"""Run records a person can read: the run folder's JSON-lines logs, the progress bar, and a PNG of the curves.
+
+`RunRecorder` owns what a training run writes about itself (config.json, train_log.jsonl, metrics.jsonl, the
+trackers, the progress bar); the engine tells it what happened and never touches those files itself.
+"""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+import logging
+import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["append_jsonl", "plot_curves", "read_jsonl", "truncate_jsonl"]
+__all__ = ["LogMeter", "RunRecorder", "append_jsonl", "format_metrics", "plot_curves", "read_jsonl", "truncate_jsonl"]
+
+logger = logging.getLogger("bertqa")
+TrackerLog = Callable[..., None]  # Accelerator.log(values, step=...)
+
+
+class LogMeter:
+    """Training loss and throughput between two log points, summed on the device so no update waits for the host.
+
+    Like torchvision's MetricLogger, but `read` is the only place a value leaves the device (`.item()` syncs).
+    """
+
+    def __init__(self, device: Any) -> None:
+        import torch
+
+        self.loss = torch.zeros((), device=device)
+        self.pass_loss, self.pass_updates = 0.0, 0  # over every read so far: the mean loss of the pass
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss.zero_()
+        self.updates, self.windows, self.tokens, self.t0 = 0, 0, 0, time.perf_counter()
+
+    def add_batch(self, batch: Mapping[str, Any]) -> None:
+        self.windows += batch["input_ids"].shape[0]
+        self.tokens += batch["attention_mask"].sum()
+
+    def add_update(self, loss: Any) -> None:
+        self.loss += loss
+        self.updates += 1
+
+    def read(self, *, step: int, epoch: int, lr: float, num_processes: int) -> dict[str, Any]:
+        """The log record since the last read, then start a new interval."""
+        loss = self.loss.item() / self.updates
+        elapsed = time.perf_counter() - self.t0
+        record = {
+            "step": step,
+            "epoch": epoch,
+            "loss": loss,
+            "lr": lr,
+            "windows_per_s": self.windows * num_processes / elapsed,
+            "tokens_per_s": float(self.tokens) * num_processes / elapsed,
+        }
+        self.pass_loss, self.pass_updates = self.pass_loss + loss * self.updates, self.pass_updates + self.updates
+        self.reset()
+        return record
+
+    def pass_mean(self) -> float:
+        return self.pass_loss / self.pass_updates if self.pass_updates else float("nan")
+
+
+class RunRecorder:
+    """The records of one training run in `output_dir`. Only the main process writes files and draws the bar;
+    every process calls the same methods, and `tracker_log` (Accelerator.log) decides for itself who logs."""
+
+    def __init__(
+        self, output_dir: str | Path, *, is_main: bool, total_steps: int, step: int, tracker_log: TrackerLog
+    ) -> None:
+        from tqdm.auto import tqdm
+
+        self.out = Path(output_dir)
+        self.train_log, self.eval_log = self.out / "train_log.jsonl", self.out / "metrics.jsonl"
+        self.is_main = is_main
+        self.tracker_log = tracker_log
+        self.bar = tqdm(total=total_steps, initial=step, desc="train", unit="upd", disable=not is_main)
+
+    def start(self, config: Mapping[str, Any], *, resumed_at: int | None) -> None:
+        """Save the config; a resumed run drops log records past its checkpoint (those steps are run again)."""
+        if not self.is_main:
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "config.json").write_text(json.dumps(dict(config), indent=2) + "\n")
+        for log in (self.train_log, self.eval_log):
+            truncate_jsonl(log, resumed_at) if resumed_at is not None else log.unlink(missing_ok=True)
+
+    def on_update(self, update: Any) -> None:
+        """An update callback: advance the progress bar."""
+        self.bar.update(1)
+
+    def log_train(self, record: Mapping[str, Any]) -> None:
+        """One training log point (loss, LR, throughput) to the bar, the trackers and train_log.jsonl."""
+        self.bar.set_postfix(
+            loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}", win_s=f"{record['windows_per_s']:.1f}"
+        )
+        self.tracker_log({f"train/{k}": v for k, v in record.items() if k != "step"}, step=record["step"])
+        if self.is_main:
+            append_jsonl(self.train_log, record)
+
+    def log_eval(self, record: Mapping[str, Any]) -> None:
+        """One evaluation (with the training stats that led to it) to the log, the trackers and metrics.jsonl."""
+        logger.info("eval at step %d: %s", record["step"], format_metrics(record))
+        self.tracker_log({f"eval/{k}": v for k, v in record.items() if k not in ("step", "epoch")}, step=record["step"])
+        if self.is_main:
+            append_jsonl(self.eval_log, record)
+
+    def finish(self, *, title: str) -> Path | None:
+        """Close the bar and draw training_curves.png."""
+        self.bar.close()
+        if not self.is_main:
+            return None
+        return plot_curves(self.train_log, self.eval_log, self.out / "training_curves.png", title=title)
+
+
+def format_metrics(metrics: Mapping[str, Any]) -> str:
+    keys = ("exact", "f1", "HasAns_f1", "NoAns_f1", "best_f1", "best_f1_thresh", "train_loss")
+    return " ".join(f"{k}={metrics[k]:.2f}" for k in keys if k in metrics)
 
 
 def append_jsonl(path: str | Path, record: Mapping[str, Any]) -> None:

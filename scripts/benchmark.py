@@ -87,19 +87,21 @@ def bench_bertqa(args, features, precision: str) -> dict[str, Any]:
     import torch
 
     from bertqa import engine
+    from bertqa.batching import train_loader
+    from bertqa.optim import build_optimizer, build_scheduler
 
     accelerator = engine.make_accelerator(mixed_precision=precision)
     model = fresh_model(args)
     if args.compile:
         model = torch.compile(model, dynamic=True)
-    loader, sampler = engine.train_loader(
+    loader, sampler = train_loader(
         features, batch_size=args.batch_size, seed=args.seed, group_by_length=True, pad_token_id=0
     )
     batches = sampler.batches()
     fused = accelerator.device.type == "cuda"
-    optimizer = engine.build_optimizer(model, lr=3e-5, weight_decay=0.01, eps=1e-8, fused=fused)
+    optimizer = build_optimizer(model, lr=3e-5, weight_decay=0.01, eps=1e-8, fused=fused)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    scheduler = engine.build_scheduler(optimizer, total_steps=len(batches), warmup_steps=0, schedule="constant")
+    scheduler = build_scheduler(optimizer, total_steps=len(batches), warmup_steps=0, schedule="constant")
     marks: dict[int, float] = {}
 
     def mark(update: engine.Update) -> None:
@@ -130,16 +132,18 @@ def bench_bertqa(args, features, precision: str) -> dict[str, Any]:
 
 
 def bench_eval(args, accelerator, model) -> dict[str, Any]:
-    from bertqa import data, engine
+    from bertqa import data
+    from bertqa.inference import eval_batches, predict_logits
     from bertqa.model import build_tokenizer
 
     tokenizer = build_tokenizer(args.model)
     examples, _ = data.load_examples("dev-v2.0", max_examples=args.eval_examples, seed=args.seed)
     features = data.tokenize_examples(examples, tokenizer)
-    engine.predict(accelerator, model, features, batch_size=64, pad_token_id=tokenizer.pad_token_id)  # warm-up
+    loader = eval_batches(features, batch_size=64, pad_token_id=tokenizer.pad_token_id, accelerator=accelerator)
+    predict_logits(model, loader, accelerator=accelerator)  # warm-up
     sync(accelerator.device)
     t0 = time.perf_counter()
-    engine.predict(accelerator, model, features, batch_size=64, pad_token_id=tokenizer.pad_token_id)
+    predict_logits(model, loader, accelerator=accelerator)
     sync(accelerator.device)
     return {"eval_windows_per_s": len(features) / (time.perf_counter() - t0)}
 
@@ -248,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     import transformers
 
     from bertqa import data
-    from bertqa.engine import resolve_precision
+    from bertqa.inference import resolve_precision
     from bertqa.model import build_tokenizer
 
     precision = resolve_precision(args.precision)

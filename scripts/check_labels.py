@@ -18,6 +18,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _cli import run, setup_logging
 
+from bertqa import data
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -25,28 +27,21 @@ def main(argv: list[str] | None = None) -> int:
         "--data", default="train-v1.1", help="bundled name, SQuAD JSON path or hub name, optionally with [a:b] articles"
     )
     parser.add_argument("--model", default="minilm-l6", help="whose tokenizer to use")
-    parser.add_argument("--max-seq-length", type=int, default=384)
-    parser.add_argument("--doc-stride", type=int, default=128)
-    parser.add_argument("--max-query-length", type=int, default=64)
+    for name in ("max_seq_length", "doc_stride", "max_query_length"):
+        default = getattr(data.Window, name)
+        parser.add_argument("--" + name.replace("_", "-"), type=int, default=default, help=f"(default: {default})")
     parser.add_argument("--workers", type=int, default=1, help="tokenizing processes (same windows for any number)")
     parser.add_argument("--min-match-rate", type=float, default=0.99, help="fail (exit 2) below this match rate")
     args = parser.parse_args(argv)
     setup_logging()
-    from bertqa import data
     from bertqa.model import build_tokenizer
 
     tokenizer = build_tokenizer(args.model)
     t0 = time.perf_counter()
     examples, report = data.load_examples(args.data)
     t1 = time.perf_counter()
-    features = data.tokenize_examples(
-        examples,
-        tokenizer,
-        max_seq_length=args.max_seq_length,
-        doc_stride=args.doc_stride,
-        max_query_length=args.max_query_length,
-        num_proc=args.workers,
-    )
+    window = data.Window(args.max_seq_length, args.doc_stride, args.max_query_length)
+    features = data.tokenize_examples(examples, tokenizer, window, num_proc=args.workers)
     t2 = time.perf_counter()
     data.label_features(features, examples)
     t3 = time.perf_counter()

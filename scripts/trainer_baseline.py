@@ -32,20 +32,25 @@ def train_and_score(c: TrainConfig) -> dict[str, Any]:
     import transformers
     from transformers import Trainer, default_data_collator
 
-    from bertqa.engine import prepare_data, resolve_precision, score
+    from bertqa.cache import prepare_data
+    from bertqa.data import is_v2
+    from bertqa.inference import resolve_precision
     from bertqa.model import build_model, build_tokenizer
-    from bertqa.postprocess import postprocess
+    from bertqa.optim import count_updates
+    from bertqa.postprocess import postprocess, score
 
     t_start = time.perf_counter()
     tokenizer = build_tokenizer(c.model)
-    _, eval_examples, train_features, eval_features = prepare_data(c, tokenizer)
+    data = prepare_data(c, tokenizer)
+    eval_examples, train_features, eval_features = data.eval_examples, data.train_features, data.eval_features
     pad = {"width": c.max_seq_length, "pad_token_id": tokenizer.pad_token_id}
     train_set = padded_dataset(train_features, labelled=True, **pad)
     eval_set = padded_dataset(eval_features, labelled=False, **pad)
 
     transformers.set_seed(c.seed)  # the QA head's initialisation, as in run_qa.py
     model = build_model(c.model, attn_implementation=c.attn_implementation)
-    total_steps = c.max_steps or math.ceil(c.epochs * math.ceil(len(train_set) / (c.batch_size * c.grad_accum)))
+    batches = math.ceil(len(train_set) / c.batch_size)
+    _, total_steps = count_updates(batches, grad_accum=c.grad_accum, epochs=c.epochs, max_steps=c.max_steps)
     args = training_arguments(
         c.output_dir,
         precision=resolve_precision(c.mixed_precision),
@@ -69,8 +74,7 @@ def train_and_score(c: TrainConfig) -> dict[str, Any]:
     t1 = time.perf_counter()
     start, end = trainer.predict(eval_set).predictions[:2]
     predictions = postprocess(eval_examples, eval_features, start, end, max_answer_length=c.max_answer_length)
-    v2 = any(ex.is_impossible for ex in eval_examples)
-    metrics = score(eval_examples, predictions, v2=v2)
+    metrics = score(eval_examples, predictions, v2=is_v2(eval_examples))
     t2 = time.perf_counter()
     losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
     return {

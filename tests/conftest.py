@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
+import torch
 
 from bertqa.model import build_model, build_tokenizer
 
@@ -16,14 +19,32 @@ TINY = {
 }
 
 
+def make_tiny(seed: int = 0, **overrides: float) -> torch.nn.Module:
+    """A 2-layer, 32-wide BERT QA model with MiniLM's vocabulary, initialised from `seed`."""
+    torch.manual_seed(seed)
+    return build_model("minilm-l6", pretrained=False, config_overrides={**TINY, **overrides})
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     return build_tokenizer("minilm-l6")
 
 
-@pytest.fixture
-def tiny_model():
-    import torch
+@pytest.fixture(scope="session")
+def tiny() -> Callable[..., torch.nn.Module]:
+    """The tiny model factory: `tiny()`, `tiny(seed=1)`, `tiny(hidden_dropout_prob=0.1)`."""
+    return make_tiny
 
-    torch.manual_seed(0)
-    return build_model("minilm-l6", pretrained=False, config_overrides=TINY)
+
+@pytest.fixture
+def tiny_model() -> torch.nn.Module:
+    return make_tiny()
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory, tokenizer):
+    """The tiny model saved as a Hugging Face folder with its tokenizer, for the scripts."""
+    path = tmp_path_factory.mktemp("tiny")
+    make_tiny().save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

@@ -6,8 +6,9 @@ import numpy as np
 
 from bertqa import data
 from bertqa.cache import cached_features, features_key
+from bertqa.data import Window
 
-WINDOW = {"max_seq_length": 128, "doc_stride": 32, "max_query_length": 32}
+WINDOW = Window(128, 32, 32)
 
 
 def same(a: data.Features, b: data.Features) -> bool:
@@ -22,25 +23,25 @@ def same(a: data.Features, b: data.Features) -> bool:
 
 def test_cache_hit_returns_identical_windows(tmp_path, tokenizer):
     examples, _ = data.load_examples("dev-v1.1", max_examples=30, seed=0)
-    fresh = cached_features(examples, tokenizer, cache_dir=None, labelled=True, **WINDOW)
-    first = cached_features(examples, tokenizer, cache_dir=tmp_path, labelled=True, **WINDOW)
+    fresh = cached_features(examples, tokenizer, WINDOW, cache_dir=None, labelled=True)
+    first = cached_features(examples, tokenizer, WINDOW, cache_dir=tmp_path, labelled=True)
     files = list(tmp_path.glob("windows-*.pkl"))
     assert len(files) == 1
-    second = cached_features(examples, tokenizer, cache_dir=tmp_path, labelled=True, **WINDOW)
+    second = cached_features(examples, tokenizer, WINDOW, cache_dir=tmp_path, labelled=True)
     assert same(fresh, first) and same(first, second)
     files[0].write_bytes(b"damaged")
-    assert same(fresh, cached_features(examples, tokenizer, cache_dir=tmp_path, labelled=True, **WINDOW))
+    assert same(fresh, cached_features(examples, tokenizer, WINDOW, cache_dir=tmp_path, labelled=True))
 
 
 def test_key_changes_with_everything_the_windows_depend_on(tokenizer):
     examples, _ = data.load_examples("dev-v1.1", max_examples=5, seed=0)
-    key = features_key(examples, tokenizer, labelled=True, **WINDOW)
-    assert key == features_key(list(examples), tokenizer, labelled=True, **WINDOW)
-    assert key != features_key(examples, tokenizer, labelled=False, **WINDOW)
-    assert key != features_key(examples, tokenizer, labelled=True, **{**WINDOW, "doc_stride": 16})
-    assert key != features_key(examples[1:], tokenizer, labelled=True, **WINDOW)
+    key = features_key(examples, tokenizer, WINDOW, labelled=True)
+    assert key == features_key(list(examples), tokenizer, WINDOW, labelled=True)
+    assert key != features_key(examples, tokenizer, WINDOW, labelled=False)
+    assert key != features_key(examples, tokenizer, Window(128, 16, 32), labelled=True)
+    assert key != features_key(examples[1:], tokenizer, WINDOW, labelled=True)
     edited = [examples[0].__class__(**{**_fields(examples[0]), "question": "Other?"}), *examples[1:]]
-    assert key != features_key(edited, tokenizer, labelled=True, **WINDOW)
+    assert key != features_key(edited, tokenizer, WINDOW, labelled=True)
 
 
 def _fields(ex: data.Example) -> dict:

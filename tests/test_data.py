@@ -10,9 +10,11 @@ import unicodedata
 import numpy as np
 import pytest
 
-from bertqa import data
-from bertqa.data import Example, SquadFormatError
+from bertqa import data, loading
+from bertqa.data import Example, SquadFormatError, Window
 from bertqa.metrics import normalize_answer
+
+DEFAULT_WINDOW = Window()
 
 
 def make_example(context: str, answer: str | None, *, question: str = "What is it?", occurrence: int = 0) -> Example:
@@ -24,8 +26,8 @@ def make_example(context: str, answer: str | None, *, question: str = "What is i
     return Example("q", "t", context, question, (answer,), (start,), False)
 
 
-def labelled(examples, tokenizer, **kwargs):
-    features = data.tokenize_examples(examples, tokenizer, **kwargs)
+def labelled(examples, tokenizer, window=DEFAULT_WINDOW):
+    features = data.tokenize_examples(examples, tokenizer, window)
     return data.label_features(features, examples)
 
 
@@ -48,7 +50,7 @@ def squad_json(qas, context="Paris is the capital of France.", version="1.1"):
 
 def test_parse_official_layout():
     raw = squad_json([{"id": "a", "question": "Capital?", "answers": [{"text": "Paris", "answer_start": 0}]}])
-    examples, report = data.parse_squad(raw)
+    examples, report = loading.parse_squad(raw)
     assert examples == [Example("a", "T", raw["data"][0]["paragraphs"][0]["context"], "Capital?", ("Paris",), (0,))]
     assert (report.n_examples, report.n_answers, report.n_repaired, report.version) == (1, 1, 0, "1.1")
 
@@ -66,29 +68,29 @@ def test_parse_official_layout():
 )
 def test_malformed_files_name_the_problem(raw, message):
     with pytest.raises(SquadFormatError, match=message.replace("[", r"\[").replace("]", r"\]")):
-        data.parse_squad(raw)
+        loading.parse_squad(raw)
 
 
 def test_duplicate_ids_rejected():
     qa = {"id": "a", "question": "q", "answers": [{"text": "Paris", "answer_start": 0}]}
     with pytest.raises(SquadFormatError, match="appears twice"):
-        data.parse_squad(squad_json([qa, qa]))
+        loading.parse_squad(squad_json([qa, qa]))
 
 
 def test_mismatched_answer_start_is_repaired_and_counted():
     context = "France: Paris. Also Paris, Texas."
     qa = {"id": "a", "question": "q", "answers": [{"text": "Paris", "answer_start": 18}]}
-    examples, report = data.parse_squad(squad_json([qa], context=context))
+    examples, report = loading.parse_squad(squad_json([qa], context=context))
     assert examples[0].answer_starts == (20,)  # the nearest occurrence, not the first
     assert report.n_repaired == 1
     with pytest.raises(SquadFormatError, match="answer_start 18 points at 'o Par'"):
-        data.parse_squad(squad_json([qa], context=context), on_mismatch="error")
+        loading.parse_squad(squad_json([qa], context=context), on_mismatch="error")
 
 
 def test_answer_text_absent_from_context_raises():
     qa = {"id": "a", "question": "q", "answers": [{"text": "Berlin", "answer_start": 0}]}
     with pytest.raises(SquadFormatError, match="does not occur in the context"):
-        data.parse_squad(squad_json([qa]))
+        loading.parse_squad(squad_json([qa]))
 
 
 def test_v2_unanswerable_and_file_roundtrip(tmp_path):
@@ -182,7 +184,7 @@ def long_context(n_words: int) -> str:
 def test_long_context_windows_overlap_by_stride(tokenizer):
     context = long_context(400)  # "word123" is several word pieces, so this is well over 1000 tokens
     examples = [make_example(context, "word5"), make_example(context, "word390")]
-    features = labelled(examples, tokenizer, max_seq_length=64, doc_stride=16, max_query_length=16)
+    features = labelled(examples, tokenizer, Window(64, 16, 16))
     windows = [i for i in range(len(features)) if features.example_index[i] == 0]
     assert len(windows) > 10
     # Consecutive windows share exactly doc_stride context tokens.
@@ -199,7 +201,7 @@ def test_long_context_windows_overlap_by_stride(tokenizer):
 def test_answer_only_in_a_later_window(tokenizer):
     context = long_context(200)
     examples = [make_example(context, "word190")]
-    features = labelled(examples, tokenizer, max_seq_length=64, doc_stride=16, max_query_length=16)
+    features = labelled(examples, tokenizer, Window(64, 16, 16))
     hits = [i for i in range(len(features)) if not is_cls(features, i)]
     assert hits and hits[0] > 0
     assert all(decoded(features, examples, i) == "word190" for i in hits)
@@ -208,15 +210,13 @@ def test_answer_only_in_a_later_window(tokenizer):
 def test_answer_crossing_a_window_boundary_gets_cls_in_the_cut_window(tokenizer):
     context = long_context(120)
     # Find a multi-token answer that the first window cuts in two.
-    features = data.tokenize_examples(
-        [make_example(context, "word1")], tokenizer, max_seq_length=48, doc_stride=8, max_query_length=16
-    )
+    features = data.tokenize_examples([make_example(context, "word1")], tokenizer, Window(48, 8, 16))
     last = features.offsets[0][features.offsets[0][:, 0] >= 0][-1]
     word_start = context.rfind(" ", 0, last[1]) + 1
     answer = context[word_start : context.index(" ", last[1]) if " " in context[last[1] :] else None]
     answer += " " + context[word_start + len(answer) + 1 :].split()[0]  # two words, cut by the window end
     examples = [make_example(context, answer)]
-    features = labelled(examples, tokenizer, max_seq_length=48, doc_stride=8, max_query_length=16)
+    features = labelled(examples, tokenizer, Window(48, 8, 16))
     assert is_cls(features, 0)
     full = [i for i in range(len(features)) if not is_cls(features, i)]
     assert full and all(decoded(features, examples, i) == answer for i in full)
@@ -246,7 +246,7 @@ def test_leading_whitespace_of_questions_stripped(tokenizer):
 def test_question_longer_than_its_budget_is_cut(tokenizer):
     question = "why " * 200
     examples = [make_example(long_context(50), "word7", question=question)]
-    features = labelled(examples, tokenizer, max_seq_length=96, doc_stride=16, max_query_length=20)
+    features = labelled(examples, tokenizer, Window(96, 16, 20))
     assert all(len(ids) <= 96 for ids in features.input_ids)
     n_question = features.input_ids[0].index(tokenizer.sep_token_id) - 1
     assert n_question == 20
@@ -255,7 +255,7 @@ def test_question_longer_than_its_budget_is_cut(tokenizer):
 
 def test_unanswerable_is_cls_in_every_window(tokenizer):
     examples = [make_example(long_context(150), None)]
-    features = labelled(examples, tokenizer, max_seq_length=64, doc_stride=16, max_query_length=16)
+    features = labelled(examples, tokenizer, Window(64, 16, 16))
     assert len(features) > 1
     assert all(is_cls(features, i) for i in range(len(features)))
     assert np.all(features.cls_index == 0)
@@ -272,15 +272,13 @@ def test_offsets_are_minus_one_outside_the_context(tokenizer):
 @pytest.mark.parametrize(("stride", "max_len"), [(128, 128), (400, 384), (317, 384), (-1, 384)])
 def test_bad_stride_is_a_clear_value_error(tokenizer, stride, max_len):
     with pytest.raises(ValueError, match=r"doc_stride|no room"):
-        data.tokenize_examples(
-            [make_example("a b", "a")], tokenizer, max_seq_length=max_len, doc_stride=stride, max_query_length=64
-        )
+        data.tokenize_examples([make_example("a b", "a")], tokenizer, Window(max_len, stride, 64))
 
 
 def test_largest_allowed_stride_works(tokenizer):
     # 384 - 64 - 3 = 317 tokens of room; stride 316 is the largest that still moves forward.
     examples = [make_example(long_context(300), "word280")]
-    features = labelled(examples, tokenizer, max_seq_length=384, doc_stride=316)
+    features = labelled(examples, tokenizer, Window(384, 316))
     assert any(not is_cls(features, i) for i in range(len(features)))
 
 
@@ -310,7 +308,7 @@ def test_label_check_catches_character_offsets_used_as_tokens(tokenizer):
 
 def test_label_check_reports_windows_and_cls_share(tokenizer):
     examples = [make_example(long_context(150), "word100"), make_example("Paris is big.", None)]
-    features = labelled(examples, tokenizer, max_seq_length=64, doc_stride=16, max_query_length=16)
+    features = labelled(examples, tokenizer, Window(64, 16, 16))
     report = data.check_labels(features, examples)
     assert report.n_examples == 2 and report.n_features == len(features)
     assert report.max_windows == int(np.bincount(features.example_index).max())
@@ -346,8 +344,8 @@ def test_tokenizing_in_processes_gives_the_same_windows(tokenizer):
     examples, _ = data.load_examples("dev-v2.0", max_examples=60, seed=4)
     context = " ".join(f"w{i}" for i in range(500))
     examples = [*examples, Example("long", "t", context, "Which?", ("w250",), (context.index("w250 "),))]
-    one = data.tokenize_examples(examples, tokenizer, max_seq_length=128, doc_stride=32)
-    three = data.tokenize_examples(examples, tokenizer, max_seq_length=128, doc_stride=32, num_proc=3)
+    one = data.tokenize_examples(examples, tokenizer, Window(128, 32))
+    three = data.tokenize_examples(examples, tokenizer, Window(128, 32), num_proc=3)
     assert len(one) > len(examples)  # the long context spans several windows
     assert one.input_ids == three.input_ids and one.token_type_ids == three.token_type_ids
     assert all(np.array_equal(a, b) for a, b in zip(one.offsets, three.offsets))

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from bertqa import data
-from bertqa.data import Example
+from bertqa.data import Example, Window
 from bertqa.postprocess import best_spans, pad_offsets, postprocess
 
 
@@ -54,9 +54,7 @@ def logits_for(features, targets, length):
 def test_best_span_found_in_a_later_window_and_question_tokens_ignored(tokenizer):
     context = " ".join(f"word{i}" for i in range(200))
     examples = [example(context, "word150 word151")]
-    features = data.label_features(
-        data.tokenize_examples(examples, tokenizer, max_seq_length=64, doc_stride=16, max_query_length=16), examples
-    )
+    features = data.label_features(data.tokenize_examples(examples, tokenizer, Window(64, 16, 16)), examples)
     w = next(i for i in range(len(features)) if features.start_positions[i] != 0)
     length = int(features.lengths.max())
     start, end = logits_for(features, [(w, features.start_positions[w], features.end_positions[w])], length)
@@ -100,7 +98,7 @@ def test_no_answer_score_is_null_minus_best_span(tokenizer):
 def test_null_score_is_minimum_over_windows_and_merge_picks_best_window(tokenizer):
     context = " ".join(f"word{i}" for i in range(120))
     examples = [example(context, "word5")]
-    features = data.tokenize_examples(examples, tokenizer, max_seq_length=48, doc_stride=8, max_query_length=16)
+    features = data.tokenize_examples(examples, tokenizer, Window(48, 8, 16))
     n = len(features)
     assert n >= 3
     length = int(features.lengths.max())
@@ -125,7 +123,7 @@ def test_pad_offsets_and_shape_check(tokenizer):
 def test_nbest_merged_over_windows_matches_brute_force(tokenizer):
     context = " ".join(f"word{i}" for i in range(150))
     examples = [example(context, "word5", qid="long"), example("short text here", "text", qid="short")]
-    features = data.tokenize_examples(examples, tokenizer, max_seq_length=48, doc_stride=8, max_query_length=16)
+    features = data.tokenize_examples(examples, tokenizer, Window(48, 8, 16))
     length = int(features.lengths.max())
     rng = np.random.default_rng(3)
     start = rng.normal(size=(len(features), length)).astype(np.float32)
