@@ -13,7 +13,10 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 __all__ = [
     "checkpoint_dir",
@@ -65,7 +68,7 @@ def resolve_resume(resume: str | None, output_dir: str | Path) -> Path | None:
     return path
 
 
-def save_checkpoint(accelerator: Any, output_dir: str | Path, step: int, *, keep: int) -> Path:
+def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, step: int, *, keep: int) -> Path:
     """Save the full training state (model, optimizer, registered objects, RNG) atomically; keep the newest `keep`."""
     final = checkpoint_dir(output_dir, step)
     if final.is_dir():
@@ -87,7 +90,7 @@ def save_checkpoint(accelerator: Any, output_dir: str | Path, step: int, *, keep
     return final
 
 
-def save_model(accelerator: Any, model: Any, tokenizer: Any, path: Path, meta: dict[str, Any]) -> None:
+def save_model(accelerator: Accelerator, model: Any, tokenizer: Any, path: Path, meta: dict[str, Any]) -> None:
     """save_pretrained model + tokenizer (loadable with plain transformers) and bertqa.json with the settings used.
 
     For v2 models `no_answer_threshold` is the best-F1 threshold found on the evaluation set.

@@ -153,7 +153,9 @@ def bench_trainer(args, features, precision: str) -> dict[str, Any]:
     import torch
     from transformers import Trainer, TrainerCallback, default_data_collator
 
-    width = 384
+    from bertqa.data import Window
+
+    width = Window().max_seq_length  # the windows' own setting: run_qa.py pads every window to it
     dataset = padded_dataset(features, width=width, pad_token_id=0, labelled=True)
     steps = math.ceil(len(dataset) / args.batch_size)
     marks: dict[int, float] = {}
