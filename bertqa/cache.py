@@ -17,12 +17,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from bertqa.data import Example, Features, Window, label_features, load_examples, tokenize_examples
+from bertqa.data import (
+    Example,
+    Features,
+    LoadReport,
+    Window,
+    hold_out,
+    label_features,
+    load_examples,
+    subsample,
+    tokenize_examples,
+)
+from bertqa.loading import as_examples
 
 if TYPE_CHECKING:
     from bertqa.config import TrainConfig
 
-__all__ = ["FORMAT", "RunData", "cached_features", "features_key", "prepare_data"]
+__all__ = ["FORMAT", "RunData", "cached_features", "eval_source", "features_key", "prepare_data"]
 
 FORMAT = 1
 
@@ -76,37 +87,67 @@ def cached_features(
 
 @dataclass(frozen=True)
 class RunData:
-    """The examples and windows a run trains and evaluates on."""
+    """The examples and windows a run trains and evaluates on, and what loading them found."""
 
     train_examples: Sequence[Example]
     eval_examples: Sequence[Example]
     train_features: Features
     eval_features: Features
+    reports: tuple[LoadReport, ...] = ()
+    eval_source: str = ""  # where the evaluation examples came from, in words
+
+
+def eval_source(train_data: str, eval_data: str | None, eval_split: float | None) -> str | float:
+    """The evaluation data a config means: a source, or the share of the training data to hold out.
+
+    Unset, it is the bundled dev-v1.1 for the bundled train-v1.1 (the usual SQuAD setup), and a held-out tenth of
+    the training data for anything else: a user's own data is not scored against SQuAD unless asked to be.
+    """
+    if eval_data is not None:
+        return eval_data
+    if eval_split is not None:
+        return eval_split
+    return "dev-v1.1" if train_data == "train-v1.1" else 0.1
 
 
 def prepare_data(
     config: TrainConfig,
     tokenizer: Any,
     *,
-    train_examples: Sequence[Example] | None = None,
-    eval_examples: Sequence[Example] | None = None,
+    train_examples: Sequence[Example] | Any | None = None,
+    eval_examples: Sequence[Example] | Any | None = None,
 ) -> RunData:
-    """The examples and windows that `config` trains and evaluates on; examples passed in are used as given.
+    """The examples and windows that `config` trains and evaluates on; examples passed in (a list of `Example`s or a
+    `datasets.Dataset` of records) are used as given.
 
     `fit` and the Trainer baseline script both call this, so the two can only ever see the same data.
     """
-
-    def load(source: str, limit: int | None) -> Sequence[Example]:
-        return load_examples(source, answerable=config.answerable_only, max_examples=limit, seed=config.seed)[0]
-
+    options = {"answerable": config.answerable_only, "seed": config.seed, "column_map": config.column_map}
+    reports, given = [], (train_examples is not None, eval_examples is not None)
     if train_examples is None:
-        train_examples = load(config.train_data, config.max_train_examples)
-    if eval_examples is None:
-        eval_examples = load(config.eval_data, config.max_eval_examples)
+        train_examples, report = load_examples(config.train_data, **options)
+        reports.append(report)
+    train_examples = as_examples(train_examples, column_map=config.column_map)
+    source = eval_source(config.train_data, config.eval_data, config.eval_split)
+    if eval_examples is not None:
+        eval_examples, described = as_examples(eval_examples, column_map=config.column_map), "given examples"
+    elif isinstance(source, float):
+        train_examples, eval_examples = hold_out(train_examples, source, seed=config.seed)
+        described = f"{source:.0%} of the training data held out ({len(eval_examples):,} questions)"
+    else:
+        eval_examples, report = load_examples(source, **options)
+        reports.append(report)
+        described = str(source)
+    if not given[0]:
+        train_examples = subsample(train_examples, config.max_train_examples, seed=config.seed)
+    if not given[1]:
+        eval_examples = subsample(eval_examples, config.max_eval_examples, seed=config.seed)
     windows = {"window": config.window, "cache_dir": config.cache_dir, "num_proc": config.tokenize_workers}
     return RunData(
         train_examples,
         eval_examples,
         cached_features(train_examples, tokenizer, labelled=True, **windows),
         cached_features(eval_examples, tokenizer, labelled=False, **windows),
+        tuple(reports),
+        described,
     )

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from bertqa.data import Window
+from bertqa.examples import parse_column_map
 
 __all__ = ["PRESETS", "TrainConfig", "load_config", "preset"]
 
@@ -30,7 +31,17 @@ class TrainConfig:
         "bundled name (train-v1.1, dev-v1.1, dev-v2.0), SQuAD JSON path or hub name; a trailing "
         "[a:b] keeps articles a..b-1 only (dev-v2.0[:25])",
     )
-    eval_data: str = _f("dev-v1.1", "evaluation data, same forms as train_data (hub: squad:validation)")
+    eval_data: str | None = _f(
+        None,
+        "evaluation data, same forms as train_data (hub: squad:validation); unset: dev-v1.1 when training on the "
+        "bundled train-v1.1, otherwise a held-out eval_split of the training data",
+    )
+    eval_split: float | None = _f(
+        None, "hold out this share of the training data for evaluation, whole articles (titles) at a time (0.1)"
+    )
+    column_map: str | None = _f(
+        None, "your column names, for training and evaluation data: 'context=passage,question=query,answer_text=gold'"
+    )
     answerable_only: bool = _f(False, "drop unanswerable questions from training and evaluation data")
     max_train_examples: int | None = _f(None, "seeded random subset of training *examples* (all if unset)")
     max_eval_examples: int | None = _f(None, "seeded random subset of evaluation examples (all windows kept)")
@@ -92,6 +103,14 @@ class TrainConfig:
                 problems.append(f"{name} must be positive")
         if self.epochs <= 0 and not self.max_steps:
             problems.append("epochs must be positive (or set max_steps)")
+        if self.eval_split is not None and not 0 < self.eval_split < 1:
+            problems.append("eval_split must be between 0 and 1")
+        if self.eval_split is not None and self.eval_data is not None:
+            problems.append("give eval_data or eval_split, not both (eval_split holds out part of train_data)")
+        try:
+            parse_column_map(self.column_map)
+        except ValueError as err:
+            problems.append(str(err))
         if not 0 <= self.warmup_ratio < 1:
             problems.append("warmup_ratio must be in [0, 1)")
         if self.lr <= 0:

@@ -2,7 +2,7 @@
 
 Everything here is a pure function on plain data (lists, numpy arrays, a tokenizer), so each step can be tested on
 its own. Vocabulary: an *example* is one question with its context; a *feature* is one tokenized window of it.
-Reading and validating files is `bertqa.loading`; its `Example` and `load_squad` are re-exported here.
+Reading files is `bertqa.loading` and validating them `bertqa.examples`; `Example` and `load_squad` are re-exported.
 """
 
 from __future__ import annotations
@@ -11,14 +11,15 @@ import dataclasses
 import itertools
 import random
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from bertqa.loading import Example, LoadReport, SquadFormatError, is_v2, load_squad
+from bertqa.examples import Example, LoadReport, SquadFormatError, is_v2
+from bertqa.loading import load_squad
 from bertqa.metrics import normalize_answer
 
 __all__ = [
@@ -30,6 +31,7 @@ __all__ = [
     "Window",
     "answerable_only",
     "check_labels",
+    "hold_out",
     "is_v2",
     "label_features",
     "load_examples",
@@ -83,15 +85,20 @@ class Window:
 
 
 def load_examples(
-    source: str | Path, *, answerable: bool = False, max_examples: int | None = None, seed: int = 0
+    source: str | Path | Any,
+    *,
+    answerable: bool = False,
+    max_examples: int | None = None,
+    seed: int = 0,
+    column_map: str | Mapping[str, str] | None = None,
 ) -> tuple[list[Example], LoadReport]:
     """`load_squad`, then a range of articles, then optionally answerable questions only, then a seeded subset.
 
-    `source` may end in an article range, `dev-v2.0[:25]` or `dev-v2.0[25:]` (see `split_article_range`): this is how
-    one file is split into training and evaluation parts that share no article.
+    `source` is anything `bertqa.loading.load_squad` reads, and may end in an article range, `dev-v2.0[:25]` or
+    `dev-v2.0[25:]` (see `split_article_range`): this is how one file is split into parts that share no article.
     """
     source, articles = split_article_range(source)
-    examples, report = load_squad(source)
+    examples, report = load_squad(source, column_map=column_map)
     if articles is not None:
         examples = select_articles(examples, articles)
     if answerable:
@@ -120,6 +127,36 @@ def select_articles(examples: Sequence[Example], articles: slice) -> list[Exampl
             f"article range [{articles.start or ''}:{articles.stop or ''}] selects no article of the {len(titles)}"
         )
     return [ex for ex in examples if ex.title in chosen]
+
+
+def hold_out(examples: Sequence[Example], share: float, *, seed: int) -> tuple[list[Example], list[Example]]:
+    """Split off a seeded `share` of the examples for evaluation: (kept, held out), each in the original order.
+
+    Whole articles go to one side (by title when the examples have titles, else by context), so no passage is both
+    trained on and evaluated on. The held-out side is the first articles of a seeded shuffle that reach the share.
+    """
+    if not 0 < share < 1:
+        raise ValueError(f"the held-out share must be between 0 and 1, got {share}")
+    by_title = any(ex.title for ex in examples)
+    group_of = (lambda ex: ex.title) if by_title else (lambda ex: ex.context)
+    groups = list(dict.fromkeys(group_of(ex) for ex in examples))
+    if len(groups) < 2:
+        raise ValueError(
+            f"cannot hold out evaluation data: all {len(examples)} examples share one "
+            f"{'title' if by_title else 'context'}; pass evaluation data instead"
+        )
+    sizes: dict[str, int] = {}
+    for ex in examples:
+        sizes[group_of(ex)] = sizes.get(group_of(ex), 0) + 1
+    held: set[str] = set()
+    sum_held = 0
+    order = random.Random(seed).sample(groups, len(groups))
+    for group in order[:-1]:  # at least one article stays for training
+        if sum_held >= share * len(examples):
+            break
+        held.add(group)
+        sum_held += sizes[group]
+    return [ex for ex in examples if group_of(ex) not in held], [ex for ex in examples if group_of(ex) in held]
 
 
 def answerable_only(examples: Iterable[Example]) -> list[Example]:

@@ -367,13 +367,16 @@ def _build_accelerator(config: TrainConfig) -> Accelerator:
 
 
 def _log_plan(accelerator: Accelerator, data: RunData, labels: LabelReport, run: _Training, *, batch: int) -> None:
-    """The label self-check and the derived values, once: what the run will really do."""
+    """What was loaded, the label self-check and the derived values, once: what the run will really do."""
+    for report in data.reports:
+        logger.info("loaded %s", report.format())
     logger.info("label self-check:\n%s", labels.format())
     logger.info(
-        "%d train examples -> %d windows; %d eval examples -> %d windows (%s); %d processes on %s, precision %s; "
-        "effective batch %d windows; %d updates (%d per epoch, %d warmup)",
+        "%d train examples -> %d windows; %d eval examples -> %d windows (%s, from %s); %d processes on %s, precision "
+        "%s; effective batch %d windows; %d updates (%d per epoch, %d warmup)",
         *(len(data.train_examples), len(data.train_features), len(data.eval_examples), len(data.eval_features)),
         "v2.0" if is_v2(data.eval_examples) else "v1.1",
+        data.eval_source,
         *(accelerator.num_processes, accelerator.device, accelerator.mixed_precision),
         *(batch * accelerator.num_processes, run.total_steps, run.per_epoch, run.warmup_steps),
     )

@@ -189,6 +189,7 @@ def evaluate_model(
     batch_size: int = 64,
     threshold: float | None = None,
     mixed_precision: str = "auto",
+    column_map: str | None = None,
 ) -> tuple[dict[str, float], dict[str, Prediction], list[Example]]:
     """Score a saved model on a dataset with the settings it was trained with; works under `accelerate launch`.
 
@@ -201,7 +202,10 @@ def evaluate_model(
     accelerator = make_accelerator(mixed_precision=resolve_precision(mixed_precision))
     settings = load_settings(model_dir)
     tokenizer = build_tokenizer(model_dir)
-    examples, _ = load_examples(eval_data, answerable=answerable_only, max_examples=max_examples, seed=seed)
+    examples, report = load_examples(
+        eval_data, answerable=answerable_only, max_examples=max_examples, seed=seed, column_map=column_map
+    )
+    logger.info("loaded %s", report.format())
     features = tokenize_examples(examples, tokenizer, Window.from_dict(settings))
     model = accelerator.prepare(build_model(model_dir))
     v2 = is_v2(examples)

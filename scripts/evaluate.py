@@ -22,7 +22,12 @@ from _cli import run, setup_logging
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", help="saved model folder (final_model/best_model of a run), alias or hub id")
-    parser.add_argument("--data", default="dev-v1.1", help="bundled name, SQuAD JSON path or hub name")
+    parser.add_argument(
+        "--data", default="dev-v1.1", help="bundled name, data file (.json, .jsonl, .csv, .parquet) or hub dataset id"
+    )
+    parser.add_argument(
+        "--column-map", help="your column names, e.g. 'context=passage,question=query,answer_text=gold'"
+    )
     parser.add_argument("--answerable-only", action="store_true", help="score only questions that have an answer")
     parser.add_argument("--max-examples", type=int, help="seeded random subset of examples")
     parser.add_argument("--seed", type=int, default=42, help="seed of the subset")
@@ -45,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed,
         batch_size=args.batch_size,
         threshold=args.threshold,
+        column_map=args.column_map,
     )
     if not predictions:  # not the main process
         return 0

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import pytest
 import torch
 
 from bertqa.model import build_model, build_tokenizer
+
+# Tests run offline: a hub lookup must fail at once instead of retrying (the scripts' subprocesses inherit this).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 TINY = {
     "hidden_size": 32,
