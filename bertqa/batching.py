@@ -63,19 +63,20 @@ class Collator:
     def __call__(self, items: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         longest = max(len(item["input_ids"]) for item in items)
         length = math.ceil(longest / self.multiple) * self.multiple
-        input_ids = torch.full((len(items), length), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(items), length), dtype=torch.long)
+        # Filled in numpy: the rows may be read-only memory-mapped slices, which torch would warn about.
+        input_ids = np.full((len(items), length), self.pad_token_id, dtype=np.int64)
+        mask = np.zeros((len(items), length), dtype=np.int64)
         has_types = "token_type_ids" in items[0]
-        types = torch.zeros((len(items), length), dtype=torch.long) if has_types else None
+        types = np.zeros((len(items), length), dtype=np.int64) if has_types else None
         for row, item in enumerate(items):
             n = len(item["input_ids"])
-            input_ids[row, :n] = torch.as_tensor(item["input_ids"])
+            input_ids[row, :n] = item["input_ids"]
             mask[row, :n] = 1
             if types is not None:
-                types[row, :n] = torch.as_tensor(item["token_type_ids"])
-        batch = {"input_ids": input_ids, "attention_mask": mask}
+                types[row, :n] = item["token_type_ids"]
+        batch = {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(mask)}
         if types is not None:
-            batch["token_type_ids"] = types
+            batch["token_type_ids"] = torch.from_numpy(types)
         for key in ("start_positions", "end_positions", "feature_index"):
             if key in items[0]:
                 batch[key] = torch.tensor([item[key] for item in items], dtype=torch.long)

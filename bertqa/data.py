@@ -12,13 +12,14 @@ import itertools
 import random
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from bertqa.examples import Example, LoadReport, SquadFormatError, is_v2
+from bertqa.features import Features
 from bertqa.loading import load_squad
 from bertqa.metrics import normalize_answer
 
@@ -180,31 +181,6 @@ def subsample(examples: Sequence[Example], n: int | None, *, seed: int) -> list[
 # ------------------------------------------------------------------------------------------------------ tokenizing
 
 
-@dataclass
-class Features:
-    """Tokenized windows, unpadded (batches are padded when they are formed, to their own longest window).
-
-    `offsets[i]` is an int32 array of shape (len(input_ids[i]), 2) with each token's character span in the context,
-    and -1 for tokens outside the context (question, special tokens), so post-processing never picks them.
-    `start_positions`/`end_positions` are set by `label_features` (the CLS index when the window holds no answer).
-    """
-
-    input_ids: list[list[int]]
-    token_type_ids: list[list[int]] | None
-    offsets: list[np.ndarray]
-    example_index: np.ndarray
-    cls_index: np.ndarray
-    start_positions: np.ndarray | None = None
-    end_positions: np.ndarray | None = None
-    lengths: np.ndarray = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.lengths = np.fromiter((len(ids) for ids in self.input_ids), dtype=np.int64, count=len(self.input_ids))
-
-    def __len__(self) -> int:
-        return len(self.input_ids)
-
-
 def tokenize_examples(
     examples: Sequence[Example],
     tokenizer: Any,
@@ -230,11 +206,7 @@ def tokenize_examples(
 
 def _tokenize(examples: Sequence[Example], tokenizer: Any, window: Window, *, batch_size: int) -> Features:
     with_type_ids = "token_type_ids" in tokenizer.model_input_names
-    input_ids: list[list[int]] = []
-    type_ids: list[list[int]] = []
-    offsets: list[np.ndarray] = []
-    example_index: list[int] = []
-    cls_index: list[int] = []
+    parts = []
     for begin in range(0, len(examples), batch_size):
         chunk = examples[begin : begin + batch_size]
         questions = _cut_questions([ex.question.lstrip() for ex in chunk], tokenizer, window.max_query_length)
@@ -248,24 +220,35 @@ def _tokenize(examples: Sequence[Example], tokenizer: Any, window: Window, *, ba
             return_offsets_mapping=True,
             padding=False,
         )
-        for i, ids in enumerate(enc["input_ids"]):
-            # sequence_ids marks the context tokens (1); everything else gets offset -1.
-            in_context = np.array([s == 1 for s in enc.sequence_ids(i)], dtype=bool)
-            offs = np.asarray(enc["offset_mapping"][i], dtype=np.int32).reshape(-1, 2)
-            offs[~in_context] = -1
-            input_ids.append(ids)
-            if with_type_ids:
-                type_ids.append(enc["token_type_ids"][i])
-            offsets.append(offs)
-            example_index.append(begin + enc["overflow_to_sample_mapping"][i])
-            cls_index.append(ids.index(tokenizer.cls_token_id) if tokenizer.cls_token_id in ids else 0)
+        parts.append(_flat_windows(enc, tokenizer.cls_token_id, with_type_ids))
+    return Features.concat(parts, range(0, len(examples), batch_size)) if parts else _no_windows(with_type_ids)
+
+
+def _flat_windows(enc: Any, cls_token_id: int | None, with_type_ids: bool) -> Features:
+    """One tokenizer batch as flat arrays, built from iterators over all its windows at once (no per-window numpy)."""
+    rows = enc["input_ids"]
+    lengths = np.fromiter(map(len, rows), dtype=np.int64, count=len(rows))
+    total = int(lengths.sum())
+    chain = itertools.chain.from_iterable
+    ids = np.fromiter(chain(rows), dtype=np.int32, count=total)
+    offsets = np.fromiter(chain(chain(enc["offset_mapping"])), dtype=np.int32, count=2 * total).reshape(-1, 2)
+    # sequence_ids marks the context tokens (1); everything else gets offset -1.
+    in_context = np.fromiter((s == 1 for i in range(len(rows)) for s in enc.sequence_ids(i)), dtype=bool, count=total)
+    offsets[~in_context] = -1
     return Features(
-        input_ids=input_ids,
-        token_type_ids=type_ids if with_type_ids else None,
-        offsets=offsets,
-        example_index=np.asarray(example_index, dtype=np.int64),
-        cls_index=np.asarray(cls_index, dtype=np.int64),
+        bounds=np.concatenate([[0], np.cumsum(lengths)]),
+        ids=ids,
+        type_ids=np.fromiter(chain(enc["token_type_ids"]), dtype=np.int8, count=total) if with_type_ids else None,
+        token_offsets=offsets,
+        example_index=np.asarray(enc["overflow_to_sample_mapping"], dtype=np.int64),
+        cls_index=np.asarray([row.index(cls_token_id) if cls_token_id in row else 0 for row in rows], dtype=np.int64),
     )
+
+
+def _no_windows(with_type_ids: bool) -> Features:
+    empty = np.zeros(0, dtype=np.int64)
+    type_ids = np.zeros(0, dtype=np.int8) if with_type_ids else None
+    return Features(np.zeros(1, np.int64), np.zeros(0, np.int32), type_ids, np.zeros((0, 2), np.int32), empty, empty)
 
 
 def _tokenize_in_processes(
@@ -286,14 +269,7 @@ def _tokenize_in_processes(
     with ProcessPoolExecutor(len(shards), mp_context=multiprocessing.get_context("fork")) as pool:
         same = [(tokenizer, window, batch_size)] * len(shards)
         parts = list(pool.map(_tokenize_shard, shards, *zip(*same)))
-    with_type_ids = parts[0].token_type_ids is not None
-    return Features(
-        input_ids=[ids for part in parts for ids in part.input_ids],
-        token_type_ids=[t for part in parts for t in part.token_type_ids] if with_type_ids else None,
-        offsets=[o for part in parts for o in part.offsets],
-        example_index=np.concatenate([part.example_index + first for part, first in zip(parts, bounds)]),
-        cls_index=np.concatenate([part.cls_index for part in parts]),
-    )
+    return Features.concat(parts, bounds[:-1].tolist())
 
 
 def _tokenize_shard(examples: list[Example], tokenizer: Any, window: Window, batch_size: int) -> Features:

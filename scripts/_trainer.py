@@ -38,10 +38,10 @@ def padded_dataset(features: Features, *, width: int, pad_token_id: int, labelle
     if features.token_type_ids is not None:
         columns["token_type_ids"] = torch.zeros((n, width), dtype=torch.long)
     for i, ids in enumerate(features.input_ids):
-        columns["input_ids"][i, : len(ids)] = torch.tensor(ids)
+        columns["input_ids"][i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
         columns["attention_mask"][i, : len(ids)] = 1
         if features.token_type_ids is not None:
-            columns["token_type_ids"][i, : len(ids)] = torch.tensor(features.token_type_ids[i])
+            columns["token_type_ids"][i, : len(ids)] = torch.tensor(features.token_type_ids[i], dtype=torch.long)
     if labelled:
         columns["start_positions"] = torch.as_tensor(features.start_positions, dtype=torch.long)
         columns["end_positions"] = torch.as_tensor(features.end_positions, dtype=torch.long)

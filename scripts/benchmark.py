@@ -261,12 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = build_tokenizer(args.model)
     examples, _ = data.load_examples("train-v1.1", max_examples=args.windows, seed=args.seed)
     features = data.label_features(data.tokenize_examples(examples, tokenizer), examples)
-    keep = list(range(min(args.windows, len(features))))
-    features = data.Features(
-        [features.input_ids[i] for i in keep], [features.token_type_ids[i] for i in keep],
-        [features.offsets[i] for i in keep], features.example_index[keep], features.cls_index[keep],
-        features.start_positions[keep], features.end_positions[keep],
-    )  # fmt: skip
+    features = features.select(range(min(args.windows, len(features))))
     windows_per_example = len(features) / len(set(features.example_index.tolist()))
     probe = fresh_model(args)
     cfg = probe.config

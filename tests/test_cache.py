@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from bertqa import data
 from bertqa.cache import cached_features, features_key
@@ -21,16 +22,49 @@ def same(a: data.Features, b: data.Features) -> bool:
     )
 
 
-def test_cache_hit_returns_identical_windows(tmp_path, tokenizer):
+def test_cache_hit_returns_identical_windows_memory_mapped(tmp_path, tokenizer):
     examples, _ = data.load_examples("dev-v1.1", max_examples=30, seed=0)
     fresh = cached_features(examples, tokenizer, WINDOW, cache_dir=None, labelled=True)
     first = cached_features(examples, tokenizer, WINDOW, cache_dir=tmp_path, labelled=True)
-    files = list(tmp_path.glob("windows-*.pkl"))
-    assert len(files) == 1
+    entries = list(tmp_path.glob("windows-*"))
+    assert len(entries) == 1 and (entries[0] / "manifest.json").is_file()
     second = cached_features(examples, tokenizer, WINDOW, cache_dir=tmp_path, labelled=True)
+    assert isinstance(second.ids, np.memmap)  # read from disk, not rebuilt
     assert same(fresh, first) and same(first, second)
-    files[0].write_bytes(b"damaged")
-    assert same(fresh, cached_features(examples, tokenizer, WINDOW, cache_dir=tmp_path, labelled=True))
+
+
+def flip_last_byte(path):
+    raw = bytearray(path.read_bytes())
+    raw[-1] ^= 1
+    path.write_bytes(bytes(raw))
+
+
+def truncate(path):
+    path.write_bytes(path.read_bytes()[:200])
+
+
+DAMAGE = {
+    "flipped bit": lambda entry: flip_last_byte(entry / "ids.npy"),
+    "truncated": lambda entry: (entry / "token_offsets.npy").write_bytes(
+        (entry / "token_offsets.npy").read_bytes()[:200]
+    ),
+    "wrong object": lambda entry: np.save(entry / "ids.npy", np.zeros(3)),
+    "garbage manifest": lambda entry: (entry / "manifest.json").write_text("{not json"),
+    "missing array": lambda entry: (entry / "bounds.npy").unlink(),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGE))
+def test_a_damaged_entry_is_rebuilt_with_a_warning_never_used(tmp_path, tokenizer, caplog, damage):
+    examples, _ = data.load_examples("dev-v1.1", max_examples=12, seed=0)
+    fresh = cached_features(examples, tokenizer, WINDOW, cache_dir=None, labelled=True)
+    cached_features(examples, tokenizer, WINDOW, cache_dir=tmp_path, labelled=True)
+    DAMAGE[damage](next(tmp_path.glob("windows-*")))
+    with caplog.at_level("WARNING", logger="bertqa"):
+        rebuilt = cached_features(examples, tokenizer, WINDOW, cache_dir=tmp_path, labelled=True)
+    assert same(fresh, rebuilt) and "damaged" in caplog.text
+    again = cached_features(examples, tokenizer, WINDOW, cache_dir=tmp_path, labelled=True)  # the rebuilt entry
+    assert isinstance(again.ids, np.memmap) and same(fresh, again)
 
 
 def test_key_changes_with_everything_the_windows_depend_on(tokenizer):
@@ -40,8 +74,9 @@ def test_key_changes_with_everything_the_windows_depend_on(tokenizer):
     assert key != features_key(examples, tokenizer, WINDOW, labelled=False)
     assert key != features_key(examples, tokenizer, Window(128, 16, 32), labelled=True)
     assert key != features_key(examples[1:], tokenizer, WINDOW, labelled=True)
-    edited = [examples[0].__class__(**{**_fields(examples[0]), "question": "Other?"}), *examples[1:]]
-    assert key != features_key(edited, tokenizer, WINDOW, labelled=True)
+    for field, value in (("question", "Other?"), ("context", examples[0].context + " More."), ("id", "other")):
+        edited = [examples[0].__class__(**{**_fields(examples[0]), field: value}), *examples[1:]]
+        assert key != features_key(edited, tokenizer, WINDOW, labelled=True), field
 
 
 def _fields(ex: data.Example) -> dict:

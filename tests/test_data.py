@@ -173,7 +173,7 @@ def test_labels_are_token_positions_not_characters(tokenizer):
     examples = [make_example(context, "lazy dog")]
     features = labelled(examples, tokenizer)
     start = int(features.start_positions[0])
-    assert tokenizer.convert_ids_to_tokens(features.input_ids[0][start]) == "lazy"
+    assert tokenizer.convert_ids_to_tokens(int(features.input_ids[0][start])) == "lazy"
     assert start != context.index("lazy")  # the notebook bug: a character offset used as a token index
 
 
@@ -248,7 +248,7 @@ def test_question_longer_than_its_budget_is_cut(tokenizer):
     examples = [make_example(long_context(50), "word7", question=question)]
     features = labelled(examples, tokenizer, Window(96, 16, 20))
     assert all(len(ids) <= 96 for ids in features.input_ids)
-    n_question = features.input_ids[0].index(tokenizer.sep_token_id) - 1
+    n_question = features.input_ids[0].tolist().index(tokenizer.sep_token_id) - 1
     assert n_question == 20
     assert decoded(features, examples, 0) == "word7"
 
@@ -264,7 +264,7 @@ def test_unanswerable_is_cls_in_every_window(tokenizer):
 def test_offsets_are_minus_one_outside_the_context(tokenizer):
     features = data.tokenize_examples([make_example("Paris is in France.", "Paris")], tokenizer)
     offs = features.offsets[0]
-    sep = features.input_ids[0].index(tokenizer.sep_token_id)
+    sep = features.input_ids[0].tolist().index(tokenizer.sep_token_id)
     assert np.all(offs[: sep + 1] == -1) and np.all(offs[-1] == -1)
     assert np.all(offs[sep + 1 : -1, 0] >= 0)
 
@@ -327,7 +327,7 @@ def test_real_dev_set_labels_decode_to_gold(tokenizer):
     for i in range(0, len(features), 97):
         if not is_cls(features, i):
             s, e = features.start_positions[i], features.end_positions[i]
-            text = tokenizer.decode(features.input_ids[i][s : e + 1])
+            text = tokenizer.decode(features.input_ids[i][s : e + 1].tolist())
             gold = examples[features.example_index[i]].answer_texts[0]
             same = squash(text) == squash(gold)
             # Where the tokenizer's decode disagrees, the offset decode must disagree too (a real boundary issue).

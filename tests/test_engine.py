@@ -133,15 +133,7 @@ def run_epoch(
 
 
 def test_gradient_accumulation_2x2_equals_batch_4(small_features, tokenizer, tiny):
-    features = data.Features(
-        input_ids=small_features.input_ids[:4],
-        token_type_ids=small_features.token_type_ids[:4],
-        offsets=small_features.offsets[:4],
-        example_index=small_features.example_index[:4],
-        cls_index=small_features.cls_index[:4],
-        start_positions=small_features.start_positions[:4],
-        end_positions=small_features.end_positions[:4],
-    )
+    features = small_features.select(range(4))
     big, small = tiny(), tiny()
     state_big, _ = run_epoch(big, features, tokenizer, batch_size=4, grad_accum=1, lr=1.0, sgd=True)
     state_small, _ = run_epoch(small, features, tokenizer, batch_size=2, grad_accum=2, lr=1.0, sgd=True)
@@ -209,8 +201,8 @@ def test_one_logits_loop_gives_the_same_logits_with_and_without_an_accelerator(s
     i = int(np.argmin(small_features.lengths))
     n = small_features.lengths[i]
     alone = model(
-        input_ids=torch.tensor([small_features.input_ids[i]]),
-        token_type_ids=torch.tensor([small_features.token_type_ids[i]]),
+        input_ids=torch.tensor(small_features.input_ids[i], dtype=torch.long)[None],
+        token_type_ids=torch.tensor(small_features.token_type_ids[i], dtype=torch.long)[None],
     )
     assert np.allclose(start_a[i, :n], alone.start_logits[0].detach().numpy(), atol=1e-4)
 
@@ -319,3 +311,20 @@ def test_half_precision_checkpoints_load_as_float32_master_weights(tmp_path, tin
     model = build_model(tmp_path)  # what training gets: AdamW must not update half-precision weights
     assert {p.dtype for p in model.parameters()} == {torch.float32}
     assert torch.equal(model.qa_outputs.weight, tiny_model.qa_outputs.weight.float())
+
+
+def test_fit_takes_a_datasets_object_and_holds_out_evaluation_data(tmp_path, tiny):
+    import datasets
+
+    examples, _ = data.load_examples("dev-v1.1", max_examples=60, seed=5)
+    records = datasets.Dataset.from_list(
+        [{"title": ex.title, "context": ex.context, "question": ex.question,
+          "answers": {"text": list(ex.answer_texts), "answer_start": list(ex.answer_starts)}} for ex in examples]
+    )  # fmt: skip
+    summary = engine.fit(
+        tiny_config(tmp_path, eval_split=0.25, eval_data=None, max_eval_examples=None),
+        model=tiny(),
+        train_examples=records,
+    )
+    held = summary["final"]["total"]
+    assert 0.25 * 60 <= held < 60 and summary["label_report"].n_examples == 60 - held

@@ -69,7 +69,7 @@ def test_max_answer_length_is_respected(tokenizer):
     context = "alpha beta gamma delta epsilon zeta eta theta iota kappa"
     examples = [example(context, "alpha")]
     features = data.tokenize_examples(examples, tokenizer)
-    sep = features.input_ids[0].index(tokenizer.sep_token_id)
+    sep = features.input_ids[0].tolist().index(tokenizer.sep_token_id)
     first, last = sep + 1, len(features.input_ids[0]) - 2
     start, end = logits_for(features, [(0, first, last)], len(features.input_ids[0]))
     assert postprocess(examples, features, start, end, max_answer_length=100)["q"].text == context
@@ -86,7 +86,7 @@ def test_no_answer_score_is_null_minus_best_span(tokenizer):
     for i, n in enumerate(features.lengths):
         start[i, :n] = end[i, :n] = 0.0
     start[0, 0] = end[0, 0] = 4.0  # "n": CLS wins by 8
-    red = next(t for t in range(length) if tokenizer.convert_ids_to_tokens(features.input_ids[1][t]) == "red")
+    red = next(t for t in range(length) if tokenizer.convert_ids_to_tokens(int(features.input_ids[1][t])) == "red")
     start[1, red] = end[1, red] = 3.0  # "a": span "red" scores 6 against a null of 0
     preds = postprocess(examples, features, start, end)
     assert preds["n"].null_score == pytest.approx(8.0) and preds["n"].no_answer_score == pytest.approx(8.0)

@@ -140,7 +140,7 @@ def test_sigkill_mid_run_then_resume_matches_uninterrupted(tmp_path, tiny_dir):
     [
         (["--model", "/no/such/model"], "model folder '/no/such/model' does not exist"),
         (["--doc-stride", "400"], "doc_stride=400 must be >= 0 and smaller"),
-        (["--train-data", "/no/such.json"], "SQuAD file not found"),
+        (["--train-data", "/no/such.json"], "data file not found: /no/such.json"),
         (["--lr", "-1"], "lr must be positive"),
     ],
 )
