@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from bertqa.config import eval_source
 from bertqa.data import (
     Example,
     Features,
@@ -42,7 +43,6 @@ __all__ = [
     "FORMAT",
     "RunData",
     "cached_features",
-    "eval_source",
     "features_key",
     "prepare_data",
     "read_entry",
@@ -56,7 +56,11 @@ logger = logging.getLogger("bertqa")
 def features_key(examples: Sequence[Example], tokenizer: Any, window: Window, *, labelled: bool) -> str:
     h = hashlib.sha256()
     h.update(json.dumps({"format": FORMAT, "labelled": labelled, **window.to_dict()}, sort_keys=True).encode())
-    h.update(tokenizer.backend_tokenizer.to_str().encode())
+    # The tokenizer's definition without its truncation/padding state, which its last call leaves behind.
+    spec = {
+        k: v for k, v in json.loads(tokenizer.backend_tokenizer.to_str()).items() if k not in ("truncation", "padding")
+    }
+    h.update(json.dumps(spec, sort_keys=True).encode())
     contexts: dict[int, bytes] = {}  # the questions of one paragraph share its context object: hash it once
     for ex in examples:
         if id(ex.context) not in contexts:
@@ -146,19 +150,6 @@ class RunData:
     eval_features: Features
     reports: tuple[LoadReport, ...] = ()
     eval_source: str = ""  # where the evaluation examples came from, in words
-
-
-def eval_source(train_data: str, eval_data: str | None, eval_split: float | None) -> str | float:
-    """The evaluation data a config means: a source, or the share of the training data to hold out.
-
-    Unset, it is the bundled dev-v1.1 for the bundled train-v1.1 (the usual SQuAD setup), and a held-out tenth of
-    the training data for anything else: a user's own data is not scored against SQuAD unless asked to be.
-    """
-    if eval_data is not None:
-        return eval_data
-    if eval_split is not None:
-        return eval_split
-    return "dev-v1.1" if train_data == "train-v1.1" else 0.1
 
 
 def prepare_data(

@@ -1,14 +1,18 @@
-"""Checkpoint folders that a crash cannot corrupt.
+"""Checkpoint folders that a crash cannot corrupt, and that are checked before they are trusted.
 
-`accelerator.save_state` writes into `step_XXXXXXXX.tmp`, which is renamed to `step_XXXXXXXX` only once every
-process has finished writing. A kill during a save leaves a `.tmp` folder that is ignored and later removed, and the
-last complete checkpoint stays untouched; old checkpoints are pruned only after the new one is in place. Saved
-models (`best_model/`, `final_model/`) are replaced the same way.
+`accelerator.save_state` writes into `step_XXXXXXXX.tmp`; then the run's config and a manifest (every file's size and
+SHA-256) are written, last, and the folder is renamed to `step_XXXXXXXX` once every process has finished. A kill
+during a save leaves a `.tmp` folder that is ignored and later removed. Resuming from "latest" verifies the newest
+checkpoint against its manifest and falls back to the newest intact one, with a warning; pruning keeps the newest
+intact checkpoints and removes damaged ones, so it never removes the last good one. Saved models (`best_model/`,
+`final_model/`) are replaced the same way.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -19,15 +23,21 @@ if TYPE_CHECKING:
     from accelerate import Accelerator
 
 __all__ = [
+    "RUN_RECORDS",
     "checkpoint_dir",
-    "latest_checkpoint",
     "list_checkpoints",
     "resolve_resume",
     "save_checkpoint",
     "save_model",
+    "saved_config",
+    "verify",
 ]
 
+logger = logging.getLogger("bertqa")
 _NAME = re.compile(r"^step_(\d{8})$")
+MANIFEST, CONFIG = "manifest.json", "config.json"
+# What a run leaves in its output folder besides checkpoints: a fresh run there would replace them.
+RUN_RECORDS = ("final_model", "best_model", "metrics.jsonl", "train_log.jsonl", "config.json", "training_curves.png")
 
 
 def checkpoint_dir(output_dir: str | Path, step: int) -> Path:
@@ -35,7 +45,7 @@ def checkpoint_dir(output_dir: str | Path, step: int) -> Path:
 
 
 def list_checkpoints(output_dir: str | Path) -> list[Path]:
-    """Complete checkpoints, oldest first."""
+    """Complete (renamed) checkpoint folders, oldest first; whether they are intact is `verify`'s question."""
     root = Path(output_dir) / "checkpoints"
     if not root.is_dir():
         return []
@@ -43,51 +53,133 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)))  # type: ignore[union-attr]
 
 
-def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    found = list_checkpoints(output_dir)
-    return found[-1] if found else None
+def verify(folder: Path, *, hashes: bool = True) -> str | None:
+    """None if `folder` matches its manifest (sizes, and SHA-256 when `hashes`), else what is wrong with it."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+    except (OSError, ValueError) as err:
+        return f"no readable {MANIFEST} ({err.__class__.__name__})"
+    for name, entry in manifest.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != entry["size"]:
+            return f"{name} has {path.stat().st_size} bytes, the manifest says {entry['size']}"
+        if hashes and _sha256(path) != entry["sha256"]:
+            return f"{name} does not match its SHA-256"
+    return None
 
 
-def resolve_resume(resume: str | None, output_dir: str | Path) -> Path | None:
-    """`None` -> no resume; `"latest"` -> the newest checkpoint in output_dir (None if there is none yet); a path.
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
 
-    Starting afresh where an earlier run left checkpoints is refused: it would mix two runs' records.
+
+def resolve_resume(resume: str | None, output_dir: str | Path, *, overwrite: bool = False) -> Path | None:
+    """The checkpoint to resume from: None (start afresh), the newest intact one for "latest", or a given folder.
+
+    Starting afresh where an earlier run left checkpoints or records is refused unless `overwrite` (then they are
+    removed): it would mix two runs, or replace a finished one without being asked.
     """
-    if resume is None:
-        if latest_checkpoint(output_dir) is not None:
-            raise ValueError(
-                f"{output_dir} already holds checkpoints of an earlier run; resume it with resume='latest' "
-                "(--resume latest) or choose another output_dir"
-            )
-        return None
+    out = Path(output_dir)
+    if resume is not None and resume != "latest":
+        path = Path(resume)
+        if not path.is_dir():
+            raise FileNotFoundError(f"checkpoint to resume from does not exist: {path}")
+        problem = verify(path) if (path / MANIFEST).exists() else None
+        if problem:
+            raise ValueError(f"checkpoint {path} is damaged ({problem}); resume from another one or 'latest'")
+        return path
     if resume == "latest":
-        return latest_checkpoint(output_dir)
-    path = Path(resume)
-    if not path.is_dir():
-        raise FileNotFoundError(f"checkpoint to resume from does not exist: {path}")
-    return path
+        for folder in reversed(list_checkpoints(out)):
+            problem = verify(folder) if (folder / MANIFEST).exists() else None
+            if problem is None:
+                return folder
+            logger.warning("checkpoint %s is damaged (%s): trying the one before it", folder, problem)
+    _refuse_or_clear(out, overwrite=overwrite, resuming=resume == "latest")
+    return None
 
 
-def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, step: int, *, keep: int) -> Path:
-    """Save the full training state (model, optimizer, registered objects, RNG) atomically; keep the newest `keep`."""
+def _refuse_or_clear(out: Path, *, overwrite: bool, resuming: bool) -> None:
+    """A fresh start in `out`: refuse when an earlier run's checkpoints or records are there, or clear them."""
+    found = [name for name in RUN_RECORDS if (out / name).exists()]
+    found += ["checkpoints/"] if list_checkpoints(out) else []
+    if not found:
+        return
+    if not overwrite:
+        hint = "no intact checkpoint is left to resume from; " if resuming else ""
+        resume = "" if resuming else "resume it with --resume latest, "
+        raise ValueError(
+            f"{out} holds an earlier run ({', '.join(found)}); {hint}{resume}choose another output_dir, or pass "
+            "--overwrite true to replace it"
+        )
+    logger.warning("--overwrite: removing the earlier run's %s from %s", ", ".join(found), out)
+    for name in [*RUN_RECORDS, "checkpoints"]:
+        path = out / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+
+
+def saved_config(checkpoint: Path) -> dict[str, Any] | None:
+    """The run config saved in a checkpoint (None for checkpoints written before configs were saved in them)."""
+    path = checkpoint / CONFIG
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def save_checkpoint(
+    accelerator: Accelerator, output_dir: str | Path, step: int, *, keep: int, config: dict[str, Any] | None = None
+) -> Path:
+    """Save the full training state (model, optimizer, registered objects, RNG) atomically, with the run config and
+    a manifest; then keep the newest `keep` intact checkpoints and remove the rest."""
     final = checkpoint_dir(output_dir, step)
-    if final.is_dir():
+    if final.is_dir() and verify(final, hashes=False) is None:
         return final  # this update is already saved (e.g. a periodic save that fell on an epoch end)
     tmp = final.with_name(final.name + ".tmp")
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.parent.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
+    _writing(tmp, lambda: accelerator.save_state(str(tmp)))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        _writing(tmp, lambda: _seal(tmp, config))
+        shutil.rmtree(final, ignore_errors=True)  # a damaged folder of the same step
         os.replace(tmp, final)
-        for old in list_checkpoints(output_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-        for stale in final.parent.glob("*.tmp"):
-            shutil.rmtree(stale, ignore_errors=True)
+        _prune(Path(output_dir), keep=keep)
     accelerator.wait_for_everyone()
     return final
+
+
+def _seal(folder: Path, config: dict[str, Any] | None) -> None:
+    if config is not None:
+        (folder / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    manifest = {str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": _sha256(p)} for p in files}
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+
+
+def _prune(output_dir: Path, *, keep: int) -> None:
+    """Keep the newest `keep` checkpoints that match their manifest (sizes); remove older and damaged ones."""
+    kept = 0
+    for folder in reversed(list_checkpoints(output_dir)):
+        # Checkpoints from before manifests cannot be checked: they count as intact.
+        intact = not (folder / MANIFEST).exists() or verify(folder, hashes=False) is None
+        if intact and kept < keep:
+            kept += 1
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+    for stale in (output_dir / "checkpoints").glob("*.tmp"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def _writing(path: Path, write: Any) -> None:
+    """Run `write`; a failed write (disk full, read-only, ...) becomes one OSError that names the place."""
+    try:
+        write()
+    except (OSError, RuntimeError) as err:  # torch reports a full disk as RuntimeError ("iostream error")
+        raise OSError(f"could not write {path}: {err}; is the disk full or read-only?") from err
 
 
 def save_model(accelerator: Accelerator, model: Any, tokenizer: Any, path: Path, meta: dict[str, Any]) -> None:
@@ -100,10 +192,14 @@ def save_model(accelerator: Accelerator, model: Any, tokenizer: Any, path: Path,
     tmp = path.with_name(path.name + ".tmp")
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
-        unwrapped.save_pretrained(tmp, save_function=accelerator.save)
-        tokenizer.save_pretrained(tmp)
-        threshold = meta["eval"].get("best_f1_thresh", 0.0) if meta.get("v2") else None
-        (tmp / "bertqa.json").write_text(json.dumps({**meta, "no_answer_threshold": threshold}, indent=2) + "\n")
+
+        def write() -> None:
+            unwrapped.save_pretrained(tmp, save_function=accelerator.save)
+            tokenizer.save_pretrained(tmp)
+            threshold = meta["eval"].get("best_f1_thresh", 0.0) if meta.get("v2") else None
+            (tmp / "bertqa.json").write_text(json.dumps({**meta, "no_answer_threshold": threshold}, indent=2) + "\n")
+
+        _writing(tmp, write)
         shutil.rmtree(path, ignore_errors=True)
         os.replace(tmp, path)
     accelerator.wait_for_everyone()

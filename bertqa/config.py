@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,7 +17,7 @@ from typing import Any
 from bertqa.data import Window
 from bertqa.examples import parse_column_map
 
-__all__ = ["PRESETS", "TrainConfig", "load_config", "preset"]
+__all__ = ["BOOKKEEPING", "PRESETS", "TrainConfig", "computation_changes", "eval_source", "load_config", "preset"]
 
 
 def _f(default: Any, help: str, **kwargs: Any) -> Any:
@@ -87,42 +89,18 @@ class TrainConfig:
     resume: str | None = _f(None, "checkpoint folder to resume from, or 'latest' for the newest in output_dir")
     report_to: tuple[str, ...] = _f((), "Accelerate trackers to log to, e.g. tensorboard")
     save_model: bool = _f(True, "save the final and the best-by-F1 model with save_pretrained")
+    overwrite: bool = _f(False, "start afresh in an output_dir that holds a finished run (its records are replaced)")
+    accept_changes: bool = _f(
+        False, "resume although settings that change the computation differ from the checkpoint's (recorded)"
+    )
+    collective_timeout_s: int = _f(
+        1800, "multi-process runs: give up when another process has not answered for this many seconds"
+    )
 
     def __post_init__(self) -> None:
-        problems = []
-        for name in (
-            "max_seq_length",
-            "batch_size",
-            "grad_accum",
-            "eval_batch_size",
-            "log_every",
-            "pad_to_multiple_of",
-            "tokenize_workers",
-        ):
-            if getattr(self, name) <= 0:
-                problems.append(f"{name} must be positive")
-        if self.epochs <= 0 and not self.max_steps:
-            problems.append("epochs must be positive (or set max_steps)")
-        if self.eval_split is not None and not 0 < self.eval_split < 1:
-            problems.append("eval_split must be between 0 and 1")
-        if self.eval_split is not None and self.eval_data is not None:
-            problems.append("give eval_data or eval_split, not both (eval_split holds out part of train_data)")
-        try:
-            parse_column_map(self.column_map)
-        except ValueError as err:
-            problems.append(str(err))
-        if not 0 <= self.warmup_ratio < 1:
-            problems.append("warmup_ratio must be in [0, 1)")
-        if self.lr <= 0:
-            problems.append("lr must be positive")
-        for name in ("max_train_examples", "max_eval_examples", "max_steps", "eval_every_steps", "save_every_steps"):
-            value = getattr(self, name)
-            if value is not None and value <= 0:
-                problems.append(f"{name} must be positive when set")
-        for f in dataclasses.fields(self):
-            choices = f.metadata.get("choices")
-            if choices and getattr(self, f.name) not in choices:
-                problems.append(f"{f.name} must be one of {', '.join(choices)}, got {getattr(self, f.name)!r}")
+        if isinstance(self.report_to, list):  # a list from JSON or Python means the same
+            object.__setattr__(self, "report_to", tuple(self.report_to))
+        problems = _type_problems(self) or _value_problems(self)
         if problems:
             raise ValueError("invalid TrainConfig: " + "; ".join(problems))
 
@@ -142,15 +120,138 @@ class TrainConfig:
 
 
 def load_config(path: str | Path) -> TrainConfig:
-    """Read a `config.json` written by `TrainConfig.save`; unknown keys are an error, not silently dropped."""
-    raw = json.loads(Path(path).read_text())
+    """Read a `config.json` written by `TrainConfig.save`; unknown keys are an error, not silently dropped.
+
+    Keys starting with `_` are records, not settings (e.g. `_changes`, the changes accepted on resume).
+    """
+    try:
+        raw = json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON at line {err.lineno} column {err.colno}: {err.msg}") from err
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected a JSON object of settings, got {type(raw).__name__}")
+    raw = {k: v for k, v in raw.items() if not k.startswith("_")}
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(raw) - known)
     if unknown:
         raise ValueError(f"{path}: unknown config keys {unknown}")
     if isinstance(raw.get("report_to"), list):
         raw["report_to"] = tuple(raw["report_to"])
-    return TrainConfig(**raw)
+    try:
+        return TrainConfig(**raw)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from err
+
+
+# Settings that only change what is recorded or how fast: a resumed run may change them. Every other field changes
+# the computation (data, windows, model, optimiser, schedule, batch, seed, precision, length).
+BOOKKEEPING = frozenset({
+    "eval_every_steps", "eval_before_training", "log_every", "save_every_steps", "keep_checkpoints", "output_dir",
+    "resume", "report_to", "save_model", "eval_batch_size", "num_workers", "tokenize_workers", "cache_dir",
+    "label_check_min", "overwrite", "accept_changes", "collective_timeout_s",
+})  # fmt: skip
+
+
+def eval_source(train_data: str, eval_data: str | None, eval_split: float | None) -> str | float:
+    """The evaluation data a config means: a source, or the share of the training data to hold out.
+
+    Unset, it is the bundled dev-v1.1 for the bundled train-v1.1 (the usual SQuAD setup), and a held-out tenth of
+    the training data for anything else: a user's own data is not scored against SQuAD unless asked to be.
+    """
+    if eval_data is not None:
+        return eval_data
+    if eval_split is not None:
+        return eval_split
+    return "dev-v1.1" if train_data == "train-v1.1" else 0.1
+
+
+def computation_changes(old: dict[str, Any], new: TrainConfig) -> dict[str, tuple[Any, Any]]:
+    """{field: (old, new)} for the fields outside BOOKKEEPING that differ between a saved config and `new`.
+
+    The evaluation data is compared as what it resolves to (see `eval_source`), so spelling out a default is no change.
+    """
+    current = json.loads(json.dumps(new.to_dict()))  # tuples as lists, as they were saved
+    changes = {
+        name: (old.get(name), value)
+        for name, value in current.items()
+        if name not in BOOKKEEPING and name in old and old[name] != value and name not in ("eval_data", "eval_split")
+    }
+    if "eval_data" in old:
+        before = eval_source(old.get("train_data", new.train_data), old.get("eval_data"), old.get("eval_split"))
+        after = eval_source(new.train_data, new.eval_data, new.eval_split)
+        if before != after:
+            changes["eval_data"] = (before, after)
+    return changes
+
+
+_POSITIVE = (
+    "max_seq_length", "max_query_length", "max_answer_length", "batch_size", "grad_accum", "eval_batch_size",
+    "log_every", "pad_to_multiple_of", "tokenize_workers", "keep_checkpoints", "collective_timeout_s",
+)  # fmt: skip
+_POSITIVE_WHEN_SET = ("max_train_examples", "max_eval_examples", "max_steps", "eval_every_steps", "save_every_steps")
+
+
+def _type_problems(config: TrainConfig) -> list[str]:
+    """A value of the wrong type, named with its key (a config.json edited by hand, or a call from Python)."""
+    hints = typing.get_type_hints(TrainConfig)
+    problems = []
+    for f in dataclasses.fields(config):
+        hint = hints[f.name]
+        value, allowed = getattr(config, f.name), typing.get_args(hint) if _is_union(hint) else (hint,)
+        ok = any(_is(value, kind) for kind in allowed)
+        if not ok:
+            wanted = " or ".join("none" if k is type(None) else getattr(k, "__name__", str(k)) for k in allowed)
+            problems.append(f"key {f.name!r}: expected {wanted}, got {type(value).__name__} {value!r}")
+    return problems
+
+
+def _is_union(hint: Any) -> bool:
+    return isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union
+
+
+def _is(value: Any, kind: Any) -> bool:
+    if kind is type(None):
+        return value is None
+    if kind is bool:
+        return isinstance(value, bool)
+    if kind is float:  # a whole number is a fine float
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if typing.get_origin(kind) is tuple:
+        return isinstance(value, tuple) and all(isinstance(v, str) for v in value)
+    return isinstance(value, kind)
+
+
+def _value_problems(c: TrainConfig) -> list[str]:
+    problems = [f"{name} must be positive" for name in _POSITIVE if getattr(c, name) <= 0]
+    problems += [
+        f"{name} must be positive when set"
+        for name in _POSITIVE_WHEN_SET
+        if getattr(c, name) is not None and getattr(c, name) <= 0
+    ]
+    if c.epochs <= 0 and not c.max_steps:
+        problems.append("epochs must be positive (or set max_steps)")
+    if c.eval_split is not None and not 0 < c.eval_split < 1:
+        problems.append("eval_split must be between 0 and 1")
+    if c.eval_split is not None and c.eval_data is not None:
+        problems.append("give eval_data or eval_split, not both (eval_split holds out part of train_data)")
+    if not 0 <= c.warmup_ratio < 1:
+        problems.append("warmup_ratio must be in [0, 1)")
+    if c.lr <= 0:
+        problems.append("lr must be positive")
+    if not 0 <= c.label_check_min <= 1:
+        problems.append("label_check_min must be in [0, 1]")
+    for f in dataclasses.fields(c):
+        choices = f.metadata.get("choices")
+        if choices and getattr(c, f.name) not in choices:
+            problems.append(f"{f.name} must be one of {', '.join(choices)}, got {getattr(c, f.name)!r}")
+    for check in (lambda: parse_column_map(c.column_map), lambda: c.window.context_room()):
+        try:
+            check()
+        except ValueError as err:
+            problems.append(str(err))
+    return problems
 
 
 # Named starting points. Each is a set of changes to the defaults; the CLI applies flags on top.

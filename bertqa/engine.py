@@ -22,10 +22,12 @@ import torch
 from bertqa import checkpoint
 from bertqa.batching import LengthGroupedBatchSampler, model_inputs, train_loader
 from bertqa.cache import RunData, prepare_data
+from bertqa.config import computation_changes
 from bertqa.data import Example, Features, LabelReport, check_labels, is_v2
 from bertqa.inference import eval_batches, evaluate, make_accelerator, resolve_precision
+from bertqa.model import check_model_limits
 from bertqa.optim import build_optimizer, build_scheduler, count_updates
-from bertqa.reporting import LogMeter, RunRecorder
+from bertqa.reporting import LogMeter, RunRecorder, check_writable, read_json
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -269,6 +271,7 @@ def _periodic(
     eval_every: int | None,
     save_every: int | None,
     keep: int,
+    record: dict[str, Any],
 ) -> None:
     """Mid-epoch evaluation and checkpoints, as an update callback."""
     if eval_every and update.step % eval_every == 0 and update.step < training.total_steps:
@@ -277,7 +280,9 @@ def _periodic(
     if save_every and update.step % save_every == 0:
         if not torch.isfinite(update.loss):  # never let a NaN step overwrite good checkpoints
             raise NonFiniteLossError(f"training loss is {update.loss.item()} at step {update.step}")
-        checkpoint.save_checkpoint(evaluation.accelerator, evaluation.recorder.out, update.step, keep=keep)
+        checkpoint.save_checkpoint(
+            evaluation.accelerator, evaluation.recorder.out, update.step, keep=keep, config=record
+        )
 
 
 def fit(
@@ -299,10 +304,11 @@ def fit(
     from bertqa.model import build_model, build_tokenizer
 
     out = Path(config.output_dir)
-    resume_from = checkpoint.resolve_resume(config.resume, out)
+    resume_from, record = _resume_point(config, out)
     accelerator = _build_accelerator(config)
     set_seed(config.seed)
     tokenizer = tokenizer if tokenizer is not None else build_tokenizer(config.model)
+    check_model_limits(model if model is not None else config.model, tokenizer, config.window)
     with accelerator.main_process_first():  # the main process fills the window cache, the others read it
         data = prepare_data(config, tokenizer, train_examples=train_examples, eval_examples=eval_examples)
         labels = check_labels(data.train_features, data.train_examples, min_match_rate=config.label_check_min)
@@ -315,13 +321,13 @@ def fit(
         out, is_main=accelerator.is_main_process, total_steps=run.total_steps, step=run.state.step,
         tracker_log=accelerator.log,
     )  # fmt: skip
-    recorder.start(config.to_dict(), resumed_at=run.state.step if resume_from is not None else None)
+    recorder.start(record, resumed_at=run.state.step if resume_from is not None else None)
     accelerator.init_trackers("bertqa", config={k: str(v) for k, v in config.to_dict().items()})
     _log_plan(accelerator, data, labels, run, batch=config.batch_size * config.grad_accum)
     evaluation = _build_evaluation(config, accelerator, tokenizer, data, recorder)
     periodic = partial(
         _periodic, training=run, evaluation=evaluation, eval_every=config.eval_every_steps,
-        save_every=config.save_every_steps, keep=config.keep_checkpoints,
+        save_every=config.save_every_steps, keep=config.keep_checkpoints, record=record,
     )  # fmt: skip
 
     t_start, train_time = time.perf_counter(), 0.0
@@ -336,9 +342,9 @@ def fit(
         run.end_pass()
         pass_stats = {"train_loss": stats["train_loss"]} if stats["updates"] else {}
         last_eval = evaluation(run.model, run.state, **pass_stats)
-        checkpoint.save_checkpoint(accelerator, out, run.state.step, keep=config.keep_checkpoints)
-    if last_eval.get("step") != run.state.step:  # resumed after the final checkpoint
-        last_eval = evaluation(run.model, run.state)
+        checkpoint.save_checkpoint(accelerator, out, run.state.step, keep=config.keep_checkpoints, config=record)
+    if last_eval.get("step") != run.state.step:  # resumed after the final checkpoint: its evaluation is on record
+        last_eval = recorder.eval_record_at(run.state.step) or evaluation(run.model, run.state)
     if config.save_model:
         evaluation.save_model(run.model, out / "final_model", last_eval)
     recorder.finish(title=f"bertqa: {config.model}")
@@ -355,7 +361,39 @@ def fit(
     }
 
 
+def _resume_point(config: TrainConfig, out: Path) -> tuple[Path | None, dict[str, Any]]:
+    """Before any work: the output folder is writable, the checkpoint to resume from (if any) is intact, and resuming
+    does not silently change the computation. Returns it and the config record to save (with accepted changes)."""
+    check_writable(out)
+    resume_from = checkpoint.resolve_resume(config.resume, out, overwrite=config.overwrite)
+    record = config.to_dict()
+    if resume_from is None:
+        return None, record
+    saved = checkpoint.saved_config(resume_from) or read_json(out / "config.json") or {}
+    history = list(saved.get("_changes", []))
+    changes = computation_changes(saved, config)
+    if changes:
+        listed = "; ".join(f"{name}: {old!r} -> {new!r}" for name, (old, new) in changes.items())
+        if not config.accept_changes:
+            raise ValueError(
+                f"resuming {resume_from} with settings that change the computation ({listed}). Use the checkpoint's "
+                "settings, start in another output_dir, or pass --accept-changes true to go on with the new ones"
+            )
+        logger.warning("resuming %s with changed settings, accepted: %s", resume_from, listed)
+        history.append({"checkpoint": resume_from.name, "changes": {k: list(v) for k, v in changes.items()}})
+    return resume_from, {**record, "_changes": history} if history else record
+
+
 def _build_accelerator(config: TrainConfig) -> Accelerator:
+    from accelerate.tracking import get_available_trackers
+
+    available = sorted(str(getattr(t, "value", t)) for t in get_available_trackers())
+    missing = [name for name in config.report_to if name not in available and name != "all"]
+    if missing:  # Accelerate would only warn, and the run would go unrecorded
+        raise ValueError(
+            f"report_to names trackers that are not installed: {', '.join(missing)} (installed: "
+            f"{', '.join(available) or 'none'}); pip install {' '.join(missing)}, or leave them out"
+        )
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = config.tf32
     return make_accelerator(
         mixed_precision=resolve_precision(config.mixed_precision),
@@ -363,6 +401,7 @@ def _build_accelerator(config: TrainConfig) -> Accelerator:
         log_with=list(config.report_to) or None,
         project_dir=config.output_dir,
         step_scheduler_with_optimizer=False,
+        timeout_s=config.collective_timeout_s,
     )
 
 

@@ -54,13 +54,21 @@ def resolve_precision(mode: str) -> str:
     return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
 
 
-def make_accelerator(**kwargs: Any) -> Accelerator:
+def make_accelerator(*, timeout_s: float = 1800, **kwargs: Any) -> Accelerator:
     """An Accelerator; several processes without a GPU (torchrun, `accelerate launch --multi_gpu` on a CPU machine)
-    become CPU data parallelism over gloo instead of silently running as independent single processes."""
+    become CPU data parallelism over gloo instead of silently running as independent single processes.
+
+    A collective that waits more than `timeout_s` seconds for another process (one that stalled or died) fails
+    instead of hanging forever.
+    """
+    from datetime import timedelta
+
     from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
 
     multi_process = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    return Accelerator(cpu=multi_process and not torch.cuda.is_available(), **kwargs)
+    timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=timeout_s))
+    return Accelerator(cpu=multi_process and not torch.cuda.is_available(), kwargs_handlers=[timeout], **kwargs)
 
 
 def eval_batches(

@@ -32,7 +32,7 @@ from bertqa.examples import (
 
 logger = logging.getLogger("bertqa")
 
-__all__ = ["BUNDLED", "FORMATS", "as_examples", "load_squad", "resolve_source"]
+__all__ = ["BUNDLED", "FORMATS", "as_examples", "load_squad", "read_records", "resolve_source"]
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data" / "squad"
 # Short names for the SQuAD files shipped in data/squad/ (see its MANIFEST.md).
@@ -176,6 +176,15 @@ def _read_with_datasets(path: Path, kind: str) -> dict[str, list]:
 def _jsonl_columns(path: Path, text: str, err: Exception) -> dict[str, list]:
     """After `datasets` failed on a JSONL file: name the first bad line, or (every line being a JSON object, e.g.
     ids that are numbers on some lines and text on others) take the records line by line."""
+    try:
+        rows = [row for _, row in _jsonl_rows(path, text)]
+    except SquadFormatError as bad:
+        raise bad from err
+    return {name: [row.get(name) for row in rows] for name in dict.fromkeys(k for row in rows for k in row)}
+
+
+def _jsonl_rows(path: Path, text: str) -> list[tuple[str, dict]]:
+    """(place, record) of every non-blank line; the first line that is not a JSON object is named."""
     rows = []
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
@@ -183,11 +192,35 @@ def _jsonl_columns(path: Path, text: str, err: Exception) -> dict[str, list]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as bad:
-            raise SquadFormatError(f"{path}: line {number} is not valid JSON (column {bad.colno}: {bad.msg})") from err
+            raise SquadFormatError(f"{path}: line {number} is not valid JSON (column {bad.colno}: {bad.msg})") from None
         if not isinstance(row, dict):
-            raise SquadFormatError(f"{path}: line {number} is not a JSON object but {type(row).__name__}") from err
-        rows.append(row)
-    return {name: [row.get(name) for row in rows] for name in dict.fromkeys(k for row in rows for k in row)}
+            raise SquadFormatError(f"{path}: line {number} is not a JSON object but {type(row).__name__}")
+        rows.append((f"line {number}", row))
+    return rows
+
+
+def read_records(path: str | Path) -> list[tuple[str, dict]]:
+    """(place, record) of each record of a small JSONL file, JSON list or single JSON object, read with `json`:
+    questions to answer, say. An empty file, bytes that are not UTF-8 and lines that are not JSON are named."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"file not found: {path}")
+    kind = _format_of(path)
+    if kind == "json":
+        raw = _read_json(path)
+    else:
+        text = _text(path)
+        if kind == "jsonl":
+            return _jsonl_rows(path, text)
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError:
+            return _jsonl_rows(path, text)  # no telling suffix: JSON lines, then
+    rows = raw if isinstance(raw, list) else [raw]
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise SquadFormatError(f"{path}: record {i} is not a JSON object but {type(row).__name__}")
+    return [(f"record {i}", row) for i, row in enumerate(rows)]
 
 
 def _jsonl_line(path: Path, record: int) -> int:

@@ -16,6 +16,10 @@ MODEL_ALIASES = {
 }
 
 
+# Any of these makes a folder's tokenizer loadable (a fast tokenizer.json, or the vocabulary it is built from).
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model")
+
+
 class ModelNotFoundError(FileNotFoundError):
     """The model name is neither an installed alias, a local folder, nor loadable from the hub."""
 
@@ -52,7 +56,18 @@ def build_tokenizer(name_or_path: str | Path) -> Any:
     """A fast tokenizer; slow ones are rejected because windows need character offsets."""
     from transformers import AutoTokenizer
 
+    path = Path(resolve_model(name_or_path)).expanduser()
+    if path.is_dir() and not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise ModelNotFoundError(
+            f"{path} holds no tokenizer: none of {', '.join(TOKENIZER_FILES)} is there. Save the tokenizer beside "
+            "the weights (tokenizer.save_pretrained(folder)), or copy those files from the model it was trained from"
+        )
     tokenizer = _load("tokenizer", AutoTokenizer.from_pretrained, str(name_or_path))
+    if len(tokenizer) < 100:  # what transformers builds from a folder with a config but no vocabulary
+        raise ModelNotFoundError(
+            f"the tokenizer of {name_or_path!r} knows only {len(tokenizer)} tokens: its vocabulary files are missing "
+            f"or broken ({', '.join(TOKENIZER_FILES)})"
+        )
     if not getattr(tokenizer, "is_fast", False):
         raise TypeError(
             f"the tokenizer of {name_or_path!r} is a slow (Python) tokenizer; bertqa needs a fast one "
@@ -88,3 +103,25 @@ def build_model(
     if not pretrained:
         return AutoModelForQuestionAnswering.from_config(config, **kwargs).to(dtype)
     return _load("model", AutoModelForQuestionAnswering.from_pretrained, name, config=config, dtype=dtype, **kwargs)
+
+
+def check_model_limits(model: torch.nn.Module | str | Path, tokenizer: Any, window: Any) -> None:
+    """Refuse, before any work, settings the model cannot run: windows longer than its position table, or a
+    tokenizer with more tokens than its embedding table (`model` is a module, or a name to read the config of)."""
+    if isinstance(model, torch.nn.Module):
+        config, name = model.config, type(model).__name__
+    else:
+        from transformers import AutoConfig
+
+        config, name = _load("model config", AutoConfig.from_pretrained, str(model)), str(model)
+    positions = getattr(config, "max_position_embeddings", None)
+    if positions is not None and window.max_seq_length > positions:
+        raise ValueError(
+            f"max_seq_length={window.max_seq_length} is longer than {name} can read: its position table has "
+            f"{positions} entries (max_position_embeddings in its config); use --max-seq-length {positions} or less"
+        )
+    vocab = getattr(config, "vocab_size", None)
+    if vocab is not None and len(tokenizer) > vocab:
+        raise ValueError(
+            f"the tokenizer has {len(tokenizer)} tokens but {name} embeds only {vocab}: they do not belong together"
+        )

@@ -8,12 +8,26 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import os
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["LogMeter", "RunRecorder", "append_jsonl", "format_metrics", "plot_curves", "read_jsonl", "truncate_jsonl"]
+__all__ = [
+    "LogMeter",
+    "RunRecorder",
+    "append_jsonl",
+    "check_writable",
+    "dumps",
+    "format_metrics",
+    "jsonable",
+    "plot_curves",
+    "read_json",
+    "read_jsonl",
+    "truncate_jsonl",
+]
 
 logger = logging.getLogger("bertqa")
 TrackerLog = Callable[..., None]  # Accelerator.log(values, step=...)
@@ -84,7 +98,7 @@ class RunRecorder:
         if not self.is_main:
             return
         self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "config.json").write_text(json.dumps(dict(config), indent=2) + "\n")
+        (self.out / "config.json").write_text(dumps(dict(config), indent=2) + "\n")
         for log in (self.train_log, self.eval_log):
             truncate_jsonl(log, resumed_at) if resumed_at is not None else log.unlink(missing_ok=True)
 
@@ -101,6 +115,10 @@ class RunRecorder:
         if self.is_main:
             append_jsonl(self.train_log, record)
 
+    def eval_record_at(self, step: int) -> dict[str, Any] | None:
+        """The evaluation already recorded at `step` (a resumed run that had finished), if any."""
+        return next((r for r in reversed(read_jsonl(self.eval_log)) if r.get("step") == step), None)
+
     def log_eval(self, record: Mapping[str, Any]) -> None:
         """One evaluation (with the training stats that led to it) to the log, the trackers and metrics.jsonl."""
         logger.info("eval at step %d: %s", record["step"], format_metrics(record))
@@ -116,6 +134,42 @@ class RunRecorder:
         return plot_curves(self.train_log, self.eval_log, self.out / "training_curves.png", title=title)
 
 
+def check_writable(folder: str | Path) -> None:
+    """Create `folder` if needed and prove a file can be written in it, before any work is done there."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(f"{folder} is a file, not a folder to write into")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".bertqa-write-test-{os.getpid()}"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as err:
+        raise OSError(f"cannot write into {folder}: {err.strerror or err}") from err
+
+
+def read_json(path: str | Path) -> Any:
+    """The JSON in `path`, or None when there is no such file."""
+    path = Path(path)
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def jsonable(value: Any) -> Any:
+    """`value` with every NaN or infinity replaced by None, so it can be written as strict JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {k: jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    return value
+
+
+def dumps(value: Any, **kwargs: Any) -> str:
+    """Strict JSON (no NaN or Infinity, which many readers reject): non-finite numbers become null."""
+    return json.dumps(jsonable(value), allow_nan=False, **kwargs)
+
+
 def format_metrics(metrics: Mapping[str, Any]) -> str:
     keys = ("exact", "f1", "HasAns_f1", "NoAns_f1", "best_f1", "best_f1_thresh", "train_loss")
     return " ".join(f"{k}={metrics[k]:.2f}" for k in keys if k in metrics)
@@ -123,7 +177,7 @@ def format_metrics(metrics: Mapping[str, Any]) -> str:
 
 def append_jsonl(path: str | Path, record: Mapping[str, Any]) -> None:
     with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
+        f.write(dumps(record) + "\n")
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:

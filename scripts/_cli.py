@@ -27,6 +27,40 @@ def setup_logging() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
+def positive_int(text: str) -> int:
+    """argparse type: a whole number above zero."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def output_folder(requested: Path | None, default: Path, *, overwrite: bool, results: tuple[str, ...]) -> Path:
+    """Where a script writes its results, checked writable before any work: `requested` (refused if it already
+    holds results, unless `overwrite`), else `default`, or `default-2`, `default-3`, ... if that holds results."""
+    from bertqa.reporting import check_writable
+
+    def taken(folder: Path) -> bool:
+        return any((folder / name).exists() for name in results)
+
+    if requested is not None:
+        if taken(requested) and not overwrite:
+            raise ValueError(
+                f"{requested} already holds results ({', '.join(results)}); pass --overwrite to replace them"
+            )
+        folder = requested
+    else:
+        folder, n = default, 1
+        while taken(folder):
+            n += 1
+            folder = default.with_name(f"{default.name}-{n}")
+    check_writable(folder)
+    return folder
+
+
 def _bool(text: str) -> bool:
     if text.lower() in {"1", "true", "yes", "on"}:
         return True
@@ -92,7 +126,26 @@ def run(main: Callable[[], int]) -> None:
     """Run a script's main(); turn the library's clear errors into a one-line message and exit code 2."""
     try:
         sys.exit(main())
-    except (ValueError, FileNotFoundError, TypeError, FloatingPointError) as err:
+    except (ValueError, OSError, TypeError, FloatingPointError, RuntimeError) as err:
+        message = error_message(err)
+        if message is None:
+            raise
         logging.getLogger("bertqa").debug("error", exc_info=True)
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
+
+
+def error_message(err: BaseException) -> str | None:
+    """One line for an error a person can act on; None for a bug, whose traceback is more use."""
+    if isinstance(err, RuntimeError) and not isinstance(err, FloatingPointError):
+        text = str(err)
+        if "timed out" in text.lower() or "timeout" in text.lower():  # a collective gave up (gloo or NCCL)
+            rank, world = os.environ.get("RANK", "0"), os.environ.get("WORLD_SIZE", "1")
+            return (
+                f"process {rank} of {world} gave up waiting for the others (--collective-timeout-s): another process "
+                f"stalled, was stopped or died. {text.splitlines()[0][:300]}"
+            )
+        return None
+    if isinstance(err, OSError) and err.filename is not None and err.strerror:
+        return f"{err.filename}: {err.strerror}"
+    return str(err)

@@ -1,14 +1,15 @@
 """Measure the data pipeline on the bundled SQuAD train set: tokenizing, reading cached windows, and memory.
 
-  python scripts/bench_data.py                       # everything below, on all 87,599 train questions
+  python scripts/bench_data.py                       # everything below, on all 87,599 train questions (~6 min)
   python scripts/bench_data.py --skip-memory         # only the tokenize and cache timings
+  python scripts/bench_data.py --skip-memory --datasets-map   # and the same windows made with datasets.map
 
 Prints one JSON line:
 - tokenize_s: windows for the whole train set, one process, no cache;
 - cache_write_s / cache_read_s: writing the cache entry, and having the windows back from it (a warm cache);
-- peak_rss_all_mb / peak_rss_500_mb: peak resident memory of a one-step `train.py` run on all the train questions
-  and on 500 of them (each run once to fill the cache, then measured), and their difference: what the windows of
-  the whole train set add to a training process.
+- peak_rss_all_mb / peak_rss_500_mb: peak resident memory of a one-step `train.py` run (batch size 1) on all the
+  train questions and on 500 of them (each run once to fill the cache, then measured), and their difference: what
+  the examples and windows of the whole train set add to a training process.
 """
 
 from __future__ import annotations
@@ -50,6 +51,49 @@ def timings(cache_dir: Path) -> dict[str, float]:
     }
 
 
+def datasets_map(cache_dir: Path) -> dict[str, float]:
+    """The same windows made with `datasets.map(batched=True)` into an Arrow file, and read back as flat arrays."""
+    import datasets
+    import numpy as np
+
+    from bertqa.data import Window, _cut_questions, load_examples
+    from bertqa.model import build_tokenizer
+
+    tokenizer, window = build_tokenizer("minilm-l6"), Window()
+    examples, _ = load_examples("train-v1.1")
+
+    def windows(batch: dict[str, list]) -> dict[str, list]:
+        questions = _cut_questions([q.lstrip() for q in batch["question"]], tokenizer, window.max_query_length)
+        enc = tokenizer(
+            questions,
+            batch["context"],
+            truncation="only_second",
+            max_length=window.max_seq_length,
+            stride=window.doc_stride,
+            return_overflowing_tokens=True,
+            return_offsets_mapping=True,
+        )
+        offsets = [
+            [o if s == 1 else (-1, -1) for o, s in zip(offs, enc.sequence_ids(i))]
+            for i, offs in enumerate(enc["offset_mapping"])
+        ]
+        return {"input_ids": enc["input_ids"], "token_type_ids": enc["token_type_ids"], "offsets": offsets,
+                "example": enc["overflow_to_sample_mapping"]}  # fmt: skip
+
+    t0 = time.perf_counter()
+    rows = datasets.Dataset.from_dict({"question": [ex.question for ex in examples],
+                                       "context": [ex.context for ex in examples]})  # fmt: skip
+    arrow = str(cache_dir / "map.arrow")
+    rows.map(windows, batched=True, batch_size=1000, remove_columns=rows.column_names, cache_file_name=arrow)
+    t1 = time.perf_counter()
+    table = datasets.Dataset.from_file(arrow).data
+    ids = np.asarray(table.column("input_ids").combine_chunks().values)
+    bounds = np.asarray(table.column("input_ids").combine_chunks().offsets)
+    t2 = time.perf_counter()
+    return {"datasets_map_tokenize_s": round(t1 - t0, 2), "datasets_map_read_s": round(t2 - t1, 3),
+            "datasets_map_windows": len(bounds) - 1, "datasets_map_tokens": len(ids)}  # fmt: skip
+
+
 def peak_rss_mb(args: list[str]) -> float:
     """Peak RSS of one `train.py` run in a fresh process, in MiB (from the kernel's accounting of that child)."""
     import os
@@ -65,8 +109,10 @@ def peak_rss_mb(args: list[str]) -> float:
 
 
 def memory(cache_dir: Path, work: Path) -> dict[str, float]:
+    # Batch size 1: the activations of one step depend on the drawn windows' lengths (a 32 x 384 batch of MiniLM
+    # holds over 1 GB for the backward pass), which would swamp what the data itself costs.
     common = ["--max-steps", "1", "--max-eval-examples", "20", "--eval-before-training", "false", "--save-model",
-              "false", "--batch-size", "32", "--cache-dir", str(cache_dir)]  # fmt: skip
+              "false", "--batch-size", "1", "--eval-batch-size", "8", "--cache-dir", str(cache_dir)]  # fmt: skip
     result = {}
     for name, extra in (("all", []), ("500", ["--max-train-examples", "500"])):
         for attempt in range(2):  # the first run fills the cache, the second is measured
@@ -79,12 +125,16 @@ def memory(cache_dir: Path, work: Path) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--skip-memory", action="store_true", help="only time tokenizing and the cache")
+    parser.add_argument("--datasets-map", action="store_true", help="also make the windows with datasets.map")
     args = parser.parse_args(argv)
     setup_logging()
     with tempfile.TemporaryDirectory() as tmp:
-        result = timings(Path(tmp) / "cache")
-        if not args.skip_memory:
-            result.update(memory(Path(tmp) / "cache", Path(tmp) / "runs"))
+        # Memory first, while this process is small: a child's peak RSS counts what it shared with this process
+        # before it started train.py.
+        result = {} if args.skip_memory else memory(Path(tmp) / "cache", Path(tmp) / "runs")
+        result.update(timings(Path(tmp) / "timing-cache"))
+        if args.datasets_map:
+            result.update(datasets_map(Path(tmp)))
     print(json.dumps(result))
     return 0
 

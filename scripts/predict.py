@@ -12,12 +12,11 @@ model (override with --threshold). Each output line has the answer, its span sco
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _cli import run, setup_logging
+from _cli import positive_int, run, setup_logging
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -27,8 +26,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("-c", "--context", help="the passage to answer from")
     parser.add_argument("--file", type=Path, help="JSON list or JSONL of {question, context[, id]} objects")
     parser.add_argument("--threshold", type=float, help="no-answer threshold (default: the one saved with the model)")
-    parser.add_argument("--batch-size", type=int, default=64, help="windows per batch")
+    parser.add_argument("--batch-size", type=positive_int, default=64, help="windows per batch")
     parser.add_argument("--out", type=Path, help="write JSONL here instead of standard output")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     args = parser.parse_args(argv)
     if (args.file is None) == (args.question is None):
         parser.error("give either --question with --context, or --file")
@@ -38,15 +38,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def read_items(path: Path) -> list[dict]:
-    text = path.read_text(encoding="utf-8")
-    try:
-        items = json.loads(text)
-        items = items if isinstance(items, list) else [items]
-    except json.JSONDecodeError:
-        items = [json.loads(line) for line in text.splitlines() if line.strip()]
-    for i, item in enumerate(items):
-        if not isinstance(item, dict) or not {"question", "context"} <= set(item):
-            raise ValueError(f"{path}: item {i} needs 'question' and 'context' keys")
+    """The questions of a JSONL file or JSON list; each must have a non-empty question and context (text)."""
+    from bertqa.loading import read_records
+
+    items = []
+    for place, item in read_records(path):
+        for key in ("question", "context"):
+            if not isinstance(item.get(key), str) or not item[key].strip():
+                problem = "is missing" if key not in item else "must be non-empty text"
+                raise ValueError(f"{path}: {place}: {key!r} {problem}")
+        items.append(item)
     return items
 
 
@@ -57,7 +58,12 @@ def main(argv: list[str] | None = None) -> int:
 
     from bertqa.inference import answer_questions, load_settings
     from bertqa.model import build_model, build_tokenizer
+    from bertqa.reporting import check_writable, dumps
 
+    if args.out is not None:  # before any work: results that cannot be written are lost
+        if args.out.exists() and not args.overwrite:
+            raise ValueError(f"{args.out} already exists; pass --overwrite to replace it")
+        check_writable(args.out.resolve().parent)
     items = read_items(args.file) if args.file else [{"question": args.question, "context": args.context}]
     settings = load_settings(args.model)
     threshold = args.threshold if args.threshold is not None else settings["no_answer_threshold"]
@@ -79,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
             "score": round(pred.span_score, 4),
             "no_answer_score": round(pred.no_answer_score, 4),
         }
-        lines.append(json.dumps(record, ensure_ascii=False))
+        lines.append(dumps(record, ensure_ascii=False))
     text = "\n".join(lines) + "\n"
     if args.out:
         args.out.write_text(text, encoding="utf-8")

@@ -8,6 +8,7 @@ from collections.abc import Callable
 import pytest
 import torch
 
+from bertqa.config import TrainConfig
 from bertqa.model import build_model, build_tokenizer
 
 # Tests run offline: a hub lookup must fail at once instead of retrying (the scripts' subprocesses inherit this).
@@ -28,6 +29,29 @@ def make_tiny(seed: int = 0, **overrides: float) -> torch.nn.Module:
     """A 2-layer, 32-wide BERT QA model with MiniLM's vocabulary, initialised from `seed`."""
     torch.manual_seed(seed)
     return build_model("minilm-l6", pretrained=False, config_overrides={**TINY, **overrides})
+
+
+def tiny_config(tmp_path, **changes) -> TrainConfig:
+    base = dict(
+        model="minilm-l6",
+        train_data="dev-v1.1",
+        eval_data="dev-v1.1",
+        max_train_examples=40,
+        max_eval_examples=12,
+        max_seq_length=128,
+        doc_stride=32,
+        max_query_length=32,
+        batch_size=8,
+        eval_batch_size=16,
+        epochs=1.0,
+        lr=1e-3,
+        log_every=1,
+        output_dir=str(tmp_path / "run"),
+        save_model=False,
+        label_check_min=0.9,
+        cache_dir=None,
+    )
+    return TrainConfig(**{**base, **changes})
 
 
 @pytest.fixture(scope="session")

@@ -79,5 +79,13 @@ def test_key_changes_with_everything_the_windows_depend_on(tokenizer):
         assert key != features_key(edited, tokenizer, WINDOW, labelled=True), field
 
 
+def test_key_is_the_same_after_the_tokenizer_was_used(tokenizer):
+    # A fast tokenizer carries its last call's truncation settings in its definition; they must not move the key.
+    examples, _ = data.load_examples("dev-v1.1", max_examples=5, seed=0)
+    before = features_key(examples, tokenizer, WINDOW, labelled=True)
+    data.tokenize_examples(examples, tokenizer, Window(64, 16, 16))
+    assert features_key(examples, tokenizer, WINDOW, labelled=True) == before
+
+
 def _fields(ex: data.Example) -> dict:
     return {name: getattr(ex, name) for name in ex.__slots__}

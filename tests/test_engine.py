@@ -11,34 +11,10 @@ import torch
 
 from bertqa import batching, data, engine, optim
 from bertqa.checkpoint import latest_checkpoint, list_checkpoints
-from bertqa.config import TrainConfig
 from bertqa.data import Window
 from bertqa.inference import eval_batches, predict_logits
 from bertqa.model import build_model
-from tests.conftest import TINY
-
-
-def tiny_config(tmp_path, **changes) -> TrainConfig:
-    base = dict(
-        model="minilm-l6",
-        train_data="dev-v1.1",
-        eval_data="dev-v1.1",
-        max_train_examples=40,
-        max_eval_examples=12,
-        max_seq_length=128,
-        doc_stride=32,
-        max_query_length=32,
-        batch_size=8,
-        eval_batch_size=16,
-        epochs=1.0,
-        lr=1e-3,
-        log_every=1,
-        output_dir=str(tmp_path / "run"),
-        save_model=False,
-        label_check_min=0.9,
-        cache_dir=None,
-    )
-    return TrainConfig(**{**base, **changes})
+from tests.conftest import TINY, tiny_config
 
 
 def weights(model):

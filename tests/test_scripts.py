@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -182,3 +183,84 @@ def test_trainer_baseline_trains_on_the_same_windows(tmp_path, tiny_dir):
     assert report["eval_windows"] >= 24 and 0 <= report["f1"] <= 100
     assert report["last_logged_loss"] < report["first_logged_loss"]  # lr 1e-3 on a tiny model: it does move
     assert report["train_time_s"] > 0 and report["config"]["batch_size"] == 4
+
+
+def test_outputs_that_cannot_be_written_are_refused_before_any_work(tmp_path, tiny_dir):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    result = script("evaluate.py", tiny_dir, "--max-examples", "4", "--out", blocker / "eval", check=False)
+    assert result.returncode == 2 and "a-file" in result.stderr and "Traceback" not in result.stderr
+    assert "evaluating" not in result.stderr  # refused before the model ran
+    result = script("predict.py", tiny_dir, "-q", "Who?", "-c", "Ann.", "--out", blocker / "x.jsonl", check=False)
+    assert result.returncode == 2 and "a-file" in result.stderr
+    taken = tmp_path / "answers.jsonl"
+    taken.write_text("keep me")
+    result = script("predict.py", tiny_dir, "-q", "Who?", "-c", "Ann.", "--out", taken, check=False)
+    assert result.returncode == 2 and "--overwrite" in result.stderr and taken.read_text() == "keep me"
+
+
+def test_evaluations_never_overwrite_each_other(tmp_path, tiny_dir):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_dir, model)
+    for _ in range(2):
+        script("evaluate.py", model, "--max-examples", "4")
+    assert (model / "eval" / "scores.json").is_file() and (model / "eval-2" / "scores.json").is_file()
+    result = script("evaluate.py", model, "--max-examples", "4", "--out", model / "eval", check=False)
+    assert result.returncode == 2 and "--overwrite" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ('{"question": "Who?", "context": "Ann."}\n{"question": "Who?"\n', r"q\.jsonl: line 2 is not valid JSON"),
+        ("", r"q\.jsonl: the file is empty"),
+        ('{"question": "", "context": "Ann."}\n', r"q\.jsonl: line 1: 'question' must be non-empty text"),
+        ('{"context": "Ann."}\n', r"q\.jsonl: line 1: 'question' is missing"),
+    ],
+)
+def test_predict_names_the_bad_line(tmp_path, tiny_dir, content, message):
+    questions = tmp_path / "q.jsonl"
+    questions.write_text(content)
+    result = script("predict.py", tiny_dir, "--file", questions, check=False)
+    assert result.returncode == 2 and re.search(message, result.stderr), result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_predict_rejects_a_zero_batch_size_and_writes_strict_json(tmp_path, tiny_dir):
+    result = script("predict.py", tiny_dir, "-q", "Who?", "-c", "Ann.", "--batch-size", "0", check=False)
+    assert result.returncode == 2 and "must be at least 1" in result.stderr
+    # A context the tokenizer turns into no tokens at all (a zero-width space) has no span to score.
+    out = script("predict.py", tiny_dir, "-q", "Who?", "-c", "\u200b").stdout
+    record = json.loads(out, parse_constant=lambda name: pytest.fail(f"not strict JSON: {name}"))
+    assert record["score"] is None and record["answer"] == ""
+
+
+def test_a_config_file_that_is_broken_is_named(tmp_path):
+    broken = tmp_path / "config.json"
+    broken.write_text('{"lr": 0.1,,}')
+    result = script("train.py", "--config", broken, check=False)
+    assert result.returncode == 2 and f"{broken}: not valid JSON at line 1" in result.stderr
+
+
+def test_a_stalled_process_stops_its_peer_with_a_message(tmp_path, tiny_dir):
+    args = ["--model", tiny_dir, *SMALL, "--batch-size", "2", "--epochs", "5", "--save-every-steps", "2",
+            "--collective-timeout-s", "8", "--output-dir", tmp_path / "r"]  # fmt: skip
+    cmd = [*two_processes(), str(ROOT / "scripts" / "train.py"), *map(str, args)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    ranks: list[int] = []
+    try:
+        deadline = time.time() + 240
+        while not (tmp_path / "r" / "checkpoints" / "step_00000002").exists() and time.time() < deadline:
+            time.sleep(0.1)
+        ranks = [int(p) for p in subprocess.run(["pgrep", "-f", "-P", str(proc.pid), "train.py"], capture_output=True,
+                                                text=True).stdout.split()]  # fmt: skip
+        assert len(ranks) == 2, ranks
+        os.kill(max(ranks), signal.SIGSTOP)  # one rank stalls; the other must not wait for ever
+        _, err = proc.communicate(timeout=120)
+    finally:
+        for pid in ranks:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        proc.kill()
+    assert proc.returncode != 0
+    assert re.search(r"error: process \d of 2 gave up waiting for the others", err), err[-3000:]

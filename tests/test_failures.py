@@ -1,0 +1,162 @@
+"""No silent failures: what would corrupt a run is refused, problems are found early and named, nothing is lost.
+
+Each test here is one class of failure a user met: a model folder without a tokenizer, a resume with changed
+settings, damaged checkpoints, a finished run about to be overwritten, outputs that cannot be written, values the
+model cannot run, infinities in JSON, messages that do not say where, and a finished run resumed again.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from bertqa import checkpoint, engine
+from bertqa.config import TrainConfig, load_config
+from bertqa.model import ModelNotFoundError, build_tokenizer
+from bertqa.reporting import dumps
+from tests.conftest import tiny_config
+
+RUN = dict(batch_size=8, save_every_steps=2, keep_checkpoints=3)
+
+
+def finished_run(tmp_path, tiny, **changes):
+    config = tiny_config(tmp_path, **{**RUN, **changes})
+    engine.fit(config, model=tiny())
+    return config
+
+
+# ------------------------------------------------------------------------------------------------ model folders
+
+
+def test_a_model_folder_without_tokenizer_files_is_refused_by_name(tmp_path, tiny):
+    tiny().save_pretrained(tmp_path)
+    with pytest.raises(ModelNotFoundError, match=r"holds no tokenizer: none of tokenizer\.json, vocab\.txt"):
+        build_tokenizer(tmp_path)
+
+
+def test_windows_longer_than_the_model_can_read_are_refused_before_work(tmp_path, tiny):
+    with pytest.raises(ValueError, match=r"max_seq_length=600 is longer than .* 512 entries"):
+        engine.fit(tiny_config(tmp_path, max_seq_length=600), model=tiny())
+    assert not (tmp_path / "run" / "config.json").exists()
+
+
+def test_config_values_are_checked_and_named():
+    for changes, message in [
+        ({"max_answer_length": 0}, "max_answer_length must be positive"),
+        ({"max_query_length": 0}, "max_query_length must be positive"),
+        ({"keep_checkpoints": 0}, "keep_checkpoints must be positive"),
+        ({"lr": "1e-4"}, "key 'lr': expected float, got str"),
+        ({"max_steps": 0}, "max_steps must be positive when set"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            TrainConfig(**changes)
+
+
+def test_a_tracker_that_is_not_installed_is_an_error_not_a_warning(tmp_path, tiny):
+    with pytest.raises(ValueError, match="trackers that are not installed: tensorboard"):
+        engine.fit(tiny_config(tmp_path, report_to=("tensorboard",)), model=tiny())
+
+
+def test_a_broken_config_file_names_the_file_and_the_key(tmp_path):
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"lr": 1e-4,')
+    with pytest.raises(ValueError, match=r"broken\.json: not valid JSON at line 1"):
+        load_config(broken)
+    typed = tmp_path / "typed.json"
+    typed.write_text('{"batch_size": "32"}')
+    with pytest.raises(ValueError, match=r"typed\.json: .*key 'batch_size': expected int, got str"):
+        load_config(typed)
+
+
+# ------------------------------------------------------------------------------------------------------ resuming
+
+
+def test_resume_with_changed_settings_is_refused_then_accepted_and_recorded(tmp_path, tiny):
+    finished = finished_run(tmp_path, tiny)
+    with pytest.raises(ValueError, match=r"lr: 0\.001 -> 0\.002.*--accept-changes"):
+        engine.fit(finished.replace(resume="latest", lr=2e-3), model=tiny())
+    engine.fit(finished.replace(resume="latest", log_every=3), model=tiny())  # bookkeeping may change
+    engine.fit(finished.replace(resume="latest", lr=2e-3, accept_changes=True), model=tiny())
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["lr"] == 2e-3 and saved["_changes"][0]["changes"] == {"lr": [1e-3, 2e-3]}
+    assert load_config(tmp_path / "run" / "config.json").lr == 2e-3  # the record does not stop it being read
+
+
+def test_resuming_a_finished_run_adds_no_duplicate_evaluation(tmp_path, tiny):
+    finished = finished_run(tmp_path, tiny)
+    before = (tmp_path / "run" / "metrics.jsonl").read_text()
+    summary = engine.fit(finished.replace(resume="latest"), model=tiny())
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == before
+    assert summary["final"]["f1"] == json.loads(before.splitlines()[-1])["f1"]
+
+
+@pytest.mark.parametrize("damage", ["truncate weights", "truncate optimizer", "truncate rng", "flip a byte"])
+def test_a_damaged_newest_checkpoint_falls_back_to_the_newest_intact_one(tmp_path, tiny, caplog, damage):
+    finished_run(tmp_path, tiny)
+    newest, older = checkpoint.list_checkpoints(tmp_path / "run")[::-1][:2]
+    target = {"truncate weights": "model.safetensors", "truncate optimizer": "optimizer.bin",
+              "truncate rng": "random_states_0.pkl", "flip a byte": "model.safetensors"}[damage]  # fmt: skip
+    path = newest / target
+    raw = bytearray(path.read_bytes())
+    if damage == "flip a byte":
+        raw[len(raw) // 2] ^= 1
+    else:
+        raw = raw[: len(raw) // 2]
+    path.write_bytes(bytes(raw))
+    assert checkpoint.verify(newest) is not None
+    with caplog.at_level("WARNING", logger="bertqa"):
+        assert checkpoint.resolve_resume("latest", tmp_path / "run") == older
+    assert "damaged" in caplog.text and target in caplog.text
+    with pytest.raises(ValueError, match="is damaged"):
+        checkpoint.resolve_resume(str(newest), tmp_path / "run")
+
+
+def test_pruning_removes_damaged_checkpoints_and_keeps_the_good_ones(tmp_path, tiny):
+    config = finished_run(tmp_path, tiny, keep_checkpoints=2)
+    good, newest = checkpoint.list_checkpoints(tmp_path / "run")
+    (newest / "optimizer.bin").write_bytes(b"cut")
+    engine.fit(config.replace(resume=str(good), epochs=2.0, accept_changes=True), model=tiny())
+    kept = checkpoint.list_checkpoints(tmp_path / "run")
+    assert newest not in kept or checkpoint.verify(newest) is None  # rewritten intact, or removed
+    assert all(checkpoint.verify(folder) is None for folder in kept) and len(kept) == 2
+
+
+def test_a_finished_run_is_not_overwritten_without_being_asked(tmp_path, tiny):
+    finished = finished_run(tmp_path, tiny, save_model=True)
+    import shutil
+
+    shutil.rmtree(tmp_path / "run" / "checkpoints")
+    for resume in (None, "latest"):
+        with pytest.raises(
+            ValueError, match=r"holds an earlier run \(final_model, best_model, metrics.jsonl.*--overwrite"
+        ):
+            engine.fit(finished.replace(resume=resume), model=tiny())
+    assert (tmp_path / "run" / "final_model").is_dir()
+    engine.fit(finished.replace(overwrite=True), model=tiny())
+    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+def test_a_failed_checkpoint_write_names_the_place(tmp_path, tiny, monkeypatch):
+    def full_disk(self, *args, **kwargs):
+        raise RuntimeError("basic_ios::clear: iostream error")
+
+    monkeypatch.setattr("accelerate.Accelerator.save_state", full_disk)
+    with pytest.raises(OSError, match=r"could not write .*step_\d+\.tmp: basic_ios.*disk full or read-only"):
+        engine.fit(tiny_config(tmp_path, **RUN), model=tiny())
+
+
+def test_an_output_dir_that_is_a_file_is_refused_before_work(tmp_path, tiny):
+    (tmp_path / "run").write_text("not a folder")
+    with pytest.raises(NotADirectoryError, match="is a file, not a folder"):
+        engine.fit(tiny_config(tmp_path), model=tiny())
+
+
+# ------------------------------------------------------------------------------------------------------- outputs
+
+
+def test_outputs_are_strict_json():
+    text = dumps({"score": -math.inf, "odds": [math.nan, 1.5], "ok": "x"})
+    assert json.loads(text) == {"score": None, "odds": [None, 1.5], "ok": "x"}
+    assert "Infinity" not in text and "NaN" not in text
