@@ -29,6 +29,7 @@ from bertqa.data import (
     LoadReport,
     Window,
     hold_out,
+    is_v2,
     label_features,
     load_examples,
     subsample,
@@ -150,6 +151,9 @@ class RunData:
     eval_features: Features
     reports: tuple[LoadReport, ...] = ()
     eval_source: str = ""  # where the evaluation examples came from, in words
+    # SQuAD v2: held-out training questions on which the no-answer threshold is chosen (empty for v1 data).
+    calibration_examples: Sequence[Example] = ()
+    calibration_features: Features | None = None
 
 
 def prepare_data(
@@ -180,6 +184,10 @@ def prepare_data(
         eval_examples, report = load_examples(source, **options)
         reports.append(report)
         described = str(source)
+    calibration: Sequence[Example] = ()
+    if is_v2(eval_examples) and is_v2(train_examples):  # the threshold is chosen on questions of its own
+        train_examples, calibration = hold_out(train_examples, config.calibration_split, seed=config.seed + 1)
+        calibration = subsample(calibration, config.max_eval_examples, seed=config.seed)
     if not given[0]:
         train_examples = subsample(train_examples, config.max_train_examples, seed=config.seed)
     if not given[1]:
@@ -192,4 +200,6 @@ def prepare_data(
         cached_features(eval_examples, tokenizer, labelled=False, **windows),
         tuple(reports),
         described,
+        calibration,
+        cached_features(calibration, tokenizer, labelled=False, **windows) if calibration else None,
     )

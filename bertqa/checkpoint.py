@@ -19,14 +19,21 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from bertqa.config import computation_changes
+from bertqa.reporting import check_writable, read_json
+
 if TYPE_CHECKING:
     from accelerate import Accelerator
+
+    from bertqa.config import TrainConfig
 
 __all__ = [
     "RUN_RECORDS",
     "checkpoint_dir",
+    "latest_checkpoint",
     "list_checkpoints",
     "resolve_resume",
+    "resume_point",
     "save_checkpoint",
     "save_model",
     "saved_config",
@@ -51,6 +58,12 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
         return []
     found = [p for p in root.iterdir() if p.is_dir() and _NAME.match(p.name)]
     return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)))  # type: ignore[union-attr]
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint folder (not verified), or None."""
+    found = list_checkpoints(output_dir)
+    return found[-1] if found else None
 
 
 def verify(folder: Path, *, hashes: bool = True) -> str | None:
@@ -185,7 +198,8 @@ def _writing(path: Path, write: Any) -> None:
 def save_model(accelerator: Accelerator, model: Any, tokenizer: Any, path: Path, meta: dict[str, Any]) -> None:
     """save_pretrained model + tokenizer (loadable with plain transformers) and bertqa.json with the settings used.
 
-    For v2 models `no_answer_threshold` is the best-F1 threshold found on the evaluation set.
+    For v2 models `no_answer_threshold` is the threshold chosen on held-out training questions (see
+    `threshold_calibrated_on` in `meta`), or, without them, the best one on the evaluation data.
     """
     accelerator.wait_for_everyone()
     unwrapped = accelerator.unwrap_model(model)
@@ -196,10 +210,35 @@ def save_model(accelerator: Accelerator, model: Any, tokenizer: Any, path: Path,
         def write() -> None:
             unwrapped.save_pretrained(tmp, save_function=accelerator.save)
             tokenizer.save_pretrained(tmp)
-            threshold = meta["eval"].get("best_f1_thresh", 0.0) if meta.get("v2") else None
+            record = meta["eval"]
+            threshold = record.get("no_answer_threshold", record.get("best_f1_thresh", 0.0)) if meta.get("v2") else None
             (tmp / "bertqa.json").write_text(json.dumps({**meta, "no_answer_threshold": threshold}, indent=2) + "\n")
 
         _writing(tmp, write)
         shutil.rmtree(path, ignore_errors=True)
         os.replace(tmp, path)
     accelerator.wait_for_everyone()
+
+
+def resume_point(config: TrainConfig) -> tuple[Path | None, dict[str, Any]]:
+    """Before any work: the output folder is writable, the checkpoint to resume from (if any) is intact, and resuming
+    does not silently change the computation. Returns it and the config record to save (with accepted changes)."""
+    out = Path(config.output_dir)
+    check_writable(out)
+    resume_from = resolve_resume(config.resume, out, overwrite=config.overwrite)
+    record = config.to_dict()
+    if resume_from is None:
+        return None, record
+    saved = saved_config(resume_from) or read_json(out / "config.json") or {}
+    history = list(saved.get("_changes", []))
+    changes = computation_changes(saved, config)
+    if changes:
+        listed = "; ".join(f"{name}: {old!r} -> {new!r}" for name, (old, new) in changes.items())
+        if not config.accept_changes:
+            raise ValueError(
+                f"resuming {resume_from} with settings that change the computation ({listed}). Use the checkpoint's "
+                "settings, start in another output_dir, or pass --accept-changes true to go on with the new ones"
+            )
+        logger.warning("resuming %s with changed settings, accepted: %s", resume_from, listed)
+        history.append({"checkpoint": resume_from.name, "changes": {k: list(v) for k, v in changes.items()}})
+    return resume_from, {**record, "_changes": history} if history else record

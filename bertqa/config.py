@@ -41,6 +41,11 @@ class TrainConfig:
     eval_split: float | None = _f(
         None, "hold out this share of the training data for evaluation, whole articles (titles) at a time (0.1)"
     )
+    calibration_split: float = _f(
+        0.05,
+        "SQuAD v2 data: hold out this share of the training data (whole articles) to choose the no-answer "
+        "threshold on, so the evaluation score is not tuned on the evaluation data",
+    )
     column_map: str | None = _f(
         None, "your column names, for training and evaluation data: 'context=passage,question=query,answer_text=gold'"
     )
@@ -232,6 +237,8 @@ def _value_problems(c: TrainConfig) -> list[str]:
     ]
     if c.epochs <= 0 and not c.max_steps:
         problems.append("epochs must be positive (or set max_steps)")
+    if not 0 < c.calibration_split < 1:
+        problems.append("calibration_split must be between 0 and 1")
     if c.eval_split is not None and not 0 < c.eval_split < 1:
         problems.append("eval_split must be between 0 and 1")
     if c.eval_split is not None and c.eval_data is not None:

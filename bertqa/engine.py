@@ -22,12 +22,12 @@ import torch
 from bertqa import checkpoint
 from bertqa.batching import LengthGroupedBatchSampler, model_inputs, train_loader
 from bertqa.cache import RunData, prepare_data
-from bertqa.config import computation_changes
-from bertqa.data import Example, Features, LabelReport, check_labels, is_v2
+from bertqa.config import eval_source
+from bertqa.data import Example, Features, check_labels, is_v2
 from bertqa.inference import eval_batches, evaluate, make_accelerator, resolve_precision
 from bertqa.model import check_model_limits
 from bertqa.optim import build_optimizer, build_scheduler, count_updates
-from bertqa.reporting import LogMeter, RunRecorder, check_writable, read_json
+from bertqa.reporting import LogMeter, RunRecorder, log_plan
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -233,11 +233,19 @@ class _Evaluation:
     tokenizer: Any
     meta: dict[str, Any]  # written to bertqa.json beside a saved model
     best_model: Path | None  # where the best model by F1 is kept (None: not saved)
+    calibration: tuple[torch.utils.data.DataLoader, Sequence[Example]] | None = None  # SQuAD v2 threshold data
 
     def __call__(self, model: torch.nn.Module, state: TrainState, **train_stats: float) -> dict[str, Any]:
         v2, longest = self.meta["v2"], self.meta["max_answer_length"]
-        metrics, _ = evaluate(self.accelerator, model, self.loader, self.examples, v2=v2, max_answer_length=longest)
-        record = {"step": state.step, "epoch": state.epoch, **train_stats, **metrics}
+        calibrated: dict[str, float] = {}
+        if self.calibration is not None:  # the no-answer threshold, chosen on held-out training questions
+            cal, _ = evaluate(self.accelerator, model, *self.calibration, v2=True, max_answer_length=longest,
+                              progress=True)  # fmt: skip
+            calibrated = {"no_answer_threshold": cal["best_f1_thresh"], "calibration_best_f1": cal["best_f1"]}
+        threshold = calibrated.get("no_answer_threshold", 0.0)
+        metrics, _ = evaluate(self.accelerator, model, self.loader, self.examples, v2=v2, max_answer_length=longest,
+                              threshold=threshold, progress=True)  # fmt: skip
+        record = {"step": state.step, "epoch": state.epoch, **train_stats, **metrics, **calibrated}
         self.recorder.log_eval(record)
         if self.best_model is not None and metrics["f1"] > state.best_f1:
             self.save_model(model, self.best_model, record)
@@ -259,8 +267,19 @@ def _build_evaluation(
         accelerator=accelerator,
     )
     meta = {**config.window.to_dict(), "max_answer_length": config.max_answer_length, "v2": is_v2(data.eval_examples)}
+    source = eval_source(config.train_data, config.eval_data, config.eval_split)
+    meta["eval_data"] = source if isinstance(source, str) else None  # what evaluate.py uses when given no --data
+    calibration = None
+    if meta["v2"]:
+        on = data.calibration_examples
+        if on:
+            calibration = (eval_batches(data.calibration_features, batch_size=config.eval_batch_size,
+                                        accelerator=accelerator, pad_token_id=tokenizer.pad_token_id), on)  # fmt: skip
+        where = f"{config.calibration_split:.0%} of the training data, held out by article"
+        meta["threshold_calibrated_on"] = {"source": where if on else "the evaluation data (optimistic)",
+                                           "questions": len(on or data.eval_examples)}  # fmt: skip
     best = Path(config.output_dir) / "best_model" if config.save_model else None
-    return _Evaluation(accelerator, loader, data.eval_examples, recorder, tokenizer, meta, best)
+    return _Evaluation(accelerator, loader, data.eval_examples, recorder, tokenizer, meta, best, calibration)
 
 
 def _periodic(
@@ -304,7 +323,7 @@ def fit(
     from bertqa.model import build_model, build_tokenizer
 
     out = Path(config.output_dir)
-    resume_from, record = _resume_point(config, out)
+    resume_from, record = checkpoint.resume_point(config)
     accelerator = _build_accelerator(config)
     set_seed(config.seed)
     tokenizer = tokenizer if tokenizer is not None else build_tokenizer(config.model)
@@ -321,9 +340,10 @@ def fit(
         out, is_main=accelerator.is_main_process, total_steps=run.total_steps, step=run.state.step,
         tracker_log=accelerator.log,
     )  # fmt: skip
-    recorder.start(record, resumed_at=run.state.step if resume_from is not None else None)
+    recorder.start(record, resumed_at=run.state.step if resume_from is not None else None,
+                   initial_lr=run.scheduler.get_last_lr()[0])  # fmt: skip
     accelerator.init_trackers("bertqa", config={k: str(v) for k, v in config.to_dict().items()})
-    _log_plan(accelerator, data, labels, run, batch=config.batch_size * config.grad_accum)
+    log_plan(data, labels, accelerator, run, batch=config.batch_size * config.grad_accum * accelerator.num_processes)
     evaluation = _build_evaluation(config, accelerator, tokenizer, data, recorder)
     periodic = partial(
         _periodic, training=run, evaluation=evaluation, eval_every=config.eval_every_steps,
@@ -361,29 +381,6 @@ def fit(
     }
 
 
-def _resume_point(config: TrainConfig, out: Path) -> tuple[Path | None, dict[str, Any]]:
-    """Before any work: the output folder is writable, the checkpoint to resume from (if any) is intact, and resuming
-    does not silently change the computation. Returns it and the config record to save (with accepted changes)."""
-    check_writable(out)
-    resume_from = checkpoint.resolve_resume(config.resume, out, overwrite=config.overwrite)
-    record = config.to_dict()
-    if resume_from is None:
-        return None, record
-    saved = checkpoint.saved_config(resume_from) or read_json(out / "config.json") or {}
-    history = list(saved.get("_changes", []))
-    changes = computation_changes(saved, config)
-    if changes:
-        listed = "; ".join(f"{name}: {old!r} -> {new!r}" for name, (old, new) in changes.items())
-        if not config.accept_changes:
-            raise ValueError(
-                f"resuming {resume_from} with settings that change the computation ({listed}). Use the checkpoint's "
-                "settings, start in another output_dir, or pass --accept-changes true to go on with the new ones"
-            )
-        logger.warning("resuming %s with changed settings, accepted: %s", resume_from, listed)
-        history.append({"checkpoint": resume_from.name, "changes": {k: list(v) for k, v in changes.items()}})
-    return resume_from, {**record, "_changes": history} if history else record
-
-
 def _build_accelerator(config: TrainConfig) -> Accelerator:
     from accelerate.tracking import get_available_trackers
 
@@ -396,26 +393,10 @@ def _build_accelerator(config: TrainConfig) -> Accelerator:
         )
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = config.tf32
     return make_accelerator(
-        mixed_precision=resolve_precision(config.mixed_precision),
+        mixed_precision=resolve_precision(config.mixed_precision, cpu_bf16=False),
         gradient_accumulation_steps=config.grad_accum,
         log_with=list(config.report_to) or None,
         project_dir=config.output_dir,
         step_scheduler_with_optimizer=False,
         timeout_s=config.collective_timeout_s,
-    )
-
-
-def _log_plan(accelerator: Accelerator, data: RunData, labels: LabelReport, run: _Training, *, batch: int) -> None:
-    """What was loaded, the label self-check and the derived values, once: what the run will really do."""
-    for report in data.reports:
-        logger.info("loaded %s", report.format())
-    logger.info("label self-check:\n%s", labels.format())
-    logger.info(
-        "%d train examples -> %d windows; %d eval examples -> %d windows (%s, from %s); %d processes on %s, precision "
-        "%s; effective batch %d windows; %d updates (%d per epoch, %d warmup)",
-        *(len(data.train_examples), len(data.train_features), len(data.eval_examples), len(data.eval_features)),
-        "v2.0" if is_v2(data.eval_examples) else "v1.1",
-        data.eval_source,
-        *(accelerator.num_processes, accelerator.device, accelerator.mixed_precision),
-        *(batch * accelerator.num_processes, run.total_steps, run.per_epoch, run.warmup_steps),
     )

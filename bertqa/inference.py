@@ -7,10 +7,12 @@ settings and the no-answer threshold it was trained with.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,7 +30,10 @@ logger = logging.getLogger("bertqa")
 
 __all__ = [
     "DEFAULT_SETTINGS",
+    "Answer",
+    "Answerer",
     "answer_questions",
+    "cpu_has_native_bf16",
     "eval_batches",
     "evaluate",
     "evaluate_model",
@@ -44,14 +49,25 @@ DEFAULT_SETTINGS: dict[str, Any] = {
     "max_answer_length": 30,
     "v2": False,
     "no_answer_threshold": None,
+    "eval_data": None,
 }
 
 
-def resolve_precision(mode: str) -> str:
-    """ "auto" -> bf16 on GPUs that support it, otherwise full precision (fp16 only when asked for)."""
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 in hardware (AMX or AVX512-BF16), where bf16 autocast is much faster."""
+    probes = (getattr(torch.cpu, "_is_amx_tile_supported", None), getattr(torch.cpu, "_is_avx512_bf16_supported", None))
+    return any(probe is not None and probe() for probe in probes)
+
+
+def resolve_precision(mode: str, *, device: str | None = None, cpu_bf16: bool = True) -> str:
+    """ "auto" -> bf16 where the hardware runs it natively (a GPU that supports it, or, with `cpu_bf16`, a CPU with
+    AMX or AVX512-BF16), otherwise full precision; fp16 only when asked for. `device` defaults to the GPU if there
+    is one. Training passes `cpu_bf16=False`: on CPUs it stays in fp32 until bf16's quality there is measured."""
     if mode != "auto":
         return mode
-    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    if (device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "no"
+    return "bf16" if cpu_bf16 and cpu_has_native_bf16() else "no"
 
 
 def make_accelerator(*, timeout_s: float = 1800, **kwargs: Any) -> Accelerator:
@@ -64,10 +80,18 @@ def make_accelerator(*, timeout_s: float = 1800, **kwargs: Any) -> Accelerator:
     from datetime import timedelta
 
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, is_initialized
     from accelerate.utils import InitProcessGroupKwargs
 
     multi_process = int(os.environ.get("WORLD_SIZE", "1")) > 1
     timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=timeout_s))
+    if is_initialized() and kwargs.get("mixed_precision") not in (None, AcceleratorState().mixed_precision):
+        # One process holds one Accelerate state: a second run in the same process keeps the first's precision.
+        logger.warning(
+            "this process already runs in %s precision; %s is used instead of %s",
+            *(AcceleratorState().mixed_precision, AcceleratorState().mixed_precision, kwargs["mixed_precision"]),
+        )
+        kwargs["mixed_precision"] = AcceleratorState().mixed_precision
     return Accelerator(cpu=multi_process and not torch.cuda.is_available(), kwargs_handlers=[timeout], **kwargs)
 
 
@@ -99,21 +123,28 @@ def eval_batches(
 
 @torch.no_grad()
 def predict_logits(
-    model: torch.nn.Module, loader: torch.utils.data.DataLoader, *, accelerator: Accelerator | None = None
+    model: torch.nn.Module,
+    loader: torch.utils.data.DataLoader,
+    *,
+    accelerator: Accelerator | None = None,
+    progress: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Start/end logits of every window of an `eval_batches` loader, in the order of its features.
 
     Without an `accelerator` the loop runs in this process on the model's device. With one, each process runs its
     share and the rows are gathered with their feature indices and written to their index, so the duplicates that
-    uneven sharding adds fall away; every process gets the whole result.
+    uneven sharding adds fall away; every process gets the whole result. `progress` shows a bar (main process).
     """
+    from tqdm.auto import tqdm
+
     features: Features = loader.dataset.features
     device = accelerator.device if accelerator is not None else next(model.parameters()).device
     width = int(features.lengths.max())
     logits_out = np.full((2, len(features), width), -1e4, dtype=np.float32)
     was_training = model.training
     model.eval()
-    for batch in loader:
+    main = accelerator is None or accelerator.is_main_process
+    for batch in tqdm(loader, desc="eval", unit="batch", leave=False, disable=not (progress and main)):
         batch = {k: v.to(device) for k, v in batch.items()}
         out = model(**model_inputs(batch))
         # One width for every batch so they can be gathered across processes (a negative pad crops the
@@ -140,6 +171,7 @@ def evaluate(
     v2: bool,
     max_answer_length: int = 30,
     threshold: float = 0.0,
+    progress: bool = False,
 ) -> tuple[dict[str, float], dict[str, Prediction]]:
     """Predict every window, post-process and score once on the main process, and share the metrics with all.
 
@@ -150,7 +182,7 @@ def evaluate(
     from accelerate.utils import broadcast_object_list
 
     t0 = time.perf_counter()
-    start, end = predict_logits(model, loader, accelerator=accelerator)
+    start, end = predict_logits(model, loader, accelerator=accelerator, progress=progress)
     t1 = time.perf_counter()
     metrics: dict[str, float] = {}
     predictions: dict[str, Prediction] = {}
@@ -169,6 +201,19 @@ def load_settings(model_dir: str | Path) -> dict[str, Any]:
     return {**DEFAULT_SETTINGS, **{k: v for k, v in saved.items() if k in DEFAULT_SETTINGS}}
 
 
+def _recorded_eval_data(model_dir: str | Path, settings: dict[str, Any]) -> str:
+    if not (Path(model_dir) / "bertqa.json").is_file():
+        logger.info("%s has no bertqa.json: evaluating on dev-v1.1 (pass --data for other data)", model_dir)
+        return "dev-v1.1"
+    if not settings.get("eval_data"):
+        raise ValueError(
+            f"{model_dir} records no evaluation data to use again (it was evaluated on held-out training data); "
+            "pass --data"
+        )
+    logger.info("evaluating on %s, the evaluation data recorded with the model", settings["eval_data"])
+    return str(settings["eval_data"])
+
+
 def answer_questions(
     model: torch.nn.Module,
     tokenizer: Any,
@@ -177,7 +222,7 @@ def answer_questions(
     settings: dict[str, Any] | None = None,
     batch_size: int = 64,
 ) -> list[Prediction]:
-    """Answer (question, context) pairs. Use `Prediction.answer(threshold)` for v2 models' "no answer"."""
+    """Answer (question, context) pairs with a model already loaded: one `Prediction` per pair, in order."""
     settings = {**DEFAULT_SETTINGS, **(settings or {})}
     examples = [Example(str(i), "", context, question, (), (), True) for i, (question, context) in enumerate(items)]
     features = tokenize_examples(examples, tokenizer, Window.from_dict(settings))
@@ -187,9 +232,88 @@ def answer_questions(
     return [preds[ex.id] for ex in examples]
 
 
+@dataclass(frozen=True)
+class Answer:
+    """One answer. `context[start:end] == answer`; `probability` is the softmax over the question's candidate spans
+    and "no answer"; for v2 models `no_answer_probability` too. No answer: "" with start/end None."""
+
+    id: Any
+    answer: str
+    start: int | None
+    end: int | None
+    score: float | None
+    probability: float | None
+    no_answer_probability: float | None = None
+    top_k: tuple[dict[str, Any], ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        if self.no_answer_probability is None:
+            del out["no_answer_probability"]
+        if not self.top_k:
+            del out["top_k"]
+        return out
+
+
+class Answerer:
+    """A trained model loaded once to answer many questions: batched, on a GPU when there is one, in bf16 where the
+    hardware runs it natively (NVIDIA GPUs with bf16, CPUs with AMX or AVX512-BF16), with the window settings and
+    no-answer threshold saved beside the model (`bertqa.json`).
+
+        answerer = Answerer("runs/quick/final_model")
+        answerer([{"question": "Who wrote it?", "context": "The book was written by Ann Lee in 1990."}])
+    """
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        *,
+        device: str | None = None,
+        precision: str = "auto",
+        batch_size: int = 64,
+        threshold: float | None = None,
+    ) -> None:
+        from bertqa.model import build_model, build_tokenizer
+
+        self.settings = load_settings(model_dir)
+        self.tokenizer = build_tokenizer(model_dir)
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model = build_model(model_dir).to(self.device).eval()
+        self.bf16 = resolve_precision(precision, device=self.device.type) == "bf16"
+        self.batch_size = batch_size
+        saved = self.settings["no_answer_threshold"]
+        self.v2 = bool(self.settings["v2"])
+        self.threshold = threshold if threshold is not None else (saved if self.v2 else None)
+
+    def __call__(self, questions: Sequence[Mapping[str, Any]], *, top_k: int = 0) -> list[Answer]:
+        """Answer `{"question", "context"[, "id"]}` records (ids are kept as given, else the position); with
+        `top_k`, each answer also lists that many candidate spans, best first."""
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            pairs = [(q["question"], q["context"]) for q in questions]
+            preds = answer_questions(
+                self.model, self.tokenizer, pairs, settings=self.settings, batch_size=self.batch_size
+            )
+        return [self._answer(q.get("id", i), p, top_k) for i, (q, p) in enumerate(zip(questions, preds))]
+
+    def _answer(self, qid: Any, pred: Prediction, top_k: int) -> Answer:
+        span_probs, null_prob = pred.probabilities()
+        candidates = tuple(
+            {"answer": s.text, "start": s.start, "end": s.end, "score": s.score, "probability": p}
+            for s, p in zip(pred.nbest[:top_k], span_probs)
+        )
+        no_answer = self.v2 and pred.answer(self.threshold) == ""
+        if no_answer or not pred.nbest:
+            score = pred.null_score if no_answer else None
+            probability = null_prob if no_answer else None
+            return Answer(qid, "", None, None, score, probability, null_prob if self.v2 else None, candidates)
+        best = pred.nbest[0]
+        v2_null = null_prob if self.v2 else None
+        return Answer(qid, best.text, best.start, best.end, best.score, span_probs[0], v2_null, candidates)
+
+
 def evaluate_model(
     model_dir: str,
-    eval_data: str,
+    eval_data: str | None = None,
     *,
     answerable_only: bool = False,
     max_examples: int | None = None,
@@ -201,15 +325,18 @@ def evaluate_model(
 ) -> tuple[dict[str, float], dict[str, Prediction], list[Example]]:
     """Score a saved model on a dataset with the settings it was trained with; works under `accelerate launch`.
 
-    For v2 data the no-answer threshold is `threshold`, else the one saved with the model, else 0.
+    `eval_data` defaults to the evaluation data recorded with the model (dev-v1.1 for a model without
+    `bertqa.json`). For v2 data the no-answer threshold is `threshold`, else the one saved with the model, else 0.
+    A model trained for the other SQuAD version than the data's is scored all the same, with a loud warning.
     Returns (metrics, predictions, examples); metrics on every process, predictions on the main one.
     """
     from bertqa.data import load_examples
     from bertqa.model import build_model, build_tokenizer
 
-    accelerator = make_accelerator(mixed_precision=resolve_precision(mixed_precision))
     settings = load_settings(model_dir)
+    eval_data = eval_data or _recorded_eval_data(model_dir, settings)
     tokenizer = build_tokenizer(model_dir)
+    accelerator = make_accelerator(mixed_precision=resolve_precision(mixed_precision))
     examples, report = load_examples(
         eval_data, answerable=answerable_only, max_examples=max_examples, seed=seed, column_map=column_map
     )
@@ -217,6 +344,13 @@ def evaluate_model(
     features = tokenize_examples(examples, tokenizer, Window.from_dict(settings))
     model = accelerator.prepare(build_model(model_dir))
     v2 = is_v2(examples)
+    if (Path(model_dir) / "bertqa.json").is_file() and v2 != bool(settings["v2"]):
+        logger.warning(
+            "VERSION MISMATCH: %s was trained on SQuAD %s data but %s is SQuAD %s: %s",
+            *(model_dir, "v2.0" if settings["v2"] else "v1.1", eval_data, "v2.0" if v2 else "v1.1"),
+            "its unanswerable questions count against a model that never learned to say 'no answer'"
+            if v2 else "it is scored as v1.1 (every question has an answer) and the no-answer threshold is not used",
+        )  # fmt: skip
     logger.info(
         "evaluating %d examples (%d windows, %s) on %d processes",
         *(len(examples), len(features), "v2.0" if v2 else "v1.1", accelerator.num_processes),
@@ -226,7 +360,7 @@ def evaluate_model(
     loader = eval_batches(features, batch_size=batch_size, pad_token_id=tokenizer.pad_token_id, accelerator=accelerator)
     metrics, predictions = evaluate(
         accelerator, model, loader, examples, v2=v2, max_answer_length=settings["max_answer_length"],
-        threshold=threshold,
+        threshold=threshold, progress=True,
     )  # fmt: skip
     metrics["no_answer_threshold"] = threshold if v2 else None
     return metrics, predictions, examples

@@ -61,12 +61,17 @@ def _best_em_f1(prediction: str, golds: Sequence[str], *, v2: bool) -> tuple[flo
 
 
 def squad_v1_scores(predictions: Mapping[str, str], golds: Mapping[str, Sequence[str]]) -> dict[str, float]:
-    """Official v1.1 EM/F1 (percent) over the questions in `golds`; a question without a prediction scores 0."""
+    """Official v1.1 EM/F1 (percent) over the questions in `golds`; a question without a prediction scores 0.
+
+    (Not the score of an empty prediction: a gold answer such as "." normalises to nothing and would match it.)
+    """
     if not golds:
         raise ValueError("no gold answers to score against")
     em = f1 = 0.0
     for qid, answers in golds.items():
-        q_em, q_f1 = _best_em_f1(predictions.get(qid, ""), answers, v2=False)
+        if qid not in predictions:
+            continue
+        q_em, q_f1 = _best_em_f1(predictions[qid], answers, v2=False)
         em += q_em
         f1 += q_f1
     # Named "exact" (the official v1.1 script says "exact_match") so v1.1 and v2.0 results share their keys.
@@ -98,7 +103,9 @@ def squad_v2_scores(
     has_ans: dict[str, bool] = {}
     for qid, answers in golds.items():
         gold = _v2_golds(answers)
-        has_ans[qid] = gold != [""]
+        # As the official script: a question has an answer when its answer list is not empty, even if every
+        # answer normalises to nothing (it is then scored against "" but still counted under HasAns).
+        has_ans[qid] = bool(answers)
         raw_em[qid], raw_f1[qid] = _best_em_f1(predictions.get(qid, ""), gold, v2=True)
     em, f1 = raw_em, raw_f1
     if no_answer_scores is not None:

@@ -12,28 +12,49 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
 from bertqa.data import Example, Features
 from bertqa.metrics import squad_v1_scores, squad_v2_scores
 
-__all__ = ["Prediction", "best_spans", "pad_offsets", "postprocess", "score"]
+__all__ = ["Prediction", "Span", "best_spans", "pad_offsets", "postprocess", "score"]
+
+
+class Span(NamedTuple):
+    """A candidate answer: its text, score (start + end logit) and [start, end) characters in the context."""
+
+    text: str
+    score: float
+    start: int
+    end: int
 
 
 @dataclass(frozen=True)
 class Prediction:
-    """The answer for one example. `no_answer_score` > threshold means "no answer" (for v2 models)."""
+    """The answer for one example. `no_answer_score` > threshold means "no answer" (for v2 models).
+
+    `nbest` holds the best candidate spans, best first (empty when the context has no span at all, e.g. a context
+    the tokenizer turns into no tokens; `span_score` is then -inf).
+    """
 
     text: str
     span_score: float
     null_score: float
     no_answer_score: float
-    nbest: tuple[tuple[str, float], ...] = ()
+    nbest: tuple[Span, ...] = ()
 
     def answer(self, threshold: float | None) -> str:
         """The span text, or "" when a threshold is given and the no-answer score is above it."""
         return "" if threshold is not None and self.no_answer_score > threshold else self.text
+
+    def probabilities(self) -> tuple[list[float], float]:
+        """Softmax over the candidate spans' scores and the null score: (one per `nbest` span, no answer)."""
+        scores = np.array([s.score for s in self.nbest] + [self.null_score], dtype=np.float64)
+        weights = np.exp(scores - scores.max())
+        weights /= weights.sum()
+        return weights[:-1].tolist(), float(weights[-1])
 
 
 def pad_offsets(features: Features, length: int) -> np.ndarray:
@@ -144,8 +165,8 @@ def _per_example(
             cands = zip(
                 flat[top].tolist(), char_start[group].ravel()[top].tolist(), char_end[group].ravel()[top].tolist()
             )
-        nbest = tuple((ex.context[a:b], score) for score, a, b in cands if score > -math.inf)
-        best_text, best_score = nbest[0] if nbest else ("", -math.inf)
+        nbest = tuple(Span(ex.context[a:b], score, a, b) for score, a, b in cands if score > -math.inf)
+        best_text, best_score = (nbest[0].text, nbest[0].score) if nbest else ("", -math.inf)
         out[ex.id] = Prediction(
             text=best_text,
             span_score=best_score,

@@ -23,6 +23,7 @@ __all__ = [
     "dumps",
     "format_metrics",
     "jsonable",
+    "log_plan",
     "plot_curves",
     "read_json",
     "read_jsonl",
@@ -93,14 +94,17 @@ class RunRecorder:
         self.tracker_log = tracker_log
         self.bar = tqdm(total=total_steps, initial=step, desc="train", unit="upd", disable=not is_main)
 
-    def start(self, config: Mapping[str, Any], *, resumed_at: int | None) -> None:
-        """Save the config; a resumed run drops log records past its checkpoint (those steps are run again)."""
+    def start(self, config: Mapping[str, Any], *, resumed_at: int | None, initial_lr: float | None = None) -> None:
+        """Save the config; a resumed run drops log records past its checkpoint (those steps are run again), a new
+        one starts its log with the learning rate at step 0, so the curves show the warmup from its start."""
         if not self.is_main:
             return
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "config.json").write_text(dumps(dict(config), indent=2) + "\n")
         for log in (self.train_log, self.eval_log):
             truncate_jsonl(log, resumed_at) if resumed_at is not None else log.unlink(missing_ok=True)
+        if resumed_at is None and initial_lr is not None:
+            append_jsonl(self.train_log, {"step": 0, "epoch": 0, "lr": initial_lr})
 
     def on_update(self, update: Any) -> None:
         """An update callback: advance the progress bar."""
@@ -206,10 +210,11 @@ def plot_curves(train_log: str | Path, eval_log: str | Path, out: str | Path, *,
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4), sharex=True)
-    steps = [r["step"] for r in train]
-    axes[0].plot(steps, [r["loss"] for r in train], label="train loss")
+    losses = [(r["step"], r["loss"]) for r in train if "loss" in r]  # step 0 has a learning rate but no loss yet
+    if losses:
+        axes[0].plot(*zip(*losses), label="train loss")
     axes[0].set(xlabel="optimizer update", ylabel="loss", title="training loss")
-    axes[1].plot(steps, [r["lr"] for r in train], color="tab:orange")
+    axes[1].plot([r["step"] for r in train], [r["lr"] for r in train], color="tab:orange")
     axes[1].set(xlabel="optimizer update", ylabel="learning rate", title="learning rate")
     # On SQuAD v2 the overall F1 alone hides a model that answers "no answer" to everything (about 50%), so the
     # HasAns/NoAns split and the F1 at the best no-answer threshold are drawn too when they were measured.
@@ -229,3 +234,19 @@ def plot_curves(train_log: str | Path, eval_log: str | Path, out: str | Path, *,
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return Path(out)
+
+
+def log_plan(data: Any, labels: Any, accelerator: Any, run: Any, *, batch: int) -> None:
+    """What was loaded, the label self-check and the derived values, once: what the run will really do."""
+    for report in data.reports:
+        logger.info("loaded %s", report.format())
+    logger.info("label self-check:\n%s", labels.format())
+    logger.info(
+        "%d train examples -> %d windows; %d eval examples -> %d windows (%s, from %s); %d processes on %s, precision "
+        "%s; effective batch %d windows; %d updates (%d per epoch, %d warmup)",
+        *(len(data.train_examples), len(data.train_features), len(data.eval_examples), len(data.eval_features)),
+        "v2.0" if any(ex.is_impossible for ex in data.eval_examples) else "v1.1",
+        data.eval_source,
+        *(accelerator.num_processes, accelerator.device, accelerator.mixed_precision),
+        *(batch, run.total_steps, run.per_epoch, run.warmup_steps),
+    )

@@ -16,15 +16,31 @@ from typing import Any
 from bertqa.config import PRESETS, TrainConfig, load_config, preset
 
 
+class _AboveTheBars(logging.StreamHandler):
+    """Log lines written through tqdm, so they land above a progress bar instead of on its line."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm.auto import tqdm
+
+        try:
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # logging must never take the run down
+            self.handleError(record)
+
+
 def setup_logging() -> None:
-    """Library messages to stdout; silence transformers' load report and hub chatter (offline by default)."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    """Library messages to stderr above the progress bars; silence other libraries' chatter (load reports, hub and
+    font-cache messages, per-file save lines, their own progress bars)."""
+    handler = _AboveTheBars()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S"))
+    logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
     import transformers
 
     transformers.logging.set_verbosity_error()
-    logging.getLogger("accelerate").setLevel(logging.WARNING)  # one line per saved file is noise here
     transformers.utils.logging.disable_progress_bar()
+    for name in ("accelerate", "matplotlib", "datasets", "huggingface_hub", "filelock", "PIL"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def positive_int(text: str) -> int:
@@ -103,7 +119,17 @@ def config_parser(description: str | None) -> argparse.ArgumentParser:
     )
     parser.add_argument("--preset", choices=sorted(PRESETS), help="start from a named preset; flags override it")
     parser.add_argument("--config", type=Path, help="start from a saved config.json; flags override it")
+    parser.add_argument(
+        "--print-config", action="store_true", help="print the resolved config (preset, --config, flags) and exit"
+    )
     add_config_flags(parser)
+    presets = "\n".join(
+        f"  {name}: " + ", ".join(f"{k}={v}" for k, v in changes.items()) for name, changes in PRESETS.items()
+    )
+    parser.epilog = (
+        "The defaults shown are TrainConfig's own. A --preset or --config replaces some of them, and flags given on "
+        "the command line override both; --print-config shows the result.\n\npresets:\n" + presets
+    )
     return parser
 
 

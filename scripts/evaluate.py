@@ -26,8 +26,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", help="saved model folder (final_model/best_model of a run), alias or hub id")
     parser.add_argument(
-        "--data", default="dev-v1.1", help="bundled name, data file (.json, .jsonl, .csv, .parquet) or hub dataset id"
+        "--data",
+        help="bundled name, data file (.json, .jsonl, .csv, .parquet) or hub dataset id (default: the evaluation "
+        "data recorded with the model; dev-v1.1 for a model that records none)",
     )
+    parser.add_argument("--precision", default="auto", choices=("auto", "no", "bf16"), help="auto: bf16 where native")
     parser.add_argument(
         "--column-map", help="your column names, e.g. 'context=passage,question=query,answer_text=gold'"
     )
@@ -57,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         batch_size=args.batch_size,
         threshold=args.threshold,
         column_map=args.column_map,
+        mixed_precision=args.precision,
     )
     if not predictions:  # not the main process
         return 0
@@ -64,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     order = [ex.id for ex in examples if ex.id in predictions]
     write = lambda name, obj: (out / name).write_text(dumps(obj, indent=1, ensure_ascii=False) + "\n")  # noqa: E731
     write("predictions.json", {q: predictions[q].answer(threshold) for q in order})
-    write("nbest_predictions.json", {q: [{"text": t, "score": s} for t, s in predictions[q].nbest] for q in order})
+    write("nbest_predictions.json", {q: [span._asdict() for span in predictions[q].nbest] for q in order})
     write("null_odds.json", {q: predictions[q].no_answer_score for q in order})
     write("scores.json", metrics)
     shown = {k: round(v, 2) if isinstance(v, float) else v for k, v in metrics.items() if not k.startswith("eval_")}

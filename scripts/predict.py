@@ -5,8 +5,11 @@ Examples:
   python scripts/predict.py runs/v2/best_model --file questions.jsonl      # {"question": ..., "context": ...} lines
   python scripts/predict.py runs/v2/best_model --file questions.json --out answers.jsonl   # a JSON list works too
 
-For models trained on SQuAD v2 the answer is "" when the no-answer score is above the threshold saved with the
-model (override with --threshold). Each output line has the answer, its span score and the no-answer score.
+Each output line (strict JSON) has the id (as given, else the question's position), the question, the answer, its
+`start`/`end` characters in the context (`context[start:end] == answer`), its `score` (start + end logit) and
+`probability` (softmax over the question's candidate spans and "no answer"); with --top-k, that many candidates.
+For models trained on SQuAD v2 the answer is "" (start/end null) when the no-answer score is above the threshold
+saved with the model (override with --threshold), and `no_answer_probability` is given.
 """
 
 from __future__ import annotations
@@ -27,6 +30,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--file", type=Path, help="JSON list or JSONL of {question, context[, id]} objects")
     parser.add_argument("--threshold", type=float, help="no-answer threshold (default: the one saved with the model)")
     parser.add_argument("--batch-size", type=positive_int, default=64, help="windows per batch")
+    parser.add_argument("--top-k", type=int, default=0, help="also list this many candidate answers per question")
+    parser.add_argument(
+        "--precision", default="auto", choices=("auto", "no", "bf16"), help="auto: bf16 where the hardware has it"
+    )
     parser.add_argument("--out", type=Path, help="write JSONL here instead of standard output")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     args = parser.parse_args(argv)
@@ -54,10 +61,7 @@ def read_items(path: Path) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging()
-    import torch
-
-    from bertqa.inference import answer_questions, load_settings
-    from bertqa.model import build_model, build_tokenizer
+    from bertqa.inference import Answerer
     from bertqa.reporting import check_writable, dumps
 
     if args.out is not None:  # before any work: results that cannot be written are lost
@@ -65,27 +69,11 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"{args.out} already exists; pass --overwrite to replace it")
         check_writable(args.out.resolve().parent)
     items = read_items(args.file) if args.file else [{"question": args.question, "context": args.context}]
-    settings = load_settings(args.model)
-    threshold = args.threshold if args.threshold is not None else settings["no_answer_threshold"]
-    model = build_model(args.model).to("cuda" if torch.cuda.is_available() else "cpu")
-    tokenizer = build_tokenizer(args.model)
-    preds = answer_questions(
-        model,
-        tokenizer,
-        [(it["question"], it["context"]) for it in items],
-        settings=settings,
-        batch_size=args.batch_size,
-    )
-    lines = []
-    for i, (item, pred) in enumerate(zip(items, preds)):
-        record = {
-            "id": item.get("id", i),
-            "question": item["question"],
-            "answer": pred.answer(threshold),
-            "score": round(pred.span_score, 4),
-            "no_answer_score": round(pred.no_answer_score, 4),
-        }
-        lines.append(dumps(record, ensure_ascii=False))
+    answerer = Answerer(args.model, batch_size=args.batch_size, threshold=args.threshold, precision=args.precision)
+    answers = answerer(items, top_k=args.top_k)
+    lines = [
+        dumps({"question": item["question"], **a.to_dict()}, ensure_ascii=False) for item, a in zip(items, answers)
+    ]
     text = "\n".join(lines) + "\n"
     if args.out:
         args.out.write_text(text, encoding="utf-8")

@@ -53,7 +53,7 @@ def train_and_score(c: TrainConfig) -> dict[str, Any]:
     _, total_steps = count_updates(batches, grad_accum=c.grad_accum, epochs=c.epochs, max_steps=c.max_steps)
     args = training_arguments(
         c.output_dir,
-        precision=resolve_precision(c.mixed_precision),
+        precision=resolve_precision(c.mixed_precision, cpu_bf16=False),
         seed=c.seed,
         per_device_train_batch_size=c.batch_size,
         per_device_eval_batch_size=c.eval_batch_size,
@@ -97,6 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     setup_logging()
     config = config_from_args(args)
+    if args.print_config:
+        print(json.dumps(config.to_dict(), indent=2))
+        return 0
     result = train_and_score(config)
     print(json.dumps(result))
     if args.json:

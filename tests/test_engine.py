@@ -244,7 +244,8 @@ def test_resume_gives_the_same_next_step_and_final_weights(tmp_path, tiny):
     log_a = [json.loads(x) for x in (tmp_path / "a/run/train_log.jsonl").read_text().splitlines()]
     log_b = [json.loads(x) for x in (tmp_path / "b/run/train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log_b] == [r["step"] for r in log_a]  # logs after the checkpoint were replaced
-    assert log_b[3]["loss"] == pytest.approx(log_a[3]["loss"], rel=1e-6)  # step 4, the first after resuming
+    at_step_4 = [next(r["loss"] for r in log if r["step"] == 4) for log in (log_a, log_b)]  # first after resuming
+    assert at_step_4[1] == pytest.approx(at_step_4[0], rel=1e-6)
     for (name, a), b in zip(weights(straight).items(), weights(resumed).values()):
         assert torch.allclose(a, b, atol=1e-6), name
 
@@ -304,3 +305,16 @@ def test_fit_takes_a_datasets_object_and_holds_out_evaluation_data(tmp_path, tin
     )
     held = summary["final"]["total"]
     assert 0.25 * 60 <= held < 60 and summary["label_report"].n_examples == 60 - held
+
+
+def test_v2_threshold_is_calibrated_on_held_out_training_questions(tmp_path, tiny):
+    config = tiny_config(tmp_path, train_data="dev-v2.0[:20]", eval_data="dev-v2.0[20:]", save_model=True,
+                         max_train_examples=60, max_eval_examples=20)  # fmt: skip
+    summary = engine.fit(config, model=tiny())
+    record = summary["final"]
+    meta = json.loads((tmp_path / "run" / "final_model" / "bertqa.json").read_text())
+    assert meta["no_answer_threshold"] == record["no_answer_threshold"]  # the calibrated one is shipped
+    assert meta["threshold_calibrated_on"]["source"].startswith("5% of the training data")
+    assert meta["threshold_calibrated_on"]["questions"] == 20 and meta["eval_data"] == "dev-v2.0[20:]"
+    # The reported F1 is the one at the calibrated threshold; the evaluation set's own best is reported beside it.
+    assert {"f1", "best_f1", "calibration_best_f1"} <= set(record) and record["f1"] <= record["best_f1"]

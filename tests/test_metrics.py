@@ -35,13 +35,65 @@ def test_v1_scores_take_the_best_gold_answer():
 
 
 def test_v2_splits_and_empty_answers():
-    golds = {"h1": ["Paris"], "h2": ["red car"], "n1": [], "n2": ["  "]}  # "  " normalises to nothing: unanswerable
+    # n2's only answer normalises to nothing: it is scored against "" but, as in the official script, counted under
+    # HasAns because its answer list is not empty.
+    golds = {"h1": ["Paris"], "h2": ["red car"], "n1": [], "n2": ["  "]}
     preds = {"h1": "Paris", "h2": "car", "n1": "", "n2": "something"}
     s = squad_v2_scores(preds, golds)
-    assert s["HasAns_total"] == 2 and s["NoAns_total"] == 2
-    assert s["HasAns_exact"] == 50.0 and s["HasAns_f1"] == pytest.approx(100 * (1 + 2 / 3) / 2)
-    assert s["NoAns_exact"] == 50.0 and s["NoAns_f1"] == 50.0
+    assert s["HasAns_total"] == 3 and s["NoAns_total"] == 1
+    assert s["HasAns_exact"] == pytest.approx(100 / 3) and s["HasAns_f1"] == pytest.approx(100 * (1 + 2 / 3) / 3)
+    assert s["NoAns_exact"] == 100.0 and s["NoAns_f1"] == 100.0
     assert s["f1"] == pytest.approx(100 * (1 + 2 / 3 + 1 + 0) / 4)
+
+
+# The official scripts' definitions, restated here as plainly as possible to check the library against them.
+def reference_v1(golds, preds):
+    em = f1 = 0.0
+    for qid, answers in golds.items():
+        if qid in preds:  # "Unanswered question will receive score 0"
+            em += max(exact_match(preds[qid], a) for a in answers)
+            f1 += max(f1_score(preds[qid], a) for a in answers)
+    return 100 * em / len(golds), 100 * f1 / len(golds)
+
+
+def reference_v2(golds, preds):
+    has_ans = {qid: bool(answers) for qid, answers in golds.items()}  # make_qid_to_has_ans: bool(qa["answers"])
+    f1 = {}
+    for qid, answers in golds.items():
+        kept = [a for a in answers if normalize_answer(a)] or [""]
+        f1[qid] = max(f1_score(preds[qid], a, v2=True) for a in kept)
+    split = {k: [f1[q] for q in golds if has_ans[q] == (k == "HasAns")] for k in ("HasAns", "NoAns")}
+    return {k: 100 * sum(v) / len(v) for k, v in split.items() if v}
+
+
+@pytest.mark.parametrize(
+    ("golds", "preds"),
+    [
+        ({"q": ["x", "."]}, {}),  # a missing prediction must not match the gold "." through ""
+        ({"q": ["."], "r": ["a cat"]}, {"r": "cat"}),
+        ({"q": ["The"], "r": ["Paris"]}, {"q": "", "r": "Paris"}),
+    ],
+)
+def test_v1_edge_cases_as_the_official_script(golds, preds):
+    scores = squad_v1_scores(preds, golds)
+    assert (scores["exact"], scores["f1"]) == pytest.approx(reference_v1(golds, preds))
+    assert squad_v1_scores({}, {"q": ["x", "."]})["exact"] == 0.0
+
+
+@pytest.mark.parametrize(
+    ("golds", "preds"),
+    [
+        ({"a": ["."], "b": [], "c": ["Paris"]}, {"a": "", "b": "", "c": "Paris"}),
+        ({"a": ["The", "an"], "b": ["x"]}, {"a": "something", "b": ""}),
+        ({"a": [], "b": ["!"]}, {"a": "y", "b": ""}),
+    ],
+)
+def test_v2_answers_that_normalise_to_nothing_count_as_has_answer(golds, preds):
+    scores = squad_v2_scores(preds, golds)
+    expected = reference_v2(golds, preds)
+    for split, value in expected.items():
+        assert scores[f"{split}_f1"] == pytest.approx(value), split
+    assert "NoAns_f1" not in scores or "NoAns" in expected
 
 
 def test_v2_best_threshold_by_hand():
