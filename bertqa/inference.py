@@ -299,14 +299,14 @@ class Answerer:
         span_probs, null_prob = pred.probabilities()
         candidates = tuple(
             {"answer": s.text, "start": s.start, "end": s.end, "score": s.score, "probability": p}
-            for s, p in zip(pred.nbest[:top_k], span_probs)
+            for s, p in zip(pred.spans()[:top_k], span_probs)
         )
         no_answer = self.v2 and pred.answer(self.threshold) == ""
         if no_answer or not pred.nbest:
             score = pred.null_score if no_answer else None
             probability = null_prob if no_answer else None
             return Answer(qid, "", None, None, score, probability, null_prob if self.v2 else None, candidates)
-        best = pred.nbest[0]
+        best = pred.spans()[0]
         v2_null = null_prob if self.v2 else None
         return Answer(qid, best.text, best.start, best.end, best.score, span_probs[0], v2_null, candidates)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import os
 import sys
@@ -134,9 +135,14 @@ def config_parser(description: str | None) -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """The preset or saved config, with the flags given on the command line applied on top."""
+    """The preset or saved config, with the flags given on the command line applied on top; with --print-config,
+    print it as JSON and exit."""
     base = load_config(args.config) if args.config is not None else preset(args.preset)
-    return base.replace(**config_changes(args))
+    config = base.replace(**config_changes(args))
+    if getattr(args, "print_config", False):
+        print(json.dumps(config.to_dict(), indent=2))
+        sys.exit(0)
+    return config
 
 
 def config_changes(args: argparse.Namespace) -> dict[str, Any]:

@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     order = [ex.id for ex in examples if ex.id in predictions]
     write = lambda name, obj: (out / name).write_text(dumps(obj, indent=1, ensure_ascii=False) + "\n")  # noqa: E731
     write("predictions.json", {q: predictions[q].answer(threshold) for q in order})
-    write("nbest_predictions.json", {q: [span._asdict() for span in predictions[q].nbest] for q in order})
+    write("nbest_predictions.json", {q: [span._asdict() for span in predictions[q].spans()] for q in order})
     write("null_odds.json", {q: predictions[q].no_answer_score for q in order})
     write("scores.json", metrics)
     shown = {k: round(v, 2) if isinstance(v, float) else v for k, v in metrics.items() if not k.startswith("eval_")}

@@ -23,9 +23,6 @@ def main(argv: list[str] | None = None) -> int:
     from bertqa.engine import fit
 
     config = config_from_args(args)
-    if args.print_config:
-        print(json.dumps(config.to_dict(), indent=2))
-        return 0
     summary = fit(config)
     final = summary["final"]
     report = summary["label_report"]

@@ -97,9 +97,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     setup_logging()
     config = config_from_args(args)
-    if args.print_config:
-        print(json.dumps(config.to_dict(), indent=2))
-        return 0
     result = train_and_score(config)
     print(json.dumps(result))
     if args.json:

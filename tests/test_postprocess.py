@@ -62,7 +62,7 @@ def test_best_span_found_in_a_later_window_and_question_tokens_ignored(tokenizer
     preds = postprocess(examples, features, start, end)
     assert preds["q"].text == "word150 word151"
     assert preds["q"].span_score == pytest.approx(10)
-    best = preds["q"].nbest[0]
+    best = preds["q"].spans()[0]
     assert (best.text, best.score) == ("word150 word151", pytest.approx(10))
     assert examples[0].context[best.start : best.end] == best.text
 
@@ -143,7 +143,7 @@ def test_nbest_merged_over_windows_matches_brute_force(tokenizer):
                     j = max(ends, key=lambda j: end[w, j])
                     spans.append((float(start[w, i] + end[w, j]), ex.context[offsets[w, i, 0] : offsets[w, j, 1]]))
         spans.sort(key=lambda s: -s[0])
-        got = preds[ex.id].nbest
+        got = preds[ex.id].spans()
         assert [span.text for span in got] == [t for _, t in spans[:6]]
         assert [span.score for span in got] == pytest.approx([s for s, _ in spans[:6]], rel=1e-5)
         assert all(ex.context[span.start : span.end] == span.text for span in got)
@@ -153,7 +153,8 @@ def test_nbest_merged_over_windows_matches_brute_force(tokenizer):
 def test_probabilities_are_a_softmax_over_the_candidates_and_no_answer():
     from bertqa.postprocess import Prediction, Span
 
-    pred = Prediction("a", 2.0, 1.0, -1.0, (Span("a", 2.0, 0, 1), Span("b", 0.0, 2, 3)))
+    pred = Prediction("a", 2.0, 1.0, -1.0, (("a", 2.0, 0, 1), ("b", 0.0, 2, 3)))
+    assert pred.spans()[1] == Span("b", 0.0, 2, 3)
     spans, null = pred.probabilities()
     z = np.exp(2.0) + np.exp(0.0) + np.exp(1.0)
     assert spans == pytest.approx([np.exp(2.0) / z, 1 / z]) and null == pytest.approx(np.exp(1.0) / z)
