@@ -185,7 +185,7 @@ def prepare_data(
         reports.append(report)
         described = str(source)
     calibration: Sequence[Example] = ()
-    if is_v2(eval_examples) and is_v2(train_examples):  # the threshold is chosen on questions of its own
+    if is_v2(train_examples):  # a v2 model: its no-answer threshold is chosen on questions of its own
         train_examples, calibration = hold_out(train_examples, config.calibration_split, seed=config.seed + 1)
         calibration = subsample(calibration, config.max_eval_examples, seed=config.seed)
     if not given[0]:

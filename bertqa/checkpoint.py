@@ -32,6 +32,7 @@ __all__ = [
     "checkpoint_dir",
     "latest_checkpoint",
     "list_checkpoints",
+    "model_meta",
     "resolve_resume",
     "resume_point",
     "save_checkpoint",
@@ -193,6 +194,29 @@ def _writing(path: Path, write: Any) -> None:
         write()
     except (OSError, RuntimeError) as err:  # torch reports a full disk as RuntimeError ("iostream error")
         raise OSError(f"could not write {path}: {err}; is the disk full or read-only?") from err
+
+
+def model_meta(config: TrainConfig, data: Any) -> dict[str, Any]:
+    """What `bertqa.json` beside a saved model says about its training run (`data` is the run's `RunData`): the
+    window settings, whether it is a SQuAD v2 model, the evaluation data and column map `evaluate.py` reuses,
+    and for v2 where its no-answer threshold is chosen."""
+    from bertqa.config import eval_source
+    from bertqa.data import is_v2, split_article_range
+
+    v2 = is_v2(data.eval_examples) or is_v2(data.train_examples)  # a held-out share may hold no unanswerable one
+    meta = {**config.window.to_dict(), "max_answer_length": config.max_answer_length, "v2": v2}
+    source = eval_source(config.train_data, config.eval_data, config.eval_split)
+    meta["eval_data"] = None  # a held-out share of the training data cannot be named again
+    if isinstance(source, str):  # a file by its absolute path, found from anywhere; "dev.json[3:]" keeps its range
+        file = str(split_article_range(source)[0])
+        meta["eval_data"] = str(Path(file).resolve()) + source[len(file) :] if Path(file).exists() else source
+    meta["column_map"] = config.column_map
+    if v2:
+        on = data.calibration_examples
+        where = f"{config.calibration_split:.0%} of the training data, held out by article"
+        meta["threshold_calibrated_on"] = {"source": where if on else "the evaluation data (optimistic)",
+                                           "questions": len(on or data.eval_examples)}  # fmt: skip
+    return meta
 
 
 def save_model(accelerator: Accelerator, model: Any, tokenizer: Any, path: Path, meta: dict[str, Any]) -> None:

@@ -30,8 +30,8 @@ class TrainConfig:
     model: str = _f("minilm-l6", "model alias (minilm-l6), local Hugging Face folder or hub id (bert-base-uncased)")
     train_data: str = _f(
         "train-v1.1",
-        "bundled name (train-v1.1, dev-v1.1, dev-v2.0), SQuAD JSON path or hub name; a trailing "
-        "[a:b] keeps articles a..b-1 only (dev-v2.0[:25])",
+        "bundled name (train-v1.1, dev-v1.1, dev-v2.0), a file (SQuAD .json, or records as .jsonl, .json, .csv, "
+        ".parquet) or a hub dataset id[:split]; a trailing [a:b] keeps articles a..b-1 only (dev-v2.0[:25])",
     )
     eval_data: str | None = _f(
         None,

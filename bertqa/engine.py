@@ -22,11 +22,10 @@ import torch
 from bertqa import checkpoint
 from bertqa.batching import LengthGroupedBatchSampler, model_inputs, train_loader
 from bertqa.cache import RunData, prepare_data
-from bertqa.config import eval_source
-from bertqa.data import Example, Features, check_labels, is_v2
+from bertqa.data import Example, Features, check_labels
 from bertqa.inference import eval_batches, evaluate, make_accelerator, resolve_precision
 from bertqa.model import check_model_limits
-from bertqa.optim import build_optimizer, build_scheduler, count_updates
+from bertqa.optim import build_optimizer, build_scheduler, count_updates, set_hyperparameters
 from bertqa.reporting import LogMeter, RunRecorder, log_plan
 
 if TYPE_CHECKING:
@@ -259,27 +258,16 @@ class _Evaluation:
 def _build_evaluation(
     config: TrainConfig, accelerator: Accelerator, tokenizer: Any, data: RunData, recorder: RunRecorder
 ) -> _Evaluation:
-    loader = eval_batches(
-        data.eval_features,
-        batch_size=config.eval_batch_size,
-        pad_token_id=tokenizer.pad_token_id,
-        pad_to_multiple_of=config.pad_to_multiple_of,
-        accelerator=accelerator,
-    )
-    meta = {**config.window.to_dict(), "max_answer_length": config.max_answer_length, "v2": is_v2(data.eval_examples)}
-    source = eval_source(config.train_data, config.eval_data, config.eval_split)
-    meta["eval_data"] = source if isinstance(source, str) else None  # what evaluate.py uses when given no --data
-    calibration = None
-    if meta["v2"]:
-        on = data.calibration_examples
-        if on:
-            calibration = (eval_batches(data.calibration_features, batch_size=config.eval_batch_size,
-                                        accelerator=accelerator, pad_token_id=tokenizer.pad_token_id), on)  # fmt: skip
-        where = f"{config.calibration_split:.0%} of the training data, held out by article"
-        meta["threshold_calibrated_on"] = {"source": where if on else "the evaluation data (optimistic)",
-                                           "questions": len(on or data.eval_examples)}  # fmt: skip
+    def batches(features: Features) -> torch.utils.data.DataLoader:
+        return eval_batches(features, batch_size=config.eval_batch_size, pad_token_id=tokenizer.pad_token_id,
+                            pad_to_multiple_of=config.pad_to_multiple_of, accelerator=accelerator)  # fmt: skip
+
+    meta = checkpoint.model_meta(config, data)
+    on = data.calibration_examples
+    calibration = (batches(data.calibration_features), on) if meta["v2"] and on else None
     best = Path(config.output_dir) / "best_model" if config.save_model else None
-    return _Evaluation(accelerator, loader, data.eval_examples, recorder, tokenizer, meta, best, calibration)
+    return _Evaluation(accelerator, batches(data.eval_features), data.eval_examples, recorder, tokenizer, meta, best,
+                       calibration)  # fmt: skip
 
 
 def _periodic(
@@ -335,6 +323,8 @@ def fit(
     run = _build_training(config, accelerator, model, data.train_features, tokenizer.pad_token_id)
     if resume_from is not None:
         accelerator.load_state(str(resume_from))
+        set_hyperparameters(run.optimizer, run.scheduler, lr=config.lr, weight_decay=config.weight_decay,
+                            eps=config.adam_eps)  # fmt: skip
         logger.info("resumed from %s at step %d (epoch %d)", resume_from, run.state.step, run.state.epoch)
     recorder = RunRecorder(
         out, is_main=accelerator.is_main_process, total_steps=run.total_steps, step=run.state.step,

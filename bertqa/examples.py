@@ -111,23 +111,43 @@ def examples_from_records(
     names = _mapped_columns(list(columns), dict(column_map or {}), source)
     n = len(next(iter(columns.values()), []))
     get: Callable[[str, int], Any] = lambda name, i: columns[names[name]][i] if name in names else None  # noqa: E731
-    examples, generated = [], 0
+    examples, places, generated = [], [], 0
     for i in range(n):
-        place = f"{source}: {where(i)}"
         qid = get("id", i)
         if qid is None or qid == "":
             qid, generated = None, generated + 1
         elif not isinstance(qid, (str, int)) or isinstance(qid, bool):
+            place = _Place(source, where, i, None)
             raise SquadFormatError(f"{place}: column {names['id']!r}: an id must be text or a number, got {qid!r}")
-        place = place if qid is None else f"{place} (id {qid!r})"
+        place = _Place(source, where, i, qid)
         texts, starts = _answers_of(get, i, names, place)
         examples.append(_example(
             None if qid is None else str(qid), _text_or_empty(get("title", i), "title", names, place),
             get("context", i), get("question", i), texts, starts,
             is_impossible=_flag(get("is_impossible", i), names, place), where=place, names=names,
         ))  # fmt: skip
+        places.append(place)
     examples = _with_generated_ids(examples)
-    return _checked(examples, source=source, version="", on_mismatch=on_mismatch, n_generated_ids=generated)
+    return _checked(
+        examples, source=source, version="", on_mismatch=on_mismatch, places=places, n_generated_ids=generated
+    )
+
+
+class _Place:
+    """Where record i is ("file: line 7 (id 'q3')"), worked out only when a message needs it: finding a line
+    number can mean reading the file again."""
+
+    __slots__ = ("i", "qid", "source", "where")
+
+    def __init__(self, source: str, where: Callable[[int], str], i: int, qid: Any) -> None:
+        self.source, self.where, self.i, self.qid = source, where, i, qid
+
+    def __str__(self) -> str:
+        place = f"{self.source}: {self.where(self.i)}"
+        return place if self.qid is None else f"{place} (id {self.qid!r})"
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self), spec)
 
 
 def _mapped_columns(available: list[str], column_map: dict[str, str], source: str) -> dict[str, str]:
@@ -156,13 +176,18 @@ def _answers_of(get: Callable[[str, int], Any], i: int, names: dict[str, str], p
     if "answers" in names:
         value = get("answers", i)
         column = names["answers"]
+        if value is None:  # a misspelt or missing key must not turn a question unanswerable
+            raise SquadFormatError(
+                f"{place}: column {column!r} is missing or null; an unanswerable question has "
+                '{"text": [], "answer_start": []}'
+            )
         if isinstance(value, str):  # a CSV cell, or a JSON record that stores the object as text
+            if not value.strip():
+                return [], []  # an empty CSV cell: unanswerable
             try:
-                value = json.loads(value) if value.strip() else None
+                value = json.loads(value)
             except json.JSONDecodeError as err:
                 raise SquadFormatError(f"{place}: column {column!r}: not JSON ({err.msg})") from err
-        if value is None:
-            return [], []
         if isinstance(value, list):  # [{"text": ..., "answer_start": ...}, ...]
             if not all(isinstance(a, dict) for a in value):
                 raise SquadFormatError(f"{place}: column {column!r}: expected objects with 'text' and 'answer_start'")
@@ -176,7 +201,11 @@ def _answers_of(get: Callable[[str, int], Any], i: int, names: dict[str, str], p
             raise SquadFormatError(f"{place}: column {column!r}: {len(texts)} texts but {len(starts)} answer_start")
         return texts, [_start(s, column, place) for s in starts]
     text = get("answer_text", i)
-    if text is None or text == "":
+    if text is None:
+        raise SquadFormatError(
+            f"{place}: column {names['answer_text']!r} is missing or null; for an unanswerable question leave it empty"
+        )
+    if text == "":
         return [], []
     return [text], [_start(get("answer_start", i), names.get("answer_start", "answer_start"), place)]
 
@@ -243,6 +272,7 @@ def parse_squad(
         raise SquadFormatError(f"{source}: expected a JSON object with a 'data' list (the official SQuAD layout)")
     version = str(raw.get("version", ""))
     examples: list[Example] = []
+    places: list[str] = []
     for a, article in enumerate(raw["data"]):
         title = _get(article, "title", str, f"{source}: data[{a}]")
         for p, paragraph in enumerate(_get(article, "paragraphs", list, f"{source}: data[{a}]")):
@@ -257,7 +287,8 @@ def parse_squad(
                     _get(qa, "id", str, where), title, context, _get(qa, "question", str, where), texts, starts,
                     is_impossible=bool(qa.get("is_impossible", False)), where=where,
                 ))  # fmt: skip
-    return _checked(examples, source=source, version=version, on_mismatch=on_mismatch)
+                places.append(where)
+    return _checked(examples, source=source, version=version, on_mismatch=on_mismatch, places=places)
 
 
 def _get(obj: Any, key: str, kind: type, where: str) -> Any:
@@ -288,6 +319,8 @@ def _example(
     """One example from raw values, each checked; `names` maps bertqa columns to the record's for messages."""
     label = (lambda name: f"column {names.get(name, name)!r}") if names is not None else repr
     for name, value in (("context", context), ("question", question)):
+        if value is None:
+            raise SquadFormatError(f"{where}: {label(name)} is missing")
         if not isinstance(value, str):
             raise SquadFormatError(f"{where}: {label(name)}: expected text, got {type(value).__name__}")
         if not value.strip():
@@ -295,6 +328,8 @@ def _example(
     for text in texts:
         if not isinstance(text, str) or not text:
             raise SquadFormatError(f"{where}: {label('answers')}: an answer text must be non-empty text, got {text!r}")
+    if any(start is not None and start < 0 for start in starts):
+        raise SquadFormatError(f"{where}: {label('answer_start')}: an answer_start must be >= 0, got {starts}")
     if texts and is_impossible:
         raise SquadFormatError(f"{where}: marked is_impossible but has answers {texts[:3]}")
     if not texts and names is None and not is_impossible:
@@ -303,22 +338,32 @@ def _example(
 
 
 def _checked(
-    examples: list[Example], *, source: str, version: str, on_mismatch: MismatchPolicy, n_generated_ids: int = 0
+    examples: list[Example],
+    *,
+    source: str,
+    version: str,
+    on_mismatch: MismatchPolicy,
+    places: Sequence[str] | None = None,
+    n_generated_ids: int = 0,
 ) -> tuple[list[Example], LoadReport]:
-    """Check ids are unique and every answer_start points at its text; repair, locate or raise as the policy says."""
-    seen: set[str] = set()
+    """Check ids are unique and every answer_start points at its text; repair, locate or raise as the policy says.
+
+    `places[i]` names where example i is (file and line, or path in the layout) for the messages.
+    """
+    seen: dict[str, str] = {}
     out: list[Example] = []
     n_repaired = n_located = 0
-    for ex in examples:
+    for k, ex in enumerate(examples):
+        place = places[k] if places is not None else source
         if ex.id in seen:
-            raise SquadFormatError(f"{source}: question id {ex.id!r} appears twice")
-        seen.add(ex.id)
+            raise SquadFormatError(f"{place}: question id {ex.id!r} appears twice (first at {seen[ex.id]})")
+        seen[ex.id] = place
         starts = list(ex.answer_starts)
         for i, (text, start) in enumerate(zip(ex.answer_texts, ex.answer_starts)):
             if start is not None and ex.context[start : start + len(text)] == text:
                 continue
             found = _nearest_occurrence(ex.context, text, start or 0)
-            problem = f"{source}: question {ex.id!r} answer {i} {text!r}"
+            problem = f"{place}: question {ex.id!r} answer {i} {text!r}"
             if start is not None:
                 problem += (
                     f": answer_start {start} points at {ex.context[start : start + len(text)]!r}, not at the text"
@@ -333,7 +378,7 @@ def _checked(
     if not out:
         raise SquadFormatError(f"{source}: holds no questions")
     v2 = is_v2(out)
-    version = "v2.0" if v2 and not version.startswith("v2") else (version or "1.1")
+    version = "v2.0" if v2 else "v1.1"
     report = LoadReport(
         source=source,
         version=version,

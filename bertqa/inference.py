@@ -50,6 +50,7 @@ DEFAULT_SETTINGS: dict[str, Any] = {
     "v2": False,
     "no_answer_threshold": None,
     "eval_data": None,
+    "column_map": None,
 }
 
 
@@ -288,8 +289,10 @@ class Answerer:
     def __call__(self, questions: Sequence[Mapping[str, Any]], *, top_k: int = 0) -> list[Answer]:
         """Answer `{"question", "context"[, "id"]}` records (ids are kept as given, else the position); with
         `top_k`, each answer also lists that many candidate spans, best first."""
+        pairs = _question_pairs(questions)
+        if not pairs:
+            return []
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            pairs = [(q["question"], q["context"]) for q in questions]
             preds = answer_questions(
                 self.model, self.tokenizer, pairs, settings=self.settings, batch_size=self.batch_size
             )
@@ -309,6 +312,24 @@ class Answerer:
         best = pred.spans()[0]
         v2_null = null_prob if self.v2 else None
         return Answer(qid, best.text, best.start, best.end, best.score, span_probs[0], v2_null, candidates)
+
+
+def _question_pairs(questions: Sequence[Mapping[str, Any]]) -> list[tuple[str, str]]:
+    """(question, context) of each record; a record that is not one, or lacks either as non-empty text, is named."""
+    if isinstance(questions, (Mapping, str)):
+        raise TypeError("pass a list of {'question': ..., 'context': ...} records (one record goes in a list too)")
+    pairs = []
+    for i, record in enumerate(questions):
+        if not isinstance(record, Mapping):
+            raise TypeError(
+                f"question {i}: expected a record with 'question' and 'context', got {type(record).__name__}"
+            )
+        for key in ("question", "context"):
+            if not isinstance(record.get(key), str) or not record[key].strip():
+                problem = "is missing" if key not in record else "must be non-empty text"
+                raise ValueError(f"question {i} (id {record.get('id', i)!r}): {key!r} {problem}")
+        pairs.append((record["question"], record["context"]))
+    return pairs
 
 
 def evaluate_model(
@@ -337,6 +358,8 @@ def evaluate_model(
     eval_data = eval_data or _recorded_eval_data(model_dir, settings)
     tokenizer = build_tokenizer(model_dir)
     accelerator = make_accelerator(mixed_precision=resolve_precision(mixed_precision))
+    if column_map is None and eval_data == settings.get("eval_data"):  # the recorded data, read as in training
+        column_map = settings.get("column_map")
     examples, report = load_examples(
         eval_data, answerable=answerable_only, max_examples=max_examples, seed=seed, column_map=column_map
     )

@@ -11,12 +11,14 @@ JSONL, CSV, Parquet and the hub are read by `datasets`; when it cannot read a fi
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import functools
 import gzip
 import io
 import json
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -106,7 +108,7 @@ def _read_file(
     if path.is_dir() or kind is None:
         raise SquadFormatError(
             f"{path}: unknown data format; accepted: {', '.join(FORMATS)} files (text formats may be gzipped: "
-            ".json.gz, .jsonl.gz, .csv.gz), a bundled name ({', '.join(BUNDLED)}) or a hub dataset id"
+            f".json.gz, .jsonl.gz, .csv.gz), a bundled name ({', '.join(BUNDLED)}) or a hub dataset id"
         )
     if kind == "json":
         raw = _read_json(path)
@@ -120,20 +122,44 @@ def _read_file(
         return examples_from_records(columns, source=str(path), where=lambda i: f"record {i}",
                                      column_map=column_map, on_mismatch=on_mismatch)  # fmt: skip
     columns = _read_with_datasets(path, kind)
-    where = (lambda i: f"line {_jsonl_line(path, i)}") if kind == "jsonl" else _row_namer(kind)
+    where = {"jsonl": lambda i: f"line {_jsonl_line(path, i)}", "csv": lambda i: f"line {_csv_line(path, i)}"}.get(
+        kind, lambda i: f"row {i}"
+    )
     return examples_from_records(columns, source=str(path), where=where, column_map=column_map, on_mismatch=on_mismatch)
 
 
-def _row_namer(kind: str) -> Callable[[int], str]:
-    # A CSV's first line is its header, so record i is on line i + 2.
-    return (lambda i: f"line {i + 2}") if kind == "csv" else (lambda i: f"row {i}")
+def _csv_line(path: Path, record: int) -> int:
+    """The line on which the `record`-th record of a CSV file starts (a quoted cell may hold several lines)."""
+    starts = _record_lines(path, "csv", _stamp(path))
+    return starts[record] if record < len(starts) else record + 2
+
+
+def _stamp(path: Path) -> tuple[int, int]:
+    stat = path.stat()
+    return stat.st_mtime_ns, stat.st_size
+
+
+@functools.lru_cache(maxsize=4)
+def _record_lines(path: Path, kind: str, stamp: tuple[int, int]) -> list[int]:
+    """The line each record of a JSONL or CSV file starts on; read once per version of a file (`stamp`), and only
+    for an error message."""
+    text = _text(path)
+    if kind == "jsonl":
+        return [n for n, line in enumerate(text.splitlines(), start=1) if line.strip()]
+    reader = csv.reader(io.StringIO(text))
+    next(reader, None)  # the header
+    starts, start = [], reader.line_num + 1
+    for _ in reader:
+        starts.append(start)
+        start = reader.line_num + 1
+    return starts
 
 
 def _text(path: Path) -> str:
     """The file's text; an empty file or one that is not UTF-8 is named, with the place of the first bad byte."""
     data = gzip.decompress(path.read_bytes()) if path.suffix.lower() == ".gz" else path.read_bytes()
     try:
-        text = data.decode("utf-8")
+        text = data.decode("utf-8-sig")  # a byte-order mark (what spreadsheet programs write) is not text
     except UnicodeDecodeError as err:
         line = data[: err.start].count(b"\n") + 1
         raise SquadFormatError(
@@ -162,7 +188,7 @@ def _read_with_datasets(path: Path, kind: str) -> dict[str, list]:
     if kind == "csv":  # every cell as text, so ids keep leading zeros and empty cells stay "" (bertqa converts)
         header = next(csv.reader(io.StringIO(text)), [])
         as_text = datasets.Features({name: datasets.Value("string") for name in header})
-        options = {"features": as_text, "keep_default_na": False}
+        options = {"features": as_text, "keep_default_na": False, "encoding": "utf-8-sig"}
     try:
         with _quiet_datasets(datasets):
             dataset = datasets.load_dataset(builder, data_files=str(path), split="train", **options)
@@ -225,23 +251,25 @@ def read_records(path: str | Path) -> list[tuple[str, dict]]:
 
 def _jsonl_line(path: Path, record: int) -> int:
     """The line number of the `record`-th record of a JSONL file (blank lines hold none)."""
-    lines = [n for n, line in enumerate(_text(path).splitlines(), start=1) if line.strip()]
+    lines = _record_lines(path, "jsonl", _stamp(path))
     return lines[record] if record < len(lines) else record + 1
 
 
-class _quiet_datasets:
-    """Hide datasets' per-file progress bars while reading a local file."""
-
-    def __init__(self, datasets: Any) -> None:
-        self.utils = datasets.utils.logging
-        self.was_enabled = self.utils.is_progress_bar_enabled()
-
-    def __enter__(self) -> None:
-        self.utils.disable_progress_bar()
-
-    def __exit__(self, *exc: object) -> None:
-        if self.was_enabled:
-            self.utils.enable_progress_bar()
+@contextlib.contextmanager
+def _quiet_datasets(datasets: Any) -> Iterator[None]:
+    """Hide datasets' per-file progress bars and error logs while reading a local file."""
+    bars = datasets.utils.logging
+    was_enabled = bars.is_progress_bar_enabled()
+    bars.disable_progress_bar()
+    chatter = logging.getLogger("datasets")
+    level = chatter.level
+    chatter.setLevel(logging.CRITICAL)  # a file it cannot read is diagnosed and named by bertqa instead
+    try:
+        yield
+    finally:
+        chatter.setLevel(level)
+        if was_enabled:
+            bars.enable_progress_bar()
 
 
 def _is_dataset(obj: Any) -> bool:

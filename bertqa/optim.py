@@ -11,7 +11,7 @@ import math
 
 import torch
 
-__all__ = ["build_optimizer", "build_scheduler", "count_updates"]
+__all__ = ["build_optimizer", "build_scheduler", "count_updates", "set_hyperparameters"]
 
 
 def build_optimizer(
@@ -19,9 +19,9 @@ def build_optimizer(
 ) -> torch.optim.AdamW:
     """AdamW with weight decay on matrices only: biases and LayerNorm weights (dim < 2) are not decayed."""
     params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    groups = [  # "decay" marks the group whose weight decay follows the setting (see `set_hyperparameters`)
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay, "decay": True},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0, "decay": False},
     ]
     return torch.optim.AdamW(groups, lr=lr, eps=eps, fused=fused or None)
 
@@ -43,6 +43,24 @@ def build_scheduler(
         return 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else 1.0 - progress
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def set_hyperparameters(
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LambdaLR,
+    *,
+    lr: float,
+    weight_decay: float,
+    eps: float,
+) -> None:
+    """Put the given peak LR, weight decay and epsilon into an optimizer and its schedule, keeping the schedule's
+    position. A checkpoint restores the hyperparameters it was saved with; a run resumed with accepted changes
+    needs its own back."""
+    for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas):
+        group.update(initial_lr=lr, eps=eps, lr=lr * factor(scheduler.last_epoch))
+        if "decay" in group:
+            group["weight_decay"] = weight_decay if group["decay"] else 0.0
+    scheduler.base_lrs = [lr] * len(optimizer.param_groups)
 
 
 def count_updates(batches_per_epoch: int, *, grad_accum: int, epochs: float, max_steps: int | None) -> tuple[int, int]:

@@ -13,6 +13,7 @@ any work, and an earlier evaluation is never overwritten unless --overwrite is g
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
@@ -28,7 +29,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--data",
         help="bundled name, data file (.json, .jsonl, .csv, .parquet) or hub dataset id (default: the evaluation "
-        "data recorded with the model; dev-v1.1 for a model that records none)",
+        "data recorded with the model, read with its column map; dev-v1.1 for a model without bertqa.json)",
     )
     parser.add_argument("--precision", default="auto", choices=("auto", "no", "bf16"), help="auto: bf16 where native")
     parser.add_argument(
@@ -51,17 +52,22 @@ def main(argv: list[str] | None = None) -> int:
     from bertqa.reporting import dumps
 
     out = output_folder(args.out, Path(args.model) / "eval", overwrite=args.overwrite, results=RESULTS)
-    metrics, predictions, examples = evaluate_model(
-        args.model,
-        args.data,
-        answerable_only=args.answerable_only,
-        max_examples=args.max_examples,
-        seed=args.seed,
-        batch_size=args.batch_size,
-        threshold=args.threshold,
-        column_map=args.column_map,
-        mixed_precision=args.precision,
-    )
+    try:
+        metrics, predictions, examples = evaluate_model(
+            args.model,
+            args.data,
+            answerable_only=args.answerable_only,
+            max_examples=args.max_examples,
+            seed=args.seed,
+            batch_size=args.batch_size,
+            threshold=args.threshold,
+            column_map=args.column_map,
+            mixed_precision=args.precision,
+        )
+    except BaseException:
+        with contextlib.suppress(OSError):
+            out.rmdir()  # only if still empty: a failed evaluation leaves no empty folder behind
+        raise
     if not predictions:  # not the main process
         return 0
     threshold = metrics["no_answer_threshold"]

@@ -52,7 +52,7 @@ def test_parse_official_layout():
     raw = squad_json([{"id": "a", "question": "Capital?", "answers": [{"text": "Paris", "answer_start": 0}]}])
     examples, report = loading.parse_squad(raw)
     assert examples == [Example("a", "T", raw["data"][0]["paragraphs"][0]["context"], "Capital?", ("Paris",), (0,))]
-    assert (report.n_examples, report.n_answers, report.n_repaired, report.version) == (1, 1, 0, "1.1")
+    assert (report.n_examples, report.n_answers, report.n_repaired, report.version) == (1, 1, 0, "v1.1")
 
 
 @pytest.mark.parametrize(

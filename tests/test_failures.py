@@ -160,3 +160,40 @@ def test_outputs_are_strict_json():
     text = dumps({"score": -math.inf, "odds": [math.nan, 1.5], "ok": "x"})
     assert json.loads(text) == {"score": None, "odds": [None, 1.5], "ok": "x"}
     assert "Infinity" not in text and "NaN" not in text
+
+
+def test_an_accepted_learning_rate_change_is_the_one_used_after_resuming(tmp_path, tiny):
+    config = tiny_config(tmp_path, batch_size=4, save_every_steps=2, schedule="constant", warmup_ratio=0.0)
+    engine.fit(config.replace(max_steps=4), model=tiny())
+    lrs = []
+    engine.fit(config.replace(max_steps=6, lr=5e-3, resume="latest", accept_changes=True), model=tiny(),
+               callbacks=[lambda u: lrs.append(u.lr)])  # fmt: skip
+    assert lrs == [pytest.approx(5e-3)] * 2  # not the checkpoint's 1e-3
+
+
+def test_a_model_trained_on_v2_data_stays_v2_whatever_its_evaluation_share_holds(tmp_path):
+    from types import SimpleNamespace
+
+    from bertqa.data import Example
+
+    answered = Example("a", "T", "a b", "q", ("a",), (0,))
+    unanswerable = Example("b", "T", "a b", "q", (), (), True)
+    data = SimpleNamespace(train_examples=[answered, unanswerable], eval_examples=[answered],
+                           calibration_examples=[unanswerable])  # fmt: skip
+    meta = checkpoint.model_meta(tiny_config(tmp_path, eval_data=None, eval_split=0.5), data)
+    assert meta["v2"] is True and meta["threshold_calibrated_on"]["questions"] == 1 and meta["eval_data"] is None
+
+
+def test_the_answerer_names_bad_questions(tiny_dir):
+    from bertqa.inference import Answerer
+
+    answerer = Answerer(tiny_dir, precision="no")
+    assert answerer([]) == []
+    with pytest.raises(TypeError, match="pass a list"):
+        answerer({"question": "Who?", "context": "Ann."})
+    with pytest.raises(ValueError, match=r"question 1 \(id 'x'\): 'context' is missing"):
+        answerer([{"question": "Who?", "context": "Ann."}, {"id": "x", "question": "Who?"}])
+    with pytest.raises(ValueError, match="'question' must be non-empty text"):
+        answerer([{"question": " ", "context": "Ann."}])
+    (answer,) = answerer([{"id": 7, "question": "Who wrote it?", "context": "Ann Lee wrote it."}], top_k=2)
+    assert answer.id == 7 and "Ann Lee wrote it."[answer.start : answer.end] == answer.answer

@@ -167,3 +167,57 @@ def test_column_map_errors_name_the_flag_and_the_columns():
         examples_from_records(
             {"passage": ["a"], "question": ["q"], "answer_text": ["a"]}, source="s", column_map={"context": "body"}
         )
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        # A misspelt key on one line must not quietly make that question unanswerable.
+        (
+            "a.jsonl",
+            '{"context": "a b", "question": "q", "answers": {"text": ["a"], "answer_start": [0]}}\n'
+            '{"context": "a b", "question": "q2", "answer": {"text": ["b"], "answer_start": [2]}}\n',
+            r"a\.jsonl: line 2: column 'answers' is missing or null",
+        ),
+        (
+            "a.jsonl",
+            '{"id": "x", "context": "a b", "question": "q", "answers": {"text": ["a"], "answer_start": [0]}}\n'
+            '\n{"id": "x", "context": "a b", "question": "q2", "answers": {"text": ["b"], "answer_start": [2]}}\n',
+            r"a\.jsonl: line 3 \(id 'x'\): question id 'x' appears twice \(first at .*line 1",
+        ),
+        (
+            "a.jsonl",
+            '{"context": "a b", "question": "q", "answers": {"text": ["zz"], "answer_start": [0]}}\n',
+            r"a\.jsonl: line 1: question '[0-9a-f]+' answer 0 'zz'.*does not occur",
+        ),
+        (
+            "a.csv",
+            'id,context,question,answer_text\n1,"one\ntwo\nthree",q,one\n2,"x y",q,\n3,"a b",,a\n',
+            r"a\.csv: line 6 \(id '3'\): column 'question' is empty",
+        ),  # a quoted cell spans lines 2-4
+        (
+            "a.jsonl",
+            '{"context": "a b", "answers": {"text": ["a"], "answer_start": [0]}}\n',
+            r"missing column 'question'",
+        ),
+        (
+            "a.json",
+            '{"version": "1.1", "data": [{"title": "T", "paragraphs": [{"context": "a b", "qas": '
+            '[{"id": "q", "question": "q?", "answers": [{"text": "a", "answer_start": -3}]}]}]}]}',
+            r"answer_start must be >= 0",
+        ),
+        ("a.txt", "x", r"a bundled name \(train-v1\.1, dev-v1\.1, dev-v2\.0\)"),
+    ],
+)
+def test_more_bad_files_name_the_problem_and_the_place(tmp_path, name, content, message):
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(SquadFormatError, match=message):
+        load_squad(path)
+
+
+def test_a_spreadsheet_csv_with_a_byte_order_mark_loads(tmp_path):
+    path = tmp_path / "excel.csv"
+    path.write_bytes(b'\xef\xbb\xbfcontext,question,answer_text\n"Caf\xc3\xa9 au lait, please.",What?,Caf\xc3\xa9\n')
+    (example,), report = load_squad(path)
+    assert example.answer_texts == ("Café",) and example.answer_starts == (0,) and report.n_located == 1
