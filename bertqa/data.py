@@ -11,6 +11,7 @@ import dataclasses
 import itertools
 import random
 import re
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -140,15 +141,13 @@ def hold_out(examples: Sequence[Example], share: float, *, seed: int) -> tuple[l
         raise ValueError(f"the held-out share must be between 0 and 1, got {share}")
     by_title = any(ex.title for ex in examples)
     group_of = (lambda ex: ex.title) if by_title else (lambda ex: ex.context)
-    groups = list(dict.fromkeys(group_of(ex) for ex in examples))
+    sizes = Counter(group_of(ex) for ex in examples)  # in order of first appearance
+    groups = list(sizes)
     if len(groups) < 2:
         raise ValueError(
             f"cannot hold out evaluation data: all {len(examples)} examples share one "
             f"{'title' if by_title else 'context'}; pass evaluation data instead"
         )
-    sizes: dict[str, int] = {}
-    for ex in examples:
-        sizes[group_of(ex)] = sizes.get(group_of(ex), 0) + 1
     held: set[str] = set()
     sum_held = 0
     order = random.Random(seed).sample(groups, len(groups))

@@ -162,9 +162,7 @@ def _log(meter: LogMeter, update: Update, num_processes: int, on_log: Callable[[
 
 
 # ------------------------------------------------------------------------------------------------------------- fit
-
-
-# Below: `fit` and the private helpers that read its config for it. Everything above takes explicit arguments.
+# `fit` and the private helpers that read its config for it. Everything above takes explicit arguments.
 
 
 @dataclass

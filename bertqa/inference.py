@@ -40,6 +40,7 @@ __all__ = [
     "load_settings",
     "make_accelerator",
     "predict_logits",
+    "question_pairs",
     "resolve_precision",
 ]
 
@@ -289,7 +290,7 @@ class Answerer:
     def __call__(self, questions: Sequence[Mapping[str, Any]], *, top_k: int = 0) -> list[Answer]:
         """Answer `{"question", "context"[, "id"]}` records (ids are kept as given, else the position); with
         `top_k`, each answer also lists that many candidate spans, best first."""
-        pairs = _question_pairs(questions)
+        pairs = question_pairs(questions)
         if not pairs:
             return []
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
@@ -314,8 +315,11 @@ class Answerer:
         return Answer(qid, best.text, best.start, best.end, best.score, span_probs[0], v2_null, candidates)
 
 
-def _question_pairs(questions: Sequence[Mapping[str, Any]]) -> list[tuple[str, str]]:
-    """(question, context) of each record; a record that is not one, or lacks either as non-empty text, is named."""
+def question_pairs(
+    questions: Sequence[Mapping[str, Any]], places: Sequence[str] | None = None
+) -> list[tuple[str, str]]:
+    """(question, context) of each record; a record that is not one, or lacks either as non-empty text, is named
+    by `places[i]` (say "q.jsonl: line 3"), else by its position and id."""
     if isinstance(questions, (Mapping, str)):
         raise TypeError("pass a list of {'question': ..., 'context': ...} records (one record goes in a list too)")
     pairs = []
@@ -327,7 +331,8 @@ def _question_pairs(questions: Sequence[Mapping[str, Any]]) -> list[tuple[str, s
         for key in ("question", "context"):
             if not isinstance(record.get(key), str) or not record[key].strip():
                 problem = "is missing" if key not in record else "must be non-empty text"
-                raise ValueError(f"question {i} (id {record.get('id', i)!r}): {key!r} {problem}")
+                place = places[i] if places is not None else f"question {i} (id {record.get('id', i)!r})"
+                raise ValueError(f"{place}: {key!r} {problem}")
         pairs.append((record["question"], record["context"]))
     return pairs
 

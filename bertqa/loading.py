@@ -122,16 +122,15 @@ def _read_file(
         return examples_from_records(columns, source=str(path), where=lambda i: f"record {i}",
                                      column_map=column_map, on_mismatch=on_mismatch)  # fmt: skip
     columns = _read_with_datasets(path, kind)
-    where = {"jsonl": lambda i: f"line {_jsonl_line(path, i)}", "csv": lambda i: f"line {_csv_line(path, i)}"}.get(
-        kind, lambda i: f"row {i}"
-    )
+    where = (lambda i: f"line {_record_line(path, kind, i)}") if kind in ("jsonl", "csv") else (lambda i: f"row {i}")
     return examples_from_records(columns, source=str(path), where=where, column_map=column_map, on_mismatch=on_mismatch)
 
 
-def _csv_line(path: Path, record: int) -> int:
-    """The line on which the `record`-th record of a CSV file starts (a quoted cell may hold several lines)."""
-    starts = _record_lines(path, "csv", _stamp(path))
-    return starts[record] if record < len(starts) else record + 2
+def _record_line(path: Path, kind: str, record: int) -> int:
+    """The line on which the `record`-th record of a JSONL or CSV file starts (blank JSONL lines hold none; a quoted
+    CSV cell may hold several lines)."""
+    starts = _record_lines(path, kind, _stamp(path))
+    return starts[record] if record < len(starts) else record + (2 if kind == "csv" else 1)
 
 
 def _stamp(path: Path) -> tuple[int, int]:
@@ -247,12 +246,6 @@ def read_records(path: str | Path) -> list[tuple[str, dict]]:
         if not isinstance(row, dict):
             raise SquadFormatError(f"{path}: record {i} is not a JSON object but {type(row).__name__}")
     return [(f"record {i}", row) for i, row in enumerate(rows)]
-
-
-def _jsonl_line(path: Path, record: int) -> int:
-    """The line number of the `record`-th record of a JSONL file (blank lines hold none)."""
-    lines = _record_lines(path, "jsonl", _stamp(path))
-    return lines[record] if record < len(lines) else record + 1
 
 
 @contextlib.contextmanager

@@ -15,6 +15,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from bertqa.examples import is_v2
+
 __all__ = [
     "LogMeter",
     "RunRecorder",
@@ -245,7 +247,7 @@ def log_plan(data: Any, labels: Any, accelerator: Any, run: Any, *, batch: int) 
         "%d train examples -> %d windows; %d eval examples -> %d windows (%s, from %s); %d processes on %s, precision "
         "%s; effective batch %d windows; %d updates (%d per epoch, %d warmup)",
         *(len(data.train_examples), len(data.train_features), len(data.eval_examples), len(data.eval_features)),
-        "v2.0" if any(ex.is_impossible for ex in data.eval_examples) else "v1.1",
+        "v2.0" if is_v2(data.eval_examples) else "v1.1",
         data.eval_source,
         *(accelerator.num_processes, accelerator.device, accelerator.mixed_precision),
         *(batch, run.total_steps, run.per_epoch, run.warmup_steps),

@@ -46,15 +46,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def read_items(path: Path) -> list[dict]:
     """The questions of a JSONL file or JSON list; each must have a non-empty question and context (text)."""
+    from bertqa.inference import question_pairs
     from bertqa.loading import read_records
 
-    items = []
-    for place, item in read_records(path):
-        for key in ("question", "context"):
-            if not isinstance(item.get(key), str) or not item[key].strip():
-                problem = "is missing" if key not in item else "must be non-empty text"
-                raise ValueError(f"{path}: {place}: {key!r} {problem}")
-        items.append(item)
+    records = read_records(path)
+    items = [item for _, item in records]
+    question_pairs(items, [f"{path}: {place}" for place, _ in records])  # named by file and line
     return items
 
 
