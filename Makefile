@@ -6,6 +6,8 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 # accelerate launch would otherwise pin a CPU run to one thread (OMP_NUM_THREADS=1).
+# Its --mixed_precision no is only launch's default: bertqa's own --mixed-precision (auto: bf16 on CPUs and GPUs
+# that have it) sets the precision.
 THREADS ?= $(shell nproc 2>/dev/null || echo 1)
 
 .PHONY: setup train test test-fast lint bench

@@ -153,13 +153,17 @@ class SortedBatchSampler:
 
 
 def eval_loader(
-    features: Features, *, batch_size: int, pad_token_id: int, pad_to_multiple_of: int = 8
+    features: Features, *, batch_size: int, pad_token_id: int, pad_to_multiple_of: int = 8, pin_memory: bool = False
 ) -> torch.utils.data.DataLoader:
-    """Length-sorted evaluation batches that carry their feature indices, so results can be put back in order."""
+    """Length-sorted evaluation batches that carry their feature indices, so results can be put back in order.
+
+    `pin_memory` (for a GPU): batches in page-locked memory, which a non-blocking copy can move without waiting.
+    """
     return torch.utils.data.DataLoader(
         FeatureDataset(features),
         batch_sampler=SortedBatchSampler(features.lengths, batch_size),
         collate_fn=Collator(pad_token_id, pad_to_multiple_of),
+        pin_memory=pin_memory,
         # Its own generator: starting a loader draws a seed, and an evaluation must not shift training's dropout.
         generator=torch.Generator(),
     )
@@ -174,14 +178,23 @@ def train_loader(
     pad_token_id: int,
     pad_to_multiple_of: int = 8,
     num_workers: int = 0,
+    pin_memory: bool = False,
+    pool_batches: int = 50,
 ) -> tuple[torch.utils.data.DataLoader, LengthGroupedBatchSampler]:
-    """The training DataLoader and its batch sampler (whose epoch the caller sets before each pass)."""
-    sampler = LengthGroupedBatchSampler(features.lengths, batch_size, seed=seed, group_by_length=group_by_length)
+    """The training DataLoader and its batch sampler (whose epoch the caller sets before each pass).
+
+    `pin_memory` (for a GPU): batches in page-locked memory. A copy from ordinary memory makes the host wait for
+    the GPU to finish its queued work; from pinned memory, with `non_blocking`, the host can queue the next update.
+    """
+    sampler = LengthGroupedBatchSampler(
+        features.lengths, batch_size, seed=seed, group_by_length=group_by_length, pool_batches=pool_batches
+    )
     loader = torch.utils.data.DataLoader(
         FeatureDataset(features),
         batch_sampler=sampler,
         collate_fn=Collator(pad_token_id, pad_to_multiple_of),
         num_workers=num_workers,
+        pin_memory=pin_memory,
         generator=torch.Generator().manual_seed(seed),  # keeps loader start-up off the global RNG (resume)
     )
     return loader, sampler

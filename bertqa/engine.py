@@ -205,6 +205,7 @@ def _build_training(
         pad_token_id=pad_token_id,
         pad_to_multiple_of=config.pad_to_multiple_of,
         num_workers=config.num_workers,
+        pin_memory=accelerator.device.type == "cuda",
     )
     fused = accelerator.device.type == "cuda"
     optimizer = build_optimizer(model, lr=config.lr, weight_decay=config.weight_decay, eps=config.adam_eps, fused=fused)
@@ -317,7 +318,11 @@ def fit(
     with accelerator.main_process_first():  # the main process fills the window cache, the others read it
         data = prepare_data(config, tokenizer, train_examples=train_examples, eval_examples=eval_examples)
         labels = check_labels(data.train_features, data.train_examples, min_match_rate=config.label_check_min)
-    model = model if model is not None else build_model(config.model, attn_implementation=config.attn_implementation)
+    if model is None:
+        model = build_model(config.model, attn_implementation=config.attn_implementation,
+                            attention_dropout=config.attention_dropout)  # fmt: skip
+    elif config.attention_dropout is not None:
+        logger.warning("attention_dropout applies to models fit builds; the model passed in keeps its own")
     run = _build_training(config, accelerator, model, data.train_features, tokenizer.pad_token_id)
     if resume_from is not None:
         accelerator.load_state(str(resume_from))
@@ -381,7 +386,7 @@ def _build_accelerator(config: TrainConfig) -> Accelerator:
         )
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = config.tf32
     return make_accelerator(
-        mixed_precision=resolve_precision(config.mixed_precision, cpu_bf16=False),
+        mixed_precision=resolve_precision(config.mixed_precision),
         gradient_accumulation_steps=config.grad_accum,
         log_with=list(config.report_to) or None,
         project_dir=config.output_dir,

@@ -7,10 +7,13 @@ settings and the no-answer threshold it was trained with.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import functools
 import json
 import logging
 import os
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +40,7 @@ __all__ = [
     "eval_batches",
     "evaluate",
     "evaluate_model",
+    "keep_freed_memory",
     "load_settings",
     "make_accelerator",
     "predict_logits",
@@ -61,15 +65,46 @@ def cpu_has_native_bf16() -> bool:
     return any(probe is not None and probe() for probe in probes)
 
 
-def resolve_precision(mode: str, *, device: str | None = None, cpu_bf16: bool = True) -> str:
-    """ "auto" -> bf16 where the hardware runs it natively (a GPU that supports it, or, with `cpu_bf16`, a CPU with
-    AMX or AVX512-BF16), otherwise full precision; fp16 only when asked for. `device` defaults to the GPU if there
-    is one. Training passes `cpu_bf16=False`: on CPUs it stays in fp32 until bf16's quality there is measured."""
+def resolve_precision(mode: str, *, device: str | None = None) -> str:
+    """ "auto" -> bf16 where the hardware runs it natively (a GPU that supports it, or a CPU with AMX or
+    AVX512-BF16), otherwise full precision; fp16 only when asked for. `device` defaults to the GPU if there is one.
+    On such CPUs bf16 trained 1.7x and evaluated 2.1x faster than fp32, to the same F1 (docs/BENCHMARKS.md)."""
     if mode != "auto":
         return mode
     if (device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "no"
-    return "bf16" if cpu_bf16 and cpu_has_native_bf16() else "no"
+    return "bf16" if cpu_has_native_bf16() else "no"
+
+
+# Set by a user who tunes the C allocator (or replaces it) themselves: then bertqa leaves it alone.
+_ALLOCATOR_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "GLIBC_TUNABLES", "LD_PRELOAD")
+KEEP_FREED_MEMORY_ENV = "BERTQA_KEEP_FREED_MEMORY"  # "0": leave glibc's defaults (e.g. to measure what this gains)
+
+
+@functools.cache
+def keep_freed_memory() -> bool:
+    """Let glibc keep freed memory for reuse instead of handing it back to the OS; True if it took effect.
+
+    On a CPU every training step allocates and frees activations of tens of MB. glibc serves blocks that large with
+    mmap and returns them on free, so each step faults its pages in (and zeroes them) again: on a 2-core machine a
+    fifth of a bf16 training step went to the kernel, and this setting made training 1.26x faster. It is what
+    preloading jemalloc or tcmalloc does for PyTorch on CPUs, without a library to install. The process keeps its
+    peak memory instead of shrinking after a peak. Skipped off glibc, where the environment already sets the
+    allocator's thresholds or preloads a library, and with BERTQA_KEEP_FREED_MEMORY=0.
+    """
+    if not sys.platform.startswith("linux") or any(os.environ.get(name) for name in _ALLOCATOR_ENV):
+        return False
+    if os.environ.get(KEEP_FREED_MEMORY_ENV, "1") == "0":
+        return False
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):  # not glibc (musl, ...)
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
+    # mallopt takes a C int: 1 GiB and 2 GiB - 1 are the largest round values that fit (a larger one would wrap).
+    done = bool(mallopt(m_mmap_threshold, 2**30)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
+    logger.debug("glibc keeps freed memory for reuse: %s", done)
+    return done
 
 
 def make_accelerator(*, timeout_s: float = 1800, **kwargs: Any) -> Accelerator:
@@ -77,15 +112,19 @@ def make_accelerator(*, timeout_s: float = 1800, **kwargs: Any) -> Accelerator:
     become CPU data parallelism over gloo instead of silently running as independent single processes.
 
     A collective that waits more than `timeout_s` seconds for another process (one that stalled or died) fails
-    instead of hanging forever.
+    instead of hanging forever. Without a GPU, glibc is first told to keep freed memory (`keep_freed_memory`).
+    Prepared loaders copy batches to the device without blocking, so with pinned batches (`train_loader`'s
+    `pin_memory`) no update waits on the copy.
     """
     from datetime import timedelta
 
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, is_initialized
-    from accelerate.utils import InitProcessGroupKwargs
+    from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs
 
     multi_process = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if not torch.cuda.is_available():
+        keep_freed_memory()
     timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=timeout_s))
     if is_initialized() and kwargs.get("mixed_precision") not in (None, AcceleratorState().mixed_precision):
         # One process holds one Accelerate state: a second run in the same process keeps the first's precision.
@@ -94,6 +133,7 @@ def make_accelerator(*, timeout_s: float = 1800, **kwargs: Any) -> Accelerator:
             *(AcceleratorState().mixed_precision, AcceleratorState().mixed_precision, kwargs["mixed_precision"]),
         )
         kwargs["mixed_precision"] = AcceleratorState().mixed_precision
+    kwargs.setdefault("dataloader_config", DataLoaderConfiguration(non_blocking=True))
     return Accelerator(cpu=multi_process and not torch.cuda.is_available(), kwargs_handlers=[timeout], **kwargs)
 
 
@@ -106,8 +146,13 @@ def eval_batches(
     accelerator: Accelerator | None = None,
 ) -> torch.utils.data.DataLoader:
     """Length-sorted evaluation batches of `features`; with an `accelerator`, each process gets its share."""
+    on_gpu = accelerator.device.type == "cuda" if accelerator is not None else torch.cuda.is_available()
     loader = eval_loader(
-        features, batch_size=batch_size, pad_token_id=pad_token_id, pad_to_multiple_of=pad_to_multiple_of
+        features,
+        batch_size=batch_size,
+        pad_token_id=pad_token_id,
+        pad_to_multiple_of=pad_to_multiple_of,
+        pin_memory=on_gpu,
     )
     if accelerator is None:
         return loader
@@ -120,6 +165,7 @@ def eval_batches(
         num_processes=accelerator.num_processes,
         process_index=accelerator.process_index,
         put_on_device=True,
+        non_blocking=on_gpu,
     )
 
 
@@ -147,7 +193,7 @@ def predict_logits(
     model.eval()
     main = accelerator is None or accelerator.is_main_process
     for batch in tqdm(loader, desc="eval", unit="batch", leave=False, disable=not (progress and main)):
-        batch = {k: v.to(device) for k, v in batch.items()}
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         out = model(**model_inputs(batch))
         # One width for every batch so they can be gathered across processes (a negative pad crops the
         # multiple-of-8 padding that can reach past the longest window).
@@ -281,6 +327,8 @@ class Answerer:
         self.tokenizer = build_tokenizer(model_dir)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = build_model(model_dir).to(self.device).eval()
+        if self.device.type == "cpu":
+            keep_freed_memory()
         self.bf16 = resolve_precision(precision, device=self.device.type) == "bf16"
         self.batch_size = batch_size
         saved = self.settings["no_answer_threshold"]

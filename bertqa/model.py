@@ -76,20 +76,26 @@ def build_tokenizer(name_or_path: str | Path) -> Any:
     return tokenizer
 
 
+# Where model configs keep the dropout on attention probabilities (BERT, RoBERTa, ELECTRA, ALBERT; DistilBERT).
+ATTENTION_DROPOUT_KEYS = ("attention_probs_dropout_prob", "attention_dropout")
+
+
 def build_model(
     name_or_path: str | Path,
     *,
     pretrained: bool = True,
     dtype: torch.dtype = torch.float32,
     attn_implementation: str | None = None,
+    attention_dropout: float | None = None,
     config_overrides: dict[str, Any] | None = None,
 ) -> torch.nn.Module:
     """A question-answering model: pretrained weights (a fresh QA head), or randomly initialised from the config.
 
     The weights are float32 by default even when the checkpoint stores half precision (transformers would otherwise
     keep the stored dtype): they are the master weights that AdamW updates, and mixed precision only casts the
-    compute. `config_overrides` changes config fields first (e.g. `{"hidden_dropout_prob": 0.0}`, or a smaller
-    shape when `pretrained=False`).
+    compute. `attention_dropout` replaces the dropout on attention probabilities (None keeps the model's own).
+    `config_overrides` changes config fields first (e.g. `{"hidden_dropout_prob": 0.0}`, or a smaller shape when
+    `pretrained=False`).
     """
     from transformers import AutoConfig, AutoModelForQuestionAnswering
 
@@ -97,6 +103,15 @@ def build_model(
     config = _load("model config", AutoConfig.from_pretrained, name)
     for key, value in (config_overrides or {}).items():
         setattr(config, key, value)
+    if attention_dropout is not None:
+        keys = [key for key in ATTENTION_DROPOUT_KEYS if hasattr(config, key)]
+        if not keys:
+            raise ValueError(
+                f"{name}: its config has none of {', '.join(ATTENTION_DROPOUT_KEYS)}, so attention_dropout cannot be "
+                "set for it; leave attention_dropout unset"
+            )
+        for key in keys:
+            setattr(config, key, attention_dropout)
     kwargs: dict[str, Any] = {}
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation

@@ -94,8 +94,9 @@ def _optional(kind: Callable[[str], Any]) -> Callable[[str], Any]:
 
 
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """One --flag per TrainConfig field, with its help text and default; defaults are left unset (None) here so
-    that only flags given on the command line override a preset."""
+    """One --flag per TrainConfig field, with its help text and default. A flag not given stays out of the parsed
+    namespace, so only flags given on the command line override a preset, and `--eval-every-steps none` can clear a
+    preset's value."""
     hints = typing.get_type_hints(TrainConfig)
     for field in dataclasses.fields(TrainConfig):
         hint = hints[field.name]
@@ -105,12 +106,14 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
         flag = "--" + field.name.replace("_", "-")
         help_text = f"{field.metadata['help']} (default: {field.default})"
         if base is bool:
-            parser.add_argument(flag, type=_bool, metavar="BOOL", help=help_text)
+            parser.add_argument(flag, type=_bool, metavar="BOOL", default=argparse.SUPPRESS, help=help_text)
         elif typing.get_origin(base) is tuple:
-            parser.add_argument(flag, nargs="*", help=help_text)
+            parser.add_argument(flag, nargs="*", default=argparse.SUPPRESS, help=help_text)
         else:
             kind = _optional(base) if optional else base
-            parser.add_argument(flag, type=kind, choices=field.metadata.get("choices"), help=help_text)
+            parser.add_argument(
+                flag, type=kind, choices=field.metadata.get("choices"), default=argparse.SUPPRESS, help=help_text
+            )
 
 
 def config_parser(description: str | None) -> argparse.ArgumentParser:
@@ -146,10 +149,11 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def config_changes(args: argparse.Namespace) -> dict[str, Any]:
+    """The TrainConfig fields given on the command line (None included: `--flag none`)."""
     changes = {}
     for field in dataclasses.fields(TrainConfig):
-        value = getattr(args, field.name, None)
-        if value is not None:
+        if hasattr(args, field.name):
+            value = getattr(args, field.name)
             changes[field.name] = tuple(value) if isinstance(value, list) else value
     return changes
 

@@ -11,6 +11,13 @@ bertqa uses length-grouped batches padded to a multiple of 8.
 
 Prints, for each: windows/s and examples/s, real tokens/s, padding efficiency, MFU on real tokens (when the device's
 peak is known), peak memory; bertqa's eval windows/s; post-processing time of the whole v2 dev set; the ratios.
+examples/s counts work done: real tokens/s over the mean real tokens of an example, so a loop whose timed batches
+are shorter than average is not favoured. Each loop makes --passes passes over the windows and only the last is
+timed: the first meets every batch shape for the first time (kernel selection, allocator growth), which a long run
+spreads over thousands of updates, and a loop measured after another would otherwise start with its warm caches.
+Each loop runs in a fresh process (nothing left over from the loop before), all with the same settings: threads,
+and on a CPU the allocator setting of `bertqa.inference.keep_freed_memory`, which bertqa applies itself and a
+careful Trainer user would get by setting MALLOC_* variables.
 """
 
 from __future__ import annotations
@@ -44,9 +51,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--windows", type=int, default=512, help="training windows per loop (one pass)")
     p.add_argument("--batch-size", type=int, default=16, help="windows per batch, both loops")
-    p.add_argument("--warmup-steps", type=int, default=2, help="updates excluded from the timing")
+    p.add_argument(
+        "--passes",
+        type=int,
+        default=2,
+        help="passes over the windows per loop; only the last is timed (the first meets every batch shape for the "
+        "first time: kernel choice, allocator growth), as in a long run",
+    )
     p.add_argument("--precision", choices=("auto", "no", "bf16", "fp16"), default="auto")
     p.add_argument("--compile", action="store_true", help="torch.compile bertqa's model")
+    p.add_argument(
+        "--attention-dropout",
+        type=float,
+        help="the model's attention dropout, in every loop (unset: the model's own; 0 as in the quick preset)",
+    )
     p.add_argument("--eval-examples", type=int, default=300, help="v2 dev examples for the eval timing")
     p.add_argument(
         "--trainers",
@@ -57,13 +75,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--peak-tflops", type=float, help="device peak for MFU (default: known GPUs only)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, help="also write the results here")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.passes < 2:
+        p.error("--passes must be at least 2: the first pass is the warm-up")
+    return args
 
 
 def flops_per_window(n_params: int, layers: int, hidden: int, length: int) -> float:
     """Training FLOPs of one window counted on its real tokens: 6 x params x tokens, plus attention scores and
     weighted sums (2 matmuls of 2 x length x hidden per token per layer, x3 for forward and backward)."""
     return 6 * n_params * length + 12 * layers * hidden * length * length
+
+
+def pass_seconds(marks: dict[int, float], steps: int, passes: int) -> list[float]:
+    """Seconds of each pass, from the times taken after every `steps` updates (and before the first)."""
+    return [marks[(k + 1) * steps] - marks[k * steps] for k in range(passes)]
 
 
 def sync(device: Any) -> None:
@@ -86,8 +112,47 @@ def fresh_model(args: argparse.Namespace) -> Any:
 
     torch.manual_seed(args.seed)
     if args.shape == "bert-base":
-        return build_model(args.model, pretrained=False, config_overrides=BERT_BASE)
-    return build_model(args.model)
+        return build_model(args.model, pretrained=False, config_overrides=BERT_BASE,
+                           attention_dropout=args.attention_dropout)  # fmt: skip
+    return build_model(args.model, attention_dropout=args.attention_dropout)
+
+
+LOOPS = ("bertqa", "Trainer (run_qa.py setup)", "Trainer (tuned)")
+
+
+def train_windows(args: argparse.Namespace) -> Any:
+    """The first `args.windows` windows of the drawn train examples, labelled."""
+    from bertqa import data
+    from bertqa.model import build_tokenizer
+
+    examples, _ = data.load_examples("train-v1.1", max_examples=args.windows, seed=args.seed)
+    features = data.label_features(data.tokenize_examples(examples, build_tokenizer(args.model)), examples)
+    return features.select(range(min(args.windows, len(features))))
+
+
+def measure(name: str, args: argparse.Namespace, precision: str) -> dict[str, Any]:
+    """One loop's raw figures (run in a process of its own)."""
+    import torch
+
+    from bertqa.inference import keep_freed_memory
+
+    setup_logging()  # a spawned process starts with the libraries' own logging
+    if not torch.cuda.is_available():
+        keep_freed_memory()  # what bertqa sets for itself; a careful Trainer user would set MALLOC_* variables
+    features = train_windows(args)
+    if name == "bertqa":
+        return bench_bertqa(args, features, precision)
+    return bench_trainer(args, features, precision, tuned=name == "Trainer (tuned)")
+
+
+def in_fresh_process(name: str, args: argparse.Namespace, precision: str) -> dict[str, Any]:
+    """`measure` in a new process: a loop measured after another in the same process would find the allocator,
+    kernel caches and GPU memory pool in whatever state the one before left them."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(measure, name, args, precision).result()
 
 
 def bench_bertqa(args, features, precision: str) -> dict[str, Any]:
@@ -101,31 +166,42 @@ def bench_bertqa(args, features, precision: str) -> dict[str, Any]:
     model = fresh_model(args)
     if args.compile:
         model = torch.compile(model, dynamic=True)
-    loader, sampler = train_loader(
-        features, batch_size=args.batch_size, seed=args.seed, group_by_length=True, pad_token_id=0
-    )
-    batches = sampler.batches()
+    # Length groups as large as the Trainer's: it sorts pools of min(windows / (4 x batch), 50) batches, and
+    # bertqa's default pool of 50 batches would sort more finely than that on a benchmark-sized sample.
+    pool = max(1, min(len(features) // (4 * args.batch_size), 50))
+    loader, sampler = train_loader(features, batch_size=args.batch_size, seed=args.seed, group_by_length=True,
+                                   pad_token_id=0, pin_memory=torch.cuda.is_available(), pool_batches=pool)  # fmt: skip
+    steps = len(sampler)
     fused = accelerator.device.type == "cuda"
     optimizer = build_optimizer(model, lr=3e-5, weight_decay=0.01, eps=1e-8, fused=fused)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    scheduler = build_scheduler(optimizer, total_steps=len(batches), warmup_steps=0, schedule="constant")
+    scheduler = build_scheduler(optimizer, total_steps=steps * args.passes, warmup_steps=0, schedule="constant")
+    first, last = (args.passes - 1) * steps, args.passes * steps  # the timed pass: after update `first` to `last`
     marks: dict[int, float] = {}
 
     def mark(update: engine.Update) -> None:
-        if update.step in (args.warmup_steps, len(batches)):
+        if update.step % steps == 0:
             sync(accelerator.device)
             marks[update.step] = time.perf_counter()
 
     if accelerator.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    engine.train_one_epoch(
-        accelerator, model, optimizer, scheduler, loader, state=engine.TrainState(), max_steps=len(batches),
-        log_every=len(batches), callbacks=[mark],
-    )  # fmt: skip
-    timed = batches[args.warmup_steps :]
+    sync(accelerator.device)
+    marks[0] = time.perf_counter()
+    state = engine.TrainState()
+    for epoch in range(args.passes):
+        sampler.set_epoch(epoch)
+        loader.set_epoch(epoch)
+        state.epoch = epoch
+        engine.train_one_epoch(
+            accelerator, model, optimizer, scheduler, loader, state=state, max_steps=last, log_every=steps,
+            callbacks=[mark],
+        )  # fmt: skip
+    timed = sampler.batches()  # the last pass's batches
     padded = [math.ceil(max(features.lengths[b]) / 8) * 8 * len(b) for b in timed]
     result = {
-        "seconds": marks[len(batches)] - marks[args.warmup_steps],
+        "seconds": marks[last] - marks[first],
+        "pass_seconds": pass_seconds(marks, steps, args.passes),
         "windows": sum(len(b) for b in timed),
         "real_tokens": int(sum(features.lengths[b].sum() for b in timed)),
         "padded_tokens": int(sum(padded)),
@@ -167,23 +243,29 @@ def bench_trainer(args, features, precision: str, *, tuned: bool = False) -> dic
     from bertqa.model import build_tokenizer
 
     width = Window().max_seq_length  # the windows' own setting: run_qa.py pads every window to it
-    padded_tokens: list[int] = []
     if tuned:
         dataset = unpadded_windows(features)
         pad = DataCollatorWithPadding(build_tokenizer(args.model), pad_to_multiple_of=8)
-
-        def collate(rows: list[dict]) -> dict:
-            batch = pad(rows)
-            padded_tokens.append(batch["input_ids"].numel())
-            return batch
     else:
-        dataset, collate = padded_dataset(features, width=width, pad_token_id=0, labelled=True), default_data_collator
+        dataset, pad = padded_dataset(features, width=width, pad_token_id=0, labelled=True), default_data_collator
+    seen: list[tuple[list[int], int]] = []  # (window lengths, padded tokens) of each batch, in the loop's order
+
+    def collate(rows: list[dict]) -> dict:
+        batch = pad(rows)
+        seen.append((batch["attention_mask"].sum(dim=1).tolist(), batch["input_ids"].numel()))
+        return batch
+
     steps = math.ceil(len(dataset) / args.batch_size)
+    first, last = (args.passes - 1) * steps, args.passes * steps  # the timed pass, as in `bench_bertqa`
     marks: dict[int, float] = {}
 
     class Timer(TrainerCallback):
+        def on_train_begin(self, _args, state, control, **kwargs):
+            sync(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+            marks[0] = time.perf_counter()
+
         def on_step_end(self, _args, state, control, **kwargs):
-            if state.global_step in (args.warmup_steps, steps):
+            if state.global_step % steps == 0:
                 sync(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
                 marks[state.global_step] = time.perf_counter()
 
@@ -197,7 +279,7 @@ def bench_trainer(args, features, precision: str, *, tuned: bool = False) -> dic
             precision=precision,
             seed=args.seed,
             per_device_train_batch_size=args.batch_size,
-            max_steps=steps,
+            max_steps=last,
             learning_rate=3e-5,
             disable_tqdm=True,
             logging_steps=10**9,
@@ -210,14 +292,15 @@ def bench_trainer(args, features, precision: str, *, tuned: bool = False) -> dic
             callbacks=[Timer()],
         )  # fmt: skip
         trainer.train()
-    timed_windows = len(dataset) - args.warmup_steps * args.batch_size
-    real = int(features.lengths.sum() * timed_windows / len(dataset))  # random order: the average share
-    padded = sum(padded_tokens[args.warmup_steps :]) if tuned else timed_windows * width
+    # The tokens of the batches actually timed, in the loop's own order (the collator sees every batch once).
+    timed = seen[first:last]
     return {
-        "seconds": marks[steps] - marks[args.warmup_steps],
-        "windows": timed_windows,
-        "real_tokens": real,
-        "padded_tokens": padded,
+        "seconds": marks[last] - marks[first],
+        "pass_seconds": pass_seconds(marks, steps, args.passes),
+        "windows": len(dataset),
+        "real_tokens": sum(sum(lengths) for lengths, _ in timed),
+        "padded_tokens": sum(padded for _, padded in timed),
+        "lengths": [lengths for lengths, _ in timed],
         "peak_memory_gib": peak_memory_gib(trainer.args.device),
         "device": str(trainer.args.device),
     }
@@ -255,17 +338,14 @@ def postprocess_seconds(args) -> float:
 
 
 def summarise(name: str, r: dict[str, Any], *, n_params: int, layers: int, hidden: int, peak: float | None,
-              windows_per_example: float) -> dict[str, Any]:  # fmt: skip
-    windows_per_s = r["windows"] / r["seconds"]
-    if "lengths" in r:
-        flops = sum(flops_per_window(n_params, layers, hidden, n) for batch in r.pop("lengths") for n in batch)
-    else:  # average window length for the padded baseline (real tokens only)
-        mean = r["real_tokens"] / r["windows"]
-        flops = r["windows"] * flops_per_window(n_params, layers, hidden, round(mean))
+              tokens_per_example: float) -> dict[str, Any]:  # fmt: skip
+    """One loop's figures. examples/s is counted in work, not windows: real tokens/s over the data's mean real tokens
+    per example, so a loop whose timed batches happen to be shorter (or longer) than average is not favoured."""
+    flops = sum(flops_per_window(n_params, layers, hidden, n) for batch in r.pop("lengths") for n in batch)
     out = {
         "loop": name,
-        "windows_per_s": windows_per_s,
-        "examples_per_s": windows_per_s / windows_per_example,
+        "windows_per_s": r["windows"] / r["seconds"],
+        "examples_per_s": r["real_tokens"] / r["seconds"] / tokens_per_example,
         "real_tokens_per_s": r["real_tokens"] / r["seconds"],
         "padding_efficiency": r["real_tokens"] / r["padded_tokens"],
         "tflops_real": flops / r["seconds"] / 1e12,
@@ -294,29 +374,20 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     import transformers
 
-    from bertqa import data
     from bertqa.inference import resolve_precision
-    from bertqa.model import build_tokenizer
 
     precision = resolve_precision(args.precision)
-    tokenizer = build_tokenizer(args.model)
-    examples, _ = data.load_examples("train-v1.1", max_examples=args.windows, seed=args.seed)
-    features = data.label_features(data.tokenize_examples(examples, tokenizer), examples)
-    features = features.select(range(min(args.windows, len(features))))
-    windows_per_example = len(features) / len(set(features.example_index.tolist()))
+    features = train_windows(args)
+    tokens_per_example = features.lengths.sum() / len(set(features.example_index.tolist()))
     probe = fresh_model(args)
     cfg = probe.config
     n_params = sum(p.numel() for n, p in probe.named_parameters() if "embeddings" not in n)
     del probe
     peak = device_peak(args)
     shape = dict(n_params=n_params, layers=cfg.num_hidden_layers, hidden=cfg.hidden_size, peak=peak,
-                 windows_per_example=windows_per_example)  # fmt: skip
-    results = [summarise("bertqa", bench_bertqa(args, features, precision), **shape)]
-    if args.trainers == "both":
-        results.append(summarise("Trainer (run_qa.py setup)", bench_trainer(args, features, precision), **shape))
-    if args.trainers in ("both", "tuned"):
-        tuned = bench_trainer(args, features, precision, tuned=True)
-        results.append(summarise("Trainer (tuned)", tuned, **shape))
+                 tokens_per_example=tokens_per_example)  # fmt: skip
+    loops = {"both": LOOPS, "tuned": LOOPS[::2], "none": LOOPS[:1]}[args.trainers]
+    results = [summarise(name, in_fresh_process(name, args, precision), **shape) for name in loops]
     report = {
         "device": torch.cuda.get_device_name()
         if torch.cuda.is_available()
@@ -328,6 +399,7 @@ def main(argv: list[str] | None = None) -> int:
         "batch_size": args.batch_size,
         "precision": precision,
         "compile": args.compile,
+        "attention_dropout": args.attention_dropout,
         "windows": len(features),
         "results": results,
         "postprocess_v2_dev_s": postprocess_seconds(args),
@@ -345,8 +417,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def print_report(report: dict[str, Any]) -> None:
     print(f"device {report['device']} | torch {report['torch']} | transformers {report['transformers']}")
+    dropout = report["attention_dropout"]
     print(f"model {report['model']} ({report['non_embedding_params'] / 1e6:.1f}M non-embedding params), "
           f"batch {report['batch_size']}, precision {report['precision']}, compile {report['compile']}, "
+          f"attention dropout {'as the model' if dropout is None else dropout}, "
           f"{report['windows']} real SQuAD train windows")  # fmt: skip
     columns = ("windows/s", "examples/s", "tokens/s", "pad eff", "TFLOP/s", "MFU", "peak GiB")
     widths = (10, 10, 10, 8, 8, 6, 8)
@@ -356,6 +430,8 @@ def print_report(report: dict[str, Any]) -> None:
         mem = f"{r['peak_memory_gib']:.1f}" if r["peak_memory_gib"] is not None else "n/a"
         print(f"{r['loop']:28} {r['windows_per_s']:10.1f} {r['examples_per_s']:10.1f} {r['real_tokens_per_s']:10.0f} "
               f"{100 * r['padding_efficiency']:7.1f}% {r['tflops_real']:8.2f} {mfu:>6} {mem:>8}")  # fmt: skip
+    for r in report["results"]:
+        print(f"{r['loop']}: seconds per pass " + ", ".join(f"{t:.2f}" for t in r["pass_seconds"]) + " (last timed)")
     print(f"bertqa eval: {report['results'][0]['eval_windows_per_s']:.1f} windows/s (length-sorted batches)")
     print(f"post-processing of the whole v2 dev set: {report['postprocess_v2_dev_s']:.2f} s")
     if "ratio_examples_per_s" in report:

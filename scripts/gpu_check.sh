@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Every GPU measurement in one command, sized for one H100/H200; each step has a time limit, all together 580 s:
-#   1. throughput, bertqa vs transformers.Trainer (run_qa.py setup and tuned), BERT-base shape, bf16, eager
+#   1. throughput, bertqa vs transformers.Trainer (run_qa.py setup and tuned), BERT-base shape, bf16, eager;
+#      then where one bertqa update spends its time (scripts/profile_loop.py)
 #   2. full SQuAD v1.1 fine-tune of MiniLM (the full-v1 preset), official dev set; then bertqa and the tuned Trainer
-#      compiled (throughput)
+#      compiled (throughput, fewer windows: compiling every batch shape takes most of the step)
 #   3. SQuAD v2 article split (the v2-split preset), with the calibrated no-answer threshold
 #   4. the original recipe with bertqa and with the Trainer baseline, for F1 and wall time side by side
 # Needs torch, transformers, accelerate and tqdm (not datasets) and a model folder; make one that travels light with
@@ -19,9 +20,11 @@ LOG=$OUT/gpu_check.log
 : >"$LOG"
 if [[ ${SMOKE:-0} == 1 ]]; then
   BENCH=(--windows 64 --batch-size 8 --eval-examples 16 --precision no)
+  PROFILE=(--windows 32 --batch-size 8 --steps 2 --precision no)
   SMALL=(--max-train-examples 64 --max-eval-examples 32 --max-steps 2 --batch-size 8)
 else
-  BENCH=(--windows 8192 --batch-size 64 --eval-examples 2000 --shape bert-base --precision bf16)
+  BENCH=(--windows 4096 --batch-size 64 --eval-examples 1000 --shape bert-base --precision bf16)
+  PROFILE=(--windows 1024 --batch-size 64 --steps 10 --shape bert-base --precision bf16)
   SMALL=()
 fi
 WORKERS=$(( $(nproc) > 8 ? 8 : $(nproc) ))
@@ -36,20 +39,21 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log everything,
   echo "=== $name: exit ${PIPESTATUS[0]} after $((SECONDS - t0)) s" | tee -a "$LOG"
 }
 
-step device 20 bash -c 'nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; python -c "
+step device 15 bash -c 'nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; python -c "
 import torch, transformers, accelerate; print(\"torch\", torch.__version__, \"transformers\", transformers.__version__,
 \"accelerate\", accelerate.__version__, \"cuda\", torch.version.cuda)"'
-step bench-eager 130 python scripts/benchmark.py --model "$MODEL" "${BENCH[@]}" \
+step bench-eager 100 python scripts/benchmark.py --model "$MODEL" "${BENCH[@]}" \
   --json "$OUT/bench_eager.json"
-step full-v1 150 python scripts/train.py --preset full-v1 "${COMMON[@]}" "${SMALL[@]}" --output-dir "$RUNS/full-v1"
+step profile 30 python scripts/profile_loop.py --model "$MODEL" "${PROFILE[@]}" --top 8
+step full-v1 170 python scripts/train.py --preset full-v1 "${COMMON[@]}" "${SMALL[@]}" --output-dir "$RUNS/full-v1"
 cp "$RUNS/full-v1/metrics.jsonl" "$OUT/full_v1_metrics.jsonl" 2>/dev/null
 cp "$RUNS/full-v1/training_curves.png" "$OUT/full_v1_curves.png" 2>/dev/null
-step bench-compile 130 python scripts/benchmark.py --model "$MODEL" "${BENCH[@]}" \
+step bench-compile 140 python scripts/benchmark.py --model "$MODEL" "${BENCH[@]}" --windows 1024 \
   --compile --trainers tuned --json "$OUT/bench_compile.json"
 step v2-split 45 python scripts/train.py --preset v2-split "${COMMON[@]}" "${SMALL[@]}" --output-dir "$RUNS/v2-split"
 cp "$RUNS/v2-split/metrics.jsonl" "$OUT/v2_split_metrics.jsonl" 2>/dev/null
-step recipe 35 python scripts/train.py --preset recipe "${COMMON[@]}" "${SMALL[@]}" --eval-before-training false \
+step recipe 45 python scripts/train.py --preset recipe "${COMMON[@]}" "${SMALL[@]}" --eval-before-training false \
   --eval-every-steps none --output-dir "$RUNS/recipe"
-step recipe-trainer 70 python scripts/trainer_baseline.py --preset recipe "${COMMON[@]}" "${SMALL[@]}" \
+step recipe-trainer 35 python scripts/trainer_baseline.py --preset recipe "${COMMON[@]}" "${SMALL[@]}" \
   --output-dir "$RUNS/recipe-trainer" --json "$OUT/recipe_trainer.json"
 echo "done ($(date +%T))" | tee -a "$LOG"

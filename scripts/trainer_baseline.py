@@ -48,12 +48,12 @@ def train_and_score(c: TrainConfig) -> dict[str, Any]:
     eval_set = padded_dataset(eval_features, labelled=False, **pad)
 
     transformers.set_seed(c.seed)  # the QA head's initialisation, as in run_qa.py
-    model = build_model(c.model, attn_implementation=c.attn_implementation)
+    model = build_model(c.model, attn_implementation=c.attn_implementation, attention_dropout=c.attention_dropout)
     batches = math.ceil(len(train_set) / c.batch_size)
     _, total_steps = count_updates(batches, grad_accum=c.grad_accum, epochs=c.epochs, max_steps=c.max_steps)
     args = training_arguments(
         c.output_dir,
-        precision=resolve_precision(c.mixed_precision, cpu_bf16=False),
+        precision=resolve_precision(c.mixed_precision),
         seed=c.seed,
         per_device_train_batch_size=c.batch_size,
         per_device_eval_batch_size=c.eval_batch_size,

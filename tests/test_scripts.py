@@ -53,6 +53,12 @@ def test_help_explains_every_setting():
     assert all(name in out for name in PRESETS) and "flags given on the command line override both" in out
     resolved = json.loads(script("train.py", "--preset", "quick", "--lr", "2e-4", "--print-config").stdout)
     assert resolved["lr"] == 2e-4 and resolved["max_train_examples"] == PRESETS["quick"]["max_train_examples"]
+    # "none" clears a preset's value; a flag not given leaves it
+    assert PRESETS["recipe"]["eval_every_steps"] is not None
+    recipe = ["train.py", "--preset", "recipe", "--print-config"]
+    cleared = json.loads(script(*recipe, "--eval-every-steps", "none").stdout)
+    kept = json.loads(script(*recipe).stdout)
+    assert cleared["eval_every_steps"] is None and kept["eval_every_steps"] == PRESETS["recipe"]["eval_every_steps"]
     for name in ("evaluate.py", "predict.py"):
         assert "usage:" in script(name, "--help").stdout
 
@@ -181,10 +187,19 @@ def test_benchmark_runs_both_loops(tmp_path, tiny_dir):
     assert bertqa["loop"] == "bertqa" and trainer["loop"].startswith("Trainer") and tuned["loop"] == "Trainer (tuned)"
     assert trainer["padding_efficiency"] < tuned["padding_efficiency"] <= 1.0
     assert trainer["padding_efficiency"] < bertqa["padding_efficiency"] <= 1.0
-    assert bertqa["timed_windows"] == trainer["timed_windows"] == tuned["timed_windows"] == 48 - 2 * 8
+    assert bertqa["timed_windows"] == trainer["timed_windows"] == tuned["timed_windows"] == 48  # the second pass
     assert report["ratio_examples_per_s"] > 0 and report["ratio_tuned_examples_per_s"] > 0
     assert report["postprocess_v2_dev_s"] > 0
     assert "ratio bertqa / Trainer (tuned)" in result.stdout
+
+
+def test_profile_times_every_phase(tiny_dir):
+    out = script("profile_loop.py", "--model", tiny_dir, "--windows", "16", "--batch-size", "4", "--steps", "2").stdout
+    phase = r"^  (data|forward \+ loss|backward|clip \+ optimizer|sum of phases) +([0-9.]+) ms"
+    times = dict(re.findall(phase, out, re.M))
+    assert len(times) == 5 and all(float(v) >= 0 for v in times.values())
+    assert float(times["forward + loss"]) > 0 and float(times["backward"]) > 0
+    assert "loop as it runs" in out and "Self CPU" in out  # the profiler's operator table
 
 
 def test_trainer_baseline_trains_on_the_same_windows(tmp_path, tiny_dir):

@@ -1,0 +1,77 @@
+"""Precision choice and the CPU allocator setting (the logits loop itself is tested in test_engine.py)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from bertqa import inference
+
+# Allocates and frees 64 MB ten times (more than glibc ever serves from its heap unasked) and prints how many pages
+# the process faulted in meanwhile: each fresh mapping of 64 MB is 16,384 faults of 4 KiB pages.
+_REUSE = """
+import resource, sys, torch
+from bertqa.inference import keep_freed_memory
+print(keep_freed_memory() if sys.argv[1] == "tune" else False)
+faults = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+before = faults()
+for _ in range(10):
+    block = torch.ones(16 * 2**20)
+    del block
+print(faults() - before)
+"""
+
+
+def _faults(mode: str, **env: str) -> tuple[str, int]:
+    ours = (*inference._ALLOCATOR_ENV, inference.KEEP_FREED_MEMORY_ENV)
+    clean = {k: v for k, v in os.environ.items() if k not in ours}
+    out = subprocess.run(
+        [sys.executable, "-c", _REUSE, mode], env={**clean, **env}, capture_output=True, text=True, check=True
+    ).stdout.split()
+    return out[0], int(out[1])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc only")
+def test_freed_memory_is_reused_instead_of_faulted_in_again():
+    page_rounds = 64 * 2**20 // 4096
+    tuned, tuned_faults = _faults("tune")
+    plain, plain_faults = _faults("plain")
+    assert (tuned, plain) == ("True", "False")
+    assert plain_faults >= 9 * page_rounds  # every allocation mapped afresh
+    assert tuned_faults <= 2 * page_rounds  # mapped once, then reused
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc only")
+@pytest.mark.parametrize("env", [{"MALLOC_TRIM_THRESHOLD_": "1"}, {inference.KEEP_FREED_MEMORY_ENV: "0"}])
+def test_an_allocator_setting_of_the_users_own_is_left_alone(env):
+    applied, faults = _faults("tune", **env)
+    assert applied == "False"
+    assert faults >= 9 * 64 * 2**20 // 4096
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_precision_is_bf16_only_on_cpus_that_run_it_natively(monkeypatch, native):
+    monkeypatch.setattr(inference, "cpu_has_native_bf16", lambda: native)
+    assert inference.resolve_precision("auto", device="cpu") == ("bf16" if native else "no")
+    assert inference.resolve_precision("no", device="cpu") == "no"
+    assert inference.resolve_precision("bf16", device="cpu") == "bf16"
+
+
+def test_batches_are_copied_to_the_device_without_blocking(tokenizer):
+    # Pinned batches copied with non_blocking let the host queue the next update while the GPU works; a plain
+    # copy from ordinary memory makes the host wait for the GPU at every batch.
+    from bertqa import data
+    from bertqa.batching import train_loader
+
+    examples, _ = data.load_examples("dev-v1.1", max_examples=8, seed=0)
+    tiny_features = data.label_features(data.tokenize_examples(examples, tokenizer), examples)
+
+    accelerator = inference.make_accelerator()
+    assert accelerator.dataloader_config.non_blocking
+    loader = inference.eval_batches(tiny_features, batch_size=4, pad_token_id=0, accelerator=accelerator)
+    assert loader.pin_memory == (accelerator.device.type == "cuda")
+    train, _ = train_loader(tiny_features, batch_size=4, seed=0, group_by_length=True, pad_token_id=0, pin_memory=True)
+    assert train.pin_memory
