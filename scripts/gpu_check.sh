@@ -22,16 +22,20 @@ if [[ ${SMOKE:-0} == 1 ]]; then
   BENCH=(--windows 64 --batch-size 8 --eval-examples 16 --precision no)
   PROFILE=(--windows 32 --batch-size 8 --steps 2 --precision no)
   SMALL=(--max-train-examples 64 --max-eval-examples 32 --max-steps 2 --batch-size 8)
+  COMPILE_WINDOWS=32
+  SLOWER=6  # a CPU checks the plumbing, not the GPU's time limits
 else
-  BENCH=(--windows 4096 --batch-size 64 --eval-examples 1000 --shape bert-base --precision bf16)
+  BENCH=(--windows 2048 --batch-size 64 --eval-examples 1000 --shape bert-base --precision bf16)
   PROFILE=(--windows 1024 --batch-size 64 --steps 10 --shape bert-base --precision bf16)
   SMALL=()
+  COMPILE_WINDOWS=1024
+  SLOWER=1
 fi
 WORKERS=$(( $(nproc) > 8 ? 8 : $(nproc) ))
 COMMON=(--model "$MODEL" --tokenize-workers "$WORKERS" --cache-dir "$RUNS/cache" --log-every 50)
 
 step() {  # step NAME SECONDS COMMAND...: run with a time limit, log everything, never stop the later steps
-  local name=$1 limit=$2
+  local name=$1 limit=$(($2 * SLOWER))
   shift 2
   echo "=== $name ($(date +%T)): $*" | tee -a "$LOG"
   local t0=$SECONDS
@@ -48,7 +52,7 @@ step profile 30 python scripts/profile_loop.py --model "$MODEL" "${PROFILE[@]}" 
 step full-v1 170 python scripts/train.py --preset full-v1 "${COMMON[@]}" "${SMALL[@]}" --output-dir "$RUNS/full-v1"
 cp "$RUNS/full-v1/metrics.jsonl" "$OUT/full_v1_metrics.jsonl" 2>/dev/null
 cp "$RUNS/full-v1/training_curves.png" "$OUT/full_v1_curves.png" 2>/dev/null
-step bench-compile 140 python scripts/benchmark.py --model "$MODEL" "${BENCH[@]}" --windows 1024 \
+step bench-compile 140 python scripts/benchmark.py --model "$MODEL" "${BENCH[@]}" --windows "$COMPILE_WINDOWS" \
   --compile --trainers tuned --json "$OUT/bench_compile.json"
 step v2-split 45 python scripts/train.py --preset v2-split "${COMMON[@]}" "${SMALL[@]}" --output-dir "$RUNS/v2-split"
 cp "$RUNS/v2-split/metrics.jsonl" "$OUT/v2_split_metrics.jsonl" 2>/dev/null
