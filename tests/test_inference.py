@@ -10,15 +10,18 @@ import pytest
 
 from bertqa import inference
 
-# Allocates and frees 64 MB ten times (more than glibc ever serves from its heap unasked) and prints how many pages
-# the process faulted in meanwhile: each fresh mapping of 64 MB is 16,384 faults of 4 KiB pages.
+# Allocates and frees 64 MB (more than glibc ever serves from its heap unasked) again and again and prints how many
+# pages the process faulted in over the last ten rounds: each fresh mapping of 64 MB is 16,384 faults of 4 KiB pages.
+# The first rounds are left out: where the heap settles after them (two or three blocks' worth) depends on what
+# else the process allocated, which is not what is being tested.
 _REUSE = """
 import resource, sys, torch
 from bertqa.inference import keep_freed_memory
 print(keep_freed_memory() if sys.argv[1] == "tune" else False)
 faults = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-before = faults()
-for _ in range(10):
+for i in range(15):
+    if i == 5:
+        before = faults()
     block = torch.ones(16 * 2**20)
     del block
 print(faults() - before)
@@ -41,7 +44,7 @@ def test_freed_memory_is_reused_instead_of_faulted_in_again():
     plain, plain_faults = _faults("plain")
     assert (tuned, plain) == ("True", "False")
     assert plain_faults >= 9 * page_rounds  # every allocation mapped afresh
-    assert tuned_faults <= 2 * page_rounds  # mapped once, then reused
+    assert tuned_faults <= page_rounds  # mapped in the first rounds, then reused
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc only")
