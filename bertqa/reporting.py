@@ -206,8 +206,11 @@ def plot_curves(train_log: str | Path, eval_log: str | Path, out: str | Path, *,
     train, evals = read_jsonl(train_log), read_jsonl(eval_log)
     if not train and not evals:
         return None
-    import matplotlib
-
+    try:
+        import matplotlib
+    except ImportError:  # the run's numbers are saved already; a missing plot must not fail it at its last step
+        logger.warning("matplotlib is not installed, so %s was not drawn (pip install matplotlib)", out)
+        return None
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 

@@ -44,15 +44,47 @@ def setup_logging() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def positive_int(text: str) -> int:
-    """argparse type: a whole number above zero."""
+_KIND_NAMES: dict[Any, str] = {int: "a whole number", float: "a number"}
+
+
+def _checked(kind: Callable[[str], Any], ok: Callable[[Any], bool], rule: str) -> Callable[[str], Any]:
+    """An argparse type: `text` read as `kind`, refused with `rule` unless `ok` (argparse names the flag)."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {_KIND_NAMES.get(kind, 'a value')}, got {text!r}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"{rule}, got {value}")
+        return value
+
+    return parse
+
+
+positive_int = _checked(int, lambda v: v > 0, "must be at least 1")
+positive_float = _checked(float, lambda v: v > 0, "must be above 0")  # `not nan > 0`: nan is refused too
+# A dropout probability: at 1 every value would be dropped.
+probability = _checked(float, lambda v: 0 <= v < 1, "must be in [0, 1)")
+
+
+def writable_file(text: str) -> Path:
+    """argparse type: a file to write at the end of a run; its folder is created and proved writable now, so a
+    long run does not fail at its last step."""
+    from bertqa.reporting import check_writable
+
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{path} is a folder; give a file name")
     try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+        check_writable(path.parent)
+    except OSError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return path
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help keeps the description's line breaks and shows each flag's default."""
 
 
 def output_folder(requested: Path | None, default: Path, *, overwrite: bool, results: tuple[str, ...]) -> Path:
@@ -88,7 +120,13 @@ def _bool(text: str) -> bool:
 
 def _optional(kind: Callable[[str], Any]) -> Callable[[str], Any]:
     def parse(text: str) -> Any:
-        return None if text.lower() in {"none", "null", ""} else kind(text)
+        if text.lower() in {"none", "null", ""}:
+            return None
+        try:
+            return kind(text)
+        except ValueError:
+            name = _KIND_NAMES.get(kind, getattr(kind, "__name__", "a value"))
+            raise argparse.ArgumentTypeError(f"expected {name} or none, got {text!r}") from None
 
     return parse
 

@@ -6,8 +6,8 @@ defaults; "tuned" is the strongest fair setup of the Trainer: unpadded windows, 
 DataCollatorWithPadding(pad_to_multiple_of=8), fused AdamW where bertqa uses it, torch_compile when bertqa compiles.
 bertqa uses length-grouped batches padded to a multiple of 8.
 
-  python scripts/benchmark.py                                # CPU, the offline MiniLM
-  python scripts/benchmark.py --shape bert-base --batch-size 64 --windows 8192 --compile   # GPU, BERT-base shape
+  python scripts/benchmark.py                                                  # CPU, the offline MiniLM
+  python scripts/benchmark.py --shape bert-base --batch-size 64 --windows 2048   # GPU, BERT-base shape
 
 Prints, for each: windows/s and examples/s, real tokens/s, padding efficiency, MFU on real tokens (when the device's
 peak is known), peak memory; bertqa's eval windows/s; post-processing time of the whole v2 dev set; the ratios.
@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _cli import run, setup_logging
+from _cli import HelpFormatter, positive_float, positive_int, probability, run, setup_logging, writable_file
 from _trainer import padded_dataset, training_arguments
 
 # Dense bf16 tensor-core peaks (TFLOP/s) used for MFU; unknown devices print no MFU unless --peak-tflops is given.
@@ -40,8 +40,8 @@ PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 BERT_BASE = {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072}
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_measure_flags(p: argparse.ArgumentParser, *, windows: int, batch_size: int) -> None:
+    """The flags that say what is measured, shared with scripts/profile_loop.py."""
     p.add_argument("--model", default="minilm-l6", help="model alias/folder (weights or, with --shape, its config)")
     p.add_argument(
         "--shape",
@@ -49,8 +49,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="pretrained",
         help="pretrained: the model as is; bert-base: BERT-base shape from config, random weights",
     )
-    p.add_argument("--windows", type=int, default=512, help="training windows per loop (one pass)")
-    p.add_argument("--batch-size", type=int, default=16, help="windows per batch, both loops")
+    p.add_argument("--windows", type=positive_int, default=windows, help="real SQuAD train windows per pass")
+    p.add_argument("--batch-size", type=positive_int, default=batch_size, help="windows per batch, in every loop")
+    p.add_argument(
+        "--precision",
+        choices=("auto", "no", "bf16", "fp16"),
+        default="auto",
+        help="autocast precision; auto: bf16 where the hardware runs it natively (GPUs that support it, CPUs with "
+        "AMX or AVX512-BF16), else fp32 (no)",
+    )
+    p.add_argument(
+        "--attention-dropout",
+        type=probability,
+        help="the model's attention dropout, in every loop (unset: the model's own; 0 as in the quick preset)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="draws the examples and the batch order")
+
+
+def check_measure_flags(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.windows < args.batch_size:
+        p.error(f"--windows ({args.windows}) is smaller than --batch-size ({args.batch_size}): no full batch to time")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    add_measure_flags(p, windows=512, batch_size=16)
     p.add_argument(
         "--passes",
         type=int,
@@ -58,26 +81,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="passes over the windows per loop; only the last is timed (the first meets every batch shape for the "
         "first time: kernel choice, allocator growth), as in a long run",
     )
-    p.add_argument("--precision", choices=("auto", "no", "bf16", "fp16"), default="auto")
-    p.add_argument("--compile", action="store_true", help="torch.compile bertqa's model")
+    p.add_argument("--compile", action="store_true", help="torch.compile bertqa's model (and the tuned Trainer's)")
     p.add_argument(
-        "--attention-dropout",
-        type=float,
-        help="the model's attention dropout, in every loop (unset: the model's own; 0 as in the quick preset)",
+        "--eval-examples", type=positive_int, default=300, help="v2 dev examples for bertqa's evaluation timing"
     )
-    p.add_argument("--eval-examples", type=int, default=300, help="v2 dev examples for the eval timing")
     p.add_argument(
         "--trainers",
         choices=("both", "tuned", "none"),
         default="both",
         help="which Trainer arms to measure beside bertqa: run_qa.py setup and tuned, the tuned one only, or none",
     )
-    p.add_argument("--peak-tflops", type=float, help="device peak for MFU (default: known GPUs only)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", type=Path, help="also write the results here")
+    p.add_argument(
+        "--peak-tflops", type=positive_float, help="device peak for MFU (unset: known GPUs only, no MFU elsewhere)"
+    )
+    p.add_argument("--json", type=writable_file, help="also write the results here")
     args = p.parse_args(argv)
     if args.passes < 2:
         p.error("--passes must be at least 2: the first pass is the warm-up")
+    check_measure_flags(p, args)
     return args
 
 

@@ -6,15 +6,23 @@
 #      compiled (throughput, fewer windows: compiling every batch shape takes most of the step)
 #   3. SQuAD v2 article split (the v2-split preset), with the calibrated no-answer threshold
 #   4. the original recipe with bertqa and with the Trainer baseline, for F1 and wall time side by side
-# Needs torch, transformers, accelerate and tqdm (not datasets) and a model folder; make one that travels light with
+# Needs torch, transformers, accelerate, tqdm, numpy and matplotlib (not datasets) and a model folder; make one that
+# travels light with
 #   python scripts/pack_model.py --model minilm-l6 --dtype float16 --out gpu/minilm-fp16
 # Usage: OUT=runs/gpu MODEL=gpu/minilm-fp16 bash scripts/gpu_check.sh      (SMOKE=1: tiny sizes, to try it on a CPU)
-# Writes gpu_check.log (everything printed) and the JSON/plots named below under $OUT.
+# Writes gpu_check.log (everything printed but progress bars) and the JSON/plots named below under $OUT. The runs
+# themselves go to $RUNS (default /tmp/bertqa-gpu-runs): its run folders are emptied first, so a second call never
+# reports an earlier call's results; its tokenized-data cache is kept.
 set -uo pipefail
 OUT=${OUT:-runs/gpu}
 MODEL=${MODEL:-gpu/minilm-fp16}
 RUNS=${RUNS:-/tmp/bertqa-gpu-runs}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
+if [[ -e $OUT/gpu_check.log ]]; then
+  echo "$OUT already holds a gpu_check.log; choose another OUT or remove it" >&2
+  exit 2
+fi
+rm -rf "$RUNS/full-v1" "$RUNS/v2-split" "$RUNS/recipe" "$RUNS/recipe-trainer"
 mkdir -p "$OUT" "$RUNS"
 LOG=$OUT/gpu_check.log
 : >"$LOG"

@@ -22,23 +22,19 @@ from contextlib import contextmanager
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _cli import run, setup_logging
-from benchmark import fresh_model, sync
+from _cli import HelpFormatter, positive_int, run, setup_logging, writable_file
+from benchmark import add_measure_flags, check_measure_flags, fresh_model, sync, train_windows
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="minilm-l6", help="model alias/folder (weights or, with --shape, its config)")
-    p.add_argument("--shape", choices=("pretrained", "bert-base"), default="pretrained")
-    p.add_argument("--windows", type=int, default=256, help="real SQuAD train windows to draw batches from")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--steps", type=int, default=8, help="updates timed in each measurement (after a warm-up pass)")
-    p.add_argument("--precision", choices=("auto", "no", "bf16", "fp16"), default="auto")
-    p.add_argument("--attention-dropout", type=float, help="the model's attention dropout (unset: the model's own)")
-    p.add_argument("--top", type=int, default=12, help="operators listed from the profiler")
-    p.add_argument("--trace", type=Path, help="also write the profiler's Chrome trace here")
-    p.add_argument("--seed", type=int, default=0)
-    return p.parse_args(argv)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    add_measure_flags(p, windows=256, batch_size=16)
+    p.add_argument("--steps", type=positive_int, default=8, help="updates timed in each measurement (after a warm-up)")
+    p.add_argument("--top", type=positive_int, default=12, help="operators listed from the profiler")
+    p.add_argument("--trace", type=writable_file, help="also write the profiler's Chrome trace here")
+    args = p.parse_args(argv)
+    check_measure_flags(p, args)
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,16 +42,14 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     import torch
 
-    from bertqa import data, engine
+    from bertqa import engine
     from bertqa.batching import train_loader
     from bertqa.inference import resolve_precision
     from bertqa.model import build_tokenizer
     from bertqa.optim import build_optimizer, build_scheduler
 
     tokenizer = build_tokenizer(args.model)
-    examples, _ = data.load_examples("train-v1.1", max_examples=args.windows, seed=args.seed)
-    features = data.label_features(data.tokenize_examples(examples, tokenizer), examples)
-    features = features.select(range(min(args.windows, len(features))))
+    features = train_windows(args)
     accelerator = engine.make_accelerator(mixed_precision=resolve_precision(args.precision))
     device = accelerator.device
     loader, sampler = train_loader(features, batch_size=args.batch_size, seed=args.seed, group_by_length=True,

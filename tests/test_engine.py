@@ -222,6 +222,16 @@ def test_fit_writes_logs_plot_and_models(tmp_path, tiny):
     assert meta["max_seq_length"] == 128 and meta["v2"] is False and meta["no_answer_threshold"] is None
 
 
+def test_a_missing_plotting_library_skips_the_plot_and_says_so(tmp_path, monkeypatch, caplog):
+    from bertqa import reporting
+
+    (tmp_path / "train.jsonl").write_text(json.dumps({"step": 1, "loss": 2.0, "lr": 1e-3}) + "\n")
+    monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    out = tmp_path / "curves.png"
+    assert reporting.plot_curves(tmp_path / "train.jsonl", tmp_path / "none.jsonl", out) is None
+    assert not out.exists() and "matplotlib is not installed" in caplog.text
+
+
 class Crash(RuntimeError):
     pass
 

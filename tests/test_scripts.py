@@ -202,6 +202,27 @@ def test_profile_times_every_phase(tiny_dir):
     assert "loop as it runs" in out and "Self CPU" in out  # the profiler's operator table
 
 
+@pytest.mark.parametrize(
+    ("name", "args", "message"),
+    [
+        ("benchmark.py", ["--batch-size", "0"], "--batch-size: must be at least 1"),
+        ("benchmark.py", ["--windows", "-3"], "--windows: must be at least 1"),
+        ("benchmark.py", ["--eval-examples", "0"], "--eval-examples: must be at least 1"),
+        ("benchmark.py", ["--attention-dropout", "1"], "--attention-dropout: must be in [0, 1)"),
+        ("benchmark.py", ["--peak-tflops", "-5"], "--peak-tflops: must be above 0"),
+        ("benchmark.py", ["--json", "{file}/x.json"], "a-file is a file, not a folder"),
+        ("profile_loop.py", ["--steps", "0"], "--steps: must be at least 1"),
+        ("profile_loop.py", ["--windows", "2", "--batch-size", "8"], "--windows (2) is smaller than --batch-size"),
+        ("profile_loop.py", ["--attention-dropout", "abc"], "--attention-dropout: expected a number"),
+    ],
+)
+def test_measuring_scripts_refuse_bad_flags_before_any_work(tmp_path, name, args, message):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    result = script(name, *(a.format(file=blocker) for a in args), check=False)
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+
+
 def test_trainer_baseline_trains_on_the_same_windows(tmp_path, tiny_dir):
     out = tmp_path / "baseline.json"
     args = [*SMALL, "--epochs", "2", "--log-every", "1", "--output-dir", tmp_path / "tb", "--json", out]
