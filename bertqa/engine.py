@@ -25,7 +25,7 @@ from bertqa.cache import RunData, prepare_data
 from bertqa.data import Example, Features, check_labels
 from bertqa.inference import eval_batches, evaluate, make_accelerator, resolve_precision
 from bertqa.model import check_model_limits
-from bertqa.optim import build_optimizer, build_scheduler, count_updates, set_hyperparameters
+from bertqa.optim import build_optimizer, build_scheduler, count_updates, fused_adamw_applies, set_hyperparameters
 from bertqa.reporting import LogMeter, RunRecorder, log_plan
 
 if TYPE_CHECKING:
@@ -207,7 +207,7 @@ def _build_training(
         num_workers=config.num_workers,
         pin_memory=accelerator.device.type == "cuda",
     )
-    fused = accelerator.device.type == "cuda"
+    fused = fused_adamw_applies(accelerator.device.type)
     optimizer = build_optimizer(model, lr=config.lr, weight_decay=config.weight_decay, eps=config.adam_eps, fused=fused)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     per_epoch, total = count_updates(

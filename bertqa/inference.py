@@ -68,7 +68,7 @@ def cpu_has_native_bf16() -> bool:
 def resolve_precision(mode: str, *, device: str | None = None) -> str:
     """ "auto" -> bf16 where the hardware runs it natively (a GPU that supports it, or a CPU with AMX or
     AVX512-BF16), otherwise full precision; fp16 only when asked for. `device` defaults to the GPU if there is one.
-    On such CPUs bf16 trained 1.75x and evaluated 2.35x faster than fp32, to the same F1 (docs/BENCHMARKS.md)."""
+    On such CPUs bf16 trained 1.8x and evaluated 2.4x faster than fp32, to the same F1 (docs/BENCHMARKS.md)."""
     if mode != "auto":
         return mode
     if (device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cuda":

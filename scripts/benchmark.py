@@ -181,7 +181,7 @@ def bench_bertqa(args, features, precision: str) -> dict[str, Any]:
 
     from bertqa import engine
     from bertqa.batching import train_loader
-    from bertqa.optim import build_optimizer, build_scheduler
+    from bertqa.optim import build_optimizer, build_scheduler, fused_adamw_applies
 
     accelerator = engine.make_accelerator(mixed_precision=precision)
     model = fresh_model(args)
@@ -193,7 +193,7 @@ def bench_bertqa(args, features, precision: str) -> dict[str, Any]:
     loader, sampler = train_loader(features, batch_size=args.batch_size, seed=args.seed, group_by_length=True,
                                    pad_token_id=0, pin_memory=torch.cuda.is_available(), pool_batches=pool)  # fmt: skip
     steps = len(sampler)
-    fused = accelerator.device.type == "cuda"
+    fused = fused_adamw_applies(accelerator.device.type)
     optimizer = build_optimizer(model, lr=3e-5, weight_decay=0.01, eps=1e-8, fused=fused)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     scheduler = build_scheduler(optimizer, total_steps=steps * args.passes, warmup_steps=0, schedule="constant")
@@ -254,14 +254,17 @@ def bench_eval(args, accelerator, model) -> dict[str, Any]:
 
 def bench_trainer(args, features, precision: str, *, tuned: bool = False) -> dict[str, Any]:
     """transformers.Trainer on the same windows. As run_qa.py sets it up (`tuned=False`): every window padded to
-    max_seq_length, default optimizer. As a careful user would (`tuned=True`): unpadded windows, length-grouped
-    sampling, `DataCollatorWithPadding(pad_to_multiple_of=8)`, fused AdamW where bertqa uses it (CUDA), and
-    `torch_compile` when bertqa compiles."""
+    max_seq_length, the default optimizer (fused AdamW since torch 2.8). As a careful user would (`tuned=True`):
+    unpadded windows, length-grouped sampling, `DataCollatorWithPadding(pad_to_multiple_of=8)`, fused AdamW where
+    bertqa uses it, and `torch_compile` when bertqa compiles."""
     import torch
     from transformers import DataCollatorWithPadding, Trainer, TrainerCallback, default_data_collator
 
     from bertqa.data import Window
     from bertqa.model import build_tokenizer
+    from bertqa.optim import fused_adamw_applies
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
     width = Window().max_seq_length  # the windows' own setting: run_qa.py pads every window to it
     if tuned:
@@ -282,18 +285,18 @@ def bench_trainer(args, features, precision: str, *, tuned: bool = False) -> dic
 
     class Timer(TrainerCallback):
         def on_train_begin(self, _args, state, control, **kwargs):
-            sync(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+            sync(device)
             marks[0] = time.perf_counter()
 
         def on_step_end(self, _args, state, control, **kwargs):
             if state.global_step % steps == 0:
-                sync(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+                sync(device)
                 marks[state.global_step] = time.perf_counter()
 
     tuning = {}
     if tuned:
         tuning = {"train_sampling_strategy": "group_by_length", "torch_compile": args.compile}
-        tuning["optim"] = "adamw_torch_fused" if torch.cuda.is_available() else "adamw_torch"
+        tuning["optim"] = "adamw_torch_fused" if fused_adamw_applies(device.type) else "adamw_torch"
     with tempfile.TemporaryDirectory() as tmp:
         training_args = training_arguments(
             tmp,

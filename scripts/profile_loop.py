@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     from bertqa.batching import train_loader
     from bertqa.inference import resolve_precision
     from bertqa.model import build_tokenizer
-    from bertqa.optim import build_optimizer, build_scheduler
+    from bertqa.optim import build_optimizer, build_scheduler, fused_adamw_applies
 
     tokenizer = build_tokenizer(args.model)
     features = train_windows(args)
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     loader, sampler = train_loader(features, batch_size=args.batch_size, seed=args.seed, group_by_length=True,
                                    pad_token_id=tokenizer.pad_token_id, pin_memory=device.type == "cuda")  # fmt: skip
     model = fresh_model(args)
-    optimizer = build_optimizer(model, lr=3e-5, weight_decay=0.01, eps=1e-8, fused=device.type == "cuda")
+    optimizer = build_optimizer(model, lr=3e-5, weight_decay=0.01, eps=1e-8, fused=fused_adamw_applies(device.type))
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     scheduler = build_scheduler(optimizer, total_steps=10**6, warmup_steps=0, schedule="constant")
     model.train()
