@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -226,7 +227,7 @@ def test_a_missing_plotting_library_skips_the_plot_and_says_so(tmp_path, monkeyp
     from bertqa import reporting
 
     (tmp_path / "train.jsonl").write_text(json.dumps({"step": 1, "loss": 2.0, "lr": 1e-3}) + "\n")
-    monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
     out = tmp_path / "curves.png"
     assert reporting.plot_curves(tmp_path / "train.jsonl", tmp_path / "none.jsonl", out) is None
     assert not out.exists() and "matplotlib is not installed" in caplog.text
