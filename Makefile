@@ -37,4 +37,4 @@ lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 
 bench: setup
-	$(BIN)/python scripts/benchmark.py $(ARGS)
+	$(BIN)/python benchmarks/benchmark.py $(ARGS)

@@ -3,22 +3,30 @@
 Real SQuAD windows are short (about 170 tokens on average at max 384), so padding every batch to 384 wastes about
 half the compute. Training batches are therefore drawn from length-sorted pools of shuffled windows, and every batch
 is padded only to its own longest window (rounded up to a multiple of 8 for tensor cores). The order depends only on
-(seed, epoch), so every process computes the same list of batches and Accelerate hands each process its share.
+(seed, epoch), so every process computes the same list of batches and Accelerate hands each process its share;
+`DataOrder` walks a run through it pass by pass, resumed runs included.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
-from typing import Any
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from bertqa.data import Features
 
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+    from bertqa.engine import TrainState
+
 __all__ = [
     "Collator",
+    "DataOrder",
     "FeatureDataset",
     "LengthGroupedBatchSampler",
     "SortedBatchSampler",
@@ -198,3 +206,38 @@ def train_loader(
         generator=torch.Generator().manual_seed(seed),  # keeps loader start-up off the global RNG (resume)
     )
     return loader, sampler
+
+
+@dataclass
+class DataOrder:
+    """The training batches of a run, pass by pass: each pass's order follows from (seed, epoch) alone, and a run
+    resumed mid-epoch skips the micro-batches its checkpoint had consumed (`TrainState.batches_done`).
+
+        loader, sampler = batching.train_loader(features, ...)
+        model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+        order = DataOrder(loader, sampler)
+        while state.step < total_steps:
+            train_one_epoch(accelerator, model, optimizer, scheduler, order.batches(accelerator, state), ...)
+            order.end_pass(state)
+    """
+
+    loader: Any  # the prepared training loader (Accelerate's DataLoaderShard)
+    sampler: LengthGroupedBatchSampler
+
+    def __len__(self) -> int:
+        """Micro-batches per epoch on this process."""
+        return len(self.loader)
+
+    def batches(self, accelerator: Accelerator, state: TrainState) -> Iterable[dict[str, torch.Tensor]]:
+        """This epoch's batches, or what is left of them when a resumed run starts mid-epoch."""
+        # Both: Accelerate's loader re-seeds the sampler from its own pass counter, which a resumed run does not share,
+        # and with several processes it does not reach a batch sampler of ours inside its shard.
+        self.sampler.set_epoch(state.epoch)
+        self.loader.set_epoch(state.epoch)
+        done = state.batches_done
+        return accelerator.skip_first_batches(self.loader, done) if done else self.loader
+
+    def end_pass(self, state: TrainState) -> None:
+        """After a pass: a whole epoch done moves `state` to the next one (a pass cut short stays in its epoch)."""
+        if state.batches_done >= len(self.loader):
+            state.epoch, state.batches_done = state.epoch + 1, 0

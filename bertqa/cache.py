@@ -1,4 +1,4 @@
-"""The windows of a run: the examples a config names, tokenized and labelled once and cached on disk, so a rerun
+"""The windows of a run: its examples (`bertqa.sources`) tokenized and labelled once and cached on disk, so a rerun
 (or every process of a multi-process run) does not tokenize again.
 
 Windows are stored as flat arrays (see `bertqa.features`), one `.npy` file each, memory-mapped when read. The cache
@@ -18,27 +18,12 @@ import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-from bertqa.config import eval_source
-from bertqa.data import (
-    Example,
-    Features,
-    LoadReport,
-    Window,
-    hold_out,
-    is_v2,
-    label_features,
-    load_examples,
-    subsample,
-    tokenize_examples,
-)
-from bertqa.loading import as_examples
-
-if TYPE_CHECKING:
-    from bertqa.config import TrainConfig
+from bertqa.data import Example, Features, Window, label_features, tokenize_examples
+from bertqa.sources import RunExamples
 
 __all__ = [
     "FORMAT",
@@ -143,63 +128,27 @@ def read_entry(folder: Path) -> Features | None:
 
 @dataclass(frozen=True)
 class RunData:
-    """The examples and windows a run trains and evaluates on, and what loading them found."""
+    """The examples of a run and their windows: labelled for training, plain for evaluation and calibration."""
 
-    train_examples: Sequence[Example]
-    eval_examples: Sequence[Example]
+    examples: RunExamples
     train_features: Features
     eval_features: Features
-    reports: tuple[LoadReport, ...] = ()
-    eval_source: str = ""  # where the evaluation examples came from, in words
-    # SQuAD v2: held-out training questions on which the no-answer threshold is chosen (empty for v1 data).
-    calibration_examples: Sequence[Example] = ()
-    calibration_features: Features | None = None
+    calibration_features: Features | None = None  # SQuAD v2: the windows of `examples.calibration`
 
 
 def prepare_data(
-    config: TrainConfig,
-    tokenizer: Any,
-    *,
-    train_examples: Sequence[Example] | Any | None = None,
-    eval_examples: Sequence[Example] | Any | None = None,
+    examples: RunExamples, tokenizer: Any, *, window: Window, cache_dir: str | Path | None, num_proc: int = 1
 ) -> RunData:
-    """The examples and windows that `config` trains and evaluates on; examples passed in (a list of `Example`s or a
-    `datasets.Dataset` of records) are used as given.
+    """The windows of a run's examples, each set read from `cache_dir` when it was tokenized before.
 
-    `fit` and the Trainer baseline script both call this, so the two can only ever see the same data.
+    `fit` and the Trainer baseline both call this on the same `bertqa.sources.run_examples`, so the two can only
+    ever see the same data.
     """
-    options = {"answerable": config.answerable_only, "seed": config.seed, "column_map": config.column_map}
-    reports, given = [], (train_examples is not None, eval_examples is not None)
-    if train_examples is None:
-        train_examples, report = load_examples(config.train_data, **options)
-        reports.append(report)
-    train_examples = as_examples(train_examples, column_map=config.column_map)
-    source = eval_source(config.train_data, config.eval_data, config.eval_split)
-    if eval_examples is not None:
-        eval_examples, described = as_examples(eval_examples, column_map=config.column_map), "given examples"
-    elif isinstance(source, float):
-        train_examples, eval_examples = hold_out(train_examples, source, seed=config.seed)
-        described = f"{source:.0%} of the training data held out ({len(eval_examples):,} questions)"
-    else:
-        eval_examples, report = load_examples(source, **options)
-        reports.append(report)
-        described = str(source)
-    calibration: Sequence[Example] = ()
-    if is_v2(train_examples):  # a v2 model: its no-answer threshold is chosen on questions of its own
-        train_examples, calibration = hold_out(train_examples, config.calibration_split, seed=config.seed + 1)
-        calibration = subsample(calibration, config.max_eval_examples, seed=config.seed)
-    if not given[0]:
-        train_examples = subsample(train_examples, config.max_train_examples, seed=config.seed)
-    if not given[1]:
-        eval_examples = subsample(eval_examples, config.max_eval_examples, seed=config.seed)
-    windows = {"window": config.window, "cache_dir": config.cache_dir, "num_proc": config.tokenize_workers}
+    windows = {"window": window, "cache_dir": cache_dir, "num_proc": num_proc}
+    calibration = examples.calibration
     return RunData(
-        train_examples,
-        eval_examples,
-        cached_features(train_examples, tokenizer, labelled=True, **windows),
-        cached_features(eval_examples, tokenizer, labelled=False, **windows),
-        tuple(reports),
-        described,
-        calibration,
+        examples,
+        cached_features(examples.train, tokenizer, labelled=True, **windows),
+        cached_features(examples.eval, tokenizer, labelled=False, **windows),
         cached_features(calibration, tokenizer, labelled=False, **windows) if calibration else None,
     )

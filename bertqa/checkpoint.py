@@ -25,7 +25,8 @@ from bertqa.reporting import check_writable, read_json
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
-    from bertqa.config import TrainConfig
+    from bertqa.data import Window
+    from bertqa.sources import RunExamples
 
 __all__ = [
     "RUN_RECORDS",
@@ -196,26 +197,20 @@ def _writing(path: Path, write: Any) -> None:
         raise OSError(f"could not write {path}: {err}; is the disk full or read-only?") from err
 
 
-def model_meta(config: TrainConfig, data: Any) -> dict[str, Any]:
-    """What `bertqa.json` beside a saved model says about its training run (`data` is the run's `RunData`): the
-    window settings, whether it is a SQuAD v2 model, the evaluation data and column map `evaluate.py` reuses,
-    and for v2 where its no-answer threshold is chosen."""
-    from bertqa.config import eval_source
-    from bertqa.data import is_v2, split_article_range
-
-    v2 = is_v2(data.eval_examples) or is_v2(data.train_examples)  # a held-out share may hold no unanswerable one
-    meta = {**config.window.to_dict(), "max_answer_length": config.max_answer_length, "v2": v2}
-    source = eval_source(config.train_data, config.eval_data, config.eval_split)
-    meta["eval_data"] = None  # a held-out share of the training data cannot be named again
-    if isinstance(source, str):  # a file by its absolute path, found from anywhere; "dev.json[3:]" keeps its range
-        file = str(split_article_range(source)[0])
-        meta["eval_data"] = str(Path(file).resolve()) + source[len(file) :] if Path(file).exists() else source
-    meta["column_map"] = config.column_map
-    if v2:
-        on = data.calibration_examples
-        where = f"{config.calibration_split:.0%} of the training data, held out by article"
+def model_meta(
+    examples: RunExamples, *, window: Window, max_answer_length: int, column_map: str | None
+) -> dict[str, Any]:
+    """What `bertqa.json` beside a saved model says about its training run: the window settings, whether it is a
+    SQuAD v2 model, the evaluation data and column map `evaluate.py` reuses, and for v2 where its no-answer
+    threshold is chosen."""
+    meta = {**window.to_dict(), "max_answer_length": max_answer_length, "v2": examples.v2}
+    meta["eval_data"] = examples.eval_data  # None: a held-out share or examples passed in cannot be named again
+    meta["column_map"] = column_map
+    if examples.v2:
+        on = examples.calibration
+        where = f"{examples.calibration_split:.0%} of the training data, held out by article"
         meta["threshold_calibrated_on"] = {"source": where if on else "the evaluation data (optimistic)",
-                                           "questions": len(on or data.eval_examples)}  # fmt: skip
+                                           "questions": len(on or examples.eval)}  # fmt: skip
     return meta
 
 
@@ -244,25 +239,27 @@ def save_model(accelerator: Accelerator, model: Any, tokenizer: Any, path: Path,
     accelerator.wait_for_everyone()
 
 
-def resume_point(config: TrainConfig) -> tuple[Path | None, dict[str, Any]]:
+def resume_point(
+    output_dir: str | Path, settings: dict[str, Any], *, resume: str | None, overwrite: bool, accept_changes: bool
+) -> tuple[Path | None, dict[str, Any]]:
     """Before any work: the output folder is writable, the checkpoint to resume from (if any) is intact, and resuming
-    does not silently change the computation. Returns it and the config record to save (with accepted changes)."""
-    out = Path(config.output_dir)
+    does not silently change the computation. `settings` is the run's config (`TrainConfig.to_dict()`). Returns the
+    checkpoint (None: a fresh start) and the config record to save, with the changes accepted on resume."""
+    out = Path(output_dir)
     check_writable(out)
-    resume_from = resolve_resume(config.resume, out, overwrite=config.overwrite)
-    record = config.to_dict()
+    resume_from = resolve_resume(resume, out, overwrite=overwrite)
     if resume_from is None:
-        return None, record
+        return None, settings
     saved = saved_config(resume_from) or read_json(out / "config.json") or {}
     history = list(saved.get("_changes", []))
-    changes = computation_changes(saved, config)
+    changes = computation_changes(saved, settings)
     if changes:
         listed = "; ".join(f"{name}: {old!r} -> {new!r}" for name, (old, new) in changes.items())
-        if not config.accept_changes:
+        if not accept_changes:
             raise ValueError(
                 f"resuming {resume_from} with settings that change the computation ({listed}). Use the checkpoint's "
                 "settings, start in another output_dir, or pass --accept-changes true to go on with the new ones"
             )
         logger.warning("resuming %s with changed settings, accepted: %s", resume_from, listed)
         history.append({"checkpoint": resume_from.name, "changes": {k: list(v) for k, v in changes.items()}})
-    return resume_from, {**record, "_changes": history} if history else record
+    return resume_from, {**settings, "_changes": history} if history else settings

@@ -1,7 +1,8 @@
 """The training config: one frozen, validated dataclass that holds every tunable, plus named presets.
 
-Only `engine.fit` reads it; everything below `fit` takes explicit arguments. Each field's `help` metadata is what
-`scripts/train.py --help` shows, so the CLI and the config cannot drift apart. A run saves it as `config.json`.
+Only `engine.fit` (and the scripts) read it; everything below `fit` takes explicit values. Each field's `help`
+metadata is what `scripts/train.py --help` shows, so the CLI and the config cannot drift apart. A run saves it as
+`config.json`.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ from typing import Any
 
 from bertqa.data import Window
 from bertqa.examples import parse_column_map
+from bertqa.sources import eval_source
 
-__all__ = ["BOOKKEEPING", "PRESETS", "TrainConfig", "computation_changes", "eval_source", "load_config", "preset"]
+__all__ = ["BOOKKEEPING", "PRESETS", "TrainConfig", "computation_changes", "load_config", "preset"]
 
 
 def _f(default: Any, help: str, **kwargs: Any) -> Any:
@@ -120,6 +122,20 @@ class TrainConfig:
         """The window settings as one value, which every layer below the config takes."""
         return Window(self.max_seq_length, self.doc_stride, self.max_query_length)
 
+    def example_settings(self) -> dict[str, Any]:
+        """The keyword arguments of `bertqa.sources.run_examples` that this config sets: which examples a run uses."""
+        return {
+            "train_data": self.train_data,
+            "eval_data": self.eval_data,
+            "eval_split": self.eval_split,
+            "calibration_split": self.calibration_split,
+            "answerable": self.answerable_only,
+            "max_train_examples": self.max_train_examples,
+            "max_eval_examples": self.max_eval_examples,
+            "seed": self.seed,
+            "column_map": self.column_map,
+        }
+
     def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)
 
@@ -163,33 +179,21 @@ BOOKKEEPING = frozenset({
 })  # fmt: skip
 
 
-def eval_source(train_data: str, eval_data: str | None, eval_split: float | None) -> str | float:
-    """The evaluation data a config means: a source, or the share of the training data to hold out.
+def computation_changes(old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """{field: (old, new)} for the fields outside BOOKKEEPING that differ between two saved configs (`to_dict`).
 
-    Unset, it is the bundled dev-v1.1 for the bundled train-v1.1 (the usual SQuAD setup), and a held-out tenth of
-    the training data for anything else: a user's own data is not scored against SQuAD unless asked to be.
+    The evaluation data is compared as what it resolves to (see `bertqa.sources.eval_source`), so spelling out a
+    default is no change.
     """
-    if eval_data is not None:
-        return eval_data
-    if eval_split is not None:
-        return eval_split
-    return "dev-v1.1" if train_data == "train-v1.1" else 0.1
-
-
-def computation_changes(old: dict[str, Any], new: TrainConfig) -> dict[str, tuple[Any, Any]]:
-    """{field: (old, new)} for the fields outside BOOKKEEPING that differ between a saved config and `new`.
-
-    The evaluation data is compared as what it resolves to (see `eval_source`), so spelling out a default is no change.
-    """
-    current = json.loads(json.dumps(new.to_dict()))  # tuples as lists, as they were saved
+    current = json.loads(json.dumps(new))  # tuples as lists, as they were saved
     changes = {
         name: (old.get(name), value)
         for name, value in current.items()
         if name not in BOOKKEEPING and name in old and old[name] != value and name not in ("eval_data", "eval_split")
     }
     if "eval_data" in old:
-        before = eval_source(old.get("train_data", new.train_data), old.get("eval_data"), old.get("eval_split"))
-        after = eval_source(new.train_data, new.eval_data, new.eval_split)
+        before = eval_source(old.get("train_data", new["train_data"]), old.get("eval_data"), old.get("eval_split"))
+        after = eval_source(new["train_data"], new.get("eval_data"), new.get("eval_split"))
         if before != after:
             changes["eval_data"] = (before, after)
     return changes

@@ -1,46 +1,32 @@
-"""QA examples into labelled token windows: filter and subsample examples, tokenize them, label, self-check labels.
+"""QA examples into labelled token windows: tokenize them, label the answers, self-check the labels.
 
 Everything here is a pure function on plain data (lists, numpy arrays, a tokenizer), so each step can be tested on
 its own. Vocabulary: an *example* is one question with its context; a *feature* is one tokenized window of it.
-Reading files is `bertqa.loading` and validating them `bertqa.examples`; `Example` and `load_squad` are re-exported.
+Which examples a run uses is `bertqa.sources`; reading files is `bertqa.loading` and validating them
+`bertqa.examples`. `Example` and `Features` are re-exported: they are what this module turns into what.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
-import random
-import re
-from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from bertqa.examples import Example, LoadReport, SquadFormatError, is_v2
+from bertqa.examples import Example
 from bertqa.features import Features
-from bertqa.loading import load_squad
 from bertqa.metrics import normalize_answer
 
 __all__ = [
     "Example",
     "Features",
     "LabelReport",
-    "LoadReport",
-    "SquadFormatError",
     "Window",
-    "answerable_only",
     "check_labels",
-    "hold_out",
-    "is_v2",
     "label_features",
-    "load_examples",
-    "load_squad",
-    "select_articles",
-    "split_article_range",
-    "subsample",
     "tokenize_examples",
 ]
 
@@ -81,100 +67,6 @@ class Window:
     def from_dict(cls, values: dict[str, Any]) -> Window:
         """The window settings among `values` (e.g. a saved `bertqa.json`); missing ones keep their defaults."""
         return cls(**{f.name: values[f.name] for f in dataclasses.fields(cls) if f.name in values})
-
-
-# ------------------------------------------------------------------------------------------ filtering, subsampling
-
-
-def load_examples(
-    source: str | Path | Any,
-    *,
-    answerable: bool = False,
-    max_examples: int | None = None,
-    seed: int = 0,
-    column_map: str | Mapping[str, str] | None = None,
-) -> tuple[list[Example], LoadReport]:
-    """`load_squad`, then a range of articles, then optionally answerable questions only, then a seeded subset.
-
-    `source` is anything `bertqa.loading.load_squad` reads, and may end in an article range, `dev-v2.0[:25]` or
-    `dev-v2.0[25:]` (see `split_article_range`): this is how one file is split into parts that share no article.
-    """
-    source, articles = split_article_range(source)
-    examples, report = load_squad(source, column_map=column_map)
-    if articles is not None:
-        examples = select_articles(examples, articles)
-    if answerable:
-        examples = answerable_only(examples)
-    return subsample(examples, max_examples, seed=seed), report
-
-
-_ARTICLE_RANGE = re.compile(r"^(?P<source>.+)\[(?P<start>\d*):(?P<stop>\d*)\]$")
-
-
-def split_article_range(source: str | Path) -> tuple[str | Path, slice | None]:
-    """`"dev-v2.0[:25]"` -> `("dev-v2.0", slice(None, 25))`; a source without a trailing `[a:b]` is returned as is."""
-    match = _ARTICLE_RANGE.match(str(source)) if isinstance(source, str) else None
-    if match is None:
-        return source, None
-    start, stop = (int(match[k]) if match[k] else None for k in ("start", "stop"))
-    return match["source"], slice(start, stop)
-
-
-def select_articles(examples: Sequence[Example], articles: slice) -> list[Example]:
-    """The examples of the articles in `articles`, a slice over the articles in file order (titles, first seen)."""
-    titles = list(dict.fromkeys(ex.title for ex in examples))
-    chosen = set(titles[articles])
-    if not chosen:
-        raise ValueError(
-            f"article range [{articles.start or ''}:{articles.stop or ''}] selects no article of the {len(titles)}"
-        )
-    return [ex for ex in examples if ex.title in chosen]
-
-
-def hold_out(examples: Sequence[Example], share: float, *, seed: int) -> tuple[list[Example], list[Example]]:
-    """Split off a seeded `share` of the examples for evaluation: (kept, held out), each in the original order.
-
-    Whole articles go to one side (by title when the examples have titles, else by context), so no passage is both
-    trained on and evaluated on. The held-out side is the first articles of a seeded shuffle that reach the share.
-    """
-    if not 0 < share < 1:
-        raise ValueError(f"the held-out share must be between 0 and 1, got {share}")
-    by_title = any(ex.title for ex in examples)
-    group_of = (lambda ex: ex.title) if by_title else (lambda ex: ex.context)
-    sizes = Counter(group_of(ex) for ex in examples)  # in order of first appearance
-    groups = list(sizes)
-    if len(groups) < 2:
-        raise ValueError(
-            f"cannot hold out evaluation data: all {len(examples)} examples share one "
-            f"{'title' if by_title else 'context'}; pass evaluation data instead"
-        )
-    held: set[str] = set()
-    sum_held = 0
-    order = random.Random(seed).sample(groups, len(groups))
-    for group in order[:-1]:  # at least one article stays for training
-        if sum_held >= share * len(examples):
-            break
-        held.add(group)
-        sum_held += sizes[group]
-    return [ex for ex in examples if group_of(ex) not in held], [ex for ex in examples if group_of(ex) in held]
-
-
-def answerable_only(examples: Iterable[Example]) -> list[Example]:
-    """Keep the questions that have an answer (the original recipe trained and scored on these only)."""
-    return [ex for ex in examples if not ex.is_impossible]
-
-
-def subsample(examples: Sequence[Example], n: int | None, *, seed: int) -> list[Example]:
-    """A seeded random choice of `n` *examples* (not features), kept in their original order.
-
-    Sampling examples rather than windows means an evaluation subset holds every window of each chosen question.
-    """
-    if n is None or n >= len(examples):
-        return list(examples)
-    if n <= 0:
-        raise ValueError(f"subsample size must be positive, got {n}")
-    chosen = sorted(random.Random(seed).sample(range(len(examples)), n))
-    return [examples[i] for i in chosen]
 
 
 # ------------------------------------------------------------------------------------------------------ tokenizing

@@ -1,9 +1,11 @@
-"""The training loop: plain functions on top of Accelerate, and `fit`, which reads the config and wires them up.
+"""The training loop: the pieces a loop is made of, and `fit`, which reads the config and puts them together.
 
 Accelerate owns devices, mixed precision, DDP and gradient accumulation. Everything is counted in optimizer updates
 ("steps"); a micro-batch is one forward pass. Research hooks, lowest rung first: change a config field; pass your
-own model/tokenizer/examples to `fit`; pass `compute_loss(model, batch)` and `callbacks` (called after each update);
-compose your own loop from `train_one_epoch` and `bertqa.inference.evaluate`; copy `train_one_epoch`.
+own model/tokenizer/examples to `fit`; pass `compute_loss(model, batch)` (built on `qa_loss`), `callbacks` (after
+each update) and `on_evaluate` observers (after each evaluation), any of which may raise `StopTraining`; compose
+your own loop from `make_accelerator`, `DataOrder`, `train_one_epoch` and `bertqa.inference.evaluate` (the
+`recipes/` folder has one); copy `train_one_epoch`.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -20,13 +22,15 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from bertqa import checkpoint
-from bertqa.batching import LengthGroupedBatchSampler, model_inputs, train_loader
-from bertqa.cache import RunData, prepare_data
-from bertqa.data import Example, Features, check_labels
-from bertqa.inference import eval_batches, evaluate, make_accelerator, resolve_precision
+from bertqa.batching import DataOrder, LengthGroupedBatchSampler, model_inputs, train_loader
+from bertqa.cache import prepare_data
+from bertqa.data import Example, check_labels
+from bertqa.inference import eval_batches, evaluate
 from bertqa.model import check_model_limits
 from bertqa.optim import build_optimizer, build_scheduler, count_updates, fused_adamw_applies, set_hyperparameters
 from bertqa.reporting import LogMeter, RunRecorder, log_plan
+from bertqa.runtime import check_trackers, make_accelerator, resolve_precision
+from bertqa.sources import run_examples
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -34,24 +38,38 @@ if TYPE_CHECKING:
     from bertqa.config import TrainConfig
 
 __all__ = [
+    "DataOrder",
     "NonFiniteLossError",
-    "RunData",
+    "StopTraining",
     "TrainState",
     "Update",
     "default_loss",
     "fit",
     "make_accelerator",
-    "prepare_data",
+    "model_inputs",
+    "qa_loss",
     "train_one_epoch",
 ]
 
 logger = logging.getLogger("bertqa")
-LossFn = Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor]
+Batch = dict[str, torch.Tensor]
+LossFn = Callable[[torch.nn.Module, Batch], torch.Tensor]
 Callback = Callable[["Update"], None]
+EvalObserver = Callable[[Mapping[str, Any]], None]
 
 
 class NonFiniteLossError(FloatingPointError):
     """The training loss became NaN or infinite."""
+
+
+class StopTraining(Exception):
+    """Raise it from an update callback or an evaluation observer to end the run after the current update.
+
+    `fit` then evaluates, checkpoints and saves the final model as at a normal end, and its summary says why
+    (`stopped_early`). The reason is kept in `TrainState`, which every checkpoint saves, so a resumed run that was
+    stopped stays stopped. With several processes every process must decide alike: they see the same updates and
+    the same evaluation records (`Update.loss` is this process's own; reduce it before deciding on it).
+    """
 
 
 @dataclass
@@ -72,6 +90,7 @@ class TrainState:
     epoch: int = 0
     batches_done: int = 0  # micro-batches of `epoch` already consumed
     best_f1: float = -1.0
+    stop_reason: str | None = None  # set by `StopTraining`: the run ends after this update
 
     def state_dict(self) -> dict[str, Any]:
         return dict(vars(self))
@@ -81,19 +100,38 @@ class TrainState:
             setattr(self, key, value)
 
 
-def default_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean of the start and end cross-entropy over the real tokens of each window.
+def notify(observers: Iterable[Callable[[Any], None]], event: Any, state: TrainState) -> None:
+    """Call every observer with `event`; a `StopTraining` from any of them is kept in `state` (the first reason
+    wins) and the others are still called, so each one sees every event."""
+    for observer in observers:
+        try:
+            observer(event)
+        except StopTraining as stop:
+            if state.stop_reason is None:
+                state.stop_reason = str(stop) or type(observer).__name__
+                logger.info("stopping after update %d: %s", state.step, state.stop_reason)
+
+
+def qa_loss(start_logits: torch.Tensor, end_logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """Mean of the start and end cross-entropy over the real tokens of each window, against the batch's labels.
 
     The models' built-in QA loss lets padding positions into the softmax, so the same window would get a different
     loss in a batch padded further; masking them makes the objective independent of how batches are padded.
+    Pure: give it logits computed once (for a distillation or smoothing term beside it) and the batch they came from.
     """
-    out = model(**model_inputs(batch))
     padding = batch["attention_mask"] == 0
     losses = [
         torch.nn.functional.cross_entropy(logits.float().masked_fill(padding, -1e9), batch[target])
-        for logits, target in ((out.start_logits, "start_positions"), (out.end_logits, "end_positions"))
+        for logits, target in ((start_logits, "start_positions"), (end_logits, "end_positions"))
     ]
     return (losses[0] + losses[1]) / 2
+
+
+def default_loss(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+    """The model on the batch's inputs (`model_inputs`: never the labels, or it computes its own unmasked loss),
+    scored by `qa_loss`."""
+    out = model(**model_inputs(batch))
+    return qa_loss(out.start_logits, out.end_logits, batch)
 
 
 def train_one_epoch(
@@ -101,7 +139,7 @@ def train_one_epoch(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
-    loader: torch.utils.data.DataLoader,
+    loader: Iterable[Batch],
     *,
     state: TrainState,
     max_steps: int,
@@ -111,8 +149,8 @@ def train_one_epoch(
     callbacks: Sequence[Callback] = (),
     on_log: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, float]:
-    """One pass over `loader` (or until `max_steps` updates). Returns the pass's `train_loss` (mean over its
-    updates), `updates` and `train_time_s`.
+    """One pass over `loader`, until `max_steps` updates, or until a callback raises `StopTraining`. Returns the
+    pass's `train_loss` (mean over its updates), `updates` and `train_time_s`.
 
     The loss is read from the device only every `log_every` updates and at the end of the pass; that is also where
     a non-finite loss is caught.
@@ -121,7 +159,7 @@ def train_one_epoch(
     meter, t0, updates = LogMeter(accelerator.device), time.perf_counter(), 0
     update_loss, micro = torch.zeros((), device=accelerator.device), 0
     for batch in loader:
-        if state.step >= max_steps:
+        if state.step >= max_steps or state.stop_reason is not None:
             break
         with accelerator.accumulate(model):
             loss = compute_loss(model, batch)
@@ -143,8 +181,7 @@ def train_one_epoch(
         update_loss, micro = torch.zeros((), device=accelerator.device), 0
         if meter.updates == log_every or state.step >= max_steps:
             _log(meter, update, accelerator.num_processes, on_log)
-        for callback in callbacks:
-            callback(update)
+        notify(callbacks, update, state)
     if meter.updates:  # the pass ended between two log points
         _log(meter, update, accelerator.num_processes, on_log)
     return {"train_loss": meter.pass_mean(), "updates": updates, "train_time_s": time.perf_counter() - t0}
@@ -162,7 +199,7 @@ def _log(meter: LogMeter, update: Update, num_processes: int, on_log: Callable[[
 
 
 # ------------------------------------------------------------------------------------------------------------- fit
-# `fit` and the private helpers that read its config for it. Everything above takes explicit arguments.
+# `fit` reads the config and hands explicit values to the private helpers below it.
 
 
 @dataclass
@@ -172,57 +209,43 @@ class _Training:
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
-    loader: Any  # Accelerate's DataLoaderShard
-    sampler: LengthGroupedBatchSampler
+    order: DataOrder
     state: TrainState
     per_epoch: int
     total_steps: int
     warmup_steps: int
 
-    def epoch_loader(self, accelerator: Accelerator) -> Any:
-        """This epoch's batches, or what is left of them when a resumed run starts mid-epoch."""
-        # Both: Accelerate's loader re-seeds the sampler from its own pass counter, which a resumed run does not share.
-        self.sampler.set_epoch(self.state.epoch)
-        self.loader.set_epoch(self.state.epoch)
-        done = self.state.batches_done
-        return accelerator.skip_first_batches(self.loader, done) if done else self.loader
-
-    def end_pass(self) -> None:
-        if self.state.batches_done >= len(self.loader):  # a whole epoch: the next pass starts on the next one
-            self.state.epoch, self.state.batches_done = self.state.epoch + 1, 0
-
 
 def _build_training(
-    config: TrainConfig, accelerator: Accelerator, model: torch.nn.Module, features: Features, pad_token_id: int
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    loader: torch.utils.data.DataLoader,
+    sampler: LengthGroupedBatchSampler,
+    *,
+    lr: float,
+    weight_decay: float,
+    eps: float,
+    grad_accum: int,
+    epochs: float,
+    max_steps: int | None,
+    warmup_ratio: float,
+    schedule: str,
 ) -> _Training:
-    if config.compile:
-        model = torch.compile(model, dynamic=True)
-    loader, sampler = train_loader(
-        features,
-        batch_size=config.batch_size,
-        seed=config.seed,
-        group_by_length=config.group_by_length,
-        pad_token_id=pad_token_id,
-        pad_to_multiple_of=config.pad_to_multiple_of,
-        num_workers=config.num_workers,
-        pin_memory=accelerator.device.type == "cuda",
-    )
     fused = fused_adamw_applies(accelerator.device.type)
-    optimizer = build_optimizer(model, lr=config.lr, weight_decay=config.weight_decay, eps=config.adam_eps, fused=fused)
+    optimizer = build_optimizer(model, lr=lr, weight_decay=weight_decay, eps=eps, fused=fused)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    per_epoch, total = count_updates(
-        len(loader), grad_accum=config.grad_accum, epochs=config.epochs, max_steps=config.max_steps
-    )
-    warmup = round(config.warmup_ratio * total)
-    scheduler = build_scheduler(optimizer, total_steps=total, warmup_steps=warmup, schedule=config.schedule)
+    per_epoch, total = count_updates(len(loader), grad_accum=grad_accum, epochs=epochs, max_steps=max_steps)
+    warmup = round(warmup_ratio * total)
+    scheduler = build_scheduler(optimizer, total_steps=total, warmup_steps=warmup, schedule=schedule)
     state = TrainState()
     accelerator.register_for_checkpointing(scheduler, state)
-    return _Training(model, optimizer, scheduler, loader, sampler, state, per_epoch, total, warmup)
+    return _Training(model, optimizer, scheduler, DataOrder(loader, sampler), state, per_epoch, total, warmup)
 
 
 @dataclass
 class _Evaluation:
-    """Evaluate, record, and keep the best model by F1: the same at epoch ends, mid-epoch and before training."""
+    """The one evaluation path of `fit`, before training, mid-epoch, at epoch ends and at a stop: evaluate (with the
+    v2 threshold calibrated first), record, tell the observers, and keep the best model by F1."""
 
     accelerator: Accelerator
     loader: torch.utils.data.DataLoader
@@ -231,7 +254,9 @@ class _Evaluation:
     tokenizer: Any
     meta: dict[str, Any]  # written to bertqa.json beside a saved model
     best_model: Path | None  # where the best model by F1 is kept (None: not saved)
-    calibration: tuple[torch.utils.data.DataLoader, Sequence[Example]] | None = None  # SQuAD v2 threshold data
+    calibration: tuple[torch.utils.data.DataLoader, Sequence[Example]] | None  # SQuAD v2 threshold data
+    observers: Sequence[EvalObserver]
+    last: dict[str, Any]  # the latest record
 
     def __call__(self, model: torch.nn.Module, state: TrainState, **train_stats: float) -> dict[str, Any]:
         v2, longest = self.meta["v2"], self.meta["max_answer_length"]
@@ -248,47 +273,28 @@ class _Evaluation:
         if self.best_model is not None and metrics["f1"] > state.best_f1:
             self.save_model(model, self.best_model, record)
         state.best_f1 = max(state.best_f1, metrics["f1"])
+        self.last = record
+        notify(self.observers, record, state)
         return record
 
     def save_model(self, model: torch.nn.Module, path: Path, record: dict[str, Any]) -> None:
         checkpoint.save_model(self.accelerator, model, self.tokenizer, path, {**self.meta, "eval": record})
 
 
-def _build_evaluation(
-    config: TrainConfig, accelerator: Accelerator, tokenizer: Any, data: RunData, recorder: RunRecorder
-) -> _Evaluation:
-    def batches(features: Features) -> torch.utils.data.DataLoader:
-        return eval_batches(features, batch_size=config.eval_batch_size, pad_token_id=tokenizer.pad_token_id,
-                            pad_to_multiple_of=config.pad_to_multiple_of, accelerator=accelerator)  # fmt: skip
-
-    meta = checkpoint.model_meta(config, data)
-    on = data.calibration_examples
-    calibration = (batches(data.calibration_features), on) if meta["v2"] and on else None
-    best = Path(config.output_dir) / "best_model" if config.save_model else None
-    return _Evaluation(accelerator, batches(data.eval_features), data.eval_examples, recorder, tokenizer, meta, best,
-                       calibration)  # fmt: skip
-
-
 def _periodic(
-    update: Update,
-    *,
-    training: _Training,
-    evaluation: _Evaluation,
-    eval_every: int | None,
-    save_every: int | None,
-    keep: int,
-    record: dict[str, Any],
-) -> None:
-    """Mid-epoch evaluation and checkpoints, as an update callback."""
-    if eval_every and update.step % eval_every == 0 and update.step < training.total_steps:
-        evaluation(training.model, training.state)
-        training.model.train()
+    update: Update, *, run: _Training, evaluation: _Evaluation, eval_every: int | None, save_every: int | None,
+    save: Callable[[int], Any],
+) -> None:  # fmt: skip
+    """Mid-epoch evaluation and checkpoints, as an update callback. An update that ends a pass or the run is left
+    to the end-of-pass evaluation, which records the pass's training loss beside it."""
+    ends_pass = run.state.batches_done >= len(run.order) or update.step >= run.total_steps
+    if eval_every and update.step % eval_every == 0 and not ends_pass:
+        evaluation(run.model, run.state)
+        run.model.train()
     if save_every and update.step % save_every == 0:
         if not torch.isfinite(update.loss):  # never let a NaN step overwrite good checkpoints
             raise NonFiniteLossError(f"training loss is {update.loss.item()} at step {update.step}")
-        checkpoint.save_checkpoint(
-            evaluation.accelerator, evaluation.recorder.out, update.step, keep=keep, config=record
-        )
+        save(update.step)
 
 
 def fit(
@@ -296,100 +302,120 @@ def fit(
     *,
     model: torch.nn.Module | None = None,
     tokenizer: Any = None,
-    train_examples: Sequence[Example] | None = None,
-    eval_examples: Sequence[Example] | None = None,
+    train_examples: Sequence[Example] | Any | None = None,
+    eval_examples: Sequence[Example] | Any | None = None,
     compute_loss: LossFn = default_loss,
     callbacks: Sequence[Callback] = (),
+    on_evaluate: Sequence[EvalObserver] = (),
 ) -> dict[str, Any]:
-    """Train and evaluate as `config` says; return a summary of the run (steps, times, final and best scores).
+    """Train and evaluate as `config` says; return a summary (steps, times, final and best scores, `stopped_early`).
 
-    Anything passed in replaces what the config would build: your own model, tokenizer or examples.
+    Anything passed in replaces what the config would build: your own model, tokenizer or examples (`Example`s or a
+    `datasets.Dataset` of records). `callbacks` get an `Update` after every optimizer update, `on_evaluate` observers
+    every evaluation record (a line of `metrics.jsonl`); any of them may end the run by raising `StopTraining`.
     """
     from accelerate.utils import set_seed
 
     from bertqa.model import build_model, build_tokenizer
 
-    out = Path(config.output_dir)
-    resume_from, record = checkpoint.resume_point(config)
-    accelerator = _build_accelerator(config)
-    set_seed(config.seed)
-    tokenizer = tokenizer if tokenizer is not None else build_tokenizer(config.model)
-    check_model_limits(model if model is not None else config.model, tokenizer, config.window)
+    c, out = config, Path(config.output_dir)
+    resume_from, record = checkpoint.resume_point(out, c.to_dict(), resume=c.resume, overwrite=c.overwrite,
+                                                  accept_changes=c.accept_changes)  # fmt: skip
+    check_trackers(c.report_to)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = c.tf32
+    accelerator = make_accelerator(mixed_precision=resolve_precision(c.mixed_precision), project_dir=c.output_dir,
+                                   gradient_accumulation_steps=c.grad_accum, log_with=list(c.report_to) or None,
+                                   timeout_s=c.collective_timeout_s)  # fmt: skip
+    set_seed(c.seed)
+    tokenizer = tokenizer if tokenizer is not None else build_tokenizer(c.model)
+    check_model_limits(model if model is not None else c.model, tokenizer, c.window)
     with accelerator.main_process_first():  # the main process fills the window cache, the others read it
-        data = prepare_data(config, tokenizer, train_examples=train_examples, eval_examples=eval_examples)
-        labels = check_labels(data.train_features, data.train_examples, min_match_rate=config.label_check_min)
+        examples = run_examples(**c.example_settings(), train_examples=train_examples, eval_examples=eval_examples)
+        data = prepare_data(examples, tokenizer, window=c.window, cache_dir=c.cache_dir, num_proc=c.tokenize_workers)
+        labels = check_labels(data.train_features, examples.train, min_match_rate=c.label_check_min)
     if model is None:
-        model = build_model(config.model, attn_implementation=config.attn_implementation,
-                            attention_dropout=config.attention_dropout)  # fmt: skip
-    elif config.attention_dropout is not None:
+        model = build_model(c.model, attn_implementation=c.attn_implementation, attention_dropout=c.attention_dropout)
+    elif c.attention_dropout is not None:
         logger.warning("attention_dropout applies to models fit builds; the model passed in keeps its own")
-    run = _build_training(config, accelerator, model, data.train_features, tokenizer.pad_token_id)
+    loader, sampler = train_loader(data.train_features, batch_size=c.batch_size, seed=c.seed,
+                                   group_by_length=c.group_by_length, pad_token_id=tokenizer.pad_token_id,
+                                   pad_to_multiple_of=c.pad_to_multiple_of, num_workers=c.num_workers,
+                                   pin_memory=accelerator.device.type == "cuda")  # fmt: skip
+    run = _build_training(accelerator, torch.compile(model, dynamic=True) if c.compile else model, loader, sampler,
+                          lr=c.lr, weight_decay=c.weight_decay, eps=c.adam_eps, grad_accum=c.grad_accum,
+                          epochs=c.epochs, max_steps=c.max_steps, warmup_ratio=c.warmup_ratio,
+                          schedule=c.schedule)  # fmt: skip
     if resume_from is not None:
         accelerator.load_state(str(resume_from))
-        set_hyperparameters(run.optimizer, run.scheduler, lr=config.lr, weight_decay=config.weight_decay,
-                            eps=config.adam_eps)  # fmt: skip
+        set_hyperparameters(run.optimizer, run.scheduler, lr=c.lr, weight_decay=c.weight_decay, eps=c.adam_eps)
         logger.info("resumed from %s at step %d (epoch %d)", resume_from, run.state.step, run.state.epoch)
-    recorder = RunRecorder(
-        out, is_main=accelerator.is_main_process, total_steps=run.total_steps, step=run.state.step,
-        tracker_log=accelerator.log,
-    )  # fmt: skip
+    recorder = RunRecorder(out, is_main=accelerator.is_main_process, total_steps=run.total_steps,
+                           step=run.state.step, tracker_log=accelerator.log)  # fmt: skip
     recorder.start(record, resumed_at=run.state.step if resume_from is not None else None,
                    initial_lr=run.scheduler.get_last_lr()[0])  # fmt: skip
-    accelerator.init_trackers("bertqa", config={k: str(v) for k, v in config.to_dict().items()})
-    log_plan(data, labels, accelerator, run, batch=config.batch_size * config.grad_accum * accelerator.num_processes)
-    evaluation = _build_evaluation(config, accelerator, tokenizer, data, recorder)
-    periodic = partial(
-        _periodic, training=run, evaluation=evaluation, eval_every=config.eval_every_steps,
-        save_every=config.save_every_steps, keep=config.keep_checkpoints, record=record,
-    )  # fmt: skip
-
-    t_start, train_time = time.perf_counter(), 0.0
-    last_eval = evaluation(run.model, run.state) if config.eval_before_training and run.state.step == 0 else {}
-    while run.state.step < run.total_steps:
-        stats = train_one_epoch(
-            accelerator, run.model, run.optimizer, run.scheduler, run.epoch_loader(accelerator), state=run.state,
-            max_steps=run.total_steps, max_grad_norm=config.max_grad_norm, log_every=config.log_every,
-            compute_loss=compute_loss, callbacks=[recorder.on_update, periodic, *callbacks], on_log=recorder.log_train,
-        )  # fmt: skip
-        train_time += stats["train_time_s"]
-        run.end_pass()
-        pass_stats = {"train_loss": stats["train_loss"]} if stats["updates"] else {}
-        last_eval = evaluation(run.model, run.state, **pass_stats)
-        checkpoint.save_checkpoint(accelerator, out, run.state.step, keep=config.keep_checkpoints, config=record)
-    if last_eval.get("step") != run.state.step:  # resumed after the final checkpoint: its evaluation is on record
-        last_eval = recorder.eval_record_at(run.state.step) or evaluation(run.model, run.state)
-    if config.save_model:
-        evaluation.save_model(run.model, out / "final_model", last_eval)
-    recorder.finish(title=f"bertqa: {config.model}")
+    accelerator.init_trackers("bertqa", config={k: str(v) for k, v in c.to_dict().items()})
+    log_plan(data, labels, accelerator, total_steps=run.total_steps, per_epoch=run.per_epoch,
+             warmup_steps=run.warmup_steps, batch=c.batch_size * c.grad_accum * accelerator.num_processes)  # fmt: skip
+    windows = partial(eval_batches, batch_size=c.eval_batch_size, pad_token_id=tokenizer.pad_token_id,
+                      pad_to_multiple_of=c.pad_to_multiple_of, accelerator=accelerator)  # fmt: skip
+    meta = checkpoint.model_meta(examples, window=c.window, max_answer_length=c.max_answer_length,
+                                 column_map=c.column_map)  # fmt: skip
+    cal = data.calibration_features  # SQuAD v2 training data: the threshold's questions
+    calibration = None if cal is None else (windows(cal), examples.calibration)
+    evaluation = _Evaluation(accelerator, windows(data.eval_features), examples.eval, recorder, tokenizer, meta,
+                             out / "best_model" if c.save_model else None, calibration, on_evaluate, {})  # fmt: skip
+    save = partial(checkpoint.save_checkpoint, accelerator, out, keep=c.keep_checkpoints, config=record)
+    periodic = partial(_periodic, run=run, evaluation=evaluation, eval_every=c.eval_every_steps,
+                       save_every=c.save_every_steps, save=save)  # fmt: skip
+    one_pass = partial(train_one_epoch, accelerator, run.model, run.optimizer, run.scheduler, state=run.state,
+                       max_steps=run.total_steps, max_grad_norm=c.max_grad_norm, log_every=c.log_every,
+                       compute_loss=compute_loss, callbacks=[recorder.on_update, periodic, *callbacks],
+                       on_log=recorder.log_train)  # fmt: skip
+    summary = _train(accelerator, run, evaluation, one_pass, save, eval_first=c.eval_before_training,
+                     final_model=out / "final_model" if c.save_model else None)  # fmt: skip
+    recorder.finish(title=f"bertqa: {c.model}")
     accelerator.end_training()
+    return {**summary, "label_report": labels, "output_dir": str(out)}
+
+
+def _train(
+    accelerator: Accelerator,
+    run: _Training,
+    evaluation: _Evaluation,
+    one_pass: Callable[[Iterable[Batch]], dict[str, float]],
+    save: Callable[[int], Any],
+    *,
+    eval_first: bool,
+    final_model: Path | None,
+) -> dict[str, Any]:
+    """`fit`'s loop: passes of `train_one_epoch` (`one_pass`), each followed by an evaluation and a checkpoint,
+    until the run's updates are done or it is stopped; then the final model."""
+    state = run.state
+    if state.stop_reason is not None:
+        logger.info("this run was stopped at update %d (%s): nothing is left to train", state.step, state.stop_reason)
+    t_start, train_time = time.perf_counter(), 0.0
+    if eval_first and state.step == 0 and state.stop_reason is None:
+        evaluation(run.model, state)
+    while state.step < run.total_steps and state.stop_reason is None:
+        stats = one_pass(run.order.batches(accelerator, state))
+        train_time += stats["train_time_s"]
+        run.order.end_pass(state)
+        if evaluation.last.get("step") != state.step:  # a stop may have come from an evaluation at this update
+            evaluation(run.model, state, **({"train_loss": stats["train_loss"]} if stats["updates"] else {}))
+        save(state.step)
+    if state.stop_reason is not None:  # also when an evaluation before training stopped it: resuming keeps the stop
+        save(state.step)
+    last_eval = evaluation.last
+    if last_eval.get("step") != state.step:  # resumed after the final checkpoint: its evaluation is on record
+        last_eval = evaluation.recorder.eval_record_at(state.step) or evaluation(run.model, state)
+    if final_model is not None:
+        evaluation.save_model(run.model, final_model, last_eval)
     return {
-        "steps": run.state.step,
-        "epochs_done": run.state.epoch,
+        "steps": state.step,
+        "epochs_done": state.epoch,
         "train_time_s": train_time,
         "wall_time_s": time.perf_counter() - t_start,
         "final": last_eval,
-        "best_f1": run.state.best_f1,
-        "label_report": labels,
-        "output_dir": str(out),
+        "best_f1": state.best_f1,
+        "stopped_early": state.stop_reason,
     }
-
-
-def _build_accelerator(config: TrainConfig) -> Accelerator:
-    from accelerate.tracking import get_available_trackers
-
-    available = sorted(str(getattr(t, "value", t)) for t in get_available_trackers())
-    missing = [name for name in config.report_to if name not in available and name != "all"]
-    if missing:  # Accelerate would only warn, and the run would go unrecorded
-        raise ValueError(
-            f"report_to names trackers that are not installed: {', '.join(missing)} (installed: "
-            f"{', '.join(available) or 'none'}); pip install {' '.join(missing)}, or leave them out"
-        )
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = config.tf32
-    return make_accelerator(
-        mixed_precision=resolve_precision(config.mixed_precision),
-        gradient_accumulation_steps=config.grad_accum,
-        log_with=list(config.report_to) or None,
-        project_dir=config.output_dir,
-        step_scheduler_with_optimizer=False,
-        timeout_s=config.collective_timeout_s,
-    )

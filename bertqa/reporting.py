@@ -241,17 +241,21 @@ def plot_curves(train_log: str | Path, eval_log: str | Path, out: str | Path, *,
     return Path(out)
 
 
-def log_plan(data: Any, labels: Any, accelerator: Any, run: Any, *, batch: int) -> None:
-    """What was loaded, the label self-check and the derived values, once: what the run will really do."""
-    for report in data.reports:
+def log_plan(
+    data: Any, labels: Any, accelerator: Any, *, total_steps: int, per_epoch: int, warmup_steps: int, batch: int
+) -> None:
+    """What was loaded, the label self-check and the derived values, once: what the run will really do. `data` is
+    the run's `bertqa.cache.RunData`, `labels` its `LabelReport`."""
+    examples = data.examples
+    for report in examples.reports:
         logger.info("loaded %s", report.format())
     logger.info("label self-check:\n%s", labels.format())
     logger.info(
         "%d train examples -> %d windows; %d eval examples -> %d windows (%s, from %s); %d processes on %s, precision "
         "%s; effective batch %d windows; %d updates (%d per epoch, %d warmup)",
-        *(len(data.train_examples), len(data.train_features), len(data.eval_examples), len(data.eval_features)),
-        "v2.0" if is_v2(data.eval_examples) else "v1.1",
-        data.eval_source,
+        *(len(examples.train), len(data.train_features), len(examples.eval), len(data.eval_features)),
+        "v2.0" if is_v2(examples.eval) else "v1.1",
+        examples.eval_described,
         *(accelerator.num_processes, accelerator.device, accelerator.mixed_precision),
-        *(batch, run.total_steps, run.per_epoch, run.warmup_steps),
+        *(batch, total_steps, per_epoch, warmup_steps),
     )

@@ -11,14 +11,11 @@ Prints the report and the time of each stage (load, tokenize, label, check).
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _cli import run, setup_logging
 
 from bertqa import data
+from bertqa.cli import run, setup_logging
+from bertqa.sources import load_examples
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
 
     tokenizer = build_tokenizer(args.model)
     t0 = time.perf_counter()
-    examples, report = data.load_examples(args.data)
+    examples, report = load_examples(args.data)
     t1 = time.perf_counter()
     window = data.Window(args.max_seq_length, args.doc_stride, args.max_query_length)
     features = data.tokenize_examples(examples, tokenizer, window, num_proc=args.workers)

@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import sys
+import logging
 from pathlib import Path
+from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _cli import output_folder, positive_int, run, setup_logging
+from bertqa.cli import output_folder, positive_int, run, setup_logging
+
+logger = logging.getLogger("bertqa")
 
 RESULTS = ("predictions.json", "nbest_predictions.json", "null_odds.json", "scores.json")
 
@@ -45,10 +47,85 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def recorded_eval_data(model_dir: str | Path, settings: dict[str, Any]) -> str:
+    """The evaluation data saved with a model (`bertqa.json`), to score it on the same questions again."""
+    if not (Path(model_dir) / "bertqa.json").is_file():
+        logger.info("%s has no bertqa.json: evaluating on dev-v1.1 (pass --data for other data)", model_dir)
+        return "dev-v1.1"
+    if not settings.get("eval_data"):
+        raise ValueError(
+            f"{model_dir} records no evaluation data to use again (it was evaluated on held-out training data); "
+            "pass --data"
+        )
+    logger.info("evaluating on %s, the evaluation data recorded with the model", settings["eval_data"])
+    return str(settings["eval_data"])
+
+
+def evaluate_model(
+    model_dir: str,
+    eval_data: str | None = None,
+    *,
+    answerable_only: bool = False,
+    max_examples: int | None = None,
+    seed: int = 42,
+    batch_size: int = 64,
+    threshold: float | None = None,
+    mixed_precision: str = "auto",
+    column_map: str | None = None,
+) -> tuple[dict[str, float], dict[str, Any], list[Any]]:
+    """Score a saved model on a dataset with the settings it was trained with; works under `accelerate launch`.
+
+    `eval_data` defaults to the evaluation data recorded with the model (dev-v1.1 for a model without
+    `bertqa.json`). For v2 data the no-answer threshold is `threshold`, else the one saved with the model, else 0.
+    A model trained for the other SQuAD version than the data's is scored all the same, with a loud warning.
+    Returns (metrics, predictions, examples); metrics on every process, predictions on the main one.
+    """
+    from bertqa.data import Window, tokenize_examples
+    from bertqa.examples import is_v2
+    from bertqa.inference import eval_batches, evaluate
+    from bertqa.model import build_model, build_tokenizer
+    from bertqa.runtime import make_accelerator, resolve_precision
+    from bertqa.serving import load_settings
+    from bertqa.sources import load_examples
+
+    settings = load_settings(model_dir)
+    eval_data = eval_data or recorded_eval_data(model_dir, settings)
+    tokenizer = build_tokenizer(model_dir)
+    accelerator = make_accelerator(mixed_precision=resolve_precision(mixed_precision))
+    if column_map is None and eval_data == settings.get("eval_data"):  # the recorded data, read as in training
+        column_map = settings.get("column_map")
+    examples, report = load_examples(
+        eval_data, answerable=answerable_only, max_examples=max_examples, seed=seed, column_map=column_map
+    )
+    logger.info("loaded %s", report.format())
+    features = tokenize_examples(examples, tokenizer, Window.from_dict(settings))
+    model = accelerator.prepare(build_model(model_dir))
+    v2 = is_v2(examples)
+    if (Path(model_dir) / "bertqa.json").is_file() and v2 != bool(settings["v2"]):
+        logger.warning(
+            "VERSION MISMATCH: %s was trained on SQuAD %s data but %s is SQuAD %s: %s",
+            *(model_dir, "v2.0" if settings["v2"] else "v1.1", eval_data, "v2.0" if v2 else "v1.1"),
+            "its unanswerable questions count against a model that never learned to say 'no answer'"
+            if v2 else "it is scored as v1.1 (every question has an answer) and the no-answer threshold is not used",
+        )  # fmt: skip
+    logger.info(
+        "evaluating %d examples (%d windows, %s) on %d processes",
+        *(len(examples), len(features), "v2.0" if v2 else "v1.1", accelerator.num_processes),
+    )
+    if threshold is None:
+        threshold = settings["no_answer_threshold"] or 0.0
+    loader = eval_batches(features, batch_size=batch_size, pad_token_id=tokenizer.pad_token_id, accelerator=accelerator)
+    metrics, predictions = evaluate(
+        accelerator, model, loader, examples, v2=v2, max_answer_length=settings["max_answer_length"],
+        threshold=threshold, progress=True,
+    )  # fmt: skip
+    metrics["no_answer_threshold"] = threshold if v2 else None
+    return metrics, predictions, examples
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging()
-    from bertqa.inference import evaluate_model
     from bertqa.reporting import dumps
 
     out = output_folder(args.out, Path(args.model) / "eval", overwrite=args.overwrite, results=RESULTS)

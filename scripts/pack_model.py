@@ -9,11 +9,9 @@ master weights (see `bertqa.model.build_model`), so only the storage is half pre
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _cli import run, setup_logging
+from bertqa.cli import run, setup_logging
 
 DTYPES = ("float32", "float16", "bfloat16")
 

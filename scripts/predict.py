@@ -18,8 +18,7 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _cli import positive_int, run, setup_logging
+from bertqa.cli import positive_int, run, setup_logging
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -46,8 +45,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def read_items(path: Path) -> list[dict]:
     """The questions of a JSONL file or JSON list; each must have a non-empty question and context (text)."""
-    from bertqa.inference import question_pairs
     from bertqa.loading import read_records
+    from bertqa.serving import question_pairs
 
     records = read_records(path)
     items = [item for _, item in records]
@@ -58,8 +57,8 @@ def read_items(path: Path) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging()
-    from bertqa.inference import Answerer
     from bertqa.reporting import check_writable, dumps
+    from bertqa.serving import Answerer
 
     if args.out is not None:  # before any work: results that cannot be written are lost
         if args.out.exists() and not args.overwrite:

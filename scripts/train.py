@@ -10,11 +10,8 @@ Examples:
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _cli import config_from_args, config_parser, run, setup_logging
+from bertqa.cli import config_from_args, config_parser, run, setup_logging
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
                     "train_time_s": round(summary["train_time_s"], 1),
                     "wall_time_s": round(summary["wall_time_s"], 1),
                     "label_match_rate": round(report.match_rate, 4),
+                    **({"stopped_early": summary["stopped_early"]} if summary["stopped_early"] else {}),
                     "output_dir": summary["output_dir"],
                 }
             )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bertqa import data
+from bertqa import data, sources
 from bertqa.cache import cached_features, features_key
 from bertqa.data import Window
 
@@ -23,7 +23,7 @@ def same(a: data.Features, b: data.Features) -> bool:
 
 
 def test_cache_hit_returns_identical_windows_memory_mapped(tmp_path, tokenizer):
-    examples, _ = data.load_examples("dev-v1.1", max_examples=30, seed=0)
+    examples, _ = sources.load_examples("dev-v1.1", max_examples=30, seed=0)
     fresh = cached_features(examples, tokenizer, WINDOW, cache_dir=None, labelled=True)
     first = cached_features(examples, tokenizer, WINDOW, cache_dir=tmp_path, labelled=True)
     entries = list(tmp_path.glob("windows-*"))
@@ -56,7 +56,7 @@ DAMAGE = {
 
 @pytest.mark.parametrize("damage", sorted(DAMAGE))
 def test_a_damaged_entry_is_rebuilt_with_a_warning_never_used(tmp_path, tokenizer, caplog, damage):
-    examples, _ = data.load_examples("dev-v1.1", max_examples=12, seed=0)
+    examples, _ = sources.load_examples("dev-v1.1", max_examples=12, seed=0)
     fresh = cached_features(examples, tokenizer, WINDOW, cache_dir=None, labelled=True)
     cached_features(examples, tokenizer, WINDOW, cache_dir=tmp_path, labelled=True)
     DAMAGE[damage](next(tmp_path.glob("windows-*")))
@@ -68,7 +68,7 @@ def test_a_damaged_entry_is_rebuilt_with_a_warning_never_used(tmp_path, tokenize
 
 
 def test_key_changes_with_everything_the_windows_depend_on(tokenizer):
-    examples, _ = data.load_examples("dev-v1.1", max_examples=5, seed=0)
+    examples, _ = sources.load_examples("dev-v1.1", max_examples=5, seed=0)
     key = features_key(examples, tokenizer, WINDOW, labelled=True)
     assert key == features_key(list(examples), tokenizer, WINDOW, labelled=True)
     assert key != features_key(examples, tokenizer, WINDOW, labelled=False)
@@ -81,7 +81,7 @@ def test_key_changes_with_everything_the_windows_depend_on(tokenizer):
 
 def test_key_is_the_same_after_the_tokenizer_was_used(tokenizer):
     # A fast tokenizer carries its last call's truncation settings in its definition; they must not move the key.
-    examples, _ = data.load_examples("dev-v1.1", max_examples=5, seed=0)
+    examples, _ = sources.load_examples("dev-v1.1", max_examples=5, seed=0)
     before = features_key(examples, tokenizer, WINDOW, labelled=True)
     data.tokenize_examples(examples, tokenizer, Window(64, 16, 16))
     assert features_key(examples, tokenizer, WINDOW, labelled=True) == before

@@ -10,8 +10,9 @@ import unicodedata
 import numpy as np
 import pytest
 
-from bertqa import data, loading
-from bertqa.data import Example, SquadFormatError, Window
+from bertqa import data, loading, sources
+from bertqa.data import Example, Window
+from bertqa.examples import SquadFormatError
 from bertqa.metrics import normalize_answer
 
 DEFAULT_WINDOW = Window()
@@ -101,30 +102,30 @@ def test_v2_unanswerable_and_file_roundtrip(tmp_path):
     path = tmp_path / "v2.json.gz"
     with gzip.open(path, "wt", encoding="utf-8") as f:
         json.dump(squad_json(qas, version="v2.0"), f)
-    examples, report = data.load_squad(path)
+    examples, report = loading.load_squad(path)
     assert [ex.is_impossible for ex in examples] == [False, True]
     assert (report.version, report.n_impossible) == ("v2.0", 1)
-    assert data.answerable_only(examples) == examples[:1]
+    assert sources.answerable_only(examples) == examples[:1]
 
 
 def test_unreadable_and_missing_files(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
     with pytest.raises(SquadFormatError, match=r"bad\.json: not valid JSON at line 1 column 2"):
-        data.load_squad(bad)
+        loading.load_squad(bad)
     with pytest.raises(FileNotFoundError, match="data file not found"):
-        data.load_squad(tmp_path / "missing.json")
+        loading.load_squad(tmp_path / "missing.json")
     with pytest.raises(FileNotFoundError, match="neither a file, a bundled name"):
-        data.load_squad("no-such-dataset")
+        loading.load_squad("no-such-dataset")
 
 
 def test_bundled_dev_sets_load_with_official_counts():
-    v1, r1 = data.load_squad("dev-v1.1")
-    v2, r2 = data.load_squad("dev-v2.0")
+    v1, r1 = loading.load_squad("dev-v1.1")
+    v2, r2 = loading.load_squad("dev-v2.0")
     assert (r1.n_examples, r1.n_answers, r1.n_repaired) == (10570, 34726, 0)
     assert (r2.n_examples, r2.n_impossible, r2.version) == (11873, 5945, "v2.0")
     assert v1[0].id == "56be4db0acb8001400a502ec"
-    assert len(data.answerable_only(v2)) == 5928
+    assert len(sources.answerable_only(v2)) == 5928
 
 
 # ------------------------------------------------------------------------------------------------------- subsample
@@ -132,29 +133,29 @@ def test_bundled_dev_sets_load_with_official_counts():
 
 def test_subsample_is_seeded_ordered_and_by_example():
     examples = [Example(str(i), "t", "c", "q", (), (), True) for i in range(100)]
-    a = data.subsample(examples, 10, seed=1)
-    assert a == data.subsample(examples, 10, seed=1)
-    assert a != data.subsample(examples, 10, seed=2)
+    a = sources.subsample(examples, 10, seed=1)
+    assert a == sources.subsample(examples, 10, seed=1)
+    assert a != sources.subsample(examples, 10, seed=2)
     assert [int(ex.id) for ex in a] == sorted(int(ex.id) for ex in a)
     assert len(set(a)) == 10
-    assert data.subsample(examples, None, seed=0) == examples
-    assert data.subsample(examples, 1000, seed=0) == examples
+    assert sources.subsample(examples, None, seed=0) == examples
+    assert sources.subsample(examples, 1000, seed=0) == examples
     with pytest.raises(ValueError, match="positive"):
-        data.subsample(examples, 0, seed=0)
+        sources.subsample(examples, 0, seed=0)
 
 
 def test_article_range_splits_a_file_without_shared_articles():
-    assert data.split_article_range("dev-v2.0[:25]") == ("dev-v2.0", slice(None, 25))
-    assert data.split_article_range("squad_v2:validation[3:7]") == ("squad_v2:validation", slice(3, 7))
-    assert data.split_article_range("dev-v2.0") == ("dev-v2.0", None)
-    train, _ = data.load_examples("dev-v2.0[:25]")
-    held_out, _ = data.load_examples("dev-v2.0[25:]")
+    assert sources.split_article_range("dev-v2.0[:25]") == ("dev-v2.0", slice(None, 25))
+    assert sources.split_article_range("squad_v2:validation[3:7]") == ("squad_v2:validation", slice(3, 7))
+    assert sources.split_article_range("dev-v2.0") == ("dev-v2.0", None)
+    train, _ = sources.load_examples("dev-v2.0[:25]")
+    held_out, _ = sources.load_examples("dev-v2.0[25:]")
     assert (len(train), len(held_out)) == (8017, 3856)  # the 11,873 questions of the v2 dev set
     assert not {ex.title for ex in train} & {ex.title for ex in held_out}
     assert len({ex.title for ex in train}) == 25 and train[0].title == "Normans"
     assert sum(ex.is_impossible for ex in held_out) == 1905
     with pytest.raises(ValueError, match="selects no article of the 35"):
-        data.load_examples("dev-v2.0[40:]")
+        sources.load_examples("dev-v2.0[40:]")
 
 
 # --------------------------------------------------------------------------------------------------------- windows
@@ -317,8 +318,8 @@ def test_label_check_reports_windows_and_cls_share(tokenizer):
 
 
 def test_real_dev_set_labels_decode_to_gold(tokenizer):
-    examples, _ = data.load_squad("dev-v1.1")
-    examples = data.subsample(examples, 2000, seed=0)
+    examples, _ = loading.load_squad("dev-v1.1")
+    examples = sources.subsample(examples, 2000, seed=0)
     features = labelled(examples, tokenizer)
     report = data.check_labels(features, examples)
     assert report.match_rate >= 0.995, report.format()
@@ -341,7 +342,7 @@ def squash(text: str) -> str:
 
 
 def test_tokenizing_in_processes_gives_the_same_windows(tokenizer):
-    examples, _ = data.load_examples("dev-v2.0", max_examples=60, seed=4)
+    examples, _ = sources.load_examples("dev-v2.0", max_examples=60, seed=4)
     context = " ".join(f"w{i}" for i in range(500))
     examples = [*examples, Example("long", "t", context, "Which?", ("w250",), (context.index("w250 "),))]
     one = data.tokenize_examples(examples, tokenizer, Window(128, 32))

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from bertqa import batching, data, engine, optim
+from bertqa import batching, data, engine, optim, sources
 from bertqa.checkpoint import latest_checkpoint, list_checkpoints
 from bertqa.data import Window
 from bertqa.inference import eval_batches, predict_logits
@@ -67,7 +67,7 @@ def test_update_counts_for_accumulation_and_max_steps():
 
 @pytest.fixture(scope="module")
 def small_features(tokenizer):
-    examples, _ = data.load_examples("dev-v1.1", max_examples=8, seed=3)
+    examples, _ = sources.load_examples("dev-v1.1", max_examples=8, seed=3)
     features = data.tokenize_examples(examples, tokenizer, Window(96, 32, 32))
     return data.label_features(features, examples)
 
@@ -271,7 +271,7 @@ def test_checkpoints_are_pruned_and_tmp_folders_ignored(tmp_path, tiny):
 
 
 def test_fit_with_own_examples_and_loss(tmp_path, tokenizer, tiny):
-    examples, _ = data.load_examples("dev-v1.1", max_examples=16, seed=5)
+    examples, _ = sources.load_examples("dev-v1.1", max_examples=16, seed=5)
     calls = []
 
     def loss(model, batch):
@@ -304,7 +304,7 @@ def test_half_precision_checkpoints_load_as_float32_master_weights(tmp_path, tin
 def test_fit_takes_a_datasets_object_and_holds_out_evaluation_data(tmp_path, tiny):
     import datasets
 
-    examples, _ = data.load_examples("dev-v1.1", max_examples=60, seed=5)
+    examples, _ = sources.load_examples("dev-v1.1", max_examples=60, seed=5)
     records = datasets.Dataset.from_list(
         [{"title": ex.title, "context": ex.context, "question": ex.question,
           "answers": {"text": list(ex.answer_texts), "answer_start": list(ex.answer_starts)}} for ex in examples]
@@ -329,3 +329,61 @@ def test_v2_threshold_is_calibrated_on_held_out_training_questions(tmp_path, tin
     assert meta["threshold_calibrated_on"]["questions"] == 20 and meta["eval_data"] == "dev-v2.0[20:]"
     # The reported F1 is the one at the calibrated threshold; the evaluation set's own best is reported beside it.
     assert {"f1", "best_f1", "calibration_best_f1"} <= set(record) and record["f1"] <= record["best_f1"]
+
+
+# ------------------------------------------------------------------------------------------ stops and observers
+
+
+def test_qa_loss_is_the_same_for_a_window_however_far_its_batch_is_padded(small_features, tokenizer, tiny):
+    model = tiny()
+    rows = [batching.FeatureDataset(small_features)[i] for i in range(2)]
+    short = batching.Collator(tokenizer.pad_token_id, pad_to_multiple_of=8)(rows)
+    long = batching.Collator(tokenizer.pad_token_id, pad_to_multiple_of=128)(rows)
+    assert long["input_ids"].shape[1] > short["input_ids"].shape[1]
+    losses = [engine.default_loss(model, batch) for batch in (short, long)]
+    assert torch.allclose(losses[0], losses[1], atol=1e-5)
+    out = model(**engine.model_inputs(short))  # the pure function on logits computed once gives the same
+    assert torch.equal(engine.qa_loss(out.start_logits, out.end_logits, short), losses[0])
+    assert set(engine.model_inputs(short)) == {"input_ids", "attention_mask", "token_type_ids"}
+
+
+def test_a_callback_stops_the_run_which_ends_as_usual_and_stays_stopped(tmp_path, tiny):
+    def stop_at_3(update):
+        if update.step == 3:
+            raise engine.StopTraining("enough at 3")
+
+    seen = []
+    config = tiny_config(tmp_path, batch_size=4, epochs=2.0, save_model=True)
+    summary = engine.fit(config, model=tiny(), callbacks=[stop_at_3, lambda u: seen.append(u.step)])
+    out = tmp_path / "run"
+    assert summary["stopped_early"] == "enough at 3" and summary["steps"] == 3 and summary["final"]["step"] == 3
+    assert seen == [1, 2, 3]  # every callback saw the update that stopped the run
+    assert latest_checkpoint(out).name == "step_00000003" and (out / "final_model" / "model.safetensors").exists()
+    evals = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in evals] == [3]
+    resumed = engine.fit(config.replace(resume="latest"), model=tiny(seed=1), callbacks=[lambda u: seen.append(u)])
+    assert resumed["stopped_early"] == "enough at 3" and resumed["steps"] == 3 and seen == [1, 2, 3]
+    assert resumed["final"]["f1"] == summary["final"]["f1"]
+
+
+def test_evaluation_observers_get_every_record_and_can_stop_the_run(tmp_path, tiny):
+    records = []
+    config = tiny_config(tmp_path, batch_size=4, epochs=2.0, eval_every_steps=2, eval_before_training=True)
+    summary = engine.fit(config, model=tiny(), on_evaluate=[records.append])
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [r["step"] for r in logged] and len(records) > 4
+    assert records[0]["step"] == 0 and records[-1]["step"] == summary["steps"]  # before training ... the end
+    per_epoch = summary["steps"] // 2
+    assert [r["step"] for r in records if "train_loss" in r] == [per_epoch, 2 * per_epoch]  # the epoch ends
+
+    def plateau(record):  # early stopping in three lines: no better F1 than two evaluations ago
+        f1s = [r["f1"] for r in records]
+        if record["step"] >= 4:
+            raise engine.StopTraining(f"F1 {f1s[-1]:.1f} at step {record['step']}")
+
+    records.clear()
+    stopped = engine.fit(
+        config.replace(output_dir=str(tmp_path / "b")), model=tiny(), on_evaluate=[records.append, plateau]
+    )
+    assert stopped["steps"] == 4 and stopped["stopped_early"].endswith("at step 4")
+    assert [r["step"] for r in records] == [0, 2, 4]  # no second evaluation at the update that stopped it

@@ -172,20 +172,19 @@ def test_an_accepted_learning_rate_change_is_the_one_used_after_resuming(tmp_pat
 
 
 def test_a_model_trained_on_v2_data_stays_v2_whatever_its_evaluation_share_holds(tmp_path):
-    from types import SimpleNamespace
-
-    from bertqa.data import Example
+    from bertqa.data import Example, Window
+    from bertqa.sources import RunExamples
 
     answered = Example("a", "T", "a b", "q", ("a",), (0,))
     unanswerable = Example("b", "T", "a b", "q", (), (), True)
-    data = SimpleNamespace(train_examples=[answered, unanswerable], eval_examples=[answered],
-                           calibration_examples=[unanswerable])  # fmt: skip
-    meta = checkpoint.model_meta(tiny_config(tmp_path, eval_data=None, eval_split=0.5), data)
+    examples = RunExamples(train=[answered, unanswerable], eval=[answered], calibration=[unanswerable],
+                           calibration_split=0.05, reports=(), eval_described="held out", eval_data=None)  # fmt: skip
+    meta = checkpoint.model_meta(examples, window=Window(), max_answer_length=30, column_map=None)
     assert meta["v2"] is True and meta["threshold_calibrated_on"]["questions"] == 1 and meta["eval_data"] is None
 
 
 def test_the_answerer_names_bad_questions(tiny_dir):
-    from bertqa.inference import Answerer
+    from bertqa.serving import Answerer
 
     answerer = Answerer(tiny_dir, precision="no")
     assert answerer([]) == []

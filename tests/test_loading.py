@@ -8,10 +8,10 @@ import json
 
 import pytest
 
-from bertqa import data
-from bertqa.cache import eval_source
+from bertqa import data, sources
 from bertqa.examples import SquadFormatError, examples_from_records, parse_column_map
 from bertqa.loading import BUNDLED, load_squad
+from bertqa.sources import eval_source
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +82,7 @@ def test_csv_with_a_column_map_keeps_ids_as_text_and_locates_missing_starts(tmp_
         '008,"Rome, not Paris, is in Italy.",Which city is in Italy?,Rome\n'
         '009,"Nothing here.",Who?,\n'
     )
-    examples, report = data.load_examples(path, column_map="id=qid,context=passage,question=query,answer_text=gold")
+    examples, report = sources.load_examples(path, column_map="id=qid,context=passage,question=query,answer_text=gold")
     assert [ex.id for ex in examples] == ["007", "008", "009"]
     assert examples[1].answer_starts == (0,) and examples[2].is_impossible
     assert report.n_located == 2 and report.n_impossible == 1 and report.version == "v2.0"
@@ -100,13 +100,16 @@ def test_generated_ids_are_stable_and_unique(tmp_path):
 
 
 def test_held_out_split_is_seeded_and_shares_no_article():
-    examples, _ = data.load_examples("dev-v1.1")
-    kept, held = data.hold_out(examples, 0.1, seed=1)
+    examples, _ = sources.load_examples("dev-v1.1")
+    kept, held = sources.hold_out(examples, 0.1, seed=1)
     assert len(kept) + len(held) == len(examples) and 0.1 <= len(held) / len(examples) < 0.2
     assert not {ex.title for ex in kept} & {ex.title for ex in held}
-    assert data.hold_out(examples, 0.1, seed=1) == (kept, held) and data.hold_out(examples, 0.1, seed=2) != (kept, held)
+    assert sources.hold_out(examples, 0.1, seed=1) == (kept, held) and sources.hold_out(examples, 0.1, seed=2) != (
+        kept,
+        held,
+    )
     untitled = [data.Example(ex.id, "", ex.context, ex.question, ex.answer_texts, ex.answer_starts) for ex in examples]
-    kept, held = data.hold_out(untitled, 0.1, seed=1)
+    kept, held = sources.hold_out(untitled, 0.1, seed=1)
     assert not {ex.context for ex in kept} & {ex.context for ex in held}  # grouped by passage when there are no titles
 
 

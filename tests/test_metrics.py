@@ -116,7 +116,7 @@ def test_best_threshold_keeps_everything_unanswered_when_that_is_best():
 
 
 def test_scores_equal_the_per_answer_definitions_on_real_answers():
-    from bertqa.data import load_squad
+    from bertqa.loading import load_squad
 
     examples, _ = load_squad("dev-v2.0")
     examples = examples[:600]

@@ -1,8 +1,8 @@
 """Measure the data pipeline on the bundled SQuAD train set: tokenizing, reading cached windows, and memory.
 
-  python scripts/bench_data.py                       # everything below, on all 87,599 train questions (~6 min)
-  python scripts/bench_data.py --skip-memory         # only the tokenize and cache timings
-  python scripts/bench_data.py --skip-memory --datasets-map   # and the same windows made with datasets.map
+  python benchmarks/bench_data.py                       # everything below, on all 87,599 train questions (~6 min)
+  python benchmarks/bench_data.py --skip-memory         # only the tokenize and cache timings
+  python benchmarks/bench_data.py --skip-memory --datasets-map   # and the same windows made with datasets.map
 
 Prints one JSON line:
 - tokenize_s: windows for the whole train set, one process, no cache;
@@ -22,16 +22,16 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _cli import run, setup_logging
+from bertqa.cli import run, setup_logging
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def timings(cache_dir: Path) -> dict[str, float]:
     from bertqa.cache import cached_features
-    from bertqa.data import Window, load_examples
+    from bertqa.data import Window
     from bertqa.model import build_tokenizer
+    from bertqa.sources import load_examples
 
     tokenizer = build_tokenizer("minilm-l6")
     examples, _ = load_examples("train-v1.1")
@@ -56,8 +56,9 @@ def datasets_map(cache_dir: Path) -> dict[str, float]:
     import datasets
     import numpy as np
 
-    from bertqa.data import Window, _cut_questions, load_examples
+    from bertqa.data import Window, _cut_questions
     from bertqa.model import build_tokenizer
+    from bertqa.sources import load_examples
 
     tokenizer, window = build_tokenizer("minilm-l6"), Window()
     examples, _ = load_examples("train-v1.1")

@@ -1,4 +1,4 @@
-"""Precision choice and the CPU allocator setting (the logits loop itself is tested in test_engine.py)."""
+"""Runtime: precision choice, the CPU allocator setting, the Accelerator and non-blocking copies."""
 
 from __future__ import annotations
 
@@ -8,15 +8,17 @@ import sys
 
 import pytest
 
-from bertqa import inference
+from bertqa import runtime, sources
 
 # Allocates and frees 64 MB (more than glibc ever serves from its heap unasked) again and again and prints how many
 # pages the process faulted in over the last ten rounds: each fresh mapping of 64 MB is 16,384 faults of 4 KiB pages.
 # The first rounds are left out: where the heap settles after them (two or three blocks' worth) depends on what
-# else the process allocated, which is not what is being tested.
+# else the process allocated, which is not what is being tested; so the process first imports what training imports
+# (with numpy alone before it, half of the later rounds still met fresh pages here).
 _REUSE = """
 import resource, sys, torch
-from bertqa.inference import keep_freed_memory
+import bertqa.engine  # the heap of a training process: where blocks land depends on what was allocated first
+from bertqa.runtime import keep_freed_memory
 print(keep_freed_memory() if sys.argv[1] == "tune" else False)
 faults = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for i in range(15):
@@ -29,7 +31,7 @@ print(faults() - before)
 
 
 def _faults(mode: str, **env: str) -> tuple[str, int]:
-    ours = (*inference._ALLOCATOR_ENV, inference.KEEP_FREED_MEMORY_ENV)
+    ours = (*runtime._ALLOCATOR_ENV, runtime.KEEP_FREED_MEMORY_ENV)
     clean = {k: v for k, v in os.environ.items() if k not in ours}
     out = subprocess.run(
         [sys.executable, "-c", _REUSE, mode], env={**clean, **env}, capture_output=True, text=True, check=True
@@ -48,7 +50,7 @@ def test_freed_memory_is_reused_instead_of_faulted_in_again():
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc only")
-@pytest.mark.parametrize("env", [{"MALLOC_TRIM_THRESHOLD_": "1"}, {inference.KEEP_FREED_MEMORY_ENV: "0"}])
+@pytest.mark.parametrize("env", [{"MALLOC_TRIM_THRESHOLD_": "1"}, {runtime.KEEP_FREED_MEMORY_ENV: "0"}])
 def test_an_allocator_setting_of_the_users_own_is_left_alone(env):
     applied, faults = _faults("tune", **env)
     assert applied == "False"
@@ -57,10 +59,10 @@ def test_an_allocator_setting_of_the_users_own_is_left_alone(env):
 
 @pytest.mark.parametrize("native", [True, False])
 def test_auto_precision_is_bf16_only_on_cpus_that_run_it_natively(monkeypatch, native):
-    monkeypatch.setattr(inference, "cpu_has_native_bf16", lambda: native)
-    assert inference.resolve_precision("auto", device="cpu") == ("bf16" if native else "no")
-    assert inference.resolve_precision("no", device="cpu") == "no"
-    assert inference.resolve_precision("bf16", device="cpu") == "bf16"
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: native)
+    assert runtime.resolve_precision("auto", device="cpu") == ("bf16" if native else "no")
+    assert runtime.resolve_precision("no", device="cpu") == "no"
+    assert runtime.resolve_precision("bf16", device="cpu") == "bf16"
 
 
 def test_batches_are_copied_to_the_device_without_blocking(tokenizer):
@@ -68,13 +70,14 @@ def test_batches_are_copied_to_the_device_without_blocking(tokenizer):
     # copy from ordinary memory makes the host wait for the GPU at every batch.
     from bertqa import data
     from bertqa.batching import train_loader
+    from bertqa.inference import eval_batches
 
-    examples, _ = data.load_examples("dev-v1.1", max_examples=8, seed=0)
+    examples, _ = sources.load_examples("dev-v1.1", max_examples=8, seed=0)
     tiny_features = data.label_features(data.tokenize_examples(examples, tokenizer), examples)
 
-    accelerator = inference.make_accelerator()
+    accelerator = runtime.make_accelerator()
     assert accelerator.dataloader_config.non_blocking
-    loader = inference.eval_batches(tiny_features, batch_size=4, pad_token_id=0, accelerator=accelerator)
+    loader = eval_batches(tiny_features, batch_size=4, pad_token_id=0, accelerator=accelerator)
     assert loader.pin_memory == (accelerator.device.type == "cuda")
     train, _ = train_loader(tiny_features, batch_size=4, seed=0, group_by_length=True, pad_token_id=0, pin_memory=True)
     assert train.pin_memory

@@ -1,6 +1,6 @@
 """Where one training update of bertqa's loop spends its time: data, forward + loss, backward, optimizer.
 
-Two measurements on the same real SQuAD train windows, model and precision as scripts/benchmark.py:
+Two measurements on the same real SQuAD train windows, model and precision as benchmarks/benchmark.py:
   1. phases: each phase of an update timed on its own, with the device synchronised before and after it, so the
      time is the phase's whole cost (host work and device work);
   2. the same updates as the loop runs them (no synchronisation inside), plus the data time: per update. When it is
@@ -8,22 +8,20 @@ Two measurements on the same real SQuAD train windows, model and precision as sc
      the host (launch-bound) or for a copy.
 Then torch.profiler's operators, by time on the host and, on a GPU, on the device.
 
-  python scripts/profile_loop.py                                  # CPU, the offline MiniLM
-  python scripts/profile_loop.py --shape bert-base --batch-size 64   # GPU, BERT-base shape
+  python benchmarks/profile_loop.py                                  # CPU, the offline MiniLM
+  python benchmarks/profile_loop.py --shape bert-base --batch-size 64   # GPU, BERT-base shape
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from contextlib import contextmanager
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _cli import HelpFormatter, positive_int, run, setup_logging, writable_file
 from benchmark import add_measure_flags, check_measure_flags, fresh_model, sync, train_windows
+
+from bertqa.cli import HelpFormatter, positive_int, run, setup_logging, writable_file
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -44,9 +42,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from bertqa import engine
     from bertqa.batching import train_loader
-    from bertqa.inference import resolve_precision
     from bertqa.model import build_tokenizer
     from bertqa.optim import build_optimizer, build_scheduler, fused_adamw_applies
+    from bertqa.runtime import resolve_precision
 
     tokenizer = build_tokenizer(args.model)
     features = train_windows(args)
@@ -60,13 +58,13 @@ def main(argv: list[str] | None = None) -> int:
     scheduler = build_scheduler(optimizer, total_steps=10**6, warmup_steps=0, schedule="constant")
     model.train()
 
-    def batches():  # endless, pass after pass
-        epoch = 0
+    def batches():  # endless, pass after pass, in the order a run has
+        state, order = engine.TrainState(), engine.DataOrder(loader, sampler)
         while True:
-            sampler.set_epoch(epoch)
-            loader.set_epoch(epoch)
-            yield from loader
-            epoch += 1
+            for batch in order.batches(accelerator, state):
+                state.batches_done += 1
+                yield batch
+            order.end_pass(state)
 
     stream = batches()
 

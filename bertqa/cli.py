@@ -1,4 +1,8 @@
-"""Shared command-line plumbing for the scripts: flags built from TrainConfig, logging, errors -> exit codes."""
+"""Command-line plumbing shared by `scripts/` and `benchmarks/`: flags generated from `TrainConfig`, checked flag
+types, logging for a terminal, and the library's errors turned into one line and an exit code.
+
+Only the scripts import it (the library itself never parses arguments or configures logging).
+"""
 
 from __future__ import annotations
 
@@ -181,7 +185,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     base = load_config(args.config) if args.config is not None else preset(args.preset)
     config = base.replace(**config_changes(args))
     if getattr(args, "print_config", False):
-        print(json.dumps(config.to_dict(), indent=2))
+        sys.stdout.write(json.dumps(config.to_dict(), indent=2) + "\n")
         sys.exit(0)
     return config
 
@@ -205,7 +209,7 @@ def run(main: Callable[[], int]) -> None:
         if message is None:
             raise
         logging.getLogger("bertqa").debug("error", exc_info=True)
-        print(f"error: {message}", file=sys.stderr)
+        sys.stderr.write(f"error: {message}\n")
         sys.exit(2)
 
 

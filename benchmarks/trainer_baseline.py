@@ -5,7 +5,7 @@ examples and windows with the same hyperparameters (lr, epochs, batch, warmup ra
 precision), and scores the same evaluation examples with bertqa's post-processing and the official metrics, so the
 only differences are the loops: windows padded to max_seq_length, the Trainer's data pipeline and its loss.
 
-  python scripts/trainer_baseline.py --preset quick --output-dir runs/quick-trainer
+  python benchmarks/trainer_baseline.py --preset quick --output-dir runs/quick-trainer
   python scripts/train.py --preset quick --eval-before-training false     # bertqa, for the comparison
 
 Prints one JSON line: EM/F1 (HasAns/NoAns for v2), train_time_s, eval_time_s, wall_time_s.
@@ -15,15 +15,13 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _cli import config_from_args, config_parser, run, setup_logging
 from _trainer import padded_dataset, training_arguments
 
+from bertqa.cli import config_from_args, config_parser, run, setup_logging
 from bertqa.config import TrainConfig
 
 
@@ -33,16 +31,18 @@ def train_and_score(c: TrainConfig) -> dict[str, Any]:
     from transformers import Trainer, default_data_collator
 
     from bertqa.cache import prepare_data
-    from bertqa.data import is_v2
-    from bertqa.inference import resolve_precision
+    from bertqa.examples import is_v2
     from bertqa.model import build_model, build_tokenizer
     from bertqa.optim import count_updates
     from bertqa.postprocess import postprocess, score
+    from bertqa.runtime import resolve_precision
+    from bertqa.sources import run_examples
 
     t_start = time.perf_counter()
     tokenizer = build_tokenizer(c.model)
-    data = prepare_data(c, tokenizer)
-    eval_examples, train_features, eval_features = data.eval_examples, data.train_features, data.eval_features
+    examples = run_examples(**c.example_settings())  # what `fit` trains and evaluates on, in the same way
+    data = prepare_data(examples, tokenizer, window=c.window, cache_dir=c.cache_dir, num_proc=c.tokenize_workers)
+    eval_examples, train_features, eval_features = examples.eval, data.train_features, data.eval_features
     pad = {"width": c.max_seq_length, "pad_token_id": tokenizer.pad_token_id}
     train_set = padded_dataset(train_features, labelled=True, **pad)
     eval_set = padded_dataset(eval_features, labelled=False, **pad)

@@ -6,8 +6,8 @@ defaults; "tuned" is the strongest fair setup of the Trainer: unpadded windows, 
 DataCollatorWithPadding(pad_to_multiple_of=8), fused AdamW where bertqa uses it, torch_compile when bertqa compiles.
 bertqa uses length-grouped batches padded to a multiple of 8.
 
-  python scripts/benchmark.py                                                  # CPU, the offline MiniLM
-  python scripts/benchmark.py --shape bert-base --batch-size 64 --windows 2048   # GPU, BERT-base shape
+  python benchmarks/benchmark.py                                                  # CPU, the offline MiniLM
+  python benchmarks/benchmark.py --shape bert-base --batch-size 64 --windows 2048   # GPU, BERT-base shape
 
 Prints, for each: windows/s and examples/s, real tokens/s, padding efficiency, MFU on real tokens (when the device's
 peak is known), peak memory; bertqa's eval windows/s; post-processing time of the whole v2 dev set; the ratios.
@@ -16,7 +16,7 @@ are shorter than average is not favoured. Each loop makes --passes passes over t
 timed: the first meets every batch shape for the first time (kernel selection, allocator growth), which a long run
 spreads over thousands of updates, and a loop measured after another would otherwise start with its warm caches.
 Each loop runs in a fresh process (nothing left over from the loop before), all with the same settings: threads,
-and on a CPU the allocator setting of `bertqa.inference.keep_freed_memory`, which bertqa applies itself and a
+and on a CPU the allocator setting of `bertqa.runtime.keep_freed_memory`, which bertqa applies itself and a
 careful Trainer user would get by setting MALLOC_* variables.
 """
 
@@ -25,15 +25,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _cli import HelpFormatter, positive_float, positive_int, probability, run, setup_logging, writable_file
 from _trainer import padded_dataset, training_arguments
+
+from bertqa.cli import HelpFormatter, positive_float, positive_int, probability, run, setup_logging, writable_file
 
 # Dense bf16 tensor-core peaks (TFLOP/s) used for MFU; unknown devices print no MFU unless --peak-tflops is given.
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
@@ -41,7 +39,7 @@ BERT_BASE = {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads":
 
 
 def add_measure_flags(p: argparse.ArgumentParser, *, windows: int, batch_size: int) -> None:
-    """The flags that say what is measured, shared with scripts/profile_loop.py."""
+    """The flags that say what is measured, shared with benchmarks/profile_loop.py."""
     p.add_argument("--model", default="minilm-l6", help="model alias/folder (weights or, with --shape, its config)")
     p.add_argument(
         "--shape",
@@ -143,10 +141,10 @@ LOOPS = ("bertqa", "Trainer (run_qa.py setup)", "Trainer (tuned)")
 
 def train_windows(args: argparse.Namespace) -> Any:
     """The first `args.windows` windows of the drawn train examples, labelled."""
-    from bertqa import data
+    from bertqa import data, sources
     from bertqa.model import build_tokenizer
 
-    examples, _ = data.load_examples("train-v1.1", max_examples=args.windows, seed=args.seed)
+    examples, _ = sources.load_examples("train-v1.1", max_examples=args.windows, seed=args.seed)
     features = data.label_features(data.tokenize_examples(examples, build_tokenizer(args.model)), examples)
     return features.select(range(min(args.windows, len(features))))
 
@@ -155,7 +153,7 @@ def measure(name: str, args: argparse.Namespace, precision: str) -> dict[str, An
     """One loop's raw figures (run in a process of its own)."""
     import torch
 
-    from bertqa.inference import keep_freed_memory
+    from bertqa.runtime import keep_freed_memory
 
     setup_logging()  # a spawned process starts with the libraries' own logging
     if not torch.cuda.is_available():
@@ -209,15 +207,13 @@ def bench_bertqa(args, features, precision: str) -> dict[str, Any]:
         torch.cuda.reset_peak_memory_stats()
     sync(accelerator.device)
     marks[0] = time.perf_counter()
-    state = engine.TrainState()
-    for epoch in range(args.passes):
-        sampler.set_epoch(epoch)
-        loader.set_epoch(epoch)
-        state.epoch = epoch
+    state, order = engine.TrainState(), engine.DataOrder(loader, sampler)
+    for _ in range(args.passes):
         engine.train_one_epoch(
-            accelerator, model, optimizer, scheduler, loader, state=state, max_steps=last, log_every=steps,
-            callbacks=[mark],
+            accelerator, model, optimizer, scheduler, order.batches(accelerator, state), state=state, max_steps=last,
+            log_every=steps, callbacks=[mark],
         )  # fmt: skip
+        order.end_pass(state)
     timed = sampler.batches()  # the last pass's batches
     padded = [math.ceil(max(features.lengths[b]) / 8) * 8 * len(b) for b in timed]
     result = {
@@ -236,12 +232,12 @@ def bench_bertqa(args, features, precision: str) -> dict[str, Any]:
 
 
 def bench_eval(args, accelerator, model) -> dict[str, Any]:
-    from bertqa import data
+    from bertqa import data, sources
     from bertqa.inference import eval_batches, predict_logits
     from bertqa.model import build_tokenizer
 
     tokenizer = build_tokenizer(args.model)
-    examples, _ = data.load_examples("dev-v2.0", max_examples=args.eval_examples, seed=args.seed)
+    examples, _ = sources.load_examples("dev-v2.0", max_examples=args.eval_examples, seed=args.seed)
     features = data.tokenize_examples(examples, tokenizer)
     loader = eval_batches(features, batch_size=64, pad_token_id=tokenizer.pad_token_id, accelerator=accelerator)
     predict_logits(model, loader, accelerator=accelerator)  # warm-up
@@ -348,10 +344,10 @@ def postprocess_seconds(args) -> float:
     """The whole v2 dev set (11,873 questions) through the vectorised post-processing, on random logits."""
     import numpy as np
 
-    from bertqa import data, postprocess
+    from bertqa import data, loading, postprocess
     from bertqa.model import build_tokenizer
 
-    examples, _ = data.load_squad("dev-v2.0")
+    examples, _ = loading.load_squad("dev-v2.0")
     features = data.tokenize_examples(examples, build_tokenizer(args.model))
     rng = np.random.default_rng(args.seed)
     shape = (len(features), int(features.lengths.max()))
@@ -398,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     import transformers
 
-    from bertqa.inference import resolve_precision
+    from bertqa.runtime import resolve_precision
 
     precision = resolve_precision(args.precision)
     features = train_windows(args)

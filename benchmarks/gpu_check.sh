@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU measurement in one command, sized for one H100/H200; each step has a time limit, all together 580 s:
 #   1. throughput, bertqa vs transformers.Trainer (run_qa.py setup and tuned), BERT-base shape, bf16, eager;
-#      then where one bertqa update spends its time (scripts/profile_loop.py)
+#      then where one bertqa update spends its time (benchmarks/profile_loop.py)
 #   2. full SQuAD v1.1 fine-tune of MiniLM (the full-v1 preset), official dev set; then bertqa and the tuned Trainer
 #      compiled (throughput, fewer windows: compiling every batch shape takes most of the step)
 #   3. SQuAD v2 article split (the v2-split preset), with the calibrated no-answer threshold
@@ -9,7 +9,7 @@
 # Needs torch, transformers, accelerate, tqdm, numpy and matplotlib (not datasets) and a model folder; make one that
 # travels light with
 #   python scripts/pack_model.py --model minilm-l6 --dtype float16 --out gpu/minilm-fp16
-# Usage: OUT=runs/gpu MODEL=gpu/minilm-fp16 bash scripts/gpu_check.sh      (SMOKE=1: tiny sizes, to try it on a CPU)
+# Usage: OUT=runs/gpu MODEL=gpu/minilm-fp16 bash benchmarks/gpu_check.sh      (SMOKE=1: tiny sizes, to try it on a CPU)
 # Writes gpu_check.log (everything printed but progress bars) and the JSON/plots named below under $OUT. The runs
 # themselves go to $RUNS (default /tmp/bertqa-gpu-runs): its run folders are emptied first, so a second call never
 # reports an earlier call's results; its tokenized-data cache is kept.
@@ -54,18 +54,18 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log everything,
 step device 15 bash -c 'nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; python -c "
 import torch, transformers, accelerate; print(\"torch\", torch.__version__, \"transformers\", transformers.__version__,
 \"accelerate\", accelerate.__version__, \"cuda\", torch.version.cuda)"'
-step bench-eager 100 python scripts/benchmark.py --model "$MODEL" "${BENCH[@]}" \
+step bench-eager 100 python benchmarks/benchmark.py --model "$MODEL" "${BENCH[@]}" \
   --json "$OUT/bench_eager.json"
-step profile 30 python scripts/profile_loop.py --model "$MODEL" "${PROFILE[@]}" --top 8
+step profile 30 python benchmarks/profile_loop.py --model "$MODEL" "${PROFILE[@]}" --top 8
 step full-v1 170 python scripts/train.py --preset full-v1 "${COMMON[@]}" "${SMALL[@]}" --output-dir "$RUNS/full-v1"
 cp "$RUNS/full-v1/metrics.jsonl" "$OUT/full_v1_metrics.jsonl" 2>/dev/null
 cp "$RUNS/full-v1/training_curves.png" "$OUT/full_v1_curves.png" 2>/dev/null
-step bench-compile 140 python scripts/benchmark.py --model "$MODEL" "${BENCH[@]}" --windows "$COMPILE_WINDOWS" \
+step bench-compile 140 python benchmarks/benchmark.py --model "$MODEL" "${BENCH[@]}" --windows "$COMPILE_WINDOWS" \
   --compile --trainers tuned --json "$OUT/bench_compile.json"
 step v2-split 45 python scripts/train.py --preset v2-split "${COMMON[@]}" "${SMALL[@]}" --output-dir "$RUNS/v2-split"
 cp "$RUNS/v2-split/metrics.jsonl" "$OUT/v2_split_metrics.jsonl" 2>/dev/null
 step recipe 45 python scripts/train.py --preset recipe "${COMMON[@]}" "${SMALL[@]}" --eval-before-training false \
   --eval-every-steps none --output-dir "$RUNS/recipe"
-step recipe-trainer 35 python scripts/trainer_baseline.py --preset recipe "${COMMON[@]}" "${SMALL[@]}" \
+step recipe-trainer 35 python benchmarks/trainer_baseline.py --preset recipe "${COMMON[@]}" "${SMALL[@]}" \
   --output-dir "$RUNS/recipe-trainer" --json "$OUT/recipe_trainer.json"
 echo "done ($(date +%T))" | tee -a "$LOG"

@@ -1,0 +1,164 @@
+"""Answering questions with a trained model: `Answerer` (load once, answer many), its `Answer`s, the settings saved
+beside a model (`bertqa.json`), and the checks on questions that come from users.
+
+Answers come from the same windows, logits loop (`bertqa.inference.predict_logits`) and exhaustive span search
+(`bertqa.postprocess`) as evaluation, so what a deployed model answers is what was scored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bertqa.data import Example, Window, tokenize_examples
+from bertqa.inference import eval_batches, predict_logits
+from bertqa.postprocess import Prediction, postprocess
+from bertqa.runtime import keep_freed_memory, resolve_precision
+
+__all__ = ["DEFAULT_SETTINGS", "Answer", "Answerer", "answer_questions", "load_settings", "question_pairs"]
+
+# What a model folder without bertqa.json (e.g. a plain hub checkpoint) is used with.
+DEFAULT_SETTINGS: dict[str, Any] = {
+    **Window().to_dict(),
+    "max_answer_length": 30,
+    "v2": False,
+    "no_answer_threshold": None,
+    "eval_data": None,
+    "column_map": None,
+}
+
+
+def load_settings(model_dir: str | Path) -> dict[str, Any]:
+    """The window settings and no-answer threshold saved next to a model by training, else the defaults."""
+    path = Path(model_dir) / "bertqa.json"
+    saved = json.loads(path.read_text()) if path.is_file() else {}
+    return {**DEFAULT_SETTINGS, **{k: v for k, v in saved.items() if k in DEFAULT_SETTINGS}}
+
+
+def answer_questions(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    items: Sequence[tuple[str, str]],
+    *,
+    settings: dict[str, Any] | None = None,
+    batch_size: int = 64,
+) -> list[Prediction]:
+    """Answer (question, context) pairs with a model already loaded: one `Prediction` per pair, in order."""
+    settings = {**DEFAULT_SETTINGS, **(settings or {})}
+    examples = [Example(str(i), "", context, question, (), (), True) for i, (question, context) in enumerate(items)]
+    features = tokenize_examples(examples, tokenizer, Window.from_dict(settings))
+    loader = eval_batches(features, batch_size=batch_size, pad_token_id=tokenizer.pad_token_id)
+    start, end = predict_logits(model, loader)
+    preds = postprocess(examples, features, start, end, max_answer_length=settings["max_answer_length"])
+    return [preds[ex.id] for ex in examples]
+
+
+@dataclass(frozen=True)
+class Answer:
+    """One answer. `context[start:end] == answer`; `probability` is the softmax over the question's candidate spans
+    and "no answer"; for v2 models `no_answer_probability` too. No answer: "" with start/end None."""
+
+    id: Any
+    answer: str
+    start: int | None
+    end: int | None
+    score: float | None
+    probability: float | None
+    no_answer_probability: float | None = None
+    top_k: tuple[dict[str, Any], ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        if self.no_answer_probability is None:
+            del out["no_answer_probability"]
+        if not self.top_k:
+            del out["top_k"]
+        return out
+
+
+class Answerer:
+    """A trained model loaded once to answer many questions: batched, on a GPU when there is one, in bf16 where the
+    hardware runs it natively (NVIDIA GPUs with bf16, CPUs with AMX or AVX512-BF16), with the window settings and
+    no-answer threshold saved beside the model (`bertqa.json`).
+
+        answerer = Answerer("runs/quick/final_model")
+        answerer([{"question": "Who wrote it?", "context": "The book was written by Ann Lee in 1990."}])
+    """
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        *,
+        device: str | None = None,
+        precision: str = "auto",
+        batch_size: int = 64,
+        threshold: float | None = None,
+    ) -> None:
+        from bertqa.model import build_model, build_tokenizer
+
+        self.settings = load_settings(model_dir)
+        self.tokenizer = build_tokenizer(model_dir)
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model = build_model(model_dir).to(self.device).eval()
+        if self.device.type == "cpu":
+            keep_freed_memory()
+        self.bf16 = resolve_precision(precision, device=self.device.type) == "bf16"
+        self.batch_size = batch_size
+        saved = self.settings["no_answer_threshold"]
+        self.v2 = bool(self.settings["v2"])
+        self.threshold = threshold if threshold is not None else (saved if self.v2 else None)
+
+    def __call__(self, questions: Sequence[Mapping[str, Any]], *, top_k: int = 0) -> list[Answer]:
+        """Answer `{"question", "context"[, "id"]}` records (ids are kept as given, else the position); with
+        `top_k`, each answer also lists that many candidate spans, best first."""
+        pairs = question_pairs(questions)
+        if not pairs:
+            return []
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            preds = answer_questions(
+                self.model, self.tokenizer, pairs, settings=self.settings, batch_size=self.batch_size
+            )
+        return [self._answer(q.get("id", i), p, top_k) for i, (q, p) in enumerate(zip(questions, preds))]
+
+    def _answer(self, qid: Any, pred: Prediction, top_k: int) -> Answer:
+        span_probs, null_prob = pred.probabilities()
+        candidates = tuple(
+            {"answer": s.text, "start": s.start, "end": s.end, "score": s.score, "probability": p}
+            for s, p in zip(pred.spans()[:top_k], span_probs)
+        )
+        no_answer = self.v2 and pred.answer(self.threshold) == ""
+        if no_answer or not pred.nbest:
+            score = pred.null_score if no_answer else None
+            probability = null_prob if no_answer else None
+            return Answer(qid, "", None, None, score, probability, null_prob if self.v2 else None, candidates)
+        best = pred.spans()[0]
+        v2_null = null_prob if self.v2 else None
+        return Answer(qid, best.text, best.start, best.end, best.score, span_probs[0], v2_null, candidates)
+
+
+def question_pairs(
+    questions: Sequence[Mapping[str, Any]], places: Sequence[str] | None = None
+) -> list[tuple[str, str]]:
+    """(question, context) of each record; a record that is not one, or lacks either as non-empty text, is named
+    by `places[i]` (say "q.jsonl: line 3"), else by its position and id."""
+    if isinstance(questions, (Mapping, str)):
+        raise TypeError("pass a list of {'question': ..., 'context': ...} records (one record goes in a list too)")
+    pairs = []
+    for i, record in enumerate(questions):
+        if not isinstance(record, Mapping):
+            raise TypeError(
+                f"question {i}: expected a record with 'question' and 'context', got {type(record).__name__}"
+            )
+        for key in ("question", "context"):
+            if not isinstance(record.get(key), str) or not record[key].strip():
+                problem = "is missing" if key not in record else "must be non-empty text"
+                place = places[i] if places is not None else f"question {i} (id {record.get('id', i)!r})"
+                raise ValueError(f"{place}: {key!r} {problem}")
+        pairs.append((record["question"], record["context"]))
+    return pairs

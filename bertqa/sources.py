@@ -1,0 +1,211 @@
+"""Which examples a run trains, evaluates and calibrates on, read top to bottom in `run_examples`.
+
+A source (a bundled name, a file, a hub id, optionally with an article range) is loaded and validated
+(`bertqa.loading`, `bertqa.examples`); the evaluation data is the one named, or a held-out share of the training
+data; a SQuAD v2 run holds out more training questions to choose its no-answer threshold on; then seeded subsets.
+Every split keeps whole articles on one side, so no passage is both trained on and scored.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bertqa.examples import Example, LoadReport, is_v2
+from bertqa.loading import as_examples, load_squad
+
+__all__ = [
+    "RunExamples",
+    "answerable_only",
+    "eval_source",
+    "hold_out",
+    "load_examples",
+    "run_examples",
+    "select_articles",
+    "split_article_range",
+    "subsample",
+]
+
+
+@dataclass(frozen=True)
+class RunExamples:
+    """The examples of one run, and what loading them found."""
+
+    train: list[Example]
+    eval: list[Example]
+    # SQuAD v2: held-out training questions on which the no-answer threshold is chosen (empty for v1 data).
+    calibration: list[Example]
+    calibration_split: float  # the share of the training data `calibration` was held out as
+    reports: tuple[LoadReport, ...]
+    eval_described: str  # where the evaluation examples came from, in words
+    # The evaluation data by a name that finds it again from anywhere (files by absolute path, an article range kept),
+    # for `evaluate.py` to reuse; None when it cannot be named (a held-out share, examples passed in).
+    eval_data: str | None
+
+    @property
+    def v2(self) -> bool:
+        """A SQuAD v2 run (a held-out share may hold no unanswerable question, so every side counts)."""
+        return is_v2(self.eval) or is_v2(self.train) or is_v2(self.calibration)
+
+
+def eval_source(train_data: str, eval_data: str | None, eval_split: float | None) -> str | float:
+    """The evaluation data a run means: a source, or the share of the training data to hold out.
+
+    Unset, it is the bundled dev-v1.1 for the bundled train-v1.1 (the usual SQuAD setup), and a held-out tenth of
+    the training data for anything else: a user's own data is not scored against SQuAD unless asked to be.
+    """
+    if eval_data is not None:
+        return eval_data
+    if eval_split is not None:
+        return eval_split
+    return "dev-v1.1" if train_data == "train-v1.1" else 0.1
+
+
+def run_examples(
+    train_data: str,
+    *,
+    eval_data: str | None = None,
+    eval_split: float | None = None,
+    calibration_split: float = 0.05,
+    answerable: bool = False,
+    max_train_examples: int | None = None,
+    max_eval_examples: int | None = None,
+    seed: int = 42,
+    column_map: str | Mapping[str, str] | None = None,
+    train_examples: Sequence[Example] | Any | None = None,
+    eval_examples: Sequence[Example] | Any | None = None,
+) -> RunExamples:
+    """The examples a run trains, evaluates and calibrates on.
+
+    Examples passed in (a list of `Example`s or a `datasets.Dataset` of records) replace what `train_data` or the
+    evaluation source would load, and are used whole; `max_*_examples` draw seeded subsets of loaded data only.
+    """
+    options = {"answerable": answerable, "seed": seed, "column_map": column_map}
+    reports = []
+    if train_examples is None:
+        train, report = load_examples(train_data, **options)
+        reports.append(report)
+    else:
+        train = as_examples(train_examples, column_map=column_map)
+    source = eval_source(train_data, eval_data, eval_split)
+    named = None
+    if eval_examples is not None:
+        evaluation, described = as_examples(eval_examples, column_map=column_map), "given examples"
+    elif isinstance(source, float):
+        train, evaluation = hold_out(train, source, seed=seed)
+        described = f"{source:.0%} of the training data held out ({len(evaluation):,} questions)"
+    else:
+        evaluation, report = load_examples(source, **options)
+        reports.append(report)
+        described, named = str(source), _findable(source)
+    calibration: list[Example] = []
+    if is_v2(train):  # a v2 model: its no-answer threshold is chosen on questions of its own
+        train, calibration = hold_out(train, calibration_split, seed=seed + 1)
+        calibration = subsample(calibration, max_eval_examples, seed=seed)
+    if train_examples is None:
+        train = subsample(train, max_train_examples, seed=seed)
+    if eval_examples is None:
+        evaluation = subsample(evaluation, max_eval_examples, seed=seed)
+    return RunExamples(train, evaluation, calibration, calibration_split, tuple(reports), described, named)
+
+
+def _findable(source: str) -> str:
+    """A file source by its absolute path ("dev.json[3:]" keeps its range); bundled names and hub ids as they are."""
+    file = str(split_article_range(source)[0])
+    return str(Path(file).resolve()) + source[len(file) :] if Path(file).exists() else source
+
+
+def load_examples(
+    source: str | Path | Any,
+    *,
+    answerable: bool = False,
+    max_examples: int | None = None,
+    seed: int = 0,
+    column_map: str | Mapping[str, str] | None = None,
+) -> tuple[list[Example], LoadReport]:
+    """`load_squad`, then a range of articles, then optionally answerable questions only, then a seeded subset.
+
+    `source` is anything `bertqa.loading.load_squad` reads, and may end in an article range, `dev-v2.0[:25]` or
+    `dev-v2.0[25:]` (see `split_article_range`): this is how one file is split into parts that share no article.
+    """
+    source, articles = split_article_range(source)
+    examples, report = load_squad(source, column_map=column_map)
+    if articles is not None:
+        examples = select_articles(examples, articles)
+    if answerable:
+        examples = answerable_only(examples)
+    return subsample(examples, max_examples, seed=seed), report
+
+
+_ARTICLE_RANGE = re.compile(r"^(?P<source>.+)\[(?P<start>\d*):(?P<stop>\d*)\]$")
+
+
+def split_article_range(source: str | Path) -> tuple[str | Path, slice | None]:
+    """`"dev-v2.0[:25]"` -> `("dev-v2.0", slice(None, 25))`; a source without a trailing `[a:b]` is returned as is."""
+    match = _ARTICLE_RANGE.match(str(source)) if isinstance(source, str) else None
+    if match is None:
+        return source, None
+    start, stop = (int(match[k]) if match[k] else None for k in ("start", "stop"))
+    return match["source"], slice(start, stop)
+
+
+def select_articles(examples: Sequence[Example], articles: slice) -> list[Example]:
+    """The examples of the articles in `articles`, a slice over the articles in file order (titles, first seen)."""
+    titles = list(dict.fromkeys(ex.title for ex in examples))
+    chosen = set(titles[articles])
+    if not chosen:
+        raise ValueError(
+            f"article range [{articles.start or ''}:{articles.stop or ''}] selects no article of the {len(titles)}"
+        )
+    return [ex for ex in examples if ex.title in chosen]
+
+
+def hold_out(examples: Sequence[Example], share: float, *, seed: int) -> tuple[list[Example], list[Example]]:
+    """Split off a seeded `share` of the examples for evaluation: (kept, held out), each in the original order.
+
+    Whole articles go to one side (by title when the examples have titles, else by context), so no passage is both
+    trained on and evaluated on. The held-out side is the first articles of a seeded shuffle that reach the share.
+    """
+    if not 0 < share < 1:
+        raise ValueError(f"the held-out share must be between 0 and 1, got {share}")
+    by_title = any(ex.title for ex in examples)
+    group_of = (lambda ex: ex.title) if by_title else (lambda ex: ex.context)
+    sizes = Counter(group_of(ex) for ex in examples)  # in order of first appearance
+    groups = list(sizes)
+    if len(groups) < 2:
+        raise ValueError(
+            f"cannot hold out evaluation data: all {len(examples)} examples share one "
+            f"{'title' if by_title else 'context'}; pass evaluation data instead"
+        )
+    held: set[str] = set()
+    sum_held = 0
+    order = random.Random(seed).sample(groups, len(groups))
+    for group in order[:-1]:  # at least one article stays for training
+        if sum_held >= share * len(examples):
+            break
+        held.add(group)
+        sum_held += sizes[group]
+    return [ex for ex in examples if group_of(ex) not in held], [ex for ex in examples if group_of(ex) in held]
+
+
+def answerable_only(examples: Iterable[Example]) -> list[Example]:
+    """Keep the questions that have an answer (the original recipe trained and scored on these only)."""
+    return [ex for ex in examples if not ex.is_impossible]
+
+
+def subsample(examples: Sequence[Example], n: int | None, *, seed: int) -> list[Example]:
+    """A seeded random choice of `n` *examples* (not features), kept in their original order.
+
+    Sampling examples rather than windows means an evaluation subset holds every window of each chosen question.
+    """
+    if n is None or n >= len(examples):
+        return list(examples)
+    if n <= 0:
+        raise ValueError(f"subsample size must be positive, got {n}")
+    chosen = sorted(random.Random(seed).sample(range(len(examples)), n))
+    return [examples[i] for i in chosen]

@@ -1,0 +1,99 @@
+"""The recipes in recipes/ run as written and do what they say: a loop of one's own gets fit's loss curve (and its
+schedule in two processes), and a loss of one's own reuses bertqa's span loss."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+import torch
+
+from bertqa import engine, optim
+from tests.test_scripts import ROOT, script, two_processes
+
+SETTINGS = [
+    "--train-data", "dev-v1.1", "--eval-data", "dev-v1.1", "--max-train-examples", "40", "--max-eval-examples", "12",
+    "--max-seq-length", "128", "--doc-stride", "32", "--max-query-length", "32", "--batch-size", "4", "--lr", "1e-3",
+    "--epochs", "2", "--log-every", "1", "--cache-dir", "none",
+]  # fmt: skip
+
+
+def recipe(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "recipes" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def small_batch(tokenizer):
+    """Six real questions' windows in one batch, padded to the longest."""
+    from bertqa import batching, data, sources
+
+    examples, _ = sources.load_examples("dev-v1.1", max_examples=6, seed=3)
+    features = data.label_features(data.tokenize_examples(examples, tokenizer, data.Window(96, 32, 32)), examples)
+    batch = batching.Collator(tokenizer.pad_token_id)(
+        [batching.FeatureDataset(features)[i] for i in range(len(features))]
+    )
+    assert not batch["attention_mask"].all()  # some windows are padded
+    return batch
+
+
+def own_loop(tmp_path, tiny_dir, *extra, launch=None):
+    log = tmp_path / "own.json"
+    args = ["--model", tiny_dir, *SETTINGS, "--precision", "no", "--log-json", log, "--output-dir", tmp_path / "own"]
+    result = script("recipes/own_loop.py", *args, *extra, launch=launch)
+    return json.loads(log.read_text()), result
+
+
+def test_a_loop_of_ones_own_gets_the_same_loss_curve_as_fit(tmp_path, tiny_dir):
+    script("train.py", "--model", tiny_dir, *SETTINGS, "--mixed-precision", "no", "--output-dir", tmp_path / "fit")
+    fit_log = [json.loads(line) for line in (tmp_path / "fit" / "train_log.jsonl").read_text().splitlines()]
+    fit_log = [r for r in fit_log if "loss" in r]  # the step-0 record holds the starting LR only
+    own, result = own_loop(tmp_path, tiny_dir)
+    assert [r["step"] for r in own] == [r["step"] for r in fit_log] and len(own) > 10
+    assert [r["lr"] for r in own] == pytest.approx([r["lr"] for r in fit_log], rel=1e-9)
+    assert [r["loss"] for r in own] == pytest.approx([r["loss"] for r in fit_log], rel=1e-5)
+    fit_evals = [json.loads(line) for line in (tmp_path / "fit" / "metrics.jsonl").read_text().splitlines()]
+    own_evals = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r["f1"] for r in own_evals] == pytest.approx([r["f1"] for r in fit_evals])
+    assert (tmp_path / "own" / "checkpoints").is_dir()
+
+
+def test_a_loop_of_ones_own_in_two_processes_steps_its_prepared_schedule_once_per_update(tmp_path, tiny_dir):
+    own, result = own_loop(tmp_path, tiny_dir, launch=two_processes())
+    total = own[-1]["step"]
+    # 2 processes of batch 4 share each epoch's batches: half the updates of one process, once per update each.
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    schedule = optim.build_scheduler(opt, total_steps=total, warmup_steps=round(0.1 * total))
+    expected = []
+    for _ in range(total):
+        opt.step()
+        schedule.step()
+        expected.append(schedule.get_last_lr()[0])
+    assert [r["step"] for r in own] == list(range(1, total + 1))
+    assert [r["lr"] for r in own] == pytest.approx(expected, abs=1e-12)  # ends at 0 exactly at the last update
+    assert len(result.stdout.splitlines()) == 2  # one evaluation line per epoch, from the main process only
+
+
+def test_label_smoothing_reuses_the_span_loss(small_batch, tiny):
+    smoothed_loss = recipe("label_smoothing").smoothed_loss
+    model = tiny()
+    assert torch.equal(smoothed_loss(model, small_batch, smoothing=0.0), engine.default_loss(model, small_batch))
+    out = model(**engine.model_inputs(small_batch))
+    real = small_batch["attention_mask"].bool()
+    uniform = []  # cross-entropy against a uniform target over each window's real tokens, by hand
+    for logits in (out.start_logits, out.end_logits):
+        for row, mask in zip(logits, real):
+            uniform.append(-torch.log_softmax(row[mask], -1).mean())
+    by_hand = 0.7 * engine.default_loss(model, small_batch) + 0.3 * torch.stack(uniform).mean()
+    assert torch.allclose(smoothed_loss(model, small_batch, smoothing=0.3), by_hand, rtol=1e-5)
+
+
+def test_the_label_smoothing_recipe_trains_through_fit(tmp_path, tiny_dir):
+    args = ["--model", tiny_dir, *SETTINGS, "--epochs", "1", "--smoothing", "0.2", "--output-dir", tmp_path / "run"]
+    result = script("recipes/label_smoothing.py", *args)
+    line = json.loads(result.stdout.strip().splitlines()[-1])
+    assert line["smoothing"] == 0.2 and line["steps"] > 0 and 0 <= line["f1"] <= 100
+    assert (tmp_path / "run" / "final_model" / "model.safetensors").exists()
