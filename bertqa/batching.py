@@ -216,7 +216,7 @@ class DataOrder:
         loader, sampler = batching.train_loader(features, ...)
         model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
         order = DataOrder(loader, sampler)
-        while state.step < total_steps:
+        while state.step < total_steps and state.stop_reason is None:
             train_one_epoch(accelerator, model, optimizer, scheduler, order.batches(accelerator, state), ...)
             order.end_pass(state)
     """

@@ -126,7 +126,7 @@ def _refuse_or_clear(out: Path, *, overwrite: bool, resuming: bool) -> None:
         return
     if not overwrite:
         hint = "no intact checkpoint is left to resume from; " if resuming else ""
-        resume = "" if resuming else "resume it with --resume latest, "
+        resume = "" if resuming or not list_checkpoints(out) else "resume it with --resume latest, "
         raise ValueError(
             f"{out} holds an earlier run ({', '.join(found)}); {hint}{resume}choose another output_dir, or pass "
             "--overwrite true to replace it"

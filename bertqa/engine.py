@@ -63,7 +63,8 @@ class NonFiniteLossError(FloatingPointError):
 
 
 class StopTraining(Exception):
-    """Raise it from an update callback or an evaluation observer to end the run after the current update.
+    """Raise it from an update callback or an evaluation observer to end the run after the current update (not from
+    a loss: that is mid-update, and it propagates like any other error).
 
     `fit` then evaluates, checkpoints and saves the final model as at a normal end, and its summary says why
     (`stopped_early`). The reason is kept in `TrainState`, which every checkpoint saves, so a resumed run that was
@@ -107,8 +108,9 @@ def notify(observers: Iterable[Callable[[Any], None]], event: Any, state: TrainS
         try:
             observer(event)
         except StopTraining as stop:
-            if state.stop_reason is None:
-                state.stop_reason = str(stop) or type(observer).__name__
+            if state.stop_reason is None:  # without a message, name who stopped it (a partial by its function)
+                name = getattr(observer, "__name__", None) or getattr(getattr(observer, "func", None), "__name__", "")
+                state.stop_reason = str(stop) or f"StopTraining from {name or type(observer).__name__}"
                 logger.info("stopping after update %d: %s", state.step, state.stop_reason)
 
 
@@ -149,8 +151,9 @@ def train_one_epoch(
     callbacks: Sequence[Callback] = (),
     on_log: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, float]:
-    """One pass over `loader`, until `max_steps` updates, or until a callback raises `StopTraining`. Returns the
-    pass's `train_loss` (mean over its updates), `updates` and `train_time_s`.
+    """One pass over `loader`, until `max_steps` updates, or until a callback raises `StopTraining` (then
+    `state.stop_reason` is set, and a loop of your own should end: `while state.step < total and state.stop_reason
+    is None`). Returns the pass's `train_loss` (mean over its updates), `updates` and `train_time_s`.
 
     The loss is read from the device only every `log_every` updates and at the end of the pass; that is also where
     a non-finite loss is caught.

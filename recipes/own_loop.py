@@ -45,11 +45,12 @@ def train(a: argparse.Namespace) -> list[dict]:
     state, order = engine.TrainState(), engine.DataOrder(loader, sampler)
     accelerator.register_for_checkpointing(state)  # the prepared model, optimizer and scheduler are saved anyway
     if a.resume and (last := checkpoint.latest_checkpoint(a.output_dir)) is not None:
-        accelerator.load_state(str(last))
+        accelerator.load_state(str(last))  # the checkpoint's schedule and data order; change neither when resuming
+        print(f"resumed from {last} at update {state.step} of {total}", flush=True)
     eval_loader = inference.eval_batches(data.eval_features, batch_size=64, pad_token_id=tokenizer.pad_token_id,
                                          accelerator=accelerator)  # fmt: skip
     log: list[dict] = []
-    while state.step < total:
+    while state.step < total and state.stop_reason is None:  # a callback of yours may raise engine.StopTraining
         engine.train_one_epoch(accelerator, model, optimizer, scheduler, order.batches(accelerator, state),
                                state=state, max_steps=total, log_every=a.log_every, on_log=log.append)  # fmt: skip
         order.end_pass(state)
