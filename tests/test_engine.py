@@ -387,3 +387,14 @@ def test_evaluation_observers_get_every_record_and_can_stop_the_run(tmp_path, ti
     )
     assert stopped["steps"] == 4 and stopped["stopped_early"].endswith("at step 4")
     assert [r["step"] for r in records] == [0, 2, 4]  # no second evaluation at the update that stopped it
+
+
+def test_a_stop_without_a_message_names_who_raised_it_and_every_observer_still_sees_the_event():
+    seen, state = [], engine.TrainState(step=7)
+
+    def patience(record):
+        raise engine.StopTraining()
+
+    engine.notify([patience, seen.append, lambda r: (_ for _ in ()).throw(engine.StopTraining("second"))], {"f1": 1.0},
+                  state)  # fmt: skip
+    assert state.stop_reason == "StopTraining from patience" and seen == [{"f1": 1.0}]  # the first reason wins

@@ -196,3 +196,10 @@ def test_the_answerer_names_bad_questions(tiny_dir):
         answerer([{"question": " ", "context": "Ann."}])
     (answer,) = answerer([{"id": 7, "question": "Who wrote it?", "context": "Ann Lee wrote it."}], top_k=2)
     assert answer.id == 7 and "Ann Lee wrote it."[answer.start : answer.end] == answer.answer
+
+
+def test_a_folder_without_checkpoints_is_not_offered_for_resuming(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match="holds an earlier run") as err:
+        checkpoint.resolve_resume(None, tmp_path)
+    assert "--resume latest" not in str(err.value) and "--overwrite true" in str(err.value)
