@@ -64,7 +64,7 @@ def datasets_map(cache_dir: Path) -> dict[str, float]:
     examples, _ = load_examples("train-v1.1")
 
     def windows(batch: dict[str, list]) -> dict[str, list]:
-        questions = _cut_questions([q.lstrip() for q in batch["question"]], tokenizer, window.max_query_length)
+        questions, _ = _cut_questions([q.lstrip() for q in batch["question"]], tokenizer, window.max_query_length)
         enc = tokenizer(
             questions,
             batch["context"],

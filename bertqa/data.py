@@ -24,6 +24,7 @@ __all__ = [
     "Example",
     "Features",
     "LabelReport",
+    "NoTokensError",
     "Window",
     "check_labels",
     "label_features",
@@ -71,6 +72,11 @@ class Window:
 
 # ------------------------------------------------------------------------------------------------------ tokenizing
 
+NO_TOKENS = (
+    "yields no tokens with this tokenizer (it holds only characters the tokenizer drops, such as zero-width spaces "
+    "or control characters); fix or drop it"
+)
+
 
 def tokenize_examples(
     examples: Sequence[Example],
@@ -100,7 +106,9 @@ def _tokenize(examples: Sequence[Example], tokenizer: Any, window: Window, *, ba
     parts = []
     for begin in range(0, len(examples), batch_size):
         chunk = examples[begin : begin + batch_size]
-        questions = _cut_questions([ex.question.lstrip() for ex in chunk], tokenizer, window.max_query_length)
+        questions, question_tokens = _cut_questions(
+            [ex.question.lstrip() for ex in chunk], tokenizer, window.max_query_length
+        )
         enc = tokenizer(
             questions,
             [ex.context for ex in chunk],
@@ -112,6 +120,7 @@ def _tokenize(examples: Sequence[Example], tokenizer: Any, window: Window, *, ba
             padding=False,
         )
         parts.append(_flat_windows(enc, tokenizer.cls_token_id, with_type_ids))
+        _refuse_tokenless(chunk, question_tokens, parts[-1])
     return Features.concat(parts, range(0, len(examples), batch_size)) if parts else _no_windows(with_type_ids)
 
 
@@ -171,13 +180,41 @@ def _tokenize_shard(examples: list[Example], tokenizer: Any, window: Window, bat
     return _tokenize(examples, tokenizer, window, batch_size=batch_size)
 
 
-def _cut_questions(questions: list[str], tokenizer: Any, max_query_length: int) -> list[str]:
-    """Cut each question after its `max_query_length`-th token (by character offset, so the text stays intact)."""
+def _cut_questions(questions: list[str], tokenizer: Any, max_query_length: int) -> tuple[list[str], list[int]]:
+    """Cut each question after its `max_query_length`-th token (by character offset, so the text stays intact);
+    with each question's number of tokens before the cut."""
     enc = tokenizer(questions, add_special_tokens=False, return_offsets_mapping=True)
     out = []
     for question, offs in zip(questions, enc["offset_mapping"]):
         out.append(question[: offs[max_query_length - 1][1]] if len(offs) > max_query_length else question)
-    return out
+    return out, [len(offs) for offs in enc["offset_mapping"]]
+
+
+class NoTokensError(ValueError):
+    """A question or context that is not blank but yields no tokens; `example_id` and `field` say which."""
+
+    def __init__(self, message: str, *, example_id: str, field: str) -> None:
+        super().__init__(message)
+        self.example_id, self.field = example_id, field
+
+
+def _refuse_tokenless(examples: Sequence[Example], question_tokens: Sequence[int], features: Features) -> None:
+    """A question or context that is not blank but that the tokenizer turns into no tokens at all (zero-width
+    spaces, control characters) would train on and be scored as a question about nothing: refuse it by id."""
+    windows_with_context = np.add.reduceat(features.token_offsets[:, 0] >= 0, features.bounds[:-1]) > 0
+    has_context = np.zeros(len(examples), dtype=bool)
+    has_context[features.example_index[windows_with_context]] = True
+    bad = [(ex, "question", ex.question) for ex, n in zip(examples, question_tokens) if n == 0]
+    bad += [(examples[i], "context", examples[i].context) for i in np.flatnonzero(~has_context).tolist()]
+    if bad:
+        ex, what, text = bad[0]
+        title = f" (title {ex.title!r})" if ex.title else ""
+        raise NoTokensError(
+            f"example {ex.id!r}{title}: its {what} {text[:60]!r} {NO_TOKENS}"
+            + (f" ({len(bad)} such questions or contexts in this batch)" if len(bad) > 1 else ""),
+            example_id=ex.id,
+            field=what,
+        )
 
 
 # -------------------------------------------------------------------------------------------------------- labelling

@@ -8,6 +8,7 @@ maximised each metric is searched over the per-question no-answer scores ("best_
 
 from __future__ import annotations
 
+import math
 import re
 import string
 from collections import Counter
@@ -94,7 +95,8 @@ def squad_v2_scores(
 
     `predictions` are the predicted texts ("" for no answer). When `no_answer_scores` are given, a question whose
     score is above `threshold` counts as predicted unanswerable, and the best threshold for EM and for F1 is
-    searched as the official script does (`best_exact`, `best_exact_thresh`, `best_f1`, `best_f1_thresh`).
+    searched as the official script does (`best_exact`, `best_exact_thresh`, `best_f1`, `best_f1_thresh`), corrected
+    so that scoring at the returned threshold gives the returned score (see `best_threshold`).
     """
     if not golds:
         raise ValueError("no gold answers to score against")
@@ -118,8 +120,8 @@ def squad_v2_scores(
             split = _averages(em, f1, qids)
             out.update({f"{name}_exact": split["exact"], f"{name}_f1": split["f1"], f"{name}_total": split["total"]})
     if no_answer_scores is not None:
-        out["best_exact"], out["best_exact_thresh"] = best_threshold(predictions, raw_em, no_answer_scores, has_ans)
-        out["best_f1"], out["best_f1_thresh"] = best_threshold(predictions, raw_f1, no_answer_scores, has_ans)
+        out["best_exact"], out["best_exact_thresh"] = best_threshold(raw_em, no_answer_scores, has_ans)
+        out["best_f1"], out["best_f1_thresh"] = best_threshold(raw_f1, no_answer_scores, has_ans)
     return out
 
 
@@ -139,24 +141,34 @@ def _apply_threshold(
 
 
 def best_threshold(
-    predictions: Mapping[str, str],
-    scores: Mapping[str, float],
-    na_scores: Mapping[str, float],
-    has_ans: Mapping[str, bool],
+    scores: Mapping[str, float], na_scores: Mapping[str, float], has_ans: Mapping[str, bool]
 ) -> tuple[float, float]:
     """The no-answer threshold that maximises the total score, and that score in percent.
 
-    Start with every question answered "no answer" (the unanswerable ones score 1), then, in order of rising
-    no-answer score, switch each question to its span prediction and keep the best running total, as the official
-    v2.0 script does. Predicting no answer is "score > threshold", so the threshold is the last switched score.
+    `scores` are each question's raw score when its span is given (EM or F1, as `squad_v2_scores` computes them);
+    a question whose no-answer score is above the threshold is answered "no answer" instead, worth 1 exactly when it
+    has no answer (a missing no-answer score counts as 0, as when scoring). The search follows the official v2.0
+    script, with two corrections that make the returned score the one obtained by scoring at the returned threshold:
+    - it starts below the lowest no-answer score, so "no answer" to everything is a reachable threshold even when
+      the scores are negative (they are logit differences here, not probabilities);
+    - questions sharing one no-answer score switch together, since no threshold separates them.
     """
-    total = best = float(sum(not has_ans[q] for q in scores))
-    best_thresh = 0.0
-    for qid in sorted(scores, key=lambda q: na_scores.get(q, 0.0)):
-        if has_ans[qid]:
-            total += scores[qid]
-        elif predictions.get(qid, ""):
-            total -= 1  # answering an unanswerable question loses the point "no answer" had
-        if total > best:
-            best, best_thresh = total, na_scores.get(qid, 0.0)
+    na = {q: na_scores.get(q, 0.0) for q in scores}
+    nan = [q for q, value in na.items() if math.isnan(value)]
+    if nan:
+        raise ValueError(f"no-answer score of question {nan[0]!r} is NaN ({len(nan)} such questions)")
+    if not scores:
+        raise ValueError("no questions to choose a threshold on")
+    order = sorted(scores, key=na.__getitem__)
+    lowest = na[order[0]]
+    total = float(sum(not has_ans[q] for q in scores))
+    # Just below the lowest score: 1 lower where that is representable, else the next float down.
+    best, best_thresh = total, min(lowest - 1.0, math.nextafter(lowest, -math.inf))
+    if lowest == -math.inf:  # nothing is below it: those questions are always answered
+        best = -math.inf
+    for i, qid in enumerate(order):
+        total += scores[qid] - float(not has_ans[qid])  # the span's score replaces what "no answer" was worth
+        last_of_tie = i + 1 == len(order) or na[order[i + 1]] != na[qid]
+        if last_of_tie and total > best:
+            best, best_thresh = total, na[qid]
     return 100 * best / len(scores), best_thresh

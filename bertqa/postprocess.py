@@ -10,7 +10,7 @@ a second instead of a Python loop over windows. A real no-answer score is kept p
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -45,6 +45,10 @@ class Prediction:
     null_score: float
     no_answer_score: float
     nbest: tuple[tuple[str, float, int, int], ...] = ()
+    # A span that several overlapping windows propose is listed once, ranked by its best window's score; here, per
+    # `nbest` span, the log-sum-exp of its scores over those windows, so that its probability is the sum of theirs
+    # (empty when no span was proposed twice: the scores themselves).
+    pooled_scores: tuple[float, ...] = ()
 
     def spans(self) -> tuple[Span, ...]:
         return tuple(map(Span._make, self.nbest))
@@ -54,8 +58,11 @@ class Prediction:
         return "" if threshold is not None and self.no_answer_score > threshold else self.text
 
     def probabilities(self) -> tuple[list[float], float]:
-        """Softmax over the candidate spans' scores and the null score: (one per `nbest` span, no answer)."""
-        scores = np.array([s[1] for s in self.nbest] + [self.null_score], dtype=np.float64)
+        """Softmax over the candidate spans' scores and the null score: (one per `nbest` span, no answer).
+
+        A span proposed by several windows gets the sum of their probabilities (see `pooled_scores`)."""
+        spans = self.pooled_scores or [s[1] for s in self.nbest]
+        scores = np.array([*spans, self.null_score], dtype=np.float64)
         weights = np.exp(scores - scores.max())
         weights /= weights.sum()
         return weights[:-1].tolist(), float(weights[-1])
@@ -163,13 +170,13 @@ def _per_example(
         ex = examples[features.example_index[group[0]]]
         if len(group) == 1:  # most examples: the window's candidates are already sorted, best first
             cands = zip(scores[group[0]].tolist(), char_start[group[0]].tolist(), char_end[group[0]].tolist())
-        else:
+        else:  # every candidate of every window, best first: overlapping windows may propose the same span
             flat = scores[group].ravel()
-            top = np.argsort(-flat, kind="stable")[:n_best]
+            top = np.argsort(-flat, kind="stable")
             cands = zip(
                 flat[top].tolist(), char_start[group].ravel()[top].tolist(), char_end[group].ravel()[top].tolist()
             )
-        nbest = tuple((ex.context[a:b], score, a, b) for score, a, b in cands if score > -math.inf)
+        nbest, pooled = _distinct_spans(cands, ex.context, n_best)
         best_text, best_score = nbest[0][:2] if nbest else ("", -math.inf)
         out[ex.id] = Prediction(
             text=best_text,
@@ -177,15 +184,42 @@ def _per_example(
             null_score=null_score,
             no_answer_score=null_score - best_score,
             nbest=nbest,
+            pooled_scores=pooled,
         )
     return out
+
+
+def _distinct_spans(
+    cands: Iterable[tuple[float, int, int]], context: str, n_best: int
+) -> tuple[tuple[tuple[str, float, int, int], ...], tuple[float, ...]]:
+    """The first `n_best` distinct character spans of candidates sorted best first, and each one's log-sum-exp
+    score over all its occurrences (`()` when every span occurred once)."""
+    nbest: list[tuple[str, float, int, int]] = []
+    pooled: list[float] = []
+    index: dict[tuple[int, int], int] = {}
+    for score, a, b in cands:
+        if score == -math.inf:  # sorted: no valid span follows
+            break
+        i = index.get((a, b))
+        if i is not None:
+            pooled[i] = float(np.logaddexp(pooled[i], score))
+        elif len(nbest) < n_best:
+            index[a, b] = len(nbest)
+            nbest.append((context[a:b], score, a, b))
+            pooled.append(score)
+    merged = any(p != n[1] for p, n in zip(pooled, nbest))
+    return tuple(nbest), tuple(pooled) if merged else ()
 
 
 def score(
     examples: Sequence[Example], predictions: dict[str, Prediction], *, v2: bool, threshold: float = 0.0
 ) -> dict[str, float]:
-    """Official EM/F1 for the examples. v2: spans vs no-answer at `threshold`, plus the best-threshold search."""
-    golds = {ex.id: list(ex.answer_texts) for ex in examples if ex.id in predictions}
+    """Official EM/F1 for the examples. v2: spans vs no-answer at `threshold`, plus the best-threshold search.
+
+    Every example counts, as in the official scripts: one without a prediction scores 0 in v1 and is taken as
+    answered "no answer" in v2.
+    """
+    golds = {ex.id: list(ex.answer_texts) for ex in examples}
     spans = {q: p.text for q, p in predictions.items()}
     if not v2:
         return squad_v1_scores(spans, golds)

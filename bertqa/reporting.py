@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from bertqa.examples import is_v2
+from bertqa.examples import LoadReport, is_v2
 
 __all__ = [
     "LogMeter",
@@ -248,13 +248,23 @@ def log_plan(
     the run's `bertqa.cache.RunData`, `labels` its `LabelReport`."""
     examples = data.examples
     for report in examples.reports:
-        logger.info("loaded %s", report.format())
+        logger.info("%s%s", "loaded " if isinstance(report, LoadReport) else "", report.format())
+    if examples.v2 and not is_v2(examples.eval):
+        logger.info("a SQuAD v2 run (its training data holds unanswerable questions): scored as v2.0 although the "
+                    "evaluation data has none, so that answering 'no answer' counts")  # fmt: skip
+    if examples.v2:
+        chosen = (
+            f"{len(examples.calibration):,} held-out training questions"
+            if examples.calibration
+            else "the evaluation data itself (optimistic: no held-out training question has no answer)"
+        )
+        logger.info("the no-answer threshold is chosen at each evaluation on %s", chosen)  # fmt: skip
     logger.info("label self-check:\n%s", labels.format())
     logger.info(
         "%d train examples -> %d windows; %d eval examples -> %d windows (%s, from %s); %d processes on %s, precision "
         "%s; effective batch %d windows; %d updates (%d per epoch, %d warmup)",
         *(len(examples.train), len(data.train_features), len(examples.eval), len(data.eval_features)),
-        "v2.0" if is_v2(examples.eval) else "v1.1",
+        "v2.0" if examples.v2 else "v1.1",
         examples.eval_described,
         *(accelerator.num_processes, accelerator.device, accelerator.mixed_precision),
         *(batch, total_steps, per_epoch, warmup_steps),

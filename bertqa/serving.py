@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from bertqa.data import Example, Window, tokenize_examples
+from bertqa.data import NO_TOKENS, Example, NoTokensError, Window, tokenize_examples
 from bertqa.inference import eval_batches, predict_logits
 from bertqa.postprocess import Prediction, postprocess
 from bertqa.runtime import keep_freed_memory, resolve_precision
@@ -29,6 +29,7 @@ DEFAULT_SETTINGS: dict[str, Any] = {
     "max_answer_length": 30,
     "v2": False,
     "no_answer_threshold": None,
+    "threshold_calibrated_on": None,  # v2 models: where the threshold was chosen ({"source", "questions"})
     "eval_data": None,
     "column_map": None,
 }
@@ -114,16 +115,24 @@ class Answerer:
         self.v2 = bool(self.settings["v2"])
         self.threshold = threshold if threshold is not None else (saved if self.v2 else None)
 
-    def __call__(self, questions: Sequence[Mapping[str, Any]], *, top_k: int = 0) -> list[Answer]:
+    def __call__(
+        self, questions: Sequence[Mapping[str, Any]], *, top_k: int = 0, places: Sequence[str] | None = None
+    ) -> list[Answer]:
         """Answer `{"question", "context"[, "id"]}` records (ids are kept as given, else the position); with
-        `top_k`, each answer also lists that many candidate spans, best first."""
-        pairs = question_pairs(questions)
+        `top_k`, each answer also lists that many candidate spans, best first. A bad record is named by
+        `places[i]` (say "q.jsonl: line 3"), else by its position and id."""
+        pairs = question_pairs(questions, places)
         if not pairs:
             return []
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            preds = answer_questions(
-                self.model, self.tokenizer, pairs, settings=self.settings, batch_size=self.batch_size
-            )
+        try:
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+                preds = answer_questions(
+                    self.model, self.tokenizer, pairs, settings=self.settings, batch_size=self.batch_size
+                )
+        except NoTokensError as err:  # the examples' ids are the records' positions
+            i = int(err.example_id)
+            place = places[i] if places is not None else f"question {i} (id {questions[i].get('id', i)!r})"
+            raise ValueError(f"{place}: {err.field!r} {NO_TOKENS}") from None
         return [self._answer(q.get("id", i), p, top_k) for i, (q, p) in enumerate(zip(questions, preds))]
 
     def _answer(self, qid: Any, pred: Prediction, top_k: int) -> Answer:

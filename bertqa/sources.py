@@ -8,16 +8,19 @@ Every split keeps whole articles on one side, so no passage is both trained on a
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import re
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from bertqa.examples import Example, LoadReport, is_v2
 from bertqa.loading import as_examples, load_squad
+from bertqa.negatives import NegativesReport, add_negatives
 
 __all__ = [
     "RunExamples",
@@ -27,6 +30,7 @@ __all__ = [
     "load_examples",
     "run_examples",
     "select_articles",
+    "source_parts",
     "split_article_range",
     "subsample",
 ]
@@ -41,7 +45,7 @@ class RunExamples:
     # SQuAD v2: held-out training questions on which the no-answer threshold is chosen (empty for v1 data).
     calibration: list[Example]
     calibration_split: float  # the share of the training data `calibration` was held out as
-    reports: tuple[LoadReport, ...]
+    reports: tuple[LoadReport | NegativesReport, ...]  # what loading found, then what negatives added
     eval_described: str  # where the evaluation examples came from, in words
     # The evaluation data by a name that finds it again from anywhere (files by absolute path, an article range kept),
     # for `evaluate.py` to reuse; None when it cannot be named (a held-out share, examples passed in).
@@ -77,6 +81,7 @@ def run_examples(
     max_eval_examples: int | None = None,
     seed: int = 42,
     column_map: str | Mapping[str, str] | None = None,
+    negatives: int = 0,
     train_examples: Sequence[Example] | Any | None = None,
     eval_examples: Sequence[Example] | Any | None = None,
 ) -> RunExamples:
@@ -84,9 +89,13 @@ def run_examples(
 
     Examples passed in (a list of `Example`s or a `datasets.Dataset` of records) replace what `train_data` or the
     evaluation source would load, and are used whole; `max_*_examples` draw seeded subsets of loaded data only.
+    With `negatives` R > 0 the run is a SQuAD v2 run: each answerable question of the training side, of the
+    threshold's held-out questions and of a held-out evaluation share gets up to R unanswerable partners from other
+    passages of its side (`bertqa.negatives`); named evaluation data is scored as it is. `max_*_examples` count
+    the questions drawn before negatives are added.
     """
     options = {"answerable": answerable, "seed": seed, "column_map": column_map}
-    reports = []
+    reports: list[LoadReport | NegativesReport] = []
     if train_examples is None:
         train, report = load_examples(train_data, **options)
         reports.append(report)
@@ -104,18 +113,31 @@ def run_examples(
         reports.append(report)
         described, named = str(source), _findable(source)
     calibration: list[Example] = []
-    if is_v2(train):  # a v2 model: its no-answer threshold is chosen on questions of its own
-        train, calibration = hold_out(train, calibration_split, seed=seed + 1)
-        calibration = subsample(calibration, max_eval_examples, seed=seed)
+    pools = {"train": train, "eval": evaluation, "calibration": calibration}  # each side before subsets
+    if is_v2(train) or negatives:  # a v2 model: its no-answer threshold is chosen on questions of its own
+        train, pools["calibration"] = hold_out(train, calibration_split, seed=seed + 1, purpose="calibration")
+        pools["train"] = train
+        calibration = subsample(pools["calibration"], max_eval_examples, seed=seed)
     if train_examples is None:
         train = subsample(train, max_train_examples, seed=seed)
     if eval_examples is None:
         evaluation = subsample(evaluation, max_eval_examples, seed=seed)
+    if negatives:
+        add = partial(add_negatives, per_question=negatives, seed=seed)
+        train, report = add(train, pool=pools["train"], side="training")
+        reports.append(report)
+        calibration, report = add(calibration, pool=pools["calibration"], side="the threshold's held-out questions")
+        reports.append(report)
+        if isinstance(source, float) and eval_examples is None:  # held out of the same data: score saying no too
+            evaluation, report = add(evaluation, pool=pools["eval"], side="the held-out evaluation share")
+            reports.append(report)
     return RunExamples(train, evaluation, calibration, calibration_split, tuple(reports), described, named)
 
 
 def _findable(source: str) -> str:
     """A file source by its absolute path ("dev.json[3:]" keeps its range); bundled names and hub ids as they are."""
+    if len(parts := source_parts(source)) > 1:
+        return "+".join(map(_findable, parts))
     file = str(split_article_range(source)[0])
     return str(Path(file).resolve()) + source[len(file) :] if Path(file).exists() else source
 
@@ -132,14 +154,57 @@ def load_examples(
 
     `source` is anything `bertqa.loading.load_squad` reads, and may end in an article range, `dev-v2.0[:25]` or
     `dev-v2.0[25:]` (see `split_article_range`): this is how one file is split into parts that share no article.
+    Several sources joined by `+` (`train-v1.1[:100]+dev-v2.0[:25]`) are read one after the other; their question
+    ids must differ.
     """
-    source, articles = split_article_range(source)
+    parts = source_parts(source)
+    if len(parts) > 1:
+        loaded = [load_examples(part, answerable=answerable, column_map=column_map) for part in parts]
+        examples = _joined([exs for exs, _ in loaded], parts)
+        return subsample(examples, max_examples, seed=seed), _joined_report([r for _, r in loaded], str(source))
+    named, (source, articles) = source, split_article_range(source)
     examples, report = load_squad(source, column_map=column_map)
-    if articles is not None:
+    if articles is not None:  # the report counts the articles kept
         examples = select_articles(examples, articles)
+        report = dataclasses.replace(
+            report,
+            source=f"{report.source}{str(named)[len(str(source)) :]}",
+            n_examples=len(examples),
+            n_impossible=sum(ex.is_impossible for ex in examples),
+            n_answers=sum(len(ex.answer_texts) for ex in examples),
+        )
     if answerable:
         examples = answerable_only(examples)
     return subsample(examples, max_examples, seed=seed), report
+
+
+def source_parts(source: str | Path | Any) -> list[Any]:
+    """The sources joined by `+` in `source` (itself alone when it is not a string, or names an existing file)."""
+    if not isinstance(source, str) or "+" not in source or Path(split_article_range(source)[0]).exists():
+        return [source]
+    parts = [part.strip() for part in source.split("+")]
+    if not all(parts):
+        raise ValueError(f"data source {source!r}: an empty source around '+'")
+    return parts
+
+
+def _joined(sides: list[list[Example]], parts: list[str]) -> list[Example]:
+    seen: dict[str, int] = {}
+    for k, examples in enumerate(sides):
+        for ex in examples:
+            if seen.setdefault(ex.id, k) != k:
+                raise ValueError(f"question id {ex.id!r} is in both {parts[seen[ex.id]]} and {parts[k]}: joined "
+                                 "sources must not share questions")  # fmt: skip
+    return [ex for examples in sides for ex in examples]
+
+
+def _joined_report(reports: list[LoadReport], source: str) -> LoadReport:
+    counts = {
+        name: sum(getattr(r, name) for r in reports)
+        for name in ("n_examples", "n_impossible", "n_answers", "n_repaired", "n_located", "n_generated_ids")
+    }
+    version = "v2.0" if counts["n_impossible"] else "v1.1"
+    return LoadReport(source=source, version=version, **counts)
 
 
 _ARTICLE_RANGE = re.compile(r"^(?P<source>.+)\[(?P<start>\d*):(?P<stop>\d*)\]$")
@@ -165,8 +230,10 @@ def select_articles(examples: Sequence[Example], articles: slice) -> list[Exampl
     return [ex for ex in examples if ex.title in chosen]
 
 
-def hold_out(examples: Sequence[Example], share: float, *, seed: int) -> tuple[list[Example], list[Example]]:
-    """Split off a seeded `share` of the examples for evaluation: (kept, held out), each in the original order.
+def hold_out(
+    examples: Sequence[Example], share: float, *, seed: int, purpose: str = "evaluation"
+) -> tuple[list[Example], list[Example]]:
+    """Split off a seeded `share` of the examples for `purpose`: (kept, held out), each in the original order.
 
     Whole articles go to one side (by title when the examples have titles, else by context), so no passage is both
     trained on and evaluated on. The held-out side is the first articles of a seeded shuffle that reach the share.
@@ -178,9 +245,13 @@ def hold_out(examples: Sequence[Example], share: float, *, seed: int) -> tuple[l
     sizes = Counter(group_of(ex) for ex in examples)  # in order of first appearance
     groups = list(sizes)
     if len(groups) < 2:
+        advice = {
+            "evaluation": "pass evaluation data instead",
+            "calibration": "a SQuAD v2 run chooses its no-answer threshold on held-out training articles",
+        }.get(purpose, "")
         raise ValueError(
-            f"cannot hold out evaluation data: all {len(examples)} examples share one "
-            f"{'title' if by_title else 'context'}; pass evaluation data instead"
+            f"cannot hold out {purpose} data: all {len(examples)} examples share one "
+            f"{'title' if by_title else 'context'}" + (f"; {advice}" if advice else "")
         )
     held: set[str] = set()
     sum_held = 0

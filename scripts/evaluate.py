@@ -114,6 +114,8 @@ def evaluate_model(
     )
     if threshold is None:
         threshold = settings["no_answer_threshold"] or 0.0
+        if v2:
+            _warn_if_tuned_on_eval_data(model_dir, settings, eval_data)
     loader = eval_batches(features, batch_size=batch_size, pad_token_id=tokenizer.pad_token_id, accelerator=accelerator)
     metrics, predictions = evaluate(
         accelerator, model, loader, examples, v2=v2, max_answer_length=settings["max_answer_length"],
@@ -121,6 +123,22 @@ def evaluate_model(
     )  # fmt: skip
     metrics["no_answer_threshold"] = threshold if v2 else None
     return metrics, predictions, examples
+
+
+def _warn_if_tuned_on_eval_data(model_dir: str, settings: dict[str, Any], eval_data: str) -> None:
+    """Say so when the saved threshold was chosen on the model's evaluation data (its training data had no
+    unanswerable question to choose it on): scores on that data at that threshold are tuned on it."""
+    chosen_on = settings.get("threshold_calibrated_on") or {}
+    if not str(chosen_on.get("source", "")).startswith("the evaluation data"):
+        return
+    same = eval_data == settings.get("eval_data")
+    logger.warning(
+        "the no-answer threshold saved with %s (%s) was chosen on its evaluation data %s, not on held-out training "
+        "questions (its training data had no unanswerable question)%s; pass --threshold, or train with "
+        "unanswerable questions or --negatives for a calibrated one",
+        *(model_dir, settings["no_answer_threshold"], settings.get("eval_data") or "(a held-out share)"),
+        ": these scores are tuned on the data they score (optimistic)" if same else "",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -43,15 +43,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def read_items(path: Path) -> list[dict]:
-    """The questions of a JSONL file or JSON list; each must have a non-empty question and context (text)."""
+def read_items(path: Path) -> tuple[list[dict], list[str]]:
+    """The questions of a JSONL file or JSON list, each with its place (file and line) for error messages; each
+    must have a non-empty question and context (text)."""
     from bertqa.loading import read_records
     from bertqa.serving import question_pairs
 
     records = read_records(path)
-    items = [item for _, item in records]
-    question_pairs(items, [f"{path}: {place}" for place, _ in records])  # named by file and line
-    return items
+    items, places = [item for _, item in records], [f"{path}: {place}" for place, _ in records]
+    question_pairs(items, places)  # before the model loads
+    return items, places
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,9 +65,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.out.exists() and not args.overwrite:
             raise ValueError(f"{args.out} already exists; pass --overwrite to replace it")
         check_writable(args.out.resolve().parent)
-    items = read_items(args.file) if args.file else [{"question": args.question, "context": args.context}]
+    items, places = read_items(args.file) if args.file else ([{"question": args.question, "context": args.context}],
+                                                             ["--question/--context"])  # fmt: skip
     answerer = Answerer(args.model, batch_size=args.batch_size, threshold=args.threshold, precision=args.precision)
-    answers = answerer(items, top_k=args.top_k)
+    answers = answerer(items, top_k=args.top_k, places=places)
     lines = [
         dumps({"question": item["question"], **a.to_dict()}, ensure_ascii=False) for item, a in zip(items, answers)
     ]

@@ -230,6 +230,18 @@ def test_unicode_and_odd_whitespace(tokenizer):
     assert [decoded(features, examples, i) for i in range(3)] == ["Zum Bären", "Köln", "1999"]
 
 
+@pytest.mark.parametrize("field", ["question", "context"])
+@pytest.mark.parametrize("text", ["\u200b", "\x00\x01", "\u200b\u200d \ufeff"])
+def test_text_that_yields_no_tokens_is_refused_by_id(tokenizer, field, text):
+    good = Example("ok", "T", "Paris is big.", "What?", ("Paris",), (0,), False)
+    values = {"id": "bad-1", "title": "T", "context": "Paris is big.", "question": "What?"} | {field: text}
+    bad = Example(values["id"], "T", values["context"], values["question"], (), (), True)
+    with pytest.raises(ValueError, match=rf"example 'bad-1' \(title 'T'\): its {field} .*yields no tokens"):
+        data.tokenize_examples([good, bad], tokenizer)
+    with pytest.raises(ValueError, match="bad-1"):  # the same in worker processes
+        data.tokenize_examples([good, bad], tokenizer, num_proc=2)
+
+
 def test_answer_with_surrounding_whitespace_is_trimmed(tokenizer):
     context = "He was born in Warsaw in 1810."
     ex = Example("q", "t", context, "Where?", (" Warsaw ",), (context.index("Warsaw") - 1,), False)

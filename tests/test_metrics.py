@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from bertqa.metrics import best_threshold, exact_match, f1_score, normalize_answer, squad_v1_scores, squad_v2_scores
@@ -111,8 +113,57 @@ def test_v2_best_threshold_by_hand():
 
 
 def test_best_threshold_keeps_everything_unanswered_when_that_is_best():
-    score, thresh = best_threshold({"q": "x"}, {"q": 0.0}, {"q": 3.0}, {"q": False})
-    assert (score, thresh) == (100.0, 0.0)
+    score, thresh = best_threshold({"q": 0.0}, {"q": 3.0}, {"q": False})
+    assert score == 100.0 and thresh < 3.0
+
+
+def test_best_threshold_below_negative_scores_really_answers_nothing():
+    # No-answer scores are logit differences, often negative: a threshold of 0 would answer everything here.
+    golds = {"q1": ["it was"], "q2": []}
+    preds = {"q1": "is", "q2": "big"}
+    na = {"q1": -2.0, "q2": -1.0}
+    s = squad_v2_scores(preds, golds, na)
+    assert s["best_f1"] == 50.0 and s["best_f1_thresh"] < -2.0
+    assert squad_v2_scores(preds, golds, na, threshold=s["best_f1_thresh"])["f1"] == 50.0
+    assert squad_v2_scores(preds, golds, na, threshold=0.0)["f1"] == 0.0
+
+
+def test_best_threshold_switches_tied_scores_together():
+    # q1 (right) and q2 (unanswerable, wrongly answered) share one score: no threshold answers only q1.
+    golds, preds = {"q1": ["x"], "q2": [], "q3": []}, {"q1": "x", "q2": "y", "q3": "z"}
+    na = {"q1": 0.5, "q2": 0.5, "q3": 0.9}
+    s = squad_v2_scores(preds, golds, na)
+    assert s["best_f1"] == pytest.approx(100 * 2 / 3)
+    assert squad_v2_scores(preds, golds, na, threshold=s["best_f1_thresh"])["f1"] == pytest.approx(s["best_f1"])
+
+
+def test_best_threshold_refuses_nan_scores_by_question():
+    with pytest.raises(ValueError, match=r"'q2'.*NaN"):
+        best_threshold({"q1": 1.0, "q2": 0.0}, {"q1": 0.0, "q2": float("nan")}, {"q1": True, "q2": False})
+
+
+@pytest.mark.parametrize("seed", range(300))
+def test_scoring_at_the_best_threshold_gives_the_best_score(seed):
+    """For any predictions and no-answer scores (ties, negatives, missing ones, answers that normalise to nothing),
+    scoring at the returned threshold gives the returned best score, and no other threshold does better."""
+    rng = random.Random(seed)
+    words = ["a", "b", "c", "the", ".", "b c"]
+    golds, preds, na = {}, {}, {}
+    for i in range(rng.randint(1, 12)):
+        q = f"q{i}"
+        golds[q] = rng.sample(words, rng.randint(1, 2)) if rng.random() < 0.6 else []
+        if rng.random() < 0.9:
+            preds[q] = rng.choice([*words, ""])
+        if rng.random() < 0.9:
+            na[q] = rng.choice([-3.0, -1.5, -1.0, 0.0, 0.5, 2.0, rng.uniform(-4, 4)])
+    s = squad_v2_scores(preds, golds, na)
+    thresholds = sorted({na.get(q, 0.0) for q in golds})
+    candidates = [thresholds[0] - 1, *thresholds]
+    for key in ("f1", "exact"):
+        at_best = squad_v2_scores(preds, golds, na, threshold=s[f"best_{key}_thresh"])[key]
+        assert at_best == pytest.approx(s[f"best_{key}"]), key
+        brute = max(squad_v2_scores(preds, golds, na, threshold=t)[key] for t in candidates)
+        assert s[f"best_{key}"] == pytest.approx(brute), key
 
 
 def test_scores_equal_the_per_answer_definitions_on_real_answers():

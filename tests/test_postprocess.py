@@ -141,11 +141,15 @@ def test_nbest_merged_over_windows_matches_brute_force(tokenizer):
                 ends = [j for j in range(i, min(length, i + 5)) if offsets[w, i, 0] >= 0 and offsets[w, j, 0] >= 0]
                 if ends:
                     j = max(ends, key=lambda j: end[w, j])
-                    spans.append((float(start[w, i] + end[w, j]), ex.context[offsets[w, i, 0] : offsets[w, j, 1]]))
+                    spans.append((float(start[w, i] + end[w, j]), offsets[w, i, 0], offsets[w, j, 1]))
         spans.sort(key=lambda s: -s[0])
+        distinct = {}  # overlapping windows propose some spans twice: listed once, by the best window's score
+        for score, a, b in spans:
+            distinct.setdefault((a, b), (score, ex.context[a:b]))
+        top = list(distinct.values())[:6]
         got = preds[ex.id].spans()
-        assert [span.text for span in got] == [t for _, t in spans[:6]]
-        assert [span.score for span in got] == pytest.approx([s for s, _ in spans[:6]], rel=1e-5)
+        assert [span.text for span in got] == [t for _, t in top]
+        assert [span.score for span in got] == pytest.approx([s for s, _ in top], rel=1e-5)
         assert all(ex.context[span.start : span.end] == span.text for span in got)
         assert preds[ex.id].null_score == pytest.approx(float((start[windows, 0] + end[windows, 0]).min()))
 
@@ -159,3 +163,28 @@ def test_probabilities_are_a_softmax_over_the_candidates_and_no_answer():
     z = np.exp(2.0) + np.exp(0.0) + np.exp(1.0)
     assert spans == pytest.approx([np.exp(2.0) / z, 1 / z]) and null == pytest.approx(np.exp(1.0) / z)
     assert Prediction("", -np.inf, 0.5, np.inf).probabilities() == ([], 1.0)  # no span at all
+
+
+def test_a_span_two_windows_propose_is_listed_once_with_their_probabilities_added(tokenizer):
+    context = " ".join(f"word{i}" for i in range(60))
+    examples = [example(context, "word30")]
+    features = data.tokenize_examples(examples, tokenizer, Window(48, 24, 8))
+    length = int(features.lengths.max())
+    offsets = pad_offsets(features, length)
+    target = context.index("word30")
+    holding = [w for w in range(len(features)) if target in offsets[w, :, 0].tolist()]
+    assert len(holding) >= 2, "the span must lie in the overlap of two windows"
+    start = np.zeros((len(features), length), dtype=np.float32)
+    end = np.zeros_like(start)
+    for w in holding:
+        i = offsets[w, :, 0].tolist().index(target)
+        j = i + int(np.argmax(offsets[w, i:, 1] == target + len("word30")))
+        start[w, i], end[w, j] = 4.0, 4.0
+    pred = postprocess(examples, features, start, end, max_answer_length=5, n_best=5)["q"]
+    texts = [span.text for span in pred.spans()]
+    assert texts[0] == "word30" and texts.count("word30") == 1 and len(set(texts)) == len(texts)
+    probs, null = pred.probabilities()
+    # Against "no answer", the span weighs what all its windows' copies (score 8 each) weigh together.
+    assert probs[0] / null == pytest.approx(len(holding) * np.exp(8.0 - pred.null_score), rel=1e-5)
+    assert pred.spans()[0].score == pytest.approx(8.0)
+    assert sum(probs) + null == pytest.approx(1.0)

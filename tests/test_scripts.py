@@ -83,6 +83,9 @@ def test_train_evaluate_predict(tmp_path, tiny_dir):
     # Without --data: the evaluation data recorded with the model; the wrong SQuAD version is scored, loudly.
     recorded = script("evaluate.py", run / "final_model", "--max-examples", "8").stderr
     assert "evaluating on dev-v2.0, the evaluation data recorded with the model" in recorded
+    # Trained without unanswerable questions, its threshold was chosen on that same evaluation data: said so.
+    assert meta["threshold_calibrated_on"]["source"].startswith("the evaluation data")
+    assert "was chosen on its evaluation data dev-v2.0" in recorded and "optimistic" in recorded
     mismatch = script("evaluate.py", run / "final_model", "--data", "dev-v1.1", "--max-examples", "8").stderr
     assert "VERSION MISMATCH" in mismatch and "scored as v1.1" in mismatch
 
@@ -104,6 +107,27 @@ def test_train_evaluate_predict(tmp_path, tiny_dir):
             assert context[cand["start"] : cand["end"]] == cand["answer"] and 0 <= cand["probability"] <= 1
         if answer["answer"]:
             assert context[answer["start"] : answer["end"]] == answer["answer"]
+
+
+def test_negatives_turn_answerable_only_data_without_titles_into_a_calibrated_v2_run(tmp_path, tiny_dir):
+    from bertqa.sources import load_examples
+
+    # A user's own answerable-only records: no titles, no ids, one question per passage.
+    records = tmp_path / "mine.jsonl"
+    lines = [json.dumps({"context": ex.context, "question": ex.question, "answer_text": ex.answer_texts[0]})
+             for ex in load_examples("dev-v1.1", max_examples=160, seed=5)[0]]  # fmt: skip
+    records.write_text("\n".join(lines) + "\n")
+    run = tmp_path / "run"
+    args = [*SMALL[4:], "--model", tiny_dir, "--train-data", records, "--negatives", "1", "--output-dir", run]
+    result = script("train.py", *args, "--max-steps", "3", "--label-check-min", "0.9")
+    assert "negatives for training:" in result.stderr and "lexically closest" in result.stderr
+    assert "negatives for the held-out evaluation share:" in result.stderr
+    assert "scored as v2.0" not in result.stderr  # the held-out share has negatives: v2 data, nothing to explain
+    assert re.search(r"threshold is chosen at each evaluation on [\d,]+ held-out training questions", result.stderr)
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["NoAns_f1"] is not None and summary["HasAns_f1"] is not None
+    meta = json.loads((run / "final_model" / "bertqa.json").read_text())
+    assert meta["v2"] is True and meta["threshold_calibrated_on"]["source"].startswith("5% of the training data")
 
 
 def test_two_processes_give_the_same_predictions_as_one(tmp_path, tiny_dir):
@@ -166,6 +190,8 @@ def test_sigkill_mid_run_then_resume_matches_uninterrupted(tmp_path, tiny_dir):
         (["--doc-stride", "400"], "doc_stride=400 must be >= 0 and smaller"),
         (["--train-data", "/no/such.json"], "data file not found: /no/such.json"),
         (["--lr", "-1"], "lr must be positive"),
+        (["--negatives", "-1"], "negatives must be a whole number >= 0, got -1"),
+        (["--negatives", "1.5"], "argument --negatives: invalid int value: '1.5'"),
     ],
 )
 def test_bad_input_gives_a_clear_error(tmp_path, args, message):
@@ -224,10 +250,15 @@ def test_predict_names_the_bad_line(tmp_path, tiny_dir, content, message):
 def test_predict_rejects_a_zero_batch_size_and_writes_strict_json(tmp_path, tiny_dir):
     result = script("predict.py", tiny_dir, "-q", "Who?", "-c", "Ann.", "--batch-size", "0", check=False)
     assert result.returncode == 2 and "must be at least 1" in result.stderr
-    # A context the tokenizer turns into no tokens at all (a zero-width space) has no span to score.
-    out = script("predict.py", tiny_dir, "-q", "Who?", "-c", "\u200b").stdout
-    record = json.loads(out, parse_constant=lambda name: pytest.fail(f"not strict JSON: {name}"))
-    assert record["score"] is None and record["answer"] == ""
+    out = script("predict.py", tiny_dir, "-q", "Who?", "-c", "Ann wrote it.").stdout
+    json.loads(out, parse_constant=lambda name: pytest.fail(f"not strict JSON: {name}"))
+    # A context the tokenizer turns into no tokens at all (a zero-width space) is refused, named by its place.
+    result = script("predict.py", tiny_dir, "-q", "Who?", "-c", "\u200b", check=False)
+    assert result.returncode == 2 and "--question/--context: 'context' yields no tokens" in result.stderr
+    questions = tmp_path / "q.jsonl"
+    questions.write_text('{"question": "Who?", "context": "Ann."}\n{"question": "\\u0001", "context": "Ann."}\n')
+    result = script("predict.py", tiny_dir, "--file", questions, check=False)
+    assert result.returncode == 2 and "q.jsonl: line 2: 'question' yields no tokens" in result.stderr
 
 
 def test_a_config_file_that_is_broken_is_named(tmp_path):
