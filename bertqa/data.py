@@ -197,6 +197,13 @@ class NoTokensError(ValueError):
         super().__init__(message)
         self.example_id, self.field = example_id, field
 
+    def __reduce__(self) -> tuple[Any, ...]:  # raised in tokenizing worker processes: it must survive pickling
+        return _no_tokens_error, (str(self), self.example_id, self.field)
+
+
+def _no_tokens_error(message: str, example_id: str, field: str) -> NoTokensError:
+    return NoTokensError(message, example_id=example_id, field=field)
+
 
 def _refuse_tokenless(examples: Sequence[Example], question_tokens: Sequence[int], features: Features) -> None:
     """A question or context that is not blank but that the tokenizer turns into no tokens at all (zero-width

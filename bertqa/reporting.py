@@ -259,6 +259,10 @@ def log_plan(
             else "the evaluation data itself (optimistic: no held-out training question has no answer)"
         )
         logger.info("the no-answer threshold is chosen at each evaluation on %s", chosen)  # fmt: skip
+    if examples.calibration and not is_v2(examples.calibration):
+        logger.warning("the threshold's %d held-out training questions hold no unanswerable one: the threshold "
+                       "chosen on them answers everything (hold out more: --calibration-split)",
+                       len(examples.calibration))  # fmt: skip
     logger.info("label self-check:\n%s", labels.format())
     logger.info(
         "%d train examples -> %d windows; %d eval examples -> %d windows (%s, from %s); %d processes on %s, precision "

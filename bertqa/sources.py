@@ -9,6 +9,7 @@ Every split keeps whole articles on one side, so no passage is both trained on a
 from __future__ import annotations
 
 import dataclasses
+import logging
 import random
 import re
 from collections import Counter
@@ -21,6 +22,8 @@ from typing import Any
 from bertqa.examples import Example, LoadReport, is_v2
 from bertqa.loading import as_examples, load_squad
 from bertqa.negatives import NegativesReport, add_negatives
+
+logger = logging.getLogger("bertqa")
 
 __all__ = [
     "RunExamples",
@@ -125,6 +128,10 @@ def run_examples(
     if negatives:
         add = partial(add_negatives, per_question=negatives, seed=seed)
         train, report = add(train, pool=pools["train"], side="training")
+        if not report.added:
+            found = report.format().split(": ", 1)[1]
+            raise ValueError(f"negatives={negatives} added no unanswerable example to the training data ({found}): "
+                             "there is nothing to learn 'no answer' from")  # fmt: skip
         reports.append(report)
         calibration, report = add(calibration, pool=pools["calibration"], side="the threshold's held-out questions")
         reports.append(report)
@@ -159,7 +166,11 @@ def load_examples(
     """
     parts = source_parts(source)
     if len(parts) > 1:
-        loaded = [load_examples(part, answerable=answerable, column_map=column_map) for part in parts]
+        try:
+            loaded = [load_examples(part, answerable=answerable, column_map=column_map) for part in parts]
+        except FileNotFoundError as err:
+            raise FileNotFoundError(f"{err} ('+' joins sources: {source!r} was read as {len(parts)}: "
+                                    f"{', '.join(map(repr, parts))})") from err  # fmt: skip
         examples = _joined([exs for exs, _ in loaded], parts)
         return subsample(examples, max_examples, seed=seed), _joined_report([r for _, r in loaded], str(source))
     named, (source, articles) = source, split_article_range(source)
@@ -235,25 +246,27 @@ def hold_out(
 ) -> tuple[list[Example], list[Example]]:
     """Split off a seeded `share` of the examples for `purpose`: (kept, held out), each in the original order.
 
-    Whole articles go to one side (by title when the examples have titles, else by context), so no passage is both
-    trained on and evaluated on. The held-out side is the first articles of a seeded shuffle that reach the share.
+    Whole articles go to one side (an article is a title; an example without a title is its passage's own article),
+    so no passage is both trained on and evaluated on. The held-out side is the first articles of a seeded shuffle
+    that reach the share; when whole articles make it much larger than asked, that is said.
     """
     if not 0 < share < 1:
         raise ValueError(f"the held-out share must be between 0 and 1, got {share}")
-    by_title = any(ex.title for ex in examples)
-    group_of = (lambda ex: ex.title) if by_title else (lambda ex: ex.context)
-    sizes = Counter(group_of(ex) for ex in examples)  # in order of first appearance
+    if not examples:
+        raise ValueError(f"cannot hold out {purpose} data: there are no examples")
+    sizes = Counter(map(_article, examples))  # in order of first appearance
     groups = list(sizes)
     if len(groups) < 2:
         advice = {
             "evaluation": "pass evaluation data instead",
-            "calibration": "a SQuAD v2 run chooses its no-answer threshold on held-out training articles",
+            "calibration": "a SQuAD v2 run (unanswerable questions, or --negatives) chooses its no-answer threshold "
+            "on held-out training articles, so its training data needs at least two",
         }.get(purpose, "")
         raise ValueError(
-            f"cannot hold out {purpose} data: all {len(examples)} examples share one "
-            f"{'title' if by_title else 'context'}" + (f"; {advice}" if advice else "")
+            f"cannot hold out {purpose} data: all {len(examples)} examples are of one article (one title, or one "
+            "passage where there is no title)" + (f"; {advice}" if advice else "")
         )
-    held: set[str] = set()
+    held: set[tuple[str, str]] = set()
     sum_held = 0
     order = random.Random(seed).sample(groups, len(groups))
     for group in order[:-1]:  # at least one article stays for training
@@ -261,7 +274,16 @@ def hold_out(
             break
         held.add(group)
         sum_held += sizes[group]
-    return [ex for ex in examples if group_of(ex) not in held], [ex for ex in examples if group_of(ex) in held]
+    if sum_held > max(2 * share, share + 0.05) * len(examples):
+        logger.warning(
+            "the %s share holds %d of %d examples (%.0f%%, %.0f%% asked): whole articles (%d in all) go to one side",
+            *(purpose, sum_held, len(examples), 100 * sum_held / len(examples), 100 * share, len(groups)),
+        )
+    return [ex for ex in examples if _article(ex) not in held], [ex for ex in examples if _article(ex) in held]
+
+
+def _article(ex: Example) -> tuple[str, str]:
+    return ("title", ex.title) if ex.title else ("passage", ex.context)
 
 
 def answerable_only(examples: Iterable[Example]) -> list[Example]:

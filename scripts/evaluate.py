@@ -100,13 +100,16 @@ def evaluate_model(
     logger.info("loaded %s", report.format())
     features = tokenize_examples(examples, tokenizer, Window.from_dict(settings))
     model = accelerator.prepare(build_model(model_dir))
-    v2 = is_v2(examples)
-    if (Path(model_dir) / "bertqa.json").is_file() and v2 != bool(settings["v2"]):
+    # As in training: a v2 model is scored as v2 on any data (its "no answer" counts), v2 data with any model.
+    data_v2, model_v2 = is_v2(examples), bool(settings["v2"])
+    v2 = data_v2 or model_v2
+    if (Path(model_dir) / "bertqa.json").is_file() and data_v2 != model_v2:
         logger.warning(
             "VERSION MISMATCH: %s was trained on SQuAD %s data but %s is SQuAD %s: %s",
-            *(model_dir, "v2.0" if settings["v2"] else "v1.1", eval_data, "v2.0" if v2 else "v1.1"),
+            *(model_dir, "v2.0" if model_v2 else "v1.1", eval_data, "v2.0" if data_v2 else "v1.1"),
             "its unanswerable questions count against a model that never learned to say 'no answer'"
-            if v2 else "it is scored as v1.1 (every question has an answer) and the no-answer threshold is not used",
+            if data_v2 else "it is scored as v2.0 with the model's no-answer threshold, as in training, so each "
+            "'no answer' counts as wrong here (every question has an answer)",
         )  # fmt: skip
     logger.info(
         "evaluating %d examples (%d windows, %s) on %d processes",

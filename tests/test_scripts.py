@@ -87,7 +87,7 @@ def test_train_evaluate_predict(tmp_path, tiny_dir):
     assert meta["threshold_calibrated_on"]["source"].startswith("the evaluation data")
     assert "was chosen on its evaluation data dev-v2.0" in recorded and "optimistic" in recorded
     mismatch = script("evaluate.py", run / "final_model", "--data", "dev-v1.1", "--max-examples", "8").stderr
-    assert "VERSION MISMATCH" in mismatch and "scored as v1.1" in mismatch
+    assert "VERSION MISMATCH" in mismatch and "scored as v2.0 with the model's no-answer threshold" in mismatch
 
     questions = tmp_path / "q.jsonl"
     questions.write_text(
