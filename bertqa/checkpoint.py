@@ -208,7 +208,7 @@ def model_meta(
     meta["column_map"] = column_map
     if examples.v2:
         on = examples.calibration
-        where = f"{examples.calibration_split:.0%} of the training data, held out by article"
+        where = f"{examples.calibration_split:.0%} of the training data, held out by article (title, else passage)"
         meta["threshold_calibrated_on"] = {"source": where if on else "the evaluation data (optimistic)",
                                            "questions": len(on or examples.eval)}  # fmt: skip
     return meta

@@ -15,7 +15,6 @@ import re
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -125,20 +124,34 @@ def run_examples(
         train = subsample(train, max_train_examples, seed=seed)
     if eval_examples is None:
         evaluation = subsample(evaluation, max_eval_examples, seed=seed)
-    if negatives:
-        add = partial(add_negatives, per_question=negatives, seed=seed)
-        train, report = add(train, pool=pools["train"], side="training")
-        if not report.added:
+    sides = {"train": train, "calibration": calibration, "eval": evaluation}
+    if negatives:  # a held-out evaluation share is of the same data: it is scored on saying "no answer" too
+        held_out_eval = isinstance(source, float) and eval_examples is None
+        reports += _add_negatives(sides, pools, negatives, seed=seed, eval_too=held_out_eval)
+    return RunExamples(sides["train"], sides["eval"], sides["calibration"], calibration_split, tuple(reports),
+                       described, named)  # fmt: skip
+
+
+_SIDES = {
+    "train": "training",
+    "calibration": "the threshold's held-out questions",
+    "eval": "the held-out evaluation share",
+}
+
+
+def _add_negatives(
+    sides: dict[str, list[Example]], pools: dict[str, list[Example]], negatives: int, *, seed: int, eval_too: bool
+) -> list[NegativesReport]:
+    """Add negatives to each side in place, each from its own side's passages (no passage crosses a split)."""
+    reports = []
+    for side in ("train", "calibration", "eval") if eval_too else ("train", "calibration"):
+        sides[side], report = add_negatives(sides[side], negatives, seed=seed, pool=pools[side], side=_SIDES[side])
+        if side == "train" and not report.added:
             found = report.format().split(": ", 1)[1]
             raise ValueError(f"negatives={negatives} added no unanswerable example to the training data ({found}): "
                              "there is nothing to learn 'no answer' from")  # fmt: skip
         reports.append(report)
-        calibration, report = add(calibration, pool=pools["calibration"], side="the threshold's held-out questions")
-        reports.append(report)
-        if isinstance(source, float) and eval_examples is None:  # held out of the same data: score saying no too
-            evaluation, report = add(evaluation, pool=pools["eval"], side="the held-out evaluation share")
-            reports.append(report)
-    return RunExamples(train, evaluation, calibration, calibration_split, tuple(reports), described, named)
+    return reports
 
 
 def _findable(source: str) -> str:

@@ -69,3 +69,20 @@ def test_trainer_baseline_trains_on_the_same_windows(tmp_path, tiny_dir):
     assert report["eval_windows"] >= 24 and 0 <= report["f1"] <= 100
     assert report["last_logged_loss"] < report["first_logged_loss"]  # lr 1e-3 on a tiny model: it does move
     assert report["train_time_s"] > 0 and report["config"]["batch_size"] == 4
+
+
+def test_v2_thresholds_scores_a_run_at_each_kind_of_threshold(tmp_path, tiny_dir):
+    run = tmp_path / "run"
+    args = ["--model", tiny_dir, *SMALL, "--negatives", "1", "--max-steps", "2", "--label-check-min", "0.9"]
+    script("train.py", *args, "--output-dir", run)
+    out = script("benchmarks/v2_thresholds.py", run).stdout
+    table = json.loads((run / "v2_thresholds.json").read_text())
+    assert [row["threshold chosen on"].split(" (")[0] for row in table["rows"]] == [
+        "held-out training questions, negatives included",
+        "held-out training questions without the negatives",
+        "0",
+        "the evaluation data's own best",
+    ]
+    best = table["rows"][-1]["F1"]
+    assert all(row["F1"] <= best for row in table["rows"])  # the evaluation data's own best is an upper bound
+    assert best >= round(table["all_null_f1"], 2) and '"no answer" to everything' in out
