@@ -152,8 +152,8 @@ class _Candidates:
     def __call__(self, ex: Example, seed: int) -> Iterator[tuple[str, tuple[str, str]]]:
         rng = random.Random(f"{seed}:{ex.id}")
         seen = set(self.holding.get(ex.context, ()))  # its own passage is no negative
-        same = [i for i in self.articles.get(ex.title, []) if i not in seen] if ex.title else []
-        yield from self._fresh(rng.sample(same, len(same)), seen, "same article")
+        same = self.articles.get(ex.title, []) if ex.title else []
+        yield from self._fresh(rng.sample(same, len(same)), seen, "same article")  # its own passage is skipped
         shared: Counter[int] = Counter()
         for word in set(_WORD.findall(ex.question.lower())):
             shared.update(self.postings.get(word, ()))
