@@ -16,25 +16,24 @@ import json
 from pathlib import Path
 
 from bertqa.config import load_config
-from bertqa.data import tokenize_examples
-from bertqa.inference import eval_batches, predict_logits
 from bertqa.metrics import squad_v2_scores
 from bertqa.model import build_model, build_tokenizer
-from bertqa.postprocess import postprocess
 from bertqa.runtime import resolve_precision
+from bertqa.serving import answer_questions
 from bertqa.sources import run_examples
 
 
 def predictions(model, tokenizer, examples, config):
+    """(span texts, no-answer scores, gold answers) by question id, from the same path `Answerer` takes."""
     import torch
 
-    features = tokenize_examples(examples, tokenizer, config.window)
-    loader = eval_batches(features, batch_size=config.eval_batch_size, pad_token_id=tokenizer.pad_token_id)
+    settings = {**config.window.to_dict(), "max_answer_length": config.max_answer_length}
+    pairs = [(ex.question, ex.context) for ex in examples]
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=resolve_precision("auto") == "bf16"):
-        start, end = predict_logits(model, loader, progress=True)
-    preds = postprocess(examples, features, start, end, max_answer_length=config.max_answer_length)
+        preds = answer_questions(model, tokenizer, pairs, settings=settings, batch_size=config.eval_batch_size)
     golds = {ex.id: list(ex.answer_texts) for ex in examples}
-    return {q: p.text for q, p in preds.items()}, {q: p.no_answer_score for q, p in preds.items()}, golds
+    by_id = dict(zip(golds, preds))
+    return {q: p.text for q, p in by_id.items()}, {q: p.no_answer_score for q, p in by_id.items()}, golds
 
 
 def main() -> None:

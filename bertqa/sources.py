@@ -147,8 +147,9 @@ def _add_negatives(
     for side in ("train", "calibration", "eval") if eval_too else ("train", "calibration"):
         sides[side], report = add_negatives(sides[side], negatives, seed=seed, pool=pools[side], side=_SIDES[side])
         if side == "train" and not report.added:
-            found = report.format().split(": ", 1)[1]
-            raise ValueError(f"negatives={negatives} added no unanswerable example to the training data ({found}): "
+            why = (f"every other passage held the answer of each of its {report.questions:,} answerable questions"
+                   if report.questions else "it has no answerable question")  # fmt: skip
+            raise ValueError(f"negatives={negatives} added no unanswerable example to the training data ({why}): "
                              "there is nothing to learn 'no answer' from")  # fmt: skip
         reports.append(report)
     return reports
@@ -267,7 +268,8 @@ def hold_out(
         raise ValueError(f"the held-out share must be between 0 and 1, got {share}")
     if not examples:
         raise ValueError(f"cannot hold out {purpose} data: there are no examples")
-    sizes = Counter(map(_article, examples))  # in order of first appearance
+    articles = [_article(ex) for ex in examples]
+    sizes = Counter(articles)  # in order of first appearance
     groups = list(sizes)
     if len(groups) < 2:
         advice = {
@@ -292,7 +294,8 @@ def hold_out(
             "the %s share holds %d of %d examples (%.0f%%, %.0f%% asked): whole articles (%d in all) go to one side",
             *(purpose, sum_held, len(examples), 100 * sum_held / len(examples), 100 * share, len(groups)),
         )
-    return [ex for ex in examples if _article(ex) not in held], [ex for ex in examples if _article(ex) in held]
+    kept = [ex for ex, article in zip(examples, articles) if article not in held]
+    return kept, [ex for ex, article in zip(examples, articles) if article in held]
 
 
 def _article(ex: Example) -> tuple[str, str]:
