@@ -79,6 +79,32 @@ class TrainConfig:
     adam_eps: float = _f(1e-8, "AdamW epsilon")
     max_grad_norm: float = _f(1.0, "clip the gradient norm to this (0 disables)")
     seed: int = _f(42, "seed for initialisation, subsets, shuffling and dropout")
+    layer_lr_decay: float = _f(
+        1.0,
+        "layer-wise LR decay (1 = off): the QA head gets lr, the top encoder layer lr x this, each layer below the "
+        "LR of the one above x this, the embeddings the lowest (BERT, RoBERTa, ELECTRA, DeBERTa, DistilBERT)",
+    )
+    early_stopping_patience: int | None = _f(
+        None, "end the run after this many evaluations in a row without an F1 gain of early_stopping_min_delta"
+    )
+    early_stopping_min_delta: float = _f(0.0, "the smallest F1 gain (points) that resets early stopping's count")
+    # a smaller student, and distillation
+    num_layers: int | None = _f(
+        None, "keep only this many encoder layers of the model (a smaller student); which ones: layer_pick"
+    )
+    layer_pick: str = _f(
+        "first",
+        "which layers num_layers keeps: the first N, or every k-th (k = depth // N, as DistilBERT took every "
+        "second layer of BERT)",
+        choices=("first", "every-kth"),
+    )
+    teacher: str | None = _f(
+        None,
+        "distil from this trained QA model (a folder bertqa or transformers saved, same tokenizer): the loss mixes "
+        "the gold-span loss with the KL divergence to the teacher's start/end distributions",
+    )
+    distill_alpha: float = _f(0.5, "with a teacher: the KL term's share of the loss (1 - alpha: the gold spans')")
+    distill_temperature: float = _f(2.0, "with a teacher: softmax temperature of both distributions in the KL term")
     # speed
     mixed_precision: str = _f(
         "auto",
@@ -268,6 +294,18 @@ def _value_problems(c: TrainConfig) -> list[str]:
         problems.append("warmup_ratio must be in [0, 1)")
     if c.lr <= 0:
         problems.append("lr must be positive")
+    if not 0 < c.layer_lr_decay <= 1:
+        problems.append(f"layer_lr_decay must be in (0, 1] (1 = off), got {c.layer_lr_decay}")
+    if c.early_stopping_patience is not None and c.early_stopping_patience < 1:
+        problems.append(f"early_stopping_patience must be at least 1 evaluation, got {c.early_stopping_patience}")
+    if not c.early_stopping_min_delta >= 0:
+        problems.append(f"early_stopping_min_delta must be >= 0, got {c.early_stopping_min_delta}")
+    if c.num_layers is not None and c.num_layers < 1:
+        problems.append(f"num_layers must be at least 1, got {c.num_layers}")
+    if not 0 <= c.distill_alpha <= 1:
+        problems.append(f"distill_alpha must be in [0, 1], got {c.distill_alpha}")
+    if not c.distill_temperature > 0:
+        problems.append(f"distill_temperature must be positive, got {c.distill_temperature}")
     if not 0 <= c.label_check_min <= 1:
         problems.append("label_check_min must be in [0, 1]")
     for f in dataclasses.fields(c):

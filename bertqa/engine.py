@@ -27,10 +27,20 @@ from bertqa.cache import prepare_data
 from bertqa.data import Example, check_labels
 from bertqa.inference import eval_batches, evaluate
 from bertqa.model import check_model_limits
-from bertqa.optim import build_optimizer, build_scheduler, count_updates, fused_adamw_applies, set_hyperparameters
+from bertqa.optim import (
+    OptimizerFactory,
+    build_optimizer,
+    build_scheduler,
+    count_updates,
+    describe_groups,
+    fused_adamw_applies,
+    hyperparameters,
+    restore_hyperparameters,
+)
 from bertqa.reporting import LogMeter, RunRecorder, log_plan
 from bertqa.runtime import check_trackers, make_accelerator, resolve_precision
 from bertqa.sources import run_examples
+from bertqa.state import EarlyStopping, StopTraining, TrainState, Update, notify
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -39,6 +49,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DataOrder",
+    "EarlyStopping",
     "NonFiniteLossError",
     "StopTraining",
     "TrainState",
@@ -47,6 +58,7 @@ __all__ = [
     "fit",
     "make_accelerator",
     "model_inputs",
+    "notify",
     "qa_loss",
     "train_one_epoch",
 ]
@@ -60,58 +72,6 @@ EvalObserver = Callable[[Mapping[str, Any]], None]
 
 class NonFiniteLossError(FloatingPointError):
     """The training loss became NaN or infinite."""
-
-
-class StopTraining(Exception):
-    """Raise it from an update callback or an evaluation observer to end the run after the current update (not from
-    a loss: that is mid-update, and it propagates like any other error).
-
-    `fit` then evaluates, checkpoints and saves the final model as at a normal end, and its summary says why
-    (`stopped_early`). The reason is kept in `TrainState`, which every checkpoint saves, so a resumed run that was
-    stopped stays stopped. With several processes every process must decide alike: they see the same updates and
-    the same evaluation records (`Update.loss` is this process's own; reduce it before deciding on it).
-    """
-
-
-@dataclass
-class Update:
-    """What callbacks see after each optimizer update. `loss` stays on the device: reading it is a sync point."""
-
-    step: int
-    epoch: int
-    lr: float
-    loss: torch.Tensor
-
-
-@dataclass
-class TrainState:
-    """Loop position, saved in every checkpoint so a resumed run continues at the same micro-batch."""
-
-    step: int = 0
-    epoch: int = 0
-    batches_done: int = 0  # micro-batches of `epoch` already consumed
-    best_f1: float = -1.0
-    stop_reason: str | None = None  # set by `StopTraining`: the run ends after this update
-
-    def state_dict(self) -> dict[str, Any]:
-        return dict(vars(self))
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        for key, value in state.items():
-            setattr(self, key, value)
-
-
-def notify(observers: Iterable[Callable[[Any], None]], event: Any, state: TrainState) -> None:
-    """Call every observer with `event`; a `StopTraining` from any of them is kept in `state` (the first reason
-    wins) and the others are still called, so each one sees every event."""
-    for observer in observers:
-        try:
-            observer(event)
-        except StopTraining as stop:
-            if state.stop_reason is None:  # without a message, name who stopped it (a partial by its function)
-                name = getattr(observer, "__name__", None) or getattr(getattr(observer, "func", None), "__name__", "")
-                state.stop_reason = str(stop) or f"StopTraining from {name or type(observer).__name__}"
-                logger.info("stopping after update %d: %s", state.step, state.stop_reason)
 
 
 def qa_loss(start_logits: torch.Tensor, end_logits: torch.Tensor, batch: Batch) -> torch.Tensor:
@@ -217,6 +177,7 @@ class _Training:
     per_epoch: int
     total_steps: int
     warmup_steps: int
+    hyperparameters: list[dict[str, float]]  # as built: what a resumed run's own settings put back
 
 
 def _build_training(
@@ -224,25 +185,40 @@ def _build_training(
     model: torch.nn.Module,
     loader: torch.utils.data.DataLoader,
     sampler: LengthGroupedBatchSampler,
+    make_optimizer: OptimizerFactory,
     *,
-    lr: float,
-    weight_decay: float,
-    eps: float,
     grad_accum: int,
     epochs: float,
     max_steps: int | None,
     warmup_ratio: float,
     schedule: str,
 ) -> _Training:
-    fused = fused_adamw_applies(accelerator.device.type)
-    optimizer = build_optimizer(model, lr=lr, weight_decay=weight_decay, eps=eps, fused=fused)
+    optimizer = make_optimizer(model)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     per_epoch, total = count_updates(len(loader), grad_accum=grad_accum, epochs=epochs, max_steps=max_steps)
     warmup = round(warmup_ratio * total)
     scheduler = build_scheduler(optimizer, total_steps=total, warmup_steps=warmup, schedule=schedule)
+    logger.info("optimizer %s, parameter groups:\n%s", type(optimizer).__name__, describe_groups(optimizer))
     state = TrainState()
     accelerator.register_for_checkpointing(scheduler, state)
-    return _Training(model, optimizer, scheduler, DataOrder(loader, sampler), state, per_epoch, total, warmup)
+    order = DataOrder(loader, sampler)
+    return _Training(model, optimizer, scheduler, order, state, per_epoch, total, warmup, hyperparameters(optimizer))
+
+
+def _count_evaluations(*, total: int, per_epoch: int, eval_every: int | None, eval_first: bool) -> int:
+    """How many evaluations a run makes before its last update (the ones that can end it early)."""
+    points = set(range(per_epoch, total, per_epoch)) | set(range(eval_every or total, total, eval_every or total))
+    return len(points) + eval_first
+
+
+def _early_stopping(state: TrainState, *, patience: int, min_delta: float, evaluations: int) -> EarlyStopping:
+    if evaluations < patience + 1:  # one evaluation sets the best F1, `patience` more without a gain end the run
+        raise ValueError(
+            f"early_stopping_patience={patience} can never end this run: it evaluates {evaluations} time(s) before "
+            f"its last update and needs {patience + 1}; evaluate more often (eval_every_steps), train longer, or "
+            "lower the patience"
+        )
+    return EarlyStopping(state, patience=patience, min_delta=min_delta)
 
 
 @dataclass
@@ -310,19 +286,26 @@ def fit(
     compute_loss: LossFn = default_loss,
     callbacks: Sequence[Callback] = (),
     on_evaluate: Sequence[EvalObserver] = (),
+    optimizer: OptimizerFactory | None = None,
 ) -> dict[str, Any]:
     """Train and evaluate as `config` says; return a summary (steps, times, final and best scores, `stopped_early`).
 
     Anything passed in replaces what the config would build: your own model, tokenizer or examples (`Example`s or a
-    `datasets.Dataset` of records). `callbacks` get an `Update` after every optimizer update, `on_evaluate` observers
-    every evaluation record (a line of `metrics.jsonl`); any of them may end the run by raising `StopTraining`.
+    `datasets.Dataset` of records), your own `optimizer` (a factory: `optimizer(model)` returns it; the schedule is
+    still bertqa's, counted in updates). `callbacks` get an `Update` after every optimizer update, `on_evaluate`
+    observers every evaluation record (a line of `metrics.jsonl`); any of them may end the run by raising
+    `StopTraining`. A `config.teacher` makes the loss `bertqa.distill.Distillation` (give it or your own loss).
     """
     from accelerate.utils import set_seed
 
     from bertqa.model import build_model, build_tokenizer
 
     c, out = config, Path(config.output_dir)
-    resume_from, record = checkpoint.resume_point(out, c.to_dict(), resume=c.resume, overwrite=c.overwrite,
+    if c.teacher is not None and compute_loss is not default_loss:
+        raise ValueError("give a teacher or your own compute_loss, not both (build bertqa.distill.Distillation into "
+                         "your loss to have both)")  # fmt: skip
+    settings = {**c.to_dict(), **_teacher_record(c.teacher)}
+    resume_from, record = checkpoint.resume_point(out, settings, resume=c.resume, overwrite=c.overwrite,
                                                   accept_changes=c.accept_changes)  # fmt: skip
     check_trackers(c.report_to)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = c.tf32
@@ -331,26 +314,40 @@ def fit(
                                    timeout_s=c.collective_timeout_s)  # fmt: skip
     set_seed(c.seed)
     tokenizer = tokenizer if tokenizer is not None else build_tokenizer(c.model)
-    check_model_limits(model if model is not None else c.model, tokenizer, c.window)
+    check_model_limits(model if model is not None else c.model, tokenizer, c.window,
+                       num_layers=c.num_layers if model is None else None)  # fmt: skip
     with accelerator.main_process_first():  # the main process fills the window cache, the others read it
         examples = run_examples(**c.example_settings(), train_examples=train_examples, eval_examples=eval_examples)
         data = prepare_data(examples, tokenizer, window=c.window, cache_dir=c.cache_dir, num_proc=c.tokenize_workers)
         labels = check_labels(data.train_features, examples.train, min_match_rate=c.label_check_min)
     if model is None:
-        model = build_model(c.model, attn_implementation=c.attn_implementation, attention_dropout=c.attention_dropout)
-    elif c.attention_dropout is not None:
-        logger.warning("attention_dropout applies to models fit builds; the model passed in keeps its own")
+        model = build_model(c.model, attn_implementation=c.attn_implementation, attention_dropout=c.attention_dropout,
+                            num_layers=c.num_layers, layer_pick=c.layer_pick)  # fmt: skip
+    elif c.attention_dropout is not None or c.num_layers is not None:
+        logger.warning("attention_dropout and num_layers apply to models fit builds; the model passed in keeps its own")
+    if c.teacher is not None:
+        from bertqa.distill import Distillation, load_teacher
+
+        teacher = load_teacher(c.teacher, student_tokenizer=tokenizer, device=accelerator.device)
+        compute_loss = Distillation(teacher, c.distill_alpha, c.distill_temperature, autocast=accelerator.autocast)
     loader, sampler = train_loader(data.train_features, batch_size=c.batch_size, seed=c.seed,
                                    group_by_length=c.group_by_length, pad_token_id=tokenizer.pad_token_id,
                                    pad_to_multiple_of=c.pad_to_multiple_of, num_workers=c.num_workers,
                                    pin_memory=accelerator.device.type == "cuda")  # fmt: skip
+    adamw = partial(build_optimizer, lr=c.lr, weight_decay=c.weight_decay, eps=c.adam_eps,
+                    fused=fused_adamw_applies(accelerator.device.type), layer_lr_decay=c.layer_lr_decay)  # fmt: skip
     run = _build_training(accelerator, torch.compile(model, dynamic=True) if c.compile else model, loader, sampler,
-                          lr=c.lr, weight_decay=c.weight_decay, eps=c.adam_eps, grad_accum=c.grad_accum,
-                          epochs=c.epochs, max_steps=c.max_steps, warmup_ratio=c.warmup_ratio,
-                          schedule=c.schedule)  # fmt: skip
+                          optimizer or adamw, grad_accum=c.grad_accum, epochs=c.epochs, max_steps=c.max_steps,
+                          warmup_ratio=c.warmup_ratio, schedule=c.schedule)  # fmt: skip
+    if c.early_stopping_patience is not None:
+        evaluations = _count_evaluations(total=run.total_steps, per_epoch=run.per_epoch, eval_every=c.eval_every_steps,
+                                         eval_first=c.eval_before_training)  # fmt: skip
+        stopper = _early_stopping(run.state, patience=c.early_stopping_patience,
+                                  min_delta=c.early_stopping_min_delta, evaluations=evaluations)  # fmt: skip
+        on_evaluate = [*on_evaluate, stopper]
     if resume_from is not None:
         accelerator.load_state(str(resume_from))
-        set_hyperparameters(run.optimizer, run.scheduler, lr=c.lr, weight_decay=c.weight_decay, eps=c.adam_eps)
+        restore_hyperparameters(run.optimizer, run.scheduler, run.hyperparameters)
         logger.info("resumed from %s at step %d (epoch %d)", resume_from, run.state.step, run.state.epoch)
     recorder = RunRecorder(out, is_main=accelerator.is_main_process, total_steps=run.total_steps,
                            step=run.state.step, tracker_log=accelerator.log)  # fmt: skip
@@ -381,6 +378,17 @@ def fit(
     return {**summary, "label_report": labels, "output_dir": str(out)}
 
 
+def _teacher_record(teacher: str | None) -> dict[str, str]:
+    """What a run records of its teacher beyond the config's path: a digest of its weights, so a teacher retrained
+    in the same folder is a change of computation on resume."""
+    if teacher is None:
+        return {}
+    from bertqa.distill import teacher_fingerprint
+
+    digest = teacher_fingerprint(teacher)
+    return {"_teacher_weights": digest} if digest else {}
+
+
 def _train(
     accelerator: Accelerator,
     run: _Training,
@@ -407,6 +415,7 @@ def _train(
             evaluation(run.model, state, **({"train_loss": stats["train_loss"]} if stats["updates"] else {}))
         save(state.step)
     if state.stop_reason is not None:  # also when an evaluation before training stopped it: resuming keeps the stop
+        evaluation.recorder.log_stop(step=state.step, epoch=state.epoch, reason=state.stop_reason)
         save(state.step)
     last_eval = evaluation.last
     if last_eval.get("step") != state.step:  # resumed after the final checkpoint: its evaluation is on record

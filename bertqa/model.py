@@ -8,7 +8,16 @@ from typing import Any
 
 import torch
 
-__all__ = ["MODEL_ALIASES", "ModelNotFoundError", "build_model", "build_tokenizer", "resolve_model"]
+__all__ = [
+    "MODEL_ALIASES",
+    "ModelNotFoundError",
+    "build_model",
+    "build_tokenizer",
+    "keep_layers",
+    "model_depth",
+    "pick_layers",
+    "resolve_model",
+]
 
 # Short names for models that install offline as Python packages: alias -> (package, folder inside it, pip line).
 MODEL_ALIASES = {
@@ -88,6 +97,8 @@ def build_model(
     attn_implementation: str | None = None,
     attention_dropout: float | None = None,
     config_overrides: dict[str, Any] | None = None,
+    num_layers: int | None = None,
+    layer_pick: str = "first",
 ) -> torch.nn.Module:
     """A question-answering model: pretrained weights (a fresh QA head), or randomly initialised from the config.
 
@@ -95,7 +106,8 @@ def build_model(
     keep the stored dtype): they are the master weights that AdamW updates, and mixed precision only casts the
     compute. `attention_dropout` replaces the dropout on attention probabilities (None keeps the model's own).
     `config_overrides` changes config fields first (e.g. `{"hidden_dropout_prob": 0.0}`, or a smaller shape when
-    `pretrained=False`).
+    `pretrained=False`). `num_layers` keeps that many of its encoder layers, chosen by `layer_pick` (`pick_layers`):
+    a smaller student that starts from the pretrained layers it keeps.
     """
     from transformers import AutoConfig, AutoModelForQuestionAnswering
 
@@ -116,13 +128,62 @@ def build_model(
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
     if not pretrained:
-        return AutoModelForQuestionAnswering.from_config(config, **kwargs).to(dtype)
-    return _load("model", AutoModelForQuestionAnswering.from_pretrained, name, config=config, dtype=dtype, **kwargs)
+        model = AutoModelForQuestionAnswering.from_config(config, **kwargs).to(dtype)
+    else:
+        model = _load("model", AutoModelForQuestionAnswering.from_pretrained, name, config=config, dtype=dtype,
+                      **kwargs)  # fmt: skip
+    if num_layers is not None:
+        keep_layers(model, pick_layers(model_depth(config, name), num_layers, layer_pick, name=name))
+    return model
 
 
-def check_model_limits(model: torch.nn.Module | str | Path, tokenizer: Any, window: Any) -> None:
-    """Refuse, before any work, settings the model cannot run: windows longer than its position table, or a
-    tokenizer with more tokens than its embedding table (`model` is a module, or a name to read the config of)."""
+# Where configs keep the number of encoder layers (BERT-style; DistilBERT).
+DEPTH_KEYS = ("num_hidden_layers", "n_layers")
+
+
+def model_depth(config: Any, name: str = "the model") -> int:
+    """How many encoder layers a model config describes."""
+    depth = next((getattr(config, key) for key in DEPTH_KEYS if isinstance(getattr(config, key, None), int)), None)
+    if depth is None:
+        raise ValueError(f"{name}: its config has none of {', '.join(DEPTH_KEYS)}, so its layers cannot be counted")
+    return depth
+
+
+def pick_layers(depth: int, num_layers: int, pick: str = "first", *, name: str = "the model") -> list[int]:
+    """The indices of the encoder layers a `num_layers` student keeps out of `depth`: the first N, or every k-th
+    with k = depth // N (DistilBERT kept every second layer of BERT-base: 0, 2, ..., 10)."""
+    if not 1 <= num_layers <= depth:
+        raise ValueError(f"num_layers={num_layers}: {name} has {depth} encoder layers; choose 1 to {depth}")
+    if pick == "first":
+        return list(range(num_layers))
+    if pick == "every-kth":
+        return [i * (depth // num_layers) for i in range(num_layers)]
+    raise ValueError(f"layer_pick must be 'first' or 'every-kth', got {pick!r}")
+
+
+def keep_layers(model: torch.nn.Module, indices: list[int]) -> torch.nn.Module:
+    """Keep only the encoder layers at `indices` (in that order), in place, and say so in the model's config, so
+    that `save_pretrained` writes a model that loads back as the smaller one."""
+    depth = model_depth(model.config, type(model).__name__)
+    found = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.ModuleList) and len(m) == depth
+             and n.rsplit(".", 1)[-1] in ("layer", "layers")]  # fmt: skip
+    if len(found) != 1:
+        raise ValueError(f"{type(model).__name__}: cannot find its one list of {depth} encoder layers to shorten")
+    path, layers = found[0]
+    parent = model.get_submodule(path.rsplit(".", 1)[0]) if "." in path else model
+    setattr(parent, path.rsplit(".", 1)[-1], torch.nn.ModuleList([layers[i] for i in indices]))
+    for key in DEPTH_KEYS:
+        if isinstance(getattr(model.config, key, None), int):
+            setattr(model.config, key, len(indices))
+    return model
+
+
+def check_model_limits(
+    model: torch.nn.Module | str | Path, tokenizer: Any, window: Any, *, num_layers: int | None = None
+) -> None:
+    """Refuse, before any work, settings the model cannot run: windows longer than its position table, a tokenizer
+    with more tokens than its embedding table, or more layers kept than it has (`model` is a module, or a name to
+    read the config of)."""
     if isinstance(model, torch.nn.Module):
         config, name = model.config, type(model).__name__
     else:
@@ -135,6 +196,8 @@ def check_model_limits(model: torch.nn.Module | str | Path, tokenizer: Any, wind
             f"max_seq_length={window.max_seq_length} is longer than {name} can read: its position table has "
             f"{positions} entries (max_position_embeddings in its config); use --max-seq-length {positions} or less"
         )
+    if num_layers is not None:
+        pick_layers(model_depth(config, name), num_layers, name=name)  # refuses a student deeper than its model
     vocab = getattr(config, "vocab_size", None)
     if vocab is not None and len(tokenizer) > vocab:
         raise ValueError(

@@ -8,10 +8,25 @@ schedule stepped per epoch, or per micro-batch on every process) cannot be expre
 from __future__ import annotations
 
 import math
+import re
+from collections.abc import Callable
 
 import torch
 
-__all__ = ["build_optimizer", "build_scheduler", "count_updates", "fused_adamw_applies", "set_hyperparameters"]
+__all__ = [
+    "OptimizerFactory",
+    "build_optimizer",
+    "build_scheduler",
+    "count_updates",
+    "describe_groups",
+    "fused_adamw_applies",
+    "hyperparameters",
+    "layer_depths",
+    "restore_hyperparameters",
+]
+
+# `fit(..., optimizer=factory)`: builds the optimizer for the model it is given (the schedule is bertqa's).
+OptimizerFactory = Callable[[torch.nn.Module], torch.optim.Optimizer]
 
 
 def fused_adamw_applies(device_type: str) -> bool:
@@ -22,15 +37,87 @@ def fused_adamw_applies(device_type: str) -> bool:
 
 
 def build_optimizer(
-    model: torch.nn.Module, *, lr: float, weight_decay: float, eps: float, fused: bool = False
+    model: torch.nn.Module,
+    *,
+    lr: float,
+    weight_decay: float,
+    eps: float,
+    fused: bool = False,
+    layer_lr_decay: float = 1.0,
 ) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only: biases and LayerNorm weights (dim < 2) are not decayed."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [  # "decay" marks the group whose weight decay follows the setting (see `set_hyperparameters`)
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay, "decay": True},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0, "decay": False},
-    ]
+    """AdamW with weight decay on matrices only: biases and LayerNorm weights (dim < 2) are not decayed.
+
+    `layer_lr_decay` below 1 gives each depth its own learning rate (see `layer_depths`): the QA head gets `lr`,
+    the top encoder layer `lr * decay`, each layer below it the LR of the one above times `decay`, and the
+    embeddings the lowest. Each group keeps its share of the peak as `lr_scale` and its depth's name as `name`.
+    """
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if layer_lr_decay == 1.0:
+        levels = {"all": (1.0, params)}
+    else:
+        depths = layer_depths(model)
+        top = max(depths.values())
+        names = {0: "embeddings", top: "head", **{d: f"layer {d - 1}" for d in range(1, top)}}
+        levels = {
+            names[d]: (layer_lr_decay ** (top - d), [(n, p) for n, p in params if depths[n] == d])
+            for d in range(top + 1)
+        }
+    groups = []
+    for name, (scale, members) in levels.items():
+        for decay in (True, False):  # "decay" marks a group whose weight decay follows the setting
+            chosen = [p for _, p in members if (p.dim() >= 2) == decay]
+            if chosen:
+                groups.append({"params": chosen, "lr": lr * scale, "lr_scale": scale, "name": name,
+                               "weight_decay": weight_decay if decay else 0.0, "decay": decay})  # fmt: skip
     return torch.optim.AdamW(groups, lr=lr, eps=eps, fused=fused or None)
+
+
+# Encoder layers are numbered in the parameter names of BERT, RoBERTa, ELECTRA, DeBERTa (encoder.layer.N) and
+# DistilBERT (transformer.layer.N); models that share one layer across depths (ALBERT) have no such numbers.
+_LAYER = re.compile(r"(?:^|\.)(?:layer|layers)\.(\d+)\.")
+_HEADS = ("qa_outputs",)
+
+
+def layer_depths(model: torch.nn.Module) -> dict[str, int]:
+    """Each trainable parameter's depth: 0 for the embeddings (and encoder parts outside any layer, such as
+    DeBERTa's relative position embeddings, which every layer reads), 1..N for encoder layers 0..N-1, N+1 for the
+    QA head. Refuses a model whose parameters it cannot place."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    layers = {n: int(m.group(1)) for n, _ in named if (m := _LAYER.search(n))}
+    if not layers:
+        raise ValueError(
+            f"layer_lr_decay cannot layer {type(model).__name__}: none of its parameters is in a numbered encoder "
+            "layer (encoder.layer.N, as in BERT, RoBERTa, ELECTRA, DeBERTa, DistilBERT); use layer_lr_decay 1.0"
+        )
+    top = max(layers.values()) + 2
+    depths, unplaced = {}, []
+    for name, _ in named:
+        bare = name.removeprefix("_orig_mod.").removeprefix("module.")  # torch.compile and DDP wrappers
+        if name in layers:
+            depths[name] = layers[name] + 1
+        elif bare.startswith(_HEADS):
+            depths[name] = top
+        elif "embeddings" in bare or ".encoder." in f".{bare}" or "pooler" in bare:
+            depths[name] = top - 1 if "pooler" in bare else 0  # a pooler reads the top layer's output
+        else:
+            unplaced.append(name)
+    if unplaced:
+        raise ValueError(
+            f"layer_lr_decay cannot place these parameters of {type(model).__name__} at a depth: "
+            f"{', '.join(unplaced[:5])}{' ...' if len(unplaced) > 5 else ''}; use layer_lr_decay 1.0"
+        )
+    return depths
+
+
+def describe_groups(optimizer: torch.optim.Optimizer) -> str:
+    """One line per parameter group: its name, peak LR, weight decay and size (logged once at the start)."""
+    lines = []
+    for i, group in enumerate(optimizer.param_groups):
+        size = sum(p.numel() for p in group["params"])
+        lines.append(f"  {group.get('name', f'group {i}')}: peak lr {group.get('initial_lr', group['lr']):.3g}, "
+                     f"weight decay {group.get('weight_decay', 0):g}, {len(group['params'])} tensors, {size:,} "
+                     "values")  # fmt: skip
+    return "\n".join(lines)
 
 
 def build_scheduler(
@@ -52,22 +139,27 @@ def build_scheduler(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def set_hyperparameters(
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LambdaLR,
-    *,
-    lr: float,
-    weight_decay: float,
-    eps: float,
+# What a checkpoint restores into an optimizer that the run's own settings must override when a run is resumed
+# with accepted changes (peak LR, weight decay, epsilon), read from the freshly built optimizer.
+_HYPERPARAMETERS = ("initial_lr", "weight_decay", "eps")
+
+
+def hyperparameters(optimizer: torch.optim.Optimizer) -> list[dict[str, float]]:
+    """Each group's peak LR, weight decay and epsilon, as built: read it before `Accelerator.load_state`, give it
+    back with `restore_hyperparameters` after (the schedule must already be built: it sets `initial_lr`)."""
+    return [{k: group[k] for k in _HYPERPARAMETERS if k in group} for group in optimizer.param_groups]
+
+
+def restore_hyperparameters(
+    optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR, saved: list[dict[str, float]]
 ) -> None:
-    """Put the given peak LR, weight decay and epsilon into an optimizer and its schedule, keeping the schedule's
-    position. A checkpoint restores the hyperparameters it was saved with; a run resumed with accepted changes
-    needs its own back."""
-    for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas):
-        group.update(initial_lr=lr, eps=eps, lr=lr * factor(scheduler.last_epoch))
-        if "decay" in group:
-            group["weight_decay"] = weight_decay if group["decay"] else 0.0
-    scheduler.base_lrs = [lr] * len(optimizer.param_groups)
+    """Put back the peak LRs, weight decays and epsilons `hyperparameters` read, keeping the schedule's position.
+    A checkpoint restores the hyperparameters it was saved with; a run resumed with accepted changes (another LR,
+    layer decay, or optimizer factory) needs its own back."""
+    for group, values, factor in zip(optimizer.param_groups, saved, scheduler.lr_lambdas):
+        group.update(values)
+        group["lr"] = group["initial_lr"] * factor(scheduler.last_epoch)
+    scheduler.base_lrs = [group["initial_lr"] for group in optimizer.param_groups]
 
 
 def count_updates(batches_per_epoch: int, *, grad_accum: int, epochs: float, max_steps: int | None) -> tuple[int, int]:

@@ -123,13 +123,21 @@ class RunRecorder:
 
     def eval_record_at(self, step: int) -> dict[str, Any] | None:
         """The evaluation already recorded at `step` (a resumed run that had finished), if any."""
-        return next((r for r in reversed(read_jsonl(self.eval_log)) if r.get("step") == step), None)
+        return next((r for r in reversed(read_jsonl(self.eval_log)) if r.get("step") == step and "f1" in r), None)
 
     def log_eval(self, record: Mapping[str, Any]) -> None:
         """One evaluation (with the training stats that led to it) to the log, the trackers and metrics.jsonl."""
         logger.info("eval at step %d: %s", record["step"], format_metrics(record))
         self.tracker_log({f"eval/{k}": v for k, v in record.items() if k not in ("step", "epoch")}, step=record["step"])
         if self.is_main:
+            append_jsonl(self.eval_log, record)
+
+    def log_stop(self, *, step: int, epoch: int, reason: str) -> None:
+        """Why the run ended before its last update, as a line of metrics.jsonl (once: a resumed run that was
+        stopped does not say it again)."""
+        logger.info("the run stopped at update %d: %s", step, reason)
+        record = {"step": step, "epoch": epoch, "stopped": reason}
+        if self.is_main and record not in read_jsonl(self.eval_log):
             append_jsonl(self.eval_log, record)
 
     def finish(self, *, title: str) -> Path | None:

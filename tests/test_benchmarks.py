@@ -86,3 +86,16 @@ def test_v2_thresholds_scores_a_run_at_each_kind_of_threshold(tmp_path, tiny_dir
     best = table["rows"][-1]["F1"]
     assert all(row["F1"] <= best for row in table["rows"])  # the evaluation data's own best is an upper bound
     assert best >= round(table["all_null_f1"], 2) and '"no answer" to everything' in out
+
+
+def test_student_speed_times_each_model_on_the_same_windows(tmp_path, tiny_dir, tokenizer):
+    from bertqa.model import build_model
+
+    student = build_model(tiny_dir, num_layers=1)
+    student.save_pretrained(tmp_path / "student")
+    tokenizer.save_pretrained(tmp_path / "student")
+    args = [tiny_dir, tmp_path / "student", "--max-eval-examples", "16", "--repeats", "2", "--precision", "no"]
+    rows = [json.loads(line) for line in script("benchmarks/student_speed.py", *args).stdout.splitlines()]
+    assert [r["layers"] for r in rows] == [2, 1] and rows[0]["windows"] == rows[1]["windows"] >= 16
+    assert rows[0]["speedup_over_first"] == 1.0 and rows[1]["parameters"] < rows[0]["parameters"]
+    assert all(r["windows_per_s"] > 0 for r in rows)

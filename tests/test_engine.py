@@ -360,7 +360,7 @@ def test_a_callback_stops_the_run_which_ends_as_usual_and_stays_stopped(tmp_path
     assert seen == [1, 2, 3]  # every callback saw the update that stopped the run
     assert latest_checkpoint(out).name == "step_00000003" and (out / "final_model" / "model.safetensors").exists()
     evals = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in evals] == [3]
+    assert [r["step"] for r in evals] == [3, 3] and evals[1] == {"step": 3, "epoch": 0, "stopped": "enough at 3"}
     resumed = engine.fit(config.replace(resume="latest"), model=tiny(seed=1), callbacks=[lambda u: seen.append(u)])
     assert resumed["stopped_early"] == "enough at 3" and resumed["steps"] == 3 and seen == [1, 2, 3]
     assert resumed["final"]["f1"] == summary["final"]["f1"]

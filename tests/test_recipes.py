@@ -97,3 +97,18 @@ def test_the_label_smoothing_recipe_trains_through_fit(tmp_path, tiny_dir):
     line = json.loads(result.stdout.strip().splitlines()[-1])
     assert line["smoothing"] == 0.2 and line["steps"] > 0 and 0 <= line["f1"] <= 100
     assert (tmp_path / "run" / "final_model" / "model.safetensors").exists()
+
+
+def test_an_optimizer_of_ones_own_gives_the_head_its_own_lr(tmp_path, tiny_dir, tiny):
+    head_lr = recipe("head_lr")
+    model = tiny()
+    opt = head_lr.head_boosted_adamw(model, lr=1e-4, weight_decay=0.01, multiplier=10)
+    lrs = {(g["name"], g["weight_decay"]): g["lr"] for g in opt.param_groups}
+    assert lrs == pytest.approx({("encoder", 0.01): 1e-4, ("encoder", 0.0): 1e-4, ("head", 0.01): 1e-3,
+                                 ("head", 0.0): 1e-3})  # fmt: skip
+    heads = {id(p) for g in opt.param_groups if g["name"] == "head" for p in g["params"]}
+    assert heads == {id(p) for n, p in model.named_parameters() if n.startswith("qa_outputs")}
+    args = ["--model", tiny_dir, *SETTINGS, "--max-steps", "4", "--head-lr-multiplier", "5", "--output-dir", tmp_path]
+    out = json.loads(script("recipes/head_lr.py", *args).stdout.splitlines()[-1])
+    assert out["steps"] == 4 and out["head_lr"] == pytest.approx(5e-3)
+    assert "head: peak lr 0.005" in script("recipes/head_lr.py", *args, "--overwrite", "true").stderr
