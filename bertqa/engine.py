@@ -198,7 +198,8 @@ def _build_training(
     per_epoch, total = count_updates(len(loader), grad_accum=grad_accum, epochs=epochs, max_steps=max_steps)
     warmup = round(warmup_ratio * total)
     scheduler = build_scheduler(optimizer, total_steps=total, warmup_steps=warmup, schedule=schedule)
-    logger.info("optimizer %s, parameter groups:\n%s", type(optimizer).__name__, describe_groups(optimizer))
+    inner = getattr(optimizer, "optimizer", optimizer)  # the optimizer inside Accelerate's wrapper
+    logger.info("optimizer %s, parameter groups:\n%s", type(inner).__name__, describe_groups(optimizer))
     state = TrainState()
     accelerator.register_for_checkpointing(scheduler, state)
     order = DataOrder(loader, sampler)
@@ -207,7 +208,9 @@ def _build_training(
 
 def _count_evaluations(*, total: int, per_epoch: int, eval_every: int | None, eval_first: bool) -> int:
     """How many evaluations a run makes before its last update (the ones that can end it early)."""
-    points = set(range(per_epoch, total, per_epoch)) | set(range(eval_every or total, total, eval_every or total))
+    points = set(range(per_epoch, total, per_epoch))  # epoch ends
+    if eval_every:
+        points |= set(range(eval_every, total, eval_every))
     return len(points) + eval_first
 
 
@@ -334,6 +337,8 @@ def fit(
                                    group_by_length=c.group_by_length, pad_token_id=tokenizer.pad_token_id,
                                    pad_to_multiple_of=c.pad_to_multiple_of, num_workers=c.num_workers,
                                    pin_memory=accelerator.device.type == "cuda")  # fmt: skip
+    if optimizer is not None and c.layer_lr_decay != 1.0:
+        logger.warning("layer_lr_decay applies to bertqa's own optimizer; the optimizer factory passed in sets its own")
     adamw = partial(build_optimizer, lr=c.lr, weight_decay=c.weight_decay, eps=c.adam_eps,
                     fused=fused_adamw_applies(accelerator.device.type), layer_lr_decay=c.layer_lr_decay)  # fmt: skip
     run = _build_training(accelerator, torch.compile(model, dynamic=True) if c.compile else model, loader, sampler,
