@@ -54,6 +54,16 @@ def tiny_config(tmp_path, **changes) -> TrainConfig:
     return TrainConfig(**{**base, **changes})
 
 
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Each test starts without Accelerate's process-wide state: a run keeps the precision of the first Accelerator
+    in its process (bf16 on CPUs that have it), which would otherwise leak into later tests' fp32 comparisons."""
+    yield
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)  # what Accelerate's own test cases do between tests
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     return build_tokenizer("minilm-l6")
