@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 __all__ = [
     "RUN_RECORDS",
     "checkpoint_dir",
+    "clear_earlier_run",
     "latest_checkpoint",
     "list_checkpoints",
     "model_meta",
@@ -93,11 +94,14 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def resolve_resume(resume: str | None, output_dir: str | Path, *, overwrite: bool = False) -> Path | None:
+def resolve_resume(
+    resume: str | None, output_dir: str | Path, *, overwrite: bool = False, clear: bool = True
+) -> Path | None:
     """The checkpoint to resume from: None (start afresh), the newest intact one for "latest", or a given folder.
 
-    Starting afresh where an earlier run left checkpoints or records is refused unless `overwrite` (then they are
-    removed): it would mix two runs, or replace a finished one without being asked.
+    Starting afresh where an earlier run left checkpoints or records is refused unless `overwrite`: it would mix two
+    runs, or replace a finished one without being asked. With `overwrite` they are removed now, or, with
+    `clear=False`, left for `clear_earlier_run` once every other setting has been checked.
     """
     out = Path(output_dir)
     if resume is not None and resume != "latest":
@@ -114,11 +118,16 @@ def resolve_resume(resume: str | None, output_dir: str | Path, *, overwrite: boo
             if problem is None:
                 return folder
             logger.warning("checkpoint %s is damaged (%s): trying the one before it", folder, problem)
-    _refuse_or_clear(out, overwrite=overwrite, resuming=resume == "latest")
+    _refuse_or_clear(out, overwrite=overwrite, resuming=resume == "latest", clear=clear)
     return None
 
 
-def _refuse_or_clear(out: Path, *, overwrite: bool, resuming: bool) -> None:
+def clear_earlier_run(output_dir: str | Path) -> None:
+    """Remove an earlier run's checkpoints and records from `output_dir` (asked for with `overwrite`)."""
+    _refuse_or_clear(Path(output_dir), overwrite=True, resuming=False)
+
+
+def _refuse_or_clear(out: Path, *, overwrite: bool, resuming: bool, clear: bool = True) -> None:
     """A fresh start in `out`: refuse when an earlier run's checkpoints or records are there, or clear them."""
     found = [name for name in RUN_RECORDS if (out / name).exists()]
     found += ["checkpoints/"] if list_checkpoints(out) else []
@@ -131,6 +140,8 @@ def _refuse_or_clear(out: Path, *, overwrite: bool, resuming: bool) -> None:
             f"{out} holds an earlier run ({', '.join(found)}); {hint}{resume}choose another output_dir, or pass "
             "--overwrite true to replace it"
         )
+    if not clear:
+        return
     logger.warning("--overwrite: removing the earlier run's %s from %s", ", ".join(found), out)
     for name in [*RUN_RECORDS, "checkpoints"]:
         path = out / name
@@ -247,7 +258,7 @@ def resume_point(
     checkpoint (None: a fresh start) and the config record to save, with the changes accepted on resume."""
     out = Path(output_dir)
     check_writable(out)
-    resume_from = resolve_resume(resume, out, overwrite=overwrite)
+    resume_from = resolve_resume(resume, out, overwrite=overwrite, clear=False)  # fit clears once all is checked
     if resume_from is None:
         return None, settings
     saved = saved_config(resume_from) or read_json(out / "config.json") or {}

@@ -169,6 +169,11 @@ class TrainConfig:
             "negatives": self.negatives,
         }
 
+    def unused_settings(self) -> list[tuple[str, str]]:
+        """(setting, the one it needs) for settings changed from their default that do nothing without another."""
+        return [(name, needs) for name, needs in _NEEDS
+                if getattr(self, name) != _DEFAULTS[name] and getattr(self, needs) is None]  # fmt: skip
+
     def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)
 
@@ -177,6 +182,12 @@ class TrainConfig:
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+
+# Settings that only mean something beside another: (setting, the one it needs).
+_NEEDS = (("early_stopping_min_delta", "early_stopping_patience"), ("layer_pick", "num_layers"),
+          ("distill_alpha", "teacher"), ("distill_temperature", "teacher"))  # fmt: skip
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
 
 
 def load_config(path: str | Path) -> TrainConfig:
@@ -298,14 +309,14 @@ def _value_problems(c: TrainConfig) -> list[str]:
         problems.append(f"layer_lr_decay must be in (0, 1] (1 = off), got {c.layer_lr_decay}")
     if c.early_stopping_patience is not None and c.early_stopping_patience < 1:
         problems.append(f"early_stopping_patience must be at least 1 evaluation, got {c.early_stopping_patience}")
-    if not c.early_stopping_min_delta >= 0:
-        problems.append(f"early_stopping_min_delta must be >= 0, got {c.early_stopping_min_delta}")
+    if not 0 <= c.early_stopping_min_delta < 100:  # F1 points: a gain of 100 or more cannot happen
+        problems.append(f"early_stopping_min_delta must be in [0, 100) F1 points, got {c.early_stopping_min_delta}")
     if c.num_layers is not None and c.num_layers < 1:
         problems.append(f"num_layers must be at least 1, got {c.num_layers}")
     if not 0 <= c.distill_alpha <= 1:
         problems.append(f"distill_alpha must be in [0, 1], got {c.distill_alpha}")
-    if not c.distill_temperature > 0:
-        problems.append(f"distill_temperature must be positive, got {c.distill_temperature}")
+    if not 0 < c.distill_temperature < float("inf"):
+        problems.append(f"distill_temperature must be positive and finite, got {c.distill_temperature}")
     if not 0 <= c.label_check_min <= 1:
         problems.append("label_check_min must be in [0, 1]")
     for f in dataclasses.fields(c):

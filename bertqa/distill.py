@@ -21,7 +21,14 @@ import torch
 from bertqa.batching import model_inputs
 from bertqa.engine import qa_loss
 
-__all__ = ["Distillation", "check_same_vocabulary", "load_teacher", "soft_span_loss", "teacher_fingerprint"]
+__all__ = [
+    "Distillation",
+    "check_same_vocabulary",
+    "check_teacher",
+    "load_teacher",
+    "soft_span_loss",
+    "teacher_fingerprint",
+]
 
 Batch = dict[str, torch.Tensor]
 
@@ -39,13 +46,48 @@ def check_same_vocabulary(teacher_tokenizer: Any, student_tokenizer: Any, *, tea
     )
 
 
-def load_teacher(path: str | Path, *, student_tokenizer: Any, device: torch.device | str = "cpu") -> torch.nn.Module:
-    """A trained QA model to distil from: its tokenizer checked against the student's, weights in float32 on
-    `device`, in eval mode, without gradients."""
-    from bertqa.model import build_model, build_tokenizer
+def check_teacher(path: str | Path, *, student_tokenizer: Any, window: Any = None) -> None:
+    """Refuse, before any work and naming the teacher, a teacher that cannot teach this student: one that does not
+    load, is not a question-answering model (its QA head would be random), has another vocabulary, or cannot read
+    the student's windows (`window`: a shorter position table)."""
+    from transformers import AutoConfig
+
+    from bertqa.model import build_tokenizer, check_model_limits, resolve_model
 
     name = str(path)
-    check_same_vocabulary(build_tokenizer(name), student_tokenizer, teacher=name)
+    folder = Path(name).expanduser()
+    if folder.is_dir() and not (folder / "config.json").is_file():
+        inside = [sub for sub in ("final_model", "best_model") if (folder / sub / "config.json").is_file()]
+        hint = f"; did you mean {folder / inside[0]}?" if inside else ""
+        raise ValueError(f"teacher {name}: no model there (no config.json){hint}")
+    try:
+        config = AutoConfig.from_pretrained(resolve_model(name))
+        teacher_tokenizer = build_tokenizer(name)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"teacher {name}: {err}") from err
+    heads = [arch for arch in config.architectures or [] if arch.endswith("ForQuestionAnswering")]
+    if not heads:
+        raise ValueError(
+            f"teacher {name} is not a question-answering model (its config names {config.architectures or 'none'}): "
+            "its QA head would be random. Give a QA model, e.g. the final_model of a bertqa run"
+        )
+    check_same_vocabulary(teacher_tokenizer, student_tokenizer, teacher=name)
+    if window is not None:
+        try:
+            check_model_limits(name, student_tokenizer, window)
+        except ValueError as err:
+            raise ValueError(f"teacher {name}: {err}") from err
+
+
+def load_teacher(
+    path: str | Path, *, student_tokenizer: Any, device: torch.device | str = "cpu", window: Any = None
+) -> torch.nn.Module:
+    """A trained QA model to distil from (checked by `check_teacher`): weights in float32 on `device`, in eval mode,
+    without gradients."""
+    from bertqa.model import build_model
+
+    name = str(path)
+    check_teacher(name, student_tokenizer=student_tokenizer, window=window)
     teacher = build_model(name).to(device).eval()
     teacher.requires_grad_(False)
     return teacher

@@ -24,6 +24,7 @@ import torch
 from bertqa import checkpoint
 from bertqa.batching import DataOrder, LengthGroupedBatchSampler, model_inputs, train_loader
 from bertqa.cache import prepare_data
+from bertqa.config import computation_changes
 from bertqa.data import Example, check_labels
 from bertqa.inference import eval_batches, evaluate
 from bertqa.model import check_model_limits
@@ -40,7 +41,7 @@ from bertqa.optim import (
 from bertqa.reporting import LogMeter, RunRecorder, log_plan
 from bertqa.runtime import check_trackers, make_accelerator, resolve_precision
 from bertqa.sources import run_examples
-from bertqa.state import EarlyStopping, StopTraining, TrainState, Update, notify
+from bertqa.state import EarlyStopping, StopTraining, TrainState, Update, count_evaluations, notify
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -139,7 +140,8 @@ def train_one_epoch(
         if not accelerator.optimizer_step_was_skipped:  # fp16 overflow: keep the schedule in step with real updates
             scheduler.step()
         state.step, updates = state.step + 1, updates + 1
-        update = Update(step=state.step, epoch=state.epoch, lr=scheduler.get_last_lr()[0], loss=update_loss / micro)
+        lr = max(scheduler.get_last_lr())  # the peak group's (with layer-wise LRs, the head's)
+        update = Update(step=state.step, epoch=state.epoch, lr=lr, loss=update_loss / micro)
         meter.add_update(update.loss)
         update_loss, micro = torch.zeros((), device=accelerator.device), 0
         if meter.updates == log_every or state.step >= max_steps:
@@ -204,24 +206,6 @@ def _build_training(
     accelerator.register_for_checkpointing(scheduler, state)
     order = DataOrder(loader, sampler)
     return _Training(model, optimizer, scheduler, order, state, per_epoch, total, warmup, hyperparameters(optimizer))
-
-
-def _count_evaluations(*, total: int, per_epoch: int, eval_every: int | None, eval_first: bool) -> int:
-    """How many evaluations a run makes before its last update (the ones that can end it early)."""
-    points = set(range(per_epoch, total, per_epoch))  # epoch ends
-    if eval_every:
-        points |= set(range(eval_every, total, eval_every))
-    return len(points) + eval_first
-
-
-def _early_stopping(state: TrainState, *, patience: int, min_delta: float, evaluations: int) -> EarlyStopping:
-    if evaluations < patience + 1:  # one evaluation sets the best F1, `patience` more without a gain end the run
-        raise ValueError(
-            f"early_stopping_patience={patience} can never end this run: it evaluates {evaluations} time(s) before "
-            f"its last update and needs {patience + 1}; evaluate more often (eval_every_steps), train longer, or "
-            "lower the patience"
-        )
-    return EarlyStopping(state, patience=patience, min_delta=min_delta)
 
 
 @dataclass
@@ -307,7 +291,15 @@ def fit(
     if c.teacher is not None and compute_loss is not default_loss:
         raise ValueError("give a teacher or your own compute_loss, not both (build bertqa.distill.Distillation into "
                          "your loss to have both)")  # fmt: skip
-    settings = {**c.to_dict(), **_teacher_record(c.teacher)}
+    if c.teacher is not None and c.overwrite and Path(c.teacher).expanduser().resolve().is_relative_to(out.resolve()):
+        raise ValueError(f"teacher {c.teacher} lies in output_dir {out}, which --overwrite would clear; copy it out")
+    for name, needs in c.unused_settings():
+        logger.warning("%s is set but has no effect without %s", name, needs)
+    settings = c.to_dict()
+    if c.teacher is not None:  # its weights' digest: a teacher retrained in the same folder is a change on resume
+        from bertqa.distill import teacher_fingerprint
+
+        settings["_teacher_weights"] = teacher_fingerprint(c.teacher)
     resume_from, record = checkpoint.resume_point(out, settings, resume=c.resume, overwrite=c.overwrite,
                                                   accept_changes=c.accept_changes)  # fmt: skip
     check_trackers(c.report_to)
@@ -319,6 +311,10 @@ def fit(
     tokenizer = tokenizer if tokenizer is not None else build_tokenizer(c.model)
     check_model_limits(model if model is not None else c.model, tokenizer, c.window,
                        num_layers=c.num_layers if model is None else None)  # fmt: skip
+    if c.teacher is not None:
+        from bertqa.distill import check_teacher
+
+        check_teacher(c.teacher, student_tokenizer=tokenizer, window=c.window)
     with accelerator.main_process_first():  # the main process fills the window cache, the others read it
         examples = run_examples(**c.example_settings(), train_examples=train_examples, eval_examples=eval_examples)
         data = prepare_data(examples, tokenizer, window=c.window, cache_dir=c.cache_dir, num_proc=c.tokenize_workers)
@@ -332,6 +328,8 @@ def fit(
         from bertqa.distill import Distillation, load_teacher
 
         teacher = load_teacher(c.teacher, student_tokenizer=tokenizer, device=accelerator.device)
+        logger.info("distilling from teacher %s (alpha %g, temperature %g)", c.teacher, c.distill_alpha,
+                    c.distill_temperature)  # fmt: skip
         compute_loss = Distillation(teacher, c.distill_alpha, c.distill_temperature, autocast=accelerator.autocast)
     loader, sampler = train_loader(data.train_features, batch_size=c.batch_size, seed=c.seed,
                                    group_by_length=c.group_by_length, pad_token_id=tokenizer.pad_token_id,
@@ -345,14 +343,21 @@ def fit(
                           optimizer or adamw, grad_accum=c.grad_accum, epochs=c.epochs, max_steps=c.max_steps,
                           warmup_ratio=c.warmup_ratio, schedule=c.schedule)  # fmt: skip
     if c.early_stopping_patience is not None:
-        evaluations = _count_evaluations(total=run.total_steps, per_epoch=run.per_epoch, eval_every=c.eval_every_steps,
-                                         eval_first=c.eval_before_training)  # fmt: skip
-        stopper = _early_stopping(run.state, patience=c.early_stopping_patience,
-                                  min_delta=c.early_stopping_min_delta, evaluations=evaluations)  # fmt: skip
+        evaluations = count_evaluations(total=run.total_steps, per_epoch=run.per_epoch, eval_every=c.eval_every_steps,
+                                        eval_first=c.eval_before_training)  # fmt: skip
+        stopper = EarlyStopping.for_run(run.state, patience=c.early_stopping_patience,
+                                        min_delta=c.early_stopping_min_delta, evaluations=evaluations)  # fmt: skip
         on_evaluate = [*on_evaluate, stopper]
+    if resume_from is None and c.overwrite:  # every setting is checked now: only here is the earlier run removed
+        checkpoint.clear_earlier_run(out)
     if resume_from is not None:
-        accelerator.load_state(str(resume_from))
+        _load_checkpoint(accelerator, resume_from)
         restore_hyperparameters(run.optimizer, run.scheduler, run.hyperparameters)
+        if run.state.stop_reason is not None and computation_changes(checkpoint.saved_config(resume_from) or {},
+                                                                     settings):  # fmt: skip
+            logger.info("the stop at update %d (%s) is lifted: settings were changed on resume", run.state.step,
+                        run.state.stop_reason)  # fmt: skip
+            run.state.stop_reason, run.state.evals_without_gain = None, 0
         logger.info("resumed from %s at step %d (epoch %d)", resume_from, run.state.step, run.state.epoch)
     recorder = RunRecorder(out, is_main=accelerator.is_main_process, total_steps=run.total_steps,
                            step=run.state.step, tracker_log=accelerator.log)  # fmt: skip
@@ -383,15 +388,16 @@ def fit(
     return {**summary, "label_report": labels, "output_dir": str(out)}
 
 
-def _teacher_record(teacher: str | None) -> dict[str, str]:
-    """What a run records of its teacher beyond the config's path: a digest of its weights, so a teacher retrained
-    in the same folder is a change of computation on resume."""
-    if teacher is None:
-        return {}
-    from bertqa.distill import teacher_fingerprint
-
-    digest = teacher_fingerprint(teacher)
-    return {"_teacher_weights": digest} if digest else {}
+def _load_checkpoint(accelerator: Accelerator, folder: Path) -> None:
+    try:
+        accelerator.load_state(str(folder))
+    except ValueError as err:
+        if "parameter groups" not in str(err):
+            raise
+        raise ValueError(
+            f"{folder}: its optimizer has other parameter groups than this run's (layer_lr_decay or the optimizer "
+            "changed); resume with the checkpoint's, or start afresh in another output_dir"
+        ) from err
 
 
 def _train(

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["EarlyStopping", "StopTraining", "TrainState", "Update", "notify"]
+__all__ = ["EarlyStopping", "StopTraining", "TrainState", "Update", "count_evaluations", "notify"]
 
 logger = logging.getLogger("bertqa")
 
@@ -98,6 +98,18 @@ class EarlyStopping:
         if not self.min_delta >= 0:  # `not`: NaN is refused too
             raise ValueError(f"early stopping min_delta must be >= 0, got {self.min_delta}")
 
+    @classmethod
+    def for_run(cls, state: TrainState, *, patience: int, min_delta: float, evaluations: int) -> EarlyStopping:
+        """Early stopping for a run that evaluates `evaluations` times before its last update (`count_evaluations`),
+        refused when the patience can never be used up."""
+        if evaluations < patience + 1:  # one evaluation sets the best F1, `patience` more without a gain end the run
+            raise ValueError(
+                f"early_stopping_patience={patience} can never end this run: it evaluates {evaluations} time"
+                f"{'' if evaluations == 1 else 's'} before its last update and needs {patience + 1}; evaluate more "
+                f"often (eval_every_steps) or train longer{', or lower the patience' if patience > 1 else ''}"
+            )
+        return cls(state, patience=patience, min_delta=min_delta)
+
     def __call__(self, record: Mapping[str, Any]) -> None:
         if self.metric not in record:
             raise KeyError(f"early stopping watches {self.metric!r}, which this evaluation record lacks")
@@ -113,5 +125,14 @@ class EarlyStopping:
             over = f" over the best {best:.2f} (step {s.patience_best_step})" if best is not None else ""
             raise StopTraining(
                 f"early stopping: {self.metric} {value:.2f} at step {record.get('step')}, {s.evals_without_gain} "
-                f"evaluations in a row without {gain}{over}"
+                f"evaluation{'s in a row' if s.evals_without_gain > 1 else ''} without {gain}{over}"
             )
+
+
+def count_evaluations(*, total: int, per_epoch: int, eval_every: int | None, eval_first: bool) -> int:
+    """How many evaluations a run of `total` updates makes before its last update (the ones that can end it early):
+    one at each epoch end, every `eval_every` updates, and one before training if `eval_first`."""
+    points = set(range(per_epoch, total, per_epoch))  # an update that ends an epoch and is due anyway counts once
+    if eval_every:
+        points |= set(range(eval_every, total, eval_every))
+    return len(points) + eval_first

@@ -1,7 +1,8 @@
-"""Hyperparameter sweeps with Optuna: the search space over `TrainConfig` fields (`parse_space`, `load_space`), what a
-trial samples from it (`suggest`), the `on_evaluate` observer that lets Optuna prune a run (`PruningObserver`), the
-study on disk (`open_study`, refused when the file is something else), one trial as a run of `engine.fit`
-(`make_objective`) and the loop that runs trials until the study holds enough (`run_trials`, `counted_trials`).
+"""Hyperparameter sweeps with Optuna: the search space over `TrainConfig` fields (`parse_space`, `load_space`,
+`check_space`), what a trial samples from it (`suggest`), the `on_evaluate` observer that lets Optuna prune a run
+(`PruningObserver`), the study on disk (`open_study`, refused when the file is something else; `claim_study`, which
+ties it to one sweep dir, base config and space), one trial as a run of `engine.fit` (`trial_config`,
+`make_objective`) and the loop that runs trials until the study holds enough (`run_trials`, `counted_trials`).
 
 Optuna is an optional extra (`pip install -e ".[sweep]"`): it is imported only inside the functions that use it, so
 importing this module costs nothing without it. `scripts/sweep.py` is the command line on top.
@@ -12,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import math
 import shutil
 import sqlite3
@@ -23,15 +25,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from bertqa.config import BOOKKEEPING, TrainConfig
+from bertqa.config import BOOKKEEPING, TrainConfig, computation_changes
 
 if TYPE_CHECKING:
     import optuna
 
 __all__ = [
-    "Param", "PruningObserver", "counted_trials", "load_space", "make_objective", "open_study", "parse_param",
-    "parse_space", "run_trials", "suggest",
+    "Param", "PruningObserver", "check_space", "claim_study", "counted_trials", "describe", "load_space",
+    "make_objective", "open_study", "parse_param", "parse_space", "run_trials", "suggest", "trial_config",
 ]  # fmt: skip
+
+logger = logging.getLogger("bertqa")
+
+# Bookkeeping to a resumed run, but a trial's score is the best F1 of its evaluations and the pruner compares them at
+# the same update: how often a trial is evaluated changes its score and when it can be pruned. So these may be
+# searched, and a study's recorded base config keeps them.
+SCORED = frozenset({"eval_every_steps", "eval_before_training"})
 
 # Optuna's own tables: a file holding both was written by Optuna; any other database is someone else's.
 _OPTUNA_TABLES = {"studies", "version_info"}
@@ -54,7 +63,7 @@ def _field_kind(name: str) -> tuple[type, bool]:
     hints = typing.get_type_hints(TrainConfig)
     if name not in hints:
         raise ValueError(f"sweep parameter {name!r}: not a TrainConfig setting (see scripts/train.py --help)")
-    if name in BOOKKEEPING:  # output_dir and resume among them: the sweep owns where each trial runs
+    if name in BOOKKEEPING - SCORED:  # output_dir and resume among them: the sweep owns where each trial runs
         raise ValueError(
             f"sweep parameter {name!r}: a bookkeeping setting (it does not change what a run computes); set it "
             "with its flag instead"
@@ -118,6 +127,9 @@ def parse_param(name: str, spec: str | list[Any]) -> Param:
     if kind not in (int, float):
         raise ValueError(f"sweep parameter {name!r}: a {kind.__name__} setting takes choices a,b,c, not a range")
     low_text, _, high_text = body.partition("..")
+    if ":" in high_text:  # lin, linear, ...: a typo of ':log' would otherwise read as a number that is not one
+        scale = high_text[high_text.index(":") :]
+        raise ValueError(f"sweep parameter {name!r}: unknown scale {scale!r} in {spec!r} (only ':log')")
     low, high = (_parse_value(name, t, kind, optional=False) for t in (low_text, high_text))
     if low >= high:
         raise ValueError(f"sweep parameter {name!r}: LOW must be below HIGH, got {spec!r}")
@@ -164,12 +176,34 @@ def load_space(path: str | Path) -> dict[str, Param]:
         raw = json.loads(Path(path).read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}: not valid JSON at line {err.lineno} column {err.colno}: {err.msg}") from err
-    if not isinstance(raw, dict) or not raw:
+    if not isinstance(raw, dict):
         raise ValueError(f'{path}: expected a JSON object of NAME -> SPEC (e.g. {{"lr": "1e-5..1e-3:log"}})')
+    if not raw:
+        raise ValueError(f"{path}: the space is empty; give at least one NAME -> SPEC")
     try:
         return {name: parse_param(name, spec) for name, spec in raw.items()}
     except ValueError as err:
         raise ValueError(f"{path}: {err}") from err
+
+
+def describe(param: Param) -> str:
+    """The parameter as `--param` spells it: `LOW..HIGH`, `LOW..HIGH:log` or `a,b,c`."""
+    if param.choices:
+        return ",".join("none" if v is None else str(v).lower() if isinstance(v, bool) else str(v)
+                        for v in param.choices)  # fmt: skip
+    return f"{param.low}..{param.high}" + (":log" if param.log else "")
+
+
+def check_space(base: TrainConfig, space: Mapping[str, Param]) -> None:
+    """Refuse, before any trial, a value every trial that draws it would fail on: each range's ends and each choice,
+    one at a time, must make a config `TrainConfig` accepts with the base. (What only the model can tell, such as
+    num_layers above its depth, still fails the trials that draw it.)"""
+    for name, p in space.items():
+        for value in p.choices or (p.low, p.high):
+            try:
+                base.replace(**{name: value})
+            except ValueError as err:
+                raise ValueError(f"sweep parameter {name!r}: {value!r} is refused: {err}") from None
 
 
 def suggest(trial: optuna.trial.Trial, space: Mapping[str, Param]) -> dict[str, Any]:
@@ -253,6 +287,53 @@ def open_study(
     return study
 
 
+def _settings(base: TrainConfig, space: Mapping[str, Param], sweep_dir: str | Path) -> dict[str, Any]:
+    """What makes a study's trials comparable, as kept in its user attributes: the base config less the searched and
+    the bookkeeping settings (SCORED kept), the space, and the sweep dir whose trial-NNN folders hold its runs."""
+    skip = (BOOKKEEPING - SCORED) | set(space)
+    record = {k: v for k, v in base.to_dict().items() if k not in skip}
+    return json.loads(json.dumps({"sweep_dir": str(Path(sweep_dir).resolve()), "base": record,
+                                  "space": {name: describe(p) for name, p in space.items()}}))  # fmt: skip
+
+
+def _changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """`name old -> new` for each base setting and searched parameter that differs between two `_settings`."""
+    before, after = old["base"], new["base"]
+    changed = computation_changes(before, {**before, **after})  # the evaluation data as what it resolves to
+    changed |= {k: (before.get(k), after.get(k)) for k in SCORED if before.get(k) != after.get(k)}
+    lines = [f"{k} {a} -> {b}" for k, (a, b) in sorted(changed.items()) if k in after]
+    for name in sorted(set(old["space"]) | set(new["space"])):
+        was, now = (s["space"].get(name, "not searched") for s in (old, new))
+        if was != now:
+            lines.append(f"searched {name} {was} -> {now}")
+    return lines
+
+
+def claim_study(
+    study: optuna.Study, base: TrainConfig, space: Mapping[str, Param], sweep_dir: str | Path, *,
+    allow_changes: bool = False,
+) -> None:  # fmt: skip
+    """Tie the study to `sweep_dir`, `base` and `space` (its user attributes), or check they are the ones it holds.
+    A study of another sweep dir is refused: its trial numbers would name that dir's folders and results. Changed
+    settings are refused once a trial has a score, since new trials would not compare with it, unless
+    `allow_changes` (warned; the new settings are recorded)."""
+    new, held = _settings(base, space, sweep_dir), study.user_attrs
+    if held.get("sweep_dir", new["sweep_dir"]) != new["sweep_dir"]:
+        raise ValueError(f"study {study.study_name!r} holds the trials of {held['sweep_dir']}, not of "
+                         f"{new['sweep_dir']}: give another --study-name (or --storage)")  # fmt: skip
+    changes = _changes(held, new) if "base" in held else []
+    scored = any(t.state.name in ("COMPLETE", "PRUNED") for t in study.get_trials(deepcopy=False))
+    if changes and scored and not allow_changes:
+        raise ValueError(f"study {study.study_name!r} was made with other settings ({'; '.join(changes)}): its trials "
+                         "would not compare with new ones; rerun with its settings, start a new --output-dir, or "
+                         "pass --allow-changed-base to add to it anyway")  # fmt: skip
+    if changes:
+        logger.warning("study %r: settings changed (%s); recorded for the trials from now on",
+                       study.study_name, "; ".join(changes))  # fmt: skip
+    for key, value in new.items():
+        study.set_user_attr(key, value)
+
+
 def counted_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     """The finished trials that count towards a sweep's total: complete, pruned, and failed ones. A trial of a killed
     or interrupted sweep is failed too, but it is run again with its parameters, so only the new run counts."""
@@ -265,11 +346,23 @@ def counted_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     return [t for t in trials if t.state in done or (t.state == TrialState.FAIL and t.number not in retried)]
 
 
+def trial_config(
+    base: TrainConfig, params: Mapping[str, Any], out: str | Path, *, save_model: bool = False
+) -> TrainConfig:
+    """The config a trial runs: the base with its parameters, in `out`, never resumed. Trial numbers are never
+    reused within a study, and a study belongs to one sweep dir (`claim_study`): a folder already there holds
+    nothing worth keeping, so it is overwritten."""
+    bookkeeping = dict(output_dir=str(out), save_model=save_model, resume=None, overwrite=True, accept_changes=False)
+    return base.replace(**params, **bookkeeping)
+
+
 def make_objective(
     base: TrainConfig, space: Mapping[str, Param], sweep_dir: str | Path, *, save_model: bool = False
 ) -> Callable[[optuna.trial.Trial], float]:
     """One trial: `fit` the base config with the trial's parameters in `sweep_dir/trial-NNN`; its value is the best
-    F1 seen. The trial's config, steps and error (if it raised) are kept as its user attributes."""
+    F1 seen. The trial's config, steps, why it stopped early and error (if it raised) are kept as its user
+    attributes. The space is checked against the base first (`check_space`)."""
+    check_space(base, space)
 
     def objective(trial: optuna.trial.Trial) -> float:
         import optuna
@@ -278,12 +371,9 @@ def make_objective(
 
         params = suggest(trial, space)
         out = Path(sweep_dir) / f"trial-{trial.number:03d}"
-        # Trial numbers are never reused within a study, and scripts/sweep.py keeps one study per sweep dir: a folder
-        # already there holds nothing worth keeping.
-        changes = dict(output_dir=str(out), save_model=save_model, resume=None, overwrite=True)
         observer = PruningObserver(trial)
         try:
-            config = base.replace(**params, **changes)
+            config = trial_config(base, params, out, save_model=save_model)
             trial.set_user_attr("config", json.loads(json.dumps(config.to_dict())))
             summary = fit(config, on_evaluate=[observer])
         except KeyboardInterrupt:  # not the trial's fault: a resumed sweep runs it again first
@@ -296,6 +386,7 @@ def make_objective(
             shutil.rmtree(out / "checkpoints", ignore_errors=True)
         trial.set_user_attr("steps", summary["steps"])
         trial.set_user_attr("best_f1", summary["best_f1"])
+        trial.set_user_attr("stopped", summary["stopped_early"])  # early stopping's reason, or the pruner's
         if observer.pruned_at is not None:
             raise optuna.TrialPruned(summary["stopped_early"])
         return summary["best_f1"]

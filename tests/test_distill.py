@@ -4,6 +4,7 @@ on resume, and students built from some of a pretrained model's layers."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
@@ -134,3 +135,33 @@ def test_bad_research_settings_are_one_line_errors_before_any_training(tmp_path,
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 2 and lines[-1].startswith("error: ") and message in lines[-1], result.stderr
         assert not (out / "checkpoints").exists() and "Traceback" not in result.stderr
+
+
+def test_teachers_that_cannot_teach_are_refused_by_name_and_overwrite_clears_nothing_first(tmp_path, tiny_dir, tiny):
+    from bertqa.distill import check_teacher
+    from bertqa.model import build_tokenizer
+
+    student = build_tokenizer(tiny_dir)
+    encoder = tmp_path / "encoder"  # a plain encoder: its QA head would be random
+    shutil.copytree(tiny_dir, encoder)
+    spec = json.loads((encoder / "config.json").read_text())
+    (encoder / "config.json").write_text(json.dumps({**spec, "architectures": ["BertModel"]}))
+    short = tmp_path / "short"  # reads at most 64 positions, the student's windows are 128
+    make_tiny(max_position_embeddings=64).save_pretrained(short)
+    student.save_pretrained(short)
+    run = tmp_path / "earlier"  # a run folder, whose model is in final_model/
+    shutil.copytree(tiny_dir, run / "final_model")
+    from bertqa.data import Window
+
+    for folder, message in ((encoder, "is not a question-answering model (its config names ['BertModel'])"),
+                            (short, "max_seq_length=128 is longer than"), (tmp_path / "nowhere", "does not exist"),
+                            (run, "no model there (no config.json); did you mean")):  # fmt: skip
+        with pytest.raises(ValueError, match=rf"teacher .*{folder.name}.*{re.escape(message)}"):
+            check_teacher(folder, student_tokenizer=student, window=Window(128, 32, 32))
+    config = tiny_config(tmp_path, model=str(tiny_dir), max_steps=2, save_model=True)
+    engine.fit(config, model=tiny())  # a finished run in tmp_path/run
+    with pytest.raises(ValueError, match="is not a question-answering model"):
+        engine.fit(config.replace(overwrite=True, teacher=str(encoder)))
+    assert (tmp_path / "run" / "final_model" / "config.json").is_file()  # refused before anything was removed
+    with pytest.raises(ValueError, match=r"lies in output_dir .* which --overwrite would clear"):
+        engine.fit(config.replace(overwrite=True, teacher=str(tmp_path / "run" / "final_model")))

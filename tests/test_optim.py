@@ -103,3 +103,10 @@ def test_your_own_optimizer_trains_on_bertqas_schedule(tmp_path, tiny):
     warmup = round(0.5 * total)
     lrs = {r["step"]: r["lr"] for r in log}
     assert lrs[0] == 0 and lrs[warmup] == pytest.approx(0.5) and lrs[total] == pytest.approx(0)  # SGD's own peak
+
+
+def test_the_logged_lr_is_the_peak_groups_with_layer_decay(tmp_path, tiny):
+    seen = []
+    config = tiny_config(tmp_path, max_steps=3, warmup_ratio=0.0, schedule="constant", layer_lr_decay=0.5, lr=1e-3)
+    engine.fit(config, model=tiny(), callbacks=[lambda u: seen.append(u.lr)])
+    assert seen == pytest.approx([1e-3] * 3)  # the head's, not the embeddings' 1.25e-4

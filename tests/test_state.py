@@ -49,8 +49,12 @@ def test_the_stop_says_why():
 def test_config_refuses_bad_early_stopping_settings():
     with pytest.raises(ValueError, match="early_stopping_patience must be at least 1"):
         TrainConfig(early_stopping_patience=0)
-    with pytest.raises(ValueError, match="early_stopping_min_delta must be >= 0"):
-        TrainConfig(early_stopping_min_delta=float("nan"))
+    for bad in (float("nan"), -1.0, float("inf"), 100.0):
+        with pytest.raises(ValueError, match=r"early_stopping_min_delta must be in \[0, 100\)"):
+            TrainConfig(early_stopping_min_delta=bad)
+    assert TrainConfig(early_stopping_min_delta=0.5).unused_settings() == [
+        ("early_stopping_min_delta", "early_stopping_patience")
+    ]
 
 
 def test_a_patience_without_evaluations_to_count_is_refused_before_training(tmp_path, tiny):
@@ -91,3 +95,10 @@ def test_a_resumed_run_keeps_its_patience_count(tmp_path, tiny):
     resumed = engine.fit(config.replace(resume="latest"), model=tiny(seed=1))
     # counted on from 2 evaluations without a gain: a fresh count would have stopped at update 6
     assert resumed["steps"] == 3 and resumed["stopped_early"].startswith("early stopping")
+
+
+def test_a_stopped_run_resumed_with_changed_settings_goes_on(tmp_path, tiny):
+    config = plateau_config(tmp_path)
+    assert engine.fit(config, model=tiny())["steps"] == 3
+    again = engine.fit(config.replace(resume="latest", early_stopping_patience=5, accept_changes=True), model=tiny())
+    assert again["steps"] == 8 and again["stopped_early"].startswith("early stopping")  # counted afresh: 3 + 5
