@@ -19,7 +19,15 @@ from bertqa.data import Window
 from bertqa.examples import parse_column_map
 from bertqa.sources import eval_source
 
-__all__ = ["BOOKKEEPING", "PRESETS", "TrainConfig", "computation_changes", "load_config", "preset"]
+__all__ = [
+    "BOOKKEEPING",
+    "PRESETS",
+    "TrainConfig",
+    "computation_changes",
+    "load_config",
+    "preset",
+    "read_json_object",
+]
 
 
 def _f(default: Any, help: str, **kwargs: Any) -> Any:
@@ -190,17 +198,23 @@ _NEEDS = (("early_stopping_min_delta", "early_stopping_patience"), ("layer_pick"
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
 
 
-def load_config(path: str | Path) -> TrainConfig:
-    """Read a `config.json` written by `TrainConfig.save`; unknown keys are an error, not silently dropped.
-
-    Keys starting with `_` are records, not settings (e.g. `_changes`, the changes accepted on resume).
-    """
+def read_json_object(path: str | Path, expected: str) -> dict[str, Any]:
+    """A JSON file that must hold an object; refused naming the file, with the line of a syntax error."""
     try:
         raw = json.loads(Path(path).read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}: not valid JSON at line {err.lineno} column {err.colno}: {err.msg}") from err
     if not isinstance(raw, dict):
-        raise ValueError(f"{path}: expected a JSON object of settings, got {type(raw).__name__}")
+        raise ValueError(f"{path}: expected {expected}, got {type(raw).__name__}")
+    return raw
+
+
+def load_config(path: str | Path) -> TrainConfig:
+    """Read a `config.json` written by `TrainConfig.save`; unknown keys are an error, not silently dropped.
+
+    Keys starting with `_` are records, not settings (e.g. `_changes`, the changes accepted on resume).
+    """
+    raw = read_json_object(path, "a JSON object of settings")
     raw = {k: v for k, v in raw.items() if not k.startswith("_")}
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(raw) - known)

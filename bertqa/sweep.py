@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from bertqa.config import BOOKKEEPING, TrainConfig, computation_changes
+from bertqa.config import BOOKKEEPING, TrainConfig, computation_changes, read_json_object
 
 if TYPE_CHECKING:
     import optuna
@@ -172,12 +172,7 @@ def parse_space(items: Iterable[str] = (), file: str | Path | None = None) -> di
 
 def load_space(path: str | Path) -> dict[str, Param]:
     """The space from a JSON file: an object of NAME -> SPEC string or NAME -> list of choices."""
-    try:
-        raw = json.loads(Path(path).read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON at line {err.lineno} column {err.colno}: {err.msg}") from err
-    if not isinstance(raw, dict):
-        raise ValueError(f'{path}: expected a JSON object of NAME -> SPEC (e.g. {{"lr": "1e-5..1e-3:log"}})')
+    raw = read_json_object(path, 'a JSON object of NAME -> SPEC (e.g. {"lr": "1e-5..1e-3:log"})')
     if not raw:
         raise ValueError(f"{path}: the space is empty; give at least one NAME -> SPEC")
     try:
