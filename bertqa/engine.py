@@ -311,10 +311,13 @@ def fit(
     tokenizer = tokenizer if tokenizer is not None else build_tokenizer(c.model)
     check_model_limits(model if model is not None else c.model, tokenizer, c.window,
                        num_layers=c.num_layers if model is None else None)  # fmt: skip
-    if c.teacher is not None:
-        from bertqa.distill import check_teacher
+    if c.teacher is not None:  # checked and loaded before any work on the data
+        from bertqa.distill import Distillation, load_teacher
 
-        check_teacher(c.teacher, student_tokenizer=tokenizer, window=c.window)
+        teacher = load_teacher(c.teacher, student_tokenizer=tokenizer, device=accelerator.device, window=c.window)
+        logger.info("distilling from teacher %s (alpha %g, temperature %g)", c.teacher, c.distill_alpha,
+                    c.distill_temperature)  # fmt: skip
+        compute_loss = Distillation(teacher, c.distill_alpha, c.distill_temperature, autocast=accelerator.autocast)
     with accelerator.main_process_first():  # the main process fills the window cache, the others read it
         examples = run_examples(**c.example_settings(), train_examples=train_examples, eval_examples=eval_examples)
         data = prepare_data(examples, tokenizer, window=c.window, cache_dir=c.cache_dir, num_proc=c.tokenize_workers)
@@ -324,13 +327,6 @@ def fit(
                             num_layers=c.num_layers, layer_pick=c.layer_pick)  # fmt: skip
     elif c.attention_dropout is not None or c.num_layers is not None:
         logger.warning("attention_dropout and num_layers apply to models fit builds; the model passed in keeps its own")
-    if c.teacher is not None:
-        from bertqa.distill import Distillation, load_teacher
-
-        teacher = load_teacher(c.teacher, student_tokenizer=tokenizer, device=accelerator.device)
-        logger.info("distilling from teacher %s (alpha %g, temperature %g)", c.teacher, c.distill_alpha,
-                    c.distill_temperature)  # fmt: skip
-        compute_loss = Distillation(teacher, c.distill_alpha, c.distill_temperature, autocast=accelerator.autocast)
     loader, sampler = train_loader(data.train_features, batch_size=c.batch_size, seed=c.seed,
                                    group_by_length=c.group_by_length, pad_token_id=tokenizer.pad_token_id,
                                    pad_to_multiple_of=c.pad_to_multiple_of, num_workers=c.num_workers,
