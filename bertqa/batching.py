@@ -29,11 +29,18 @@ __all__ = [
     "DataOrder",
     "FeatureDataset",
     "LengthGroupedBatchSampler",
+    "QuestionOrderBatchSampler",
     "SortedBatchSampler",
     "eval_loader",
     "model_inputs",
+    "padded_tokens",
     "train_loader",
 ]
+
+
+def padded_tokens(batches: Sequence[Sequence[int]], lengths: np.ndarray, multiple: int = 8) -> np.ndarray:
+    """Each batch's size in tokens as `Collator` pads it: windows x its longest window, rounded up to `multiple`."""
+    return np.array([len(b) * math.ceil(int(lengths[b].max()) / multiple) * multiple for b in batches], dtype=np.int64)
 
 
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -144,6 +151,80 @@ class LengthGroupedBatchSampler:
         return math.ceil(len(self.lengths) / self.batch_size)
 
 
+class QuestionOrderBatchSampler(LengthGroupedBatchSampler):
+    """Training batches that take the questions whole, in a seeded order: what a time-budget run trains on.
+
+    Each epoch: order the questions at random (seeded by seed and epoch) and lay out their windows in that order,
+    each question's together; keep the first `limit` questions (all when None); cut the windows into pools, the
+    first of `first_pool` batches (the timed warm-up of a budget run) and then `pool_batches` each; sort each pool
+    by length, cut it into batches and shuffle them within the pool. So the first N questions of a pass are a seeded
+    draw of N, and a run that trains on them sees every window of each. The pools before the one a limit cuts do
+    not depend on the limit: a plan made after the warm-up leaves the batches already trained on as they were.
+    """
+
+    def __init__(
+        self,
+        lengths: np.ndarray,
+        example_index: np.ndarray,
+        batch_size: int,
+        *,
+        seed: int,
+        first_pool: int,
+        group_by_length: bool = True,
+        pool_batches: int = 50,
+    ) -> None:
+        super().__init__(lengths, batch_size, seed=seed, group_by_length=group_by_length, pool_batches=pool_batches)
+        self.example_index = np.asarray(example_index)
+        self.questions = int(self.example_index.max()) + 1 if len(self.example_index) else 0
+        self.first_pool = first_pool
+        self.limit: int | None = None
+
+    def window_order(self, epoch: int) -> np.ndarray:
+        """The epoch's windows, question by question in the epoch's question order, cut at `limit` questions."""
+        rank = np.random.default_rng([self.seed, epoch]).permutation(self.questions)
+        order = np.argsort(rank[self.example_index], kind="stable")
+        if self.limit is not None:
+            order = order[rank[self.example_index[order]] < self.limit]
+        return order
+
+    def questions_windows(self, epoch: int, questions: int) -> int:
+        """How many windows the first `questions` questions of `epoch` hold."""
+        rank = np.random.default_rng([self.seed, epoch]).permutation(self.questions)
+        return int((rank[self.example_index] < questions).sum())
+
+    def questions_within(self, epoch: int, windows: int, *, at_least: int = 0) -> int:
+        """The most questions of `epoch`'s order whose windows number at most `windows` (but at least `at_least`)."""
+        rank = np.random.default_rng([self.seed, epoch]).permutation(self.questions)
+        counts = np.bincount(rank[self.example_index], minlength=self.questions)  # windows per place in the order
+        return max(at_least, int(np.searchsorted(np.cumsum(counts), windows, side="right")))
+
+    def questions_in_first_pool(self, epoch: int) -> int:
+        """How many questions the first pool (the warm-up's batches) reaches into: a plan must keep all of them."""
+        rank = np.random.default_rng([self.seed, epoch]).permutation(self.questions)
+        order = np.argsort(rank[self.example_index], kind="stable")[: self.first_pool * self.batch_size]
+        return int(rank[self.example_index[order]].max()) + 1 if len(order) else 0
+
+    def batches(self) -> list[list[int]]:
+        order = self.window_order(self.epoch)
+        rng = np.random.default_rng([self.seed, self.epoch, 1])  # the batch shuffles', apart from the order's
+        sizes = [self.first_pool * self.batch_size] if self.first_pool else []
+        begin, batches = 0, []
+        while begin < len(order):
+            size = sizes.pop(0) if sizes else self.pool_batches * self.batch_size
+            pool = order[begin : begin + size]
+            if self.group_by_length:
+                pool = pool[np.argsort(-self.lengths[pool], kind="stable")]
+            cut = [pool[i : i + self.batch_size].tolist() for i in range(0, len(pool), self.batch_size)]
+            full = [b for b in cut if len(b) == self.batch_size]  # pools are whole batches: only the last is short
+            batches += [full[i] for i in rng.permutation(len(full))] + [b for b in cut if len(b) < self.batch_size]
+            begin += size
+        return batches
+
+    def __len__(self) -> int:
+        windows = len(self.lengths) if self.limit is None else self.questions_windows(self.epoch, self.limit)
+        return math.ceil(windows / self.batch_size)
+
+
 class SortedBatchSampler:
     """Evaluation batches in order of decreasing length (least padding); results are put back by feature index."""
 
@@ -188,15 +269,26 @@ def train_loader(
     num_workers: int = 0,
     pin_memory: bool = False,
     pool_batches: int = 50,
+    question_order_first_pool: int | None = None,
 ) -> tuple[torch.utils.data.DataLoader, LengthGroupedBatchSampler]:
     """The training DataLoader and its batch sampler (whose epoch the caller sets before each pass).
+
+    `question_order_first_pool` (a time-budget run: the warm-up's micro-batches on all processes) takes the
+    questions whole in a seeded order (`QuestionOrderBatchSampler`), so the run can be cut to the questions it has
+    time for.
 
     `pin_memory` (for a GPU): batches in page-locked memory. A copy from ordinary memory makes the host wait for
     the GPU to finish its queued work; from pinned memory, with `non_blocking`, the host can queue the next update.
     """
-    sampler = LengthGroupedBatchSampler(
-        features.lengths, batch_size, seed=seed, group_by_length=group_by_length, pool_batches=pool_batches
-    )
+    sampler: LengthGroupedBatchSampler
+    if question_order_first_pool is not None:
+        sampler = QuestionOrderBatchSampler(features.lengths, features.example_index, batch_size, seed=seed,
+                                            first_pool=question_order_first_pool, group_by_length=group_by_length,
+                                            pool_batches=pool_batches)  # fmt: skip
+    else:
+        sampler = LengthGroupedBatchSampler(
+            features.lengths, batch_size, seed=seed, group_by_length=group_by_length, pool_batches=pool_batches
+        )
     loader = torch.utils.data.DataLoader(
         FeatureDataset(features),
         batch_sampler=sampler,

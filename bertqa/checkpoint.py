@@ -34,6 +34,7 @@ __all__ = [
     "clear_earlier_run",
     "latest_checkpoint",
     "list_checkpoints",
+    "load_checkpoint",
     "model_meta",
     "resolve_resume",
     "resume_point",
@@ -274,3 +275,16 @@ def resume_point(
         logger.warning("resuming %s with changed settings, accepted: %s", resume_from, listed)
         history.append({"checkpoint": resume_from.name, "changes": {k: list(v) for k, v in changes.items()}})
     return resume_from, {**settings, "_changes": history} if history else settings
+
+
+def load_checkpoint(accelerator: Accelerator, folder: Path) -> None:
+    """`Accelerator.load_state`, with a clear error for an optimizer whose parameter groups changed."""
+    try:
+        accelerator.load_state(str(folder))
+    except ValueError as err:
+        if "parameter groups" not in str(err):
+            raise
+        raise ValueError(
+            f"{folder}: its optimizer has other parameter groups than this run's (layer_lr_decay or the optimizer "
+            "changed); resume with the checkpoint's, or start afresh in another output_dir"
+        ) from err

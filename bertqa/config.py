@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bertqa.budget import parse_duration
 from bertqa.data import Window
 from bertqa.examples import parse_column_map
 from bertqa.sources import eval_source
@@ -78,6 +80,12 @@ class TrainConfig:
     # optimisation
     epochs: float = _f(2.0, "passes over the training windows (fractions allowed)")
     max_steps: int | None = _f(None, "stop after this many optimizer updates (overrides epochs)")
+    time_budget: str | None = _f(
+        None,
+        "train to a time budget (600, 90s, 10m, 1h30m): the first updates are timed and the run is planned so that "
+        "training and its evaluations end within it, the LR decaying to 0 at the last update; a seeded draw of the "
+        "training questions it has time for, whole (more passes, up to epochs, when it has time for more)",
+    )
     batch_size: int = _f(32, "windows per micro-batch on each process")
     grad_accum: int = _f(1, "micro-batches per optimizer update")
     lr: float = _f(3e-5, "peak learning rate")
@@ -153,6 +161,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if isinstance(self.report_to, list):  # a list from JSON or Python means the same
             object.__setattr__(self, "report_to", tuple(self.report_to))
+        if isinstance(self.time_budget, (int, float)) and not isinstance(self.time_budget, bool):
+            object.__setattr__(self, "time_budget", f"{self.time_budget:g}")  # seconds, from JSON or Python
         problems = _type_problems(self) or _value_problems(self)
         if problems:
             raise ValueError("invalid TrainConfig: " + "; ".join(problems))
@@ -183,6 +193,13 @@ class TrainConfig:
                 if getattr(self, name) != _DEFAULTS[name] and getattr(self, needs) is None]  # fmt: skip
 
     def replace(self, **changes: Any) -> TrainConfig:
+        """A copy with `changes`. A length given here wins over the other kind already set: `max_steps` replaces a
+        time budget (a preset's, say) and `time_budget` replaces `max_steps`; the one replaced is logged."""
+        for given, other in (("max_steps", "time_budget"), ("time_budget", "max_steps")):
+            if changes.get(given) is not None and other not in changes and getattr(self, other) is not None:
+                logging.getLogger("bertqa").info("%s %s replaces %s %s", given, changes[given], other,
+                                                 getattr(self, other))  # fmt: skip
+                changes[other] = None
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
@@ -303,6 +320,13 @@ def _value_problems(c: TrainConfig) -> list[str]:
         for name in _POSITIVE_WHEN_SET
         if getattr(c, name) is not None and getattr(c, name) <= 0
     ]
+    if c.time_budget is not None:
+        try:
+            parse_duration(c.time_budget)
+        except ValueError as err:
+            problems.append(str(err))
+        if c.max_steps is not None:
+            problems.append("give time_budget or max_steps, not both: the budget chooses the number of updates")
     if c.epochs <= 0 and not c.max_steps:
         problems.append("epochs must be positive (or set max_steps)")
     if c.negatives < 0:
@@ -347,18 +371,20 @@ def _value_problems(c: TrainConfig) -> list[str]:
 
 # Named starting points. Each is a set of changes to the defaults; the CLI applies flags on top.
 PRESETS: dict[str, dict[str, Any]] = {
-    # Under 10 minutes on a 2-core CPU with native bf16 (about 7 there, F1 in the 60s): real learning on real SQuAD.
-    # Attention dropout off: PyTorch's fused CPU attention kernel then runs, 1.38x faster training with F1 no worse
-    # (docs/BENCHMARKS.md, docs/RESULTS.md).
+    # A real fine-tune on real SQuAD that ends, evaluation included, within about 10 minutes on any 2-core CPU: an
+    # 8-minute time budget for training and evaluation decides how many of a seeded 20,000 questions it trains on
+    # (about 11,000 in bf16 where the CPU has it, fewer in fp32; more passes on a GPU). Attention dropout off:
+    # PyTorch's fused CPU attention kernel then runs, 1.38x faster training with F1 no worse (docs/BENCHMARKS.md,
+    # docs/RESULTS.md). No evaluation before training: in fp32 on such a CPU it costs over a minute of the budget.
     "quick": {
-        "max_train_examples": 10000,
+        "max_train_examples": 20000,
+        "time_budget": "8m",
         "attention_dropout": 0.0,
         "max_eval_examples": 1000,
-        "epochs": 1.0,
+        "epochs": 3.0,
         "lr": 1e-4,
         "batch_size": 32,
         "eval_batch_size": 64,
-        "eval_before_training": True,
         "log_every": 5,
         "output_dir": "runs/quick",
     },
@@ -406,7 +432,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 def preset(name: str | None, **changes: Any) -> TrainConfig:
-    """A config from a preset (or the defaults when `name` is None), with `changes` applied on top."""
+    """A config from a preset (or the defaults when `name` is None), with `changes` applied on top (`replace`: a
+    `max_steps` given here replaces the preset's time budget)."""
     if name is not None and name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
-    return TrainConfig(**{**(PRESETS[name] if name else {}), **changes})
+    return TrainConfig(**(PRESETS[name] if name else {})).replace(**changes)

@@ -23,6 +23,7 @@ import torch
 
 from bertqa import checkpoint
 from bertqa.batching import DataOrder, LengthGroupedBatchSampler, model_inputs, train_loader
+from bertqa.budget import PROBE_UPDATES, BudgetPlan, BudgetSpec, Deadline, format_duration, parse_duration, plan_run
 from bertqa.cache import prepare_data
 from bertqa.config import computation_changes
 from bertqa.data import Example, check_labels
@@ -36,10 +37,11 @@ from bertqa.optim import (
     describe_groups,
     fused_adamw_applies,
     hyperparameters,
+    reschedule,
     restore_hyperparameters,
 )
 from bertqa.reporting import LogMeter, RunRecorder, log_plan
-from bertqa.runtime import check_trackers, make_accelerator, resolve_precision
+from bertqa.runtime import any_process, check_trackers, make_accelerator, precision_reason, resolve_precision
 from bertqa.sources import run_examples
 from bertqa.state import EarlyStopping, StopTraining, TrainState, Update, count_evaluations, notify
 
@@ -223,8 +225,10 @@ class _Evaluation:
     calibration: tuple[torch.utils.data.DataLoader, Sequence[Example]] | None  # SQuAD v2 threshold data
     observers: Sequence[EvalObserver]
     last: dict[str, Any]  # the latest record
+    seconds: float = 0.0  # how long the latest evaluation took
 
     def __call__(self, model: torch.nn.Module, state: TrainState, **train_stats: float) -> dict[str, Any]:
+        t0 = time.perf_counter()
         v2, longest = self.meta["v2"], self.meta["max_answer_length"]
         calibrated: dict[str, float] = {}
         if self.calibration is not None:  # the no-answer threshold, chosen on held-out training questions
@@ -239,7 +243,7 @@ class _Evaluation:
         if self.best_model is not None and metrics["f1"] > state.best_f1:
             self.save_model(model, self.best_model, record)
         state.best_f1 = max(state.best_f1, metrics["f1"])
-        self.last = record
+        self.last, self.seconds = record, time.perf_counter() - t0
         notify(self.observers, record, state)
         return record
 
@@ -261,6 +265,35 @@ def _periodic(
         if not torch.isfinite(update.loss):  # never let a NaN step overwrite good checkpoints
             raise NonFiniteLossError(f"training loss is {update.loss.item()} at step {update.step}")
         save(update.step)
+
+
+def _plan_budget(
+    accelerator: Accelerator,
+    run: _Training,
+    evaluation: _Evaluation,
+    one_pass: Callable[..., dict[str, float]],
+    spec: BudgetSpec,
+    deadline: Deadline,
+    record: dict[str, Any],
+) -> BudgetPlan:
+    """A fresh time-budget run: `bertqa.budget.plan_run` trains and times the warm-up and plans; here the plan is
+    applied and recorded (`record` is the config that `config.json` and every checkpoint save)."""
+    loaders = [evaluation.loader] + ([evaluation.calibration[0]] if evaluation.calibration else [])
+    plan = plan_run(accelerator, run.order, run.state, run.model, one_pass, spec, deadline,
+                    total_steps=run.total_steps, per_epoch=run.per_epoch, eval_s=evaluation.seconds,
+                    eval_loaders=loaders)  # fmt: skip
+    run.state.budget_plan = record["_budget_plan"] = plan.to_dict()
+    _apply_plan(run, plan, schedule=spec.schedule)
+    logger.info("%s", plan.describe())
+    evaluation.recorder.replan(record, total_steps=plan.total_steps)
+    return plan
+
+
+def _apply_plan(run: _Training, plan: BudgetPlan, *, schedule: str) -> None:
+    """Cut the run to its plan: its questions, its length, and a schedule that ends at its last update."""
+    run.order.sampler.limit = plan.questions if plan.questions < plan.pool_questions else None
+    run.total_steps, run.per_epoch, run.warmup_steps = plan.total_steps, plan.per_epoch, plan.warmup_steps
+    reschedule(run.scheduler, total_steps=plan.total_steps, warmup_steps=plan.warmup_steps, schedule=schedule)
 
 
 def fit(
@@ -288,6 +321,7 @@ def fit(
     from bertqa.model import build_model, build_tokenizer
 
     c, out = config, Path(config.output_dir)
+    budget_s = parse_duration(c.time_budget) if c.time_budget is not None else None
     if c.teacher is not None and compute_loss is not default_loss:
         raise ValueError("give a teacher or your own compute_loss, not both (build bertqa.distill.Distillation into "
                          "your loss to have both)")  # fmt: skip
@@ -330,7 +364,9 @@ def fit(
     loader, sampler = train_loader(data.train_features, batch_size=c.batch_size, seed=c.seed,
                                    group_by_length=c.group_by_length, pad_token_id=tokenizer.pad_token_id,
                                    pad_to_multiple_of=c.pad_to_multiple_of, num_workers=c.num_workers,
-                                   pin_memory=accelerator.device.type == "cuda")  # fmt: skip
+                                   pin_memory=accelerator.device.type == "cuda",
+                                   question_order_first_pool=PROBE_UPDATES * c.grad_accum * accelerator.num_processes
+                                   if budget_s else None)  # fmt: skip
     if optimizer is not None and c.layer_lr_decay != 1.0:
         logger.warning("layer_lr_decay applies to bertqa's own optimizer; the optimizer factory passed in sets its own")
     adamw = partial(build_optimizer, lr=c.lr, weight_decay=c.weight_decay, eps=c.adam_eps,
@@ -347,7 +383,9 @@ def fit(
     if resume_from is None and c.overwrite:  # every setting is checked now: only here is the earlier run removed
         checkpoint.clear_earlier_run(out)
     if resume_from is not None:
-        _load_checkpoint(accelerator, resume_from)
+        checkpoint.load_checkpoint(accelerator, resume_from)
+        if run.state.budget_plan is not None:  # a time-budget run keeps the plan it made at its start
+            _apply_plan(run, BudgetPlan.from_dict(run.state.budget_plan), schedule=c.schedule)
         restore_hyperparameters(run.optimizer, run.scheduler, run.hyperparameters)
         if run.state.stop_reason is not None and computation_changes(checkpoint.saved_config(resume_from) or {},
                                                                      settings):  # fmt: skip
@@ -362,6 +400,12 @@ def fit(
     accelerator.init_trackers("bertqa", config={k: str(v) for k, v in c.to_dict().items()})
     log_plan(data, labels, accelerator, total_steps=run.total_steps, per_epoch=run.per_epoch,
              warmup_steps=run.warmup_steps, batch=c.batch_size * c.grad_accum * accelerator.num_processes)  # fmt: skip
+    precision = precision_reason(c.mixed_precision, device=accelerator.device.type)
+    logger.info("precision %s", precision)
+    if budget_s is not None and run.state.budget_plan is None:
+        ends = time.strftime("%H:%M:%S", time.localtime(time.time() + budget_s))
+        logger.info("time budget %s: the first %d updates are timed, then the run is planned so that its training "
+                    "and evaluations end by about %s", format_duration(budget_s), PROBE_UPDATES, ends)  # fmt: skip
     windows = partial(eval_batches, batch_size=c.eval_batch_size, pad_token_id=tokenizer.pad_token_id,
                       pad_to_multiple_of=c.pad_to_multiple_of, accelerator=accelerator)  # fmt: skip
     meta = checkpoint.model_meta(examples, window=c.window, max_answer_length=c.max_answer_length,
@@ -373,27 +417,30 @@ def fit(
     save = partial(checkpoint.save_checkpoint, accelerator, out, keep=c.keep_checkpoints, config=record)
     periodic = partial(_periodic, run=run, evaluation=evaluation, eval_every=c.eval_every_steps,
                        save_every=c.save_every_steps, save=save)  # fmt: skip
+    deadline = (
+        None
+        if budget_s is None
+        else Deadline(
+            run.state,
+            budget_s=budget_s,
+            agree=any_process(accelerator),
+            check_every=1 if accelerator.num_processes == 1 else 5,
+        )
+    )
     one_pass = partial(train_one_epoch, accelerator, run.model, run.optimizer, run.scheduler, state=run.state,
-                       max_steps=run.total_steps, max_grad_norm=c.max_grad_norm, log_every=c.log_every,
-                       compute_loss=compute_loss, callbacks=[recorder.on_update, periodic, *callbacks],
+                       max_grad_norm=c.max_grad_norm, log_every=c.log_every, compute_loss=compute_loss,
+                       callbacks=[recorder.on_update, periodic, *callbacks, *([deadline] if deadline else [])],
                        on_log=recorder.log_train)  # fmt: skip
+    plan = None
+    if deadline is not None:
+        spec = BudgetSpec(budget_s, precision.split(":")[0], c.grad_accum, c.warmup_ratio, c.schedule,
+                          c.eval_every_steps, c.eval_batch_size, c.pad_to_multiple_of)  # fmt: skip
+        plan = partial(_plan_budget, accelerator, run, evaluation, one_pass, spec, deadline, record)
     summary = _train(accelerator, run, evaluation, one_pass, save, eval_first=c.eval_before_training,
-                     final_model=out / "final_model" if c.save_model else None)  # fmt: skip
+                     final_model=out / "final_model" if c.save_model else None, plan=plan)  # fmt: skip
     recorder.finish(title=f"bertqa: {c.model}")
     accelerator.end_training()
     return {**summary, "label_report": labels, "output_dir": str(out)}
-
-
-def _load_checkpoint(accelerator: Accelerator, folder: Path) -> None:
-    try:
-        accelerator.load_state(str(folder))
-    except ValueError as err:
-        if "parameter groups" not in str(err):
-            raise
-        raise ValueError(
-            f"{folder}: its optimizer has other parameter groups than this run's (layer_lr_decay or the optimizer "
-            "changed); resume with the checkpoint's, or start afresh in another output_dir"
-        ) from err
 
 
 def _train(
@@ -405,17 +452,23 @@ def _train(
     *,
     eval_first: bool,
     final_model: Path | None,
+    plan: Callable[[], BudgetPlan] | None = None,
 ) -> dict[str, Any]:
     """`fit`'s loop: passes of `train_one_epoch` (`one_pass`), each followed by an evaluation and a checkpoint,
-    until the run's updates are done or it is stopped; then the final model."""
+    until the run's updates are done or it is stopped; then the final model. A time-budget run first trains its
+    timed warm-up and makes its `plan`."""
     state = run.state
     if state.stop_reason is not None:
         logger.info("this run was stopped at update %d (%s): nothing is left to train", state.step, state.stop_reason)
     t_start, train_time = time.perf_counter(), 0.0
     if eval_first and state.step == 0 and state.stop_reason is None:
         evaluation(run.model, state)
+    if plan is not None and state.budget_plan is None and state.stop_reason is None:
+        t0 = time.perf_counter()
+        plan()  # trains the timed warm-up updates
+        train_time += time.perf_counter() - t0
     while state.step < run.total_steps and state.stop_reason is None:
-        stats = one_pass(run.order.batches(accelerator, state))
+        stats = one_pass(run.order.batches(accelerator, state), max_steps=run.total_steps)
         train_time += stats["train_time_s"]
         run.order.end_pass(state)
         if evaluation.last.get("step") != state.step:  # a stop may have come from an evaluation at this update
@@ -437,4 +490,5 @@ def _train(
         "final": last_eval,
         "best_f1": state.best_f1,
         "stopped_early": state.stop_reason,
+        "budget_plan": state.budget_plan,
     }

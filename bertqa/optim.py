@@ -22,6 +22,7 @@ __all__ = [
     "fused_adamw_applies",
     "hyperparameters",
     "layer_depths",
+    "reschedule",
     "restore_hyperparameters",
 ]
 
@@ -128,6 +129,23 @@ def build_scheduler(
     Step it once per optimizer update (not per micro-batch, process or epoch).
     """
 
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, _factor(total_steps, warmup_steps, schedule))
+
+
+def reschedule(
+    scheduler: torch.optim.lr_scheduler.LambdaLR, *, total_steps: int, warmup_steps: int, schedule: str = "linear"
+) -> None:
+    """Give a `build_scheduler` schedule a new length where it stands (a time-budget run, once its plan is made):
+    from its current update on, every group's LR is what a schedule built for `total_steps` would give."""
+    factor = _factor(total_steps, warmup_steps, schedule)
+    scheduler.lr_lambdas = [factor] * len(scheduler.optimizer.param_groups)
+    lrs = [base * factor(scheduler.last_epoch) for base in scheduler.base_lrs]
+    for group, lr in zip(scheduler.optimizer.param_groups, lrs):
+        group["lr"] = lr
+    scheduler._last_lr = lrs  # what get_last_lr() reads until the next step
+
+
+def _factor(total_steps: int, warmup_steps: int, schedule: str) -> Callable[[int], float]:
     def factor(step: int) -> float:
         if step < warmup_steps:
             return step / max(1, warmup_steps)
@@ -136,7 +154,7 @@ def build_scheduler(
         progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
         return 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else 1.0 - progress
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return factor
 
 
 # What a checkpoint restores into an optimizer that the run's own settings must override when a run is resumed

@@ -108,6 +108,14 @@ class RunRecorder:
         if resumed_at is None and initial_lr is not None:
             append_jsonl(self.train_log, {"step": 0, "epoch": 0, "lr": initial_lr})
 
+    def replan(self, config: Mapping[str, Any], *, total_steps: int) -> None:
+        """A run whose length was planned after it began (a time budget): the new length, and the config with the
+        plan in it."""
+        self.bar.total = total_steps
+        self.bar.refresh()
+        if self.is_main:
+            (self.out / "config.json").write_text(dumps(dict(config), indent=2) + "\n")
+
     def on_update(self, update: Any) -> None:
         """An update callback: advance the progress bar."""
         self.bar.update(1)

@@ -12,7 +12,7 @@ import functools
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -22,10 +22,12 @@ if TYPE_CHECKING:
 
 __all__ = [
     "KEEP_FREED_MEMORY_ENV",
+    "any_process",
     "check_trackers",
     "cpu_has_native_bf16",
     "keep_freed_memory",
     "make_accelerator",
+    "precision_reason",
     "resolve_precision",
 ]
 
@@ -34,8 +36,14 @@ logger = logging.getLogger("bertqa")
 
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU computes bf16 in hardware (AMX or AVX512-BF16), where bf16 autocast is much faster."""
+    if os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper() in _ISA_WITHOUT_BF16:  # the kernels are held below bf16
+        return False
     probes = (getattr(torch.cpu, "_is_amx_tile_supported", None), getattr(torch.cpu, "_is_avx512_bf16_supported", None))
     return any(probe is not None and probe() for probe in probes)
+
+
+# oneDNN instruction-set limits (ONEDNN_MAX_CPU_ISA) under which its matmuls cannot use bf16 instructions.
+_ISA_WITHOUT_BF16 = frozenset({"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI"})
 
 
 def resolve_precision(mode: str, *, device: str | None = None) -> str:
@@ -47,6 +55,22 @@ def resolve_precision(mode: str, *, device: str | None = None) -> str:
     if (device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "no"
     return "bf16" if cpu_has_native_bf16() else "no"
+
+
+def precision_reason(mode: str, *, device: str | None = None) -> str:
+    """The precision `resolve_precision` picks for `mode`, and why, as a person reads it at the start of a run:
+    "fp32: this CPU has no native bf16 (AVX2 only)", so a user on slower hardware knows what to expect."""
+    chosen = resolve_precision(mode, device=device)
+    name = "fp32" if chosen == "no" else chosen
+    if mode != "auto":
+        return f"{name}: asked for (mixed precision {mode})"
+    if (device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cuda":
+        return f"{name}: this GPU {'runs bf16' if chosen == 'bf16' else 'has no bf16'}"
+    if chosen == "bf16":
+        amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+        return f"bf16: this CPU computes bf16 natively ({'AMX' if amx else 'AVX512-BF16'})"
+    isa = torch.backends.cpu.get_cpu_capability()
+    return f"fp32: this CPU has no native bf16 ({isa} only), so bf16 would be slower"
 
 
 # Set by a user who tunes the C allocator (or replaces it) themselves: then bertqa leaves it alone.
@@ -78,6 +102,14 @@ def keep_freed_memory() -> bool:
     done = bool(mallopt(m_mmap_threshold, 2**30)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
     logger.debug("glibc keeps freed memory for reuse: %s", done)
     return done
+
+
+def any_process(accelerator: Accelerator) -> Callable[[bool], bool]:
+    """A function that is True on every process when its argument is True on any: one decision for all (a stop,
+    say, which every process must take alike or the others wait for it forever)."""
+    if accelerator.num_processes == 1:
+        return bool
+    return lambda flag: bool(accelerator.gather(torch.tensor([float(flag)], device=accelerator.device)).max() > 0)
 
 
 def check_trackers(names: Sequence[str]) -> None:

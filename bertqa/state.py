@@ -55,6 +55,10 @@ class TrainState:
     evals_without_gain: int = 0
     patience_best: float | None = None
     patience_best_step: int | None = None
+    # A time-budget run's plan (`bertqa.budget.BudgetPlan.to_dict()`, kept so a resumed run does not measure again)
+    # and the seconds of the budget spent so far
+    budget_plan: dict[str, Any] | None = None
+    budget_used_s: float = 0.0
 
     def state_dict(self) -> dict[str, Any]:
         return dict(vars(self))

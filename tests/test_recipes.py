@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import time
 
 import pytest
 import torch
@@ -112,3 +113,14 @@ def test_an_optimizer_of_ones_own_gives_the_head_its_own_lr(tmp_path, tiny_dir, 
     out = json.loads(script("recipes/head_lr.py", *args).stdout.splitlines()[-1])
     assert out["steps"] == 4 and out["head_lr"] == pytest.approx(5e-3)
     assert "head: peak lr 0.005" in script("recipes/head_lr.py", *args, "--overwrite", "true").stderr
+
+
+def test_a_fixed_length_run_stops_at_its_deadline(tmp_path, tiny_dir):
+    stop = recipe("stop_at_deadline").StopAfter(0.2)
+    stop(engine.Update(step=1, epoch=0, lr=1e-3, loss=torch.zeros(())))  # the clock starts at the first update
+    time.sleep(0.25)
+    with pytest.raises(engine.StopTraining, match=r"deadline: 0.2 s of training passed at update 2"):
+        stop(engine.Update(step=2, epoch=0, lr=1e-3, loss=torch.zeros(())))
+    args = ["--model", tiny_dir, *SETTINGS, "--epochs", "50", "--train-seconds", "1.5", "--output-dir", tmp_path]
+    out = json.loads(script("recipes/stop_at_deadline.py", *args).stdout.splitlines()[-1])
+    assert out["stopped_early"].startswith("deadline: 1.5 s") and out["steps"] > 0

@@ -1,0 +1,239 @@
+"""Training to a time budget: durations, the plan's arithmetic, the question-order batches, and runs of the tiny model
+whose update time is set by a sleep, so that what the warm-up measures is known."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from bertqa import budget, engine
+from bertqa.batching import QuestionOrderBatchSampler
+from bertqa.budget import (
+    BudgetTooSmall,
+    evaluations_between,
+    format_duration,
+    parse_duration,
+    plan_steps,
+)
+from bertqa.config import TrainConfig, preset
+from bertqa.optim import build_scheduler, reschedule
+from bertqa.runtime import cpu_has_native_bf16, precision_reason, resolve_precision
+from tests.conftest import tiny_config
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("600", 600), (90, 90), ("90s", 90), ("10m", 600), ("1h30m", 5400), ("1h 30m 15s", 5415), ("2.5m", 150),
+     ("10min", 600), ("1H", 3600)],
+)  # fmt: skip
+def test_durations_in_the_forms_people_write(text, seconds):
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "10 minutes", "0", "-5", "1x", "m", "1m1h", "nan", True])
+def test_a_malformed_duration_names_the_setting_and_the_forms(text):
+    with pytest.raises(ValueError, match=r"time_budget .* is not a duration: give seconds \(600\) or .* 10m, 1h30m"):
+        parse_duration(text)
+
+
+def test_format_duration():
+    assert [format_duration(s) for s in (0.42, 45, 485, 3725)] == ["0.4 s", "45 s", "8 min 5 s", "1 h 2 min"]
+
+
+def test_config_takes_a_budget_and_refuses_it_beside_max_steps(tmp_path):
+    assert TrainConfig(time_budget=600).time_budget == "600"  # a number from JSON or Python: seconds
+    with pytest.raises(ValueError, match="time_budget '10 minutes' is not a duration"):
+        TrainConfig(time_budget="10 minutes")
+    with pytest.raises(ValueError, match="give time_budget or max_steps, not both"):
+        TrainConfig(time_budget="10m", max_steps=100)
+    assert preset("quick").time_budget is not None  # the first run is on a budget
+
+
+def test_evaluations_between_counts_epoch_ends_periodic_and_the_final_one_once():
+    assert evaluations_between(0, 10, per_epoch=100, eval_every=None) == 1
+    assert evaluations_between(0, 250, per_epoch=100, eval_every=None) == 3  # 100, 200, 250
+    assert evaluations_between(150, 250, per_epoch=100, eval_every=None) == 2  # 200, 250
+    assert evaluations_between(0, 200, per_epoch=100, eval_every=50) == 4  # 50, 100, 150, 200
+
+
+def test_plan_steps_is_the_largest_length_that_fits():
+    plan = dict(s_per_update=2.0, eval_s=10.0, done=6, per_epoch=1000, eval_every=None)
+    total = plan_steps(remaining_s=100.0, cap=1000, **plan)
+    assert total == 51  # 45 more updates (90 s) + the final evaluation (10 s) = 100 s
+    assert plan_steps(remaining_s=100.0, cap=20, **plan) == 20  # the epochs cap wins
+    assert plan_steps(remaining_s=9.0, cap=1000, **plan) is None  # not even the final evaluation fits
+    # an evaluation every 10 updates costs its time too: 6 + n updates with n * 2 + evaluations * 10 <= 100
+    with_evals = plan_steps(remaining_s=100.0, cap=1000, **{**plan, "eval_every": 10})
+    cost = (with_evals - 6) * 2 + evaluations_between(6, with_evals, per_epoch=1000, eval_every=10) * 10
+    assert cost <= 100 < (with_evals + 1 - 6) * 2 + evaluations_between(6, with_evals + 1, per_epoch=1000,
+                                                                         eval_every=10) * 10  # fmt: skip
+
+
+def sampler_data(questions=200, seed=0):
+    rng = np.random.default_rng(seed)
+    per_question = rng.choice([1, 1, 1, 2, 3], size=questions)
+    example_index = np.repeat(np.arange(questions), per_question)
+    lengths = rng.integers(20, 384, size=len(example_index))
+    return lengths, example_index
+
+
+def test_question_order_batches_take_questions_whole_in_a_seeded_order():
+    lengths, example_index = sampler_data()
+    sampler = QuestionOrderBatchSampler(lengths, example_index, 8, seed=3, first_pool=4, pool_batches=5)
+    full = [i for b in sampler.batches() for i in b]
+    assert sorted(full) == list(range(len(lengths)))  # every window once per pass
+    first_pool = sampler.batches()[:4]
+    sampler.limit = 50
+    cut = sampler.batches()
+    chosen = set(example_index[[i for b in cut for i in b]].tolist())
+    assert len(chosen) == 50 and chosen != set(range(50))  # a seeded draw, not the first 50 of the file
+    trained = sorted(i for b in cut for i in b)
+    assert trained == sorted(np.flatnonzero(np.isin(example_index, list(chosen))).tolist())  # all their windows
+    assert len(sampler) == math.ceil(len(trained) / 8) and all(len(b) == 8 for b in cut[:-1])
+    assert cut[:4] == first_pool  # the warm-up's batches do not depend on where the plan cuts
+    assert sampler.questions_in_first_pool(0) <= 50
+    other = QuestionOrderBatchSampler(lengths, example_index, 8, seed=4, first_pool=4)
+    other.limit = 50
+    assert set(example_index[[i for b in other.batches() for i in b]].tolist()) != chosen  # the seed decides
+
+
+def test_questions_within_fills_a_number_of_windows_without_passing_it():
+    lengths, example_index = sampler_data()
+    sampler = QuestionOrderBatchSampler(lengths, example_index, 8, seed=0, first_pool=2)
+    for windows in (1, 37, 100, 250):
+        n = sampler.questions_within(0, windows)
+        assert sampler.questions_windows(0, n) <= windows < sampler.questions_windows(0, n + 1)
+    assert sampler.questions_within(0, 1, at_least=30) == 30
+
+
+def test_reschedule_gives_the_new_length_from_where_the_schedule_stands():
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    sched = build_scheduler(opt, total_steps=1000, warmup_steps=100)
+    for _ in range(6):
+        opt.step()
+        sched.step()
+    reschedule(sched, total_steps=40, warmup_steps=4)
+    assert opt.param_groups[0]["lr"] == pytest.approx(1 - (6 - 4) / 36) == sched.get_last_lr()[0]
+    for _ in range(34):
+        opt.step()
+        sched.step()
+    assert opt.param_groups[0]["lr"] == 0.0  # ends at the new last update
+
+
+def test_precision_says_why_and_a_cpu_held_below_bf16_trains_in_fp32(monkeypatch):
+    assert precision_reason("no") == "fp32: asked for (mixed precision no)"
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    assert not cpu_has_native_bf16() and resolve_precision("auto", device="cpu") == "no"
+    assert precision_reason("auto", device="cpu").startswith("fp32: this CPU has no native bf16 (")
+
+
+# ---------------------------------------------------------------------------------------------------- budget runs
+
+
+def sleepy(seconds_per_update, slower_after=None, slower=None):
+    """A loss that also sleeps: the update time the warm-up measures is known (and can change after the plan)."""
+
+    def loss(model, batch):
+        late = slower_after is not None and loss.calls >= slower_after
+        time.sleep(slower if late else seconds_per_update)
+        loss.calls += 1
+        return engine.default_loss(model, batch)
+
+    loss.calls = 0
+    return loss
+
+
+@pytest.fixture
+def roomy(monkeypatch):
+    """Plan for 80% of the time left instead of 97%: the runs below must reach their planned end even on a machine
+    busy with other work, so that the schedule's end can be checked (the deadline has a test of its own)."""
+    monkeypatch.setattr(budget, "SAFETY", 0.8)
+    return 0.8
+
+
+def budget_config(tmp_path, **changes):
+    return tiny_config(tmp_path, max_train_examples=400, epochs=2.0, mixed_precision="no", log_every=1,
+                       **{"time_budget": "4s", **changes})  # fmt: skip
+
+
+def test_the_plan_comes_from_the_measured_rate_and_the_schedule_ends_at_its_last_update(tmp_path, tiny, roomy):
+    summary = engine.fit(budget_config(tmp_path), model=tiny(), compute_loss=sleepy(0.04))
+    plan = summary["budget_plan"]
+    assert 0.04 <= plan["s_per_update"] < 0.2  # the sleep, and what the tiny model adds (more on a busy machine)
+    fits = plan_steps(remaining_s=(4 - plan["spent_s"]) * roomy, s_per_update=plan["s_per_update"],
+                      eval_s=plan["eval_s"], done=6, cap=10_000, per_epoch=10_000, eval_every=None)  # fmt: skip
+    assert plan["questions"] < plan["pool_questions"] == 400  # less than a pass: a draw of whole questions
+    assert fits - 2 <= plan["total_steps"] <= fits  # whole questions fill at most the updates that fit
+    assert summary["steps"] == plan["total_steps"] and summary["stopped_early"] is None
+    log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    lr = {r["step"]: r["lr"] for r in log}
+    total, warmup = plan["total_steps"], plan["warmup_steps"]
+    assert lr[total] == 0.0  # the decay ends at the deadline, not cut off before it
+    step = (warmup + total) // 2
+    assert lr[step] == pytest.approx(1e-3 * (1 - (step - warmup) / (total - warmup)))
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["_budget_plan"] == plan and saved["time_budget"] == "4s"
+    assert summary["wall_time_s"] < 4 * 1.15  # training and evaluations, within the budget and a margin of noise
+
+
+def test_a_resumed_run_keeps_its_plan_instead_of_measuring_again(tmp_path, tiny, monkeypatch, roomy):
+    def crash(update):
+        if update.step == 30:
+            raise RuntimeError("killed")
+
+    config = budget_config(tmp_path, save_every_steps=25)
+    with pytest.raises(RuntimeError, match="killed"):
+        engine.fit(config, model=tiny(), compute_loss=sleepy(0.04), callbacks=[crash])
+    plan = json.loads((tmp_path / "run" / "config.json").read_text())["_budget_plan"]
+
+    def measure_again(*args, **kwargs):
+        raise AssertionError("a resumed budget run measured again")
+
+    monkeypatch.setattr(engine, "plan_run", measure_again)
+    resumed = engine.fit(config.replace(resume="latest"), model=tiny(seed=1), compute_loss=sleepy(0.04))
+    assert resumed["stopped_early"] is None, resumed["stopped_early"]
+    assert resumed["budget_plan"] == plan and resumed["steps"] == plan["total_steps"]
+    log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    assert log[-1]["step"] == plan["total_steps"] and log[-1]["lr"] == 0.0
+
+
+def test_a_budget_too_small_says_the_smallest_that_would_work(tmp_path, tiny):
+    with pytest.raises(
+        BudgetTooSmall,
+        match=r"time_budget 0.3 s is too small here: the 6 warm-up updates .* "
+        r"smallest budget that would finish is about .*\(time_budget \d+\)",
+    ):
+        engine.fit(budget_config(tmp_path, time_budget="0.3s"), model=tiny(), compute_loss=sleepy(0.1))
+
+
+def test_a_machine_that_slows_down_still_ends_within_the_budget(tmp_path, tiny):
+    slow = sleepy(0.03, slower_after=12, slower=0.15)  # five times slower soon after the plan
+    summary = engine.fit(budget_config(tmp_path), model=tiny(), compute_loss=slow)
+    assert summary["stopped_early"].startswith("time budget: ")
+    assert summary["steps"] < summary["budget_plan"]["total_steps"]
+    assert summary["wall_time_s"] < 4 + 0.15 + 1.0  # the budget, the update in flight, the final evaluation
+
+
+def test_a_length_given_later_wins_over_the_other_kind():
+    assert preset("quick", max_steps=120).time_budget is None  # a preset's budget gives way to max_steps
+    assert TrainConfig(max_steps=5).replace(time_budget="1m").max_steps is None
+    with pytest.raises(ValueError, match="not both"):  # both in one place is refused
+        preset("quick", max_steps=120, time_budget="2m")
+
+
+def test_two_processes_agree_on_one_plan_and_end_together(tmp_path, tiny_dir):
+    from tests.test_recipes import SETTINGS
+    from tests.test_scripts import script, two_processes
+
+    args = ["--model", tiny_dir, *SETTINGS, "--max-train-examples", "400", "--epochs", "3", "--time-budget", "6s",
+            "--output-dir", tmp_path]  # fmt: skip
+    out = json.loads(script("train.py", *map(str, args), launch=two_processes()).stdout.splitlines()[-1])
+    plan = json.loads((tmp_path / "config.json").read_text())["_budget_plan"]
+    assert out["planned_steps"] == plan["total_steps"] and out["time_budget_s"] == 6
+    assert out["steps"] == plan["total_steps"] or out["stopped_early"].startswith("time budget")  # both, or neither
