@@ -183,13 +183,11 @@ class BudgetSpec:
     pad_to_multiple_of: int
 
 
-def update_seconds(seconds: Sequence[float], *, probe: int, micro: int, per_epoch: int, tokens: np.ndarray) -> float:
-    """The mean seconds of an update over a whole pass, from the warm-up's: `seconds` are the first update's and the
-    other `probe - 1` updates' together; `tokens` the padded tokens of each micro-batch of the pass, in order, `micro`
-    of them per update. The rate per token of the timed updates, times the mean update's tokens."""
-    timed = tokens[micro : probe * micro] if probe > 1 else tokens[:micro]
-    per_token = (seconds[1] if probe > 1 else seconds[0]) / max(1, int(timed.sum()))
-    return per_token * float(tokens.sum()) / max(1, per_epoch)
+def update_seconds(seconds: float, *, timed: np.ndarray, tokens: np.ndarray, per_epoch: int) -> float:
+    """The mean seconds of an update over a whole pass: `seconds` is what the timed updates took, `timed` the padded
+    tokens of their micro-batches, `tokens` those of every micro-batch of the pass. The timed updates' rate per
+    token, times the mean update's tokens."""
+    return seconds / max(1, int(timed.sum())) * float(tokens.sum()) / max(1, per_epoch)
 
 
 def evaluation_seconds(
@@ -280,16 +278,19 @@ def plan_run(
 
     from bertqa.batching import padded_tokens
 
-    sampler = order.sampler
-    probe, seconds = min(PROBE_UPDATES, total_steps), []
-    for steps in (1, probe):  # the first update pays one-off costs: the rate comes from the others
+    sampler, start = order.sampler, state.step  # a run resumed before its plan was made starts its warm-up again
+    probe, seconds = max(1, min(PROBE_UPDATES, total_steps - start)), []
+    for steps in (start + 1, start + probe):  # the first update pays one-off costs: the rate comes from the others
         t0 = time.perf_counter()
         one_pass(order.batches(accelerator, state), max_steps=steps)
         order.end_pass(state)
         seconds.append(time.perf_counter() - t0)
     micro = spec.grad_accum * accelerator.num_processes  # micro-batches per update, all processes
     tokens = padded_tokens(sampler.batches(), sampler.lengths, spec.pad_to_multiple_of)
-    s_per_update = update_seconds(seconds, probe=probe, micro=micro, per_epoch=per_epoch, tokens=tokens)
+    first = (start + 1 if probe > 1 else start) * micro  # the timed updates' micro-batches
+    timed = tokens[first : (start + probe) * micro]
+    s_per_update = update_seconds(seconds[1] if probe > 1 else seconds[0], timed=timed, tokens=tokens,
+                                  per_epoch=per_epoch)  # fmt: skip
     if not eval_s:
         eval_s = evaluation_seconds(model, eval_loaders, device=accelerator.device, batch_size=spec.eval_batch_size,
                                     multiple=spec.pad_to_multiple_of) / accelerator.num_processes  # fmt: skip

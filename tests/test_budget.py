@@ -237,3 +237,18 @@ def test_two_processes_agree_on_one_plan_and_end_together(tmp_path, tiny_dir):
     plan = json.loads((tmp_path / "config.json").read_text())["_budget_plan"]
     assert out["planned_steps"] == plan["total_steps"] and out["time_budget_s"] == 6
     assert out["steps"] == plan["total_steps"] or out["stopped_early"].startswith("time budget")  # both, or neither
+
+
+def test_a_run_killed_during_its_warm_up_times_it_again_on_resume(tmp_path, tiny, roomy):
+    def crash(update):
+        if update.step == 3:  # after the checkpoint of update 2, before any plan
+            raise RuntimeError("killed")
+
+    config = budget_config(tmp_path, save_every_steps=2)
+    with pytest.raises(RuntimeError, match="killed"):
+        engine.fit(config, model=tiny(), compute_loss=sleepy(0.04), callbacks=[crash])
+    assert "_budget_plan" not in json.loads((tmp_path / "run" / "config.json").read_text())
+    resumed = engine.fit(config.replace(resume="latest"), model=tiny(), compute_loss=sleepy(0.04))
+    plan = resumed["budget_plan"]
+    assert plan["probe_updates"] == 6 and 0.04 <= plan["s_per_update"] < 0.2  # timed from update 2 on, not from 0
+    assert resumed["steps"] == plan["total_steps"] and resumed["stopped_early"] is None
