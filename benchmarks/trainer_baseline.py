@@ -5,8 +5,12 @@ examples and windows with the same hyperparameters (lr, epochs, batch, warmup ra
 precision), and scores the same evaluation examples with bertqa's post-processing and the official metrics, so the
 only differences are the loops: windows padded to max_seq_length, the Trainer's data pipeline and its loss.
 
-  python benchmarks/trainer_baseline.py --preset quick --output-dir runs/quick-trainer
-  python scripts/train.py --preset quick --eval-before-training false     # bertqa, for the comparison
+  python benchmarks/trainer_baseline.py --preset quick --time-budget none --max-train-examples 10000 --epochs 1 \
+      --output-dir runs/quick-trainer
+  python scripts/train.py --preset quick --time-budget none --max-train-examples 10000 --epochs 1 \
+      --output-dir runs/quick-cmp     # bertqa, for the comparison
+
+The Trainer has no time budget: give the run a fixed length (`--time-budget none`, as above, or `--max-steps`).
 
 Prints one JSON line: EM/F1 (HasAns/NoAns for v2), train_time_s, eval_time_s, wall_time_s.
 """
@@ -97,6 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     setup_logging()
     config = config_from_args(args)
+    if config.time_budget is not None:
+        raise ValueError("the Trainer has no time budget: give the run a fixed length (--time-budget none, with "
+                         "--epochs or --max-steps), and the same to scripts/train.py for the comparison")  # fmt: skip
     result = train_and_score(config)
     print(json.dumps(result))
     if args.json:

@@ -198,11 +198,16 @@ class QuestionOrderBatchSampler(LengthGroupedBatchSampler):
         counts = np.bincount(rank[self.example_index], minlength=self.questions)  # windows per place in the order
         return max(at_least, int(np.searchsorted(np.cumsum(counts), windows, side="right")))
 
-    def questions_in_first_pool(self, epoch: int) -> int:
-        """How many questions the first pool (the warm-up's batches) reaches into: a plan must keep all of them."""
+    def questions_to_keep(self, epoch: int, batches_done: int) -> int:
+        """How many questions a limit must keep so that every pool holding one of the first `batches_done` batches
+        (the warm-up's, at least) stays whole: those batches were trained on and must stay where they are."""
         rank = np.random.default_rng([self.seed, epoch]).permutation(self.questions)
-        order = np.argsort(rank[self.example_index], kind="stable")[: self.first_pool * self.batch_size]
-        return int(rank[self.example_index[order]].max()) + 1 if len(order) else 0
+        order = np.argsort(rank[self.example_index], kind="stable")
+        first, pool = self.first_pool * self.batch_size, self.pool_batches * self.batch_size
+        windows = max(batches_done, 1) * self.batch_size  # the pools are whole batches, in order
+        end = first if windows <= first else first + math.ceil((windows - first) / pool) * pool
+        reached = order[:end]
+        return int(rank[self.example_index[reached]].max()) + 1 if len(reached) else 0
 
     def batches(self) -> list[list[int]]:
         order = self.window_order(self.epoch)

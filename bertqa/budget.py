@@ -14,8 +14,11 @@ The arithmetic is pure; `time_forward` and `evaluation_seconds` run a model, `De
 
 from __future__ import annotations
 
+import collections
+import logging
 import math
 import re
+import statistics
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
@@ -44,9 +47,13 @@ __all__ = [
     "update_seconds",
 ]
 
+logger = logging.getLogger("bertqa")
+
 # Updates timed before the plan; the first is left out of the rate: it pays one-off costs (allocator warm-up, the
 # optimizer's state) that later updates do not.
 PROBE_UPDATES = 6
+# How many of the latest updates' times the deadline's median is taken over.
+RECENT = 20
 # The plan spends this share of the time left, so that a stretch a little slower than the probe still ends in time.
 SAFETY = 0.97
 
@@ -136,7 +143,7 @@ class BudgetPlan:
     probe_updates: int
     s_per_update: float  # measured over the warm-up, scaled to the mean update of the training data
     eval_s: float  # one evaluation, measured
-    total_steps: int
+    total_steps: int  # the run's length now: the plan's, or shorter when the run fell behind it
     warmup_steps: int
     per_epoch: int  # updates in a pass over the questions the run trains on
     evaluations: int  # still to come after the plan, the final one included
@@ -145,13 +152,21 @@ class BudgetPlan:
     passes: float
     expected_s: float  # spent_s plus what the plan predicts for the rest
     precision: str
+    planned_steps: int = 0  # the length the plan first chose
+    shortened: tuple[tuple[int, int], ...] = ()  # (at update, new length) each time the run fell behind
+
+    def __post_init__(self) -> None:
+        if not self.planned_steps:
+            object.__setattr__(self, "planned_steps", self.total_steps)
+        object.__setattr__(self, "shortened", tuple(tuple(pair) for pair in self.shortened))  # from JSON: lists
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """As JSON holds it (lists, not tuples), so that a plan compares equal to the one read back."""
+        return {**asdict(self), "shortened": [list(pair) for pair in self.shortened]}
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> BudgetPlan:
-        return cls(**{f.name: values[f.name] for f in fields(cls)})
+        return cls(**{f.name: values[f.name] for f in fields(cls) if f.name in values})
 
     def describe(self) -> str:
         """The plan in a line a person reads at the start of the run."""
@@ -162,10 +177,11 @@ class BudgetPlan:
         )
         return (
             f"time budget {format_duration(self.budget_s)}: {self.total_steps} updates ({self.warmup_steps} warmup; "
-            f"the LR decays to 0 at the last) at {self.s_per_update:.2f} s each, measured over "
-            f"{self.probe_updates} warm-up updates in {self.precision}; {draw}; {self.evaluations} evaluation"
-            f"{'s' if self.evaluations != 1 else ''} to come, about {format_duration(self.eval_s)} each; training and "
-            f"evaluation should end {format_duration(self.expected_s)} after training began"
+            f"the LR decays to 0 at the last) at {self.s_per_update:.2f} s each, timed over the last "
+            f"{max(1, self.probe_updates - 1)} of {self.probe_updates} warm-up updates in {self.precision}; {draw}; "
+            f"{self.evaluations} evaluation{'s' if self.evaluations != 1 else ''} to come (about "
+            f"{format_duration(self.eval_s)} each); training and evaluation should take "
+            f"{format_duration(self.expected_s)} of the budget"
         )
 
 
@@ -194,8 +210,9 @@ def evaluation_seconds(
     model: torch.nn.Module, loaders: Sequence[Any], *, device: torch.device, batch_size: int, multiple: int
 ) -> float:
     """One evaluation's seconds over `loaders` (`eval_batches` loaders: the evaluation data and the v2 threshold's),
-    from a forward pass over two batches of middling length of each (after the shortest, untimed, as a warm-up),
-    scaled by tokens to all: about an eighth of the evaluation of 1000 SQuAD questions, not the whole."""
+    from forward passes over the longest, a middle and the shortest batch of each (after an untimed warm-up): the
+    seconds per token at those three lengths, interpolated to every batch's length (a long window costs more per
+    token: attention grows with the square of the length). About a tenth of an evaluation of 1000 SQuAD questions."""
     from bertqa.batching import SortedBatchSampler, model_inputs, padded_tokens
 
     total = 0.0
@@ -203,10 +220,14 @@ def evaluation_seconds(
         dataset = loader.dataset
         batches = list(SortedBatchSampler(dataset.features.lengths, batch_size))
         tokens = padded_tokens(batches, dataset.features.lengths, multiple)
-        picks = sorted({len(batches) // 3, 2 * len(batches) // 3})
-        inputs = [model_inputs(loader.collate_fn([dataset[i] for i in batches[k]])) for k in picks]
-        warm_up = model_inputs(loader.collate_fn([dataset[i] for i in batches[-1]]))
-        total += time_forward(model, inputs, device, warm_up=warm_up) * tokens.sum() / tokens[picks].sum()
+        lengths = tokens / np.array([len(b) for b in batches])  # each batch's padded length
+        picks = sorted({0, len(batches) // 2, len(batches) - 1})  # the longest, a middle one, the shortest
+        inputs = {k: model_inputs(loader.collate_fn([dataset[i] for i in batches[k]])) for k in picks}
+        shortest = inputs[picks[-1]]  # the untimed warm-up before each: cheap
+        per_token = [time_forward(model, [inputs[k]], device, warm_up=shortest) / tokens[k] for k in picks]
+        order = np.argsort(lengths[picks])
+        at = np.interp(lengths, lengths[picks][order], np.array(per_token)[order])
+        total += float((tokens * at).sum())
     return total * 1.05  # post-processing and scoring: under 1% of the forward passes on SQuAD, plus the gathers
 
 
@@ -223,10 +244,12 @@ def make_plan(
     per_epoch: int,
     windows_per_update: int,
     first_pass: bool,
+    batches_done: int = 0,
 ) -> BudgetPlan:
     """The plan, from the measured rates: the most updates (at most `cap`) that fit the budget left; when they are
     fewer than a pass, the first questions of the `bertqa.batching.QuestionOrderBatchSampler`'s order that fill
-    them (a seeded draw, whole), and the run's length becomes one pass over those. `sampler` is left as it was."""
+    them (a seeded draw, whole), and the run's length becomes one pass over those; never fewer than the questions of
+    the pools already trained from (`batches_done` micro-batches into the pass). `sampler` is left as it was."""
     total = plan_steps(remaining_s=(spec.budget_s - spent_s) * SAFETY, s_per_update=s_per_update, eval_s=eval_s,
                        done=done, cap=cap, per_epoch=per_epoch, eval_every=spec.eval_every)  # fmt: skip
     if total is None:
@@ -239,17 +262,22 @@ def make_plan(
         )
     questions = sampler.questions
     if total < per_epoch and first_pass:  # less than a pass: the questions it has time for, whole
-        questions = sampler.questions_within(0, total * windows_per_update, at_least=sampler.questions_in_first_pool(0))
+        keep = sampler.questions_to_keep(0, batches_done)
+        questions = sampler.questions_within(0, total * windows_per_update, at_least=keep)
         windows = sampler.questions_windows(0, questions)
         batches = math.ceil(windows / sampler.batch_size)  # the pass, as Accelerate shares it out and accumulates
         per_process = math.ceil(batches / max(1, windows_per_update // (sampler.batch_size * spec.grad_accum)))
         per_epoch = total = math.ceil(per_process / spec.grad_accum)
     evaluations = evaluations_between(done, total, per_epoch=per_epoch, eval_every=spec.eval_every)
+    expected = spent_s + (total - done) * s_per_update + evaluations * eval_s
+    if expected > spec.budget_s:  # the questions already trained from are kept whole, even past the budget
+        logger.warning("the plan overruns the time budget (%s of %s): the warm-up alone reached that many questions",
+                       format_duration(expected), format_duration(spec.budget_s))  # fmt: skip
     return BudgetPlan(
         budget_s=spec.budget_s, spent_s=spent_s, probe_updates=probe, s_per_update=s_per_update, eval_s=eval_s,
         total_steps=total, warmup_steps=round(spec.warmup_ratio * total), per_epoch=per_epoch,
         evaluations=evaluations, questions=questions, pool_questions=sampler.questions, passes=total / per_epoch,
-        expected_s=spent_s + (total - done) * s_per_update + evaluations * eval_s, precision=spec.precision,
+        expected_s=expected, precision=spec.precision,
     )  # fmt: skip
 
 
@@ -279,17 +307,18 @@ def plan_run(
     from bertqa.batching import padded_tokens
 
     sampler, start = order.sampler, state.step  # a run resumed before its plan was made starts its warm-up again
-    probe, seconds = max(1, min(PROBE_UPDATES, total_steps - start)), []
-    for steps in (start + 1, start + probe):  # the first update pays one-off costs: the rate comes from the others
-        t0 = time.perf_counter()
-        one_pass(order.batches(accelerator, state), max_steps=steps)
-        order.end_pass(state)
-        seconds.append(time.perf_counter() - t0)
+    probe = max(1, min(PROBE_UPDATES, total_steps - start))
+    deadline.stamps.clear()
+    t0 = time.perf_counter()
+    one_pass(order.batches(accelerator, state), max_steps=start + probe)  # evaluations and saves wait for the plan
+    order.end_pass(state)
+    # The first update pays one-off costs (allocations, the optimizer's state): the rate comes from the others.
+    stamps = [t0, *deadline.stamps]
     micro = spec.grad_accum * accelerator.num_processes  # micro-batches per update, all processes
     tokens = padded_tokens(sampler.batches(), sampler.lengths, spec.pad_to_multiple_of)
-    first = (start + 1 if probe > 1 else start) * micro  # the timed updates' micro-batches
-    timed = tokens[first : (start + probe) * micro]
-    s_per_update = update_seconds(seconds[1] if probe > 1 else seconds[0], timed=timed, tokens=tokens,
+    first = start + 1 if probe > 1 else start  # the first timed update
+    seconds = stamps[-1] - stamps[first - start]
+    s_per_update = update_seconds(seconds, timed=tokens[first * micro : (start + probe) * micro], tokens=tokens,
                                   per_epoch=per_epoch)  # fmt: skip
     if not eval_s:
         eval_s = evaluation_seconds(model, eval_loaders, device=accelerator.device, batch_size=spec.eval_batch_size,
@@ -298,7 +327,8 @@ def plan_run(
     s_per_update, eval_s, spent = (float(v) for v in accelerator.gather(measured).max(dim=0).values)
     return make_plan(spec, sampler, spent_s=spent, s_per_update=s_per_update, eval_s=eval_s, probe=probe,
                      done=state.step, cap=total_steps, per_epoch=per_epoch,
-                     windows_per_update=micro * sampler.batch_size, first_pass=state.epoch == 0)  # fmt: skip
+                     windows_per_update=micro * sampler.batch_size, first_pass=state.epoch == 0,
+                     batches_done=state.batches_done)  # fmt: skip
 
 
 def time_forward(
@@ -337,20 +367,36 @@ def _sync(device: torch.device) -> None:
 
 class Deadline:
     """An update callback for a time-budget run: it counts the budget's seconds into the run's `TrainState` (every
-    checkpoint saves them, so a resumed run goes on counting) and, once there is a plan, ends the run through
-    `StopTraining` when the final evaluation would no longer end within the budget: the safety net for a machine
-    that became slower than the warm-up measured (another job on the same cores). `agree` makes every process take
-    the same decision (several processes: any of them out of time)."""
+    checkpoint saves them, so a resumed run goes on counting) and notes when each warm-up update ended (the plan's
+    measurement). Once there is a plan, it keeps the run within the budget on a machine that turns slower than the
+    warm-up measured (another job on the same cores, a noisy neighbour): when the median of the last updates
+    projects past the budget, `on_shorten(at, total)` shortens the run so that its LR decays to 0 by the deadline;
+    when not even the final evaluation would fit after the next update, it ends the run through `StopTraining`.
+    `slowest` makes every process decide from the same numbers (several processes: the slowest one's), which is why
+    they check only every `check_every` updates."""
 
-    def __init__(self, state: Any, *, budget_s: float, agree: Any = None, check_every: int = 1) -> None:
-        self.state, self.budget_s, self.check_every = state, budget_s, check_every
-        self.agree = agree or (lambda late: late)
+    def __init__(
+        self,
+        state: Any,
+        *,
+        budget_s: float,
+        eval_every: int | None = None,
+        slowest: Any = None,
+        check_every: int = 1,
+        on_shorten: Any = None,
+    ) -> None:
+        self.state, self.budget_s, self.eval_every, self.check_every = state, budget_s, eval_every, check_every
+        self.slowest = slowest or (lambda values: values)
+        self.on_shorten = on_shorten
         self.mark = time.perf_counter()
+        self.stamps: list[float] = []  # the clock at the end of each update before the plan
+        self.recent: collections.deque[float] = collections.deque(maxlen=RECENT)  # seconds of the last updates
 
     def used(self) -> float:
         """Seconds of the budget used so far: those counted into the state, and those since."""
         now = time.perf_counter()
-        self.state.budget_used_s += now - self.mark
+        self.last_interval = now - self.mark
+        self.state.budget_used_s += self.last_interval
         self.mark = now
         return self.state.budget_used_s
 
@@ -358,11 +404,31 @@ class Deadline:
         from bertqa.state import StopTraining
 
         used, plan = self.used(), self.state.budget_plan
-        if plan is None or update.step >= plan["total_steps"] or update.step % self.check_every:
+        if plan is None:
+            self.stamps.append(self.mark)
             return
-        if self.agree(used + plan["eval_s"] > self.budget_s):
+        self.recent.append(self.last_interval)  # the median below passes over the odd one holding an evaluation
+        total = plan["total_steps"]
+        if update.step >= total or update.step % self.check_every:
+            return
+        measured = statistics.median(self.recent) if len(self.recent) >= RECENT // 2 else plan["s_per_update"]
+        used, rate = self.slowest([used, max(measured, plan["s_per_update"] * 0.5)])
+        per_epoch, eval_s, step = plan["per_epoch"], plan["eval_s"], update.step
+
+        def cost(until: int) -> float:  # going on to update `until`, then the evaluations due by then
+            return (until - step) * rate + evaluations_between(step, until, per_epoch=per_epoch,
+                                                               eval_every=self.eval_every) * eval_s  # fmt: skip
+
+        if used + cost(total) > self.budget_s + rate and len(self.recent) >= RECENT // 2 and self.on_shorten:
+            shorter = plan_steps(remaining_s=(self.budget_s - used) * SAFETY, s_per_update=rate, eval_s=eval_s,
+                                 done=step, cap=total, per_epoch=per_epoch, eval_every=self.eval_every)  # fmt: skip
+            if shorter is not None and step < shorter < total:
+                self.on_shorten(step, shorter)
+                total = shorter
+        nxt = min(step + self.check_every, total)
+        if used + cost(nxt) > self.budget_s:
             raise StopTraining(
                 f"time budget: {format_duration(used)} of {format_duration(self.budget_s)} used at update "
-                f"{update.step} of {plan['total_steps']}, so only the final evaluation still fits (this machine "
-                f"ran slower than the {plan['s_per_update']:.2f} s per update measured at the start)"
+                f"{step} of {total}, so only the final evaluation still fits (this machine ran slower than "
+                f"the {plan['s_per_update']:.2f} s per update measured at the start)"
             )

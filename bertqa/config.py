@@ -162,7 +162,8 @@ class TrainConfig:
         if isinstance(self.report_to, list):  # a list from JSON or Python means the same
             object.__setattr__(self, "report_to", tuple(self.report_to))
         if isinstance(self.time_budget, (int, float)) and not isinstance(self.time_budget, bool):
-            object.__setattr__(self, "time_budget", f"{self.time_budget:g}")  # seconds, from JSON or Python
+            seconds = f"{float(self.time_budget):f}".rstrip("0").rstrip(".")  # seconds, from JSON or Python
+            object.__setattr__(self, "time_budget", seconds)
         problems = _type_problems(self) or _value_problems(self)
         if problems:
             raise ValueError("invalid TrainConfig: " + "; ".join(problems))
@@ -266,6 +267,9 @@ def computation_changes(old: dict[str, Any], new: dict[str, Any]) -> dict[str, t
         for name, value in current.items()
         if name not in BOOKKEEPING and name in old and old[name] != value and name not in ("eval_data", "eval_split")
     }
+    budgets = changes.get("time_budget", (None, None))
+    if None not in budgets and parse_duration(budgets[0]) == parse_duration(budgets[1]):  # "8m" is "480"
+        del changes["time_budget"]
     if "eval_data" in old:
         before = eval_source(old.get("train_data", new["train_data"]), old.get("eval_data"), old.get("eval_split"))
         after = eval_source(new["train_data"], new.get("eval_data"), new.get("eval_split"))

@@ -10,6 +10,7 @@ your own loop from `make_accelerator`, `DataOrder`, `train_one_epoch` and `bertq
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -41,7 +42,7 @@ from bertqa.optim import (
     restore_hyperparameters,
 )
 from bertqa.reporting import LogMeter, RunRecorder, log_plan
-from bertqa.runtime import any_process, check_trackers, make_accelerator, precision_reason, resolve_precision
+from bertqa.runtime import check_trackers, make_accelerator, precision_reason, resolve_precision, slowest_process
 from bertqa.sources import run_examples
 from bertqa.state import EarlyStopping, StopTraining, TrainState, Update, count_evaluations, notify
 
@@ -114,7 +115,8 @@ def train_one_epoch(
     callbacks: Sequence[Callback] = (),
     on_log: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, float]:
-    """One pass over `loader`, until `max_steps` updates, or until a callback raises `StopTraining` (then
+    """One pass over `loader`, until `max_steps` updates (or `state.end_step`, when a callback moved the end
+    earlier), or until a callback raises `StopTraining` (then
     `state.stop_reason` is set, and a loop of your own should end: `while state.step < total and state.stop_reason
     is None`). Returns the pass's `train_loss` (mean over its updates), `updates` and `train_time_s`.
 
@@ -125,7 +127,8 @@ def train_one_epoch(
     meter, t0, updates = LogMeter(accelerator.device), time.perf_counter(), 0
     update_loss, micro = torch.zeros((), device=accelerator.device), 0
     for batch in loader:
-        if state.step >= max_steps or state.stop_reason is not None:
+        last = max_steps if state.end_step is None else min(max_steps, state.end_step)  # a callback may move it
+        if state.step >= last or state.stop_reason is not None:
             break
         with accelerator.accumulate(model):
             loss = compute_loss(model, batch)
@@ -146,7 +149,7 @@ def train_one_epoch(
         update = Update(step=state.step, epoch=state.epoch, lr=lr, loss=update_loss / micro)
         meter.add_update(update.loss)
         update_loss, micro = torch.zeros((), device=accelerator.device), 0
-        if meter.updates == log_every or state.step >= max_steps:
+        if meter.updates == log_every or state.step >= last:
             _log(meter, update, accelerator.num_processes, on_log)
         notify(callbacks, update, state)
     if meter.updates:  # the pass ended between two log points
@@ -253,10 +256,13 @@ class _Evaluation:
 
 def _periodic(
     update: Update, *, run: _Training, evaluation: _Evaluation, eval_every: int | None, save_every: int | None,
-    save: Callable[[int], Any],
+    save: Callable[[int], Any], wait_for_plan: bool = False,
 ) -> None:  # fmt: skip
     """Mid-epoch evaluation and checkpoints, as an update callback. An update that ends a pass or the run is left
-    to the end-of-pass evaluation, which records the pass's training loss beside it."""
+    to the end-of-pass evaluation, which records the pass's training loss beside it. A time-budget run's timed
+    warm-up (`wait_for_plan` before its plan) is not interrupted: those updates are what it measures."""
+    if wait_for_plan and run.state.budget_plan is None:
+        return
     ends_pass = run.state.batches_done >= len(run.order) or update.step >= run.total_steps
     if eval_every and update.step % eval_every == 0 and not ends_pass:
         evaluation(run.model, run.state)
@@ -275,6 +281,9 @@ def _plan_budget(
     spec: BudgetSpec,
     deadline: Deadline,
     record: dict[str, Any],
+    *,
+    patience: int | None,
+    eval_first: bool,
 ) -> BudgetPlan:
     """A fresh time-budget run: `bertqa.budget.plan_run` trains and times the warm-up and plans; here the plan is
     applied and recorded (`record` is the config that `config.json` and every checkpoint save)."""
@@ -282,18 +291,67 @@ def _plan_budget(
     plan = plan_run(accelerator, run.order, run.state, run.model, one_pass, spec, deadline,
                     total_steps=run.total_steps, per_epoch=run.per_epoch, eval_s=evaluation.seconds,
                     eval_loaders=loaders)  # fmt: skip
-    run.state.budget_plan = record["_budget_plan"] = plan.to_dict()
-    _apply_plan(run, plan, schedule=spec.schedule)
-    logger.info("%s", plan.describe())
+    _apply_plan(run, plan, schedule=spec.schedule, record=record)
+    ends = time.strftime("%H:%M:%S", time.localtime(time.time() + plan.expected_s - plan.spent_s))
+    logger.info("%s (at about %s)", plan.describe(), ends)
+    if (
+        patience is not None
+        and count_evaluations(
+            total=plan.total_steps, per_epoch=plan.per_epoch, eval_every=spec.eval_every, eval_first=eval_first
+        )
+        < patience + 1
+    ):
+        logger.warning("early_stopping_patience=%d cannot end this run as planned: it evaluates too seldom before "
+                       "its last update (evaluate more often: eval_every_steps)", patience)  # fmt: skip
     evaluation.recorder.replan(record, total_steps=plan.total_steps)
     return plan
 
 
-def _apply_plan(run: _Training, plan: BudgetPlan, *, schedule: str) -> None:
-    """Cut the run to its plan: its questions, its length, and a schedule that ends at its last update."""
+def _apply_plan(run: _Training, plan: BudgetPlan, *, schedule: str, record: dict[str, Any]) -> None:
+    """Cut the run to its plan: its questions, its length, and a schedule that ends at its last update (with the
+    times it was shortened, on resume); the plan goes into the state and into `record`, the config that config.json
+    and every checkpoint save."""
+    run.state.budget_plan = record["_budget_plan"] = plan.to_dict()
     run.order.sampler.limit = plan.questions if plan.questions < plan.pool_questions else None
     run.total_steps, run.per_epoch, run.warmup_steps = plan.total_steps, plan.per_epoch, plan.warmup_steps
-    reschedule(run.scheduler, total_steps=plan.total_steps, warmup_steps=plan.warmup_steps, schedule=schedule)
+    reschedule(run.scheduler, total_steps=plan.planned_steps, warmup_steps=plan.warmup_steps, schedule=schedule)
+    for at, total in plan.shortened:
+        reschedule(run.scheduler, total_steps=total, warmup_steps=plan.warmup_steps, schedule=schedule, shortened_at=at)
+
+
+def _shorten(
+    run: _Training, recorder: RunRecorder, record: dict[str, Any], at: int, total: int, *, schedule: str
+) -> None:
+    """A time-budget run fell behind its plan (`Deadline`): it ends at update `total` instead, its LR decaying from
+    where it is at update `at` to 0 there; recorded in the plan, so a resumed run has the same schedule."""
+    plan = BudgetPlan.from_dict(run.state.budget_plan)
+    logger.warning("behind the time budget's plan at update %d: the run now ends at update %d instead of %d, its LR "
+                   "decaying to 0 there", at, total, plan.total_steps)  # fmt: skip
+    plan = dataclasses.replace(plan, total_steps=total, shortened=(*plan.shortened, (at, total)))
+    run.state.budget_plan = record["_budget_plan"] = plan.to_dict()
+    run.total_steps = run.state.end_step = total
+    reschedule(run.scheduler, total_steps=total, warmup_steps=plan.warmup_steps, schedule=schedule, shortened_at=at)
+    recorder.replan(record, total_steps=total)
+
+
+def _resume_plan(run: _Training, budget_s: float | None, *, schedule: str, record: dict[str, Any]) -> None:
+    """A resumed time-budget run keeps the plan it made at its start; with another budget (accepted as a change)
+    it is planned again from where it stands."""
+    saved = run.state.budget_plan
+    if saved is None or budget_s is None:
+        return
+    if budget_s == saved["budget_s"]:
+        _apply_plan(run, BudgetPlan.from_dict(saved), schedule=schedule, record=record)
+        return
+    logger.info("the plan made for a time budget of %s is dropped (the budget is now %s): planning again from update "
+                "%d", format_duration(saved["budget_s"]), format_duration(budget_s), run.state.step)  # fmt: skip
+    run.state.budget_plan = None
+
+
+def _save_counted(save: Callable[[int], Any], deadline: Deadline, step: int) -> Any:
+    """Save a checkpoint holding the budget's seconds up to it (an evaluation may have run since the last update)."""
+    deadline.used()
+    return save(step)
 
 
 def fit(
@@ -336,6 +394,11 @@ def fit(
         settings["_teacher_weights"] = teacher_fingerprint(c.teacher)
     resume_from, record = checkpoint.resume_point(out, settings, resume=c.resume, overwrite=c.overwrite,
                                                   accept_changes=c.accept_changes)  # fmt: skip
+    if resume_from is not None and ((checkpoint.saved_config(resume_from) or {}).get("time_budget") is None) != (
+        budget_s is None
+    ):  # the two order their batches differently: the batches already trained on would not be the ones skipped
+        raise ValueError(f"{resume_from}: a time budget cannot be added to or removed from a run when it is resumed; "
+                         "resume with its own kind of length, or start afresh in another output_dir")  # fmt: skip
     check_trackers(c.report_to)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = c.tf32
     accelerator = make_accelerator(mixed_precision=resolve_precision(c.mixed_precision), project_dir=c.output_dir,
@@ -384,8 +447,7 @@ def fit(
         checkpoint.clear_earlier_run(out)
     if resume_from is not None:
         checkpoint.load_checkpoint(accelerator, resume_from)
-        if run.state.budget_plan is not None:  # a time-budget run keeps the plan it made at its start
-            _apply_plan(run, BudgetPlan.from_dict(run.state.budget_plan), schedule=c.schedule)
+        _resume_plan(run, budget_s, schedule=c.schedule, record=record)
         restore_hyperparameters(run.optimizer, run.scheduler, run.hyperparameters)
         if run.state.stop_reason is not None and computation_changes(checkpoint.saved_config(resume_from) or {},
                                                                      settings):  # fmt: skip
@@ -399,11 +461,12 @@ def fit(
                    initial_lr=run.scheduler.get_last_lr()[0])  # fmt: skip
     accelerator.init_trackers("bertqa", config={k: str(v) for k, v in c.to_dict().items()})
     log_plan(data, labels, accelerator, total_steps=run.total_steps, per_epoch=run.per_epoch,
-             warmup_steps=run.warmup_steps, batch=c.batch_size * c.grad_accum * accelerator.num_processes)  # fmt: skip
+             warmup_steps=run.warmup_steps, batch=c.batch_size * c.grad_accum * accelerator.num_processes,
+             planned_later=budget_s is not None and run.state.budget_plan is None)  # fmt: skip
     precision = precision_reason(c.mixed_precision, device=accelerator.device.type)
     logger.info("precision %s", precision)
     if budget_s is not None and run.state.budget_plan is None:
-        ends = time.strftime("%H:%M:%S", time.localtime(time.time() + budget_s))
+        ends = time.strftime("%H:%M:%S", time.localtime(time.time() + budget_s - run.state.budget_used_s))
         logger.info("time budget %s: the first %d updates are timed, then the run is planned so that its training "
                     "and evaluations end by about %s", format_duration(budget_s), PROBE_UPDATES, ends)  # fmt: skip
     windows = partial(eval_batches, batch_size=c.eval_batch_size, pad_token_id=tokenizer.pad_token_id,
@@ -415,18 +478,19 @@ def fit(
     evaluation = _Evaluation(accelerator, windows(data.eval_features), examples.eval, recorder, tokenizer, meta,
                              out / "best_model" if c.save_model else None, calibration, on_evaluate, {})  # fmt: skip
     save = partial(checkpoint.save_checkpoint, accelerator, out, keep=c.keep_checkpoints, config=record)
-    periodic = partial(_periodic, run=run, evaluation=evaluation, eval_every=c.eval_every_steps,
-                       save_every=c.save_every_steps, save=save)  # fmt: skip
-    deadline = (
-        None
-        if budget_s is None
-        else Deadline(
+    deadline = None
+    if budget_s is not None:
+        deadline = Deadline(
             run.state,
             budget_s=budget_s,
-            agree=any_process(accelerator),
+            eval_every=c.eval_every_steps,
+            slowest=slowest_process(accelerator),
             check_every=1 if accelerator.num_processes == 1 else 5,
         )
-    )
+        deadline.on_shorten = partial(_shorten, run, recorder, record, schedule=c.schedule)  # fmt: skip
+        save = partial(_save_counted, save, deadline)
+    periodic = partial(_periodic, run=run, evaluation=evaluation, eval_every=c.eval_every_steps,
+                       save_every=c.save_every_steps, save=save, wait_for_plan=budget_s is not None)  # fmt: skip
     one_pass = partial(train_one_epoch, accelerator, run.model, run.optimizer, run.scheduler, state=run.state,
                        max_grad_norm=c.max_grad_norm, log_every=c.log_every, compute_loss=compute_loss,
                        callbacks=[recorder.on_update, periodic, *callbacks, *([deadline] if deadline else [])],
@@ -435,7 +499,8 @@ def fit(
     if deadline is not None:
         spec = BudgetSpec(budget_s, precision.split(":")[0], c.grad_accum, c.warmup_ratio, c.schedule,
                           c.eval_every_steps, c.eval_batch_size, c.pad_to_multiple_of)  # fmt: skip
-        plan = partial(_plan_budget, accelerator, run, evaluation, one_pass, spec, deadline, record)
+        plan = partial(_plan_budget, accelerator, run, evaluation, one_pass, spec, deadline, record,
+                       patience=c.early_stopping_patience, eval_first=c.eval_before_training)  # fmt: skip
     summary = _train(accelerator, run, evaluation, one_pass, save, eval_first=c.eval_before_training,
                      final_model=out / "final_model" if c.save_model else None, plan=plan)  # fmt: skip
     recorder.finish(title=f"bertqa: {c.model}")
@@ -463,7 +528,7 @@ def _train(
     t_start, train_time = time.perf_counter(), 0.0
     if eval_first and state.step == 0 and state.stop_reason is None:
         evaluation(run.model, state)
-    if plan is not None and state.budget_plan is None and state.stop_reason is None:
+    if plan is not None and state.budget_plan is None and state.stop_reason is None and state.step < run.total_steps:
         t0 = time.perf_counter()
         plan()  # trains the timed warm-up updates
         train_time += time.perf_counter() - t0

@@ -133,16 +133,43 @@ def build_scheduler(
 
 
 def reschedule(
-    scheduler: torch.optim.lr_scheduler.LambdaLR, *, total_steps: int, warmup_steps: int, schedule: str = "linear"
+    scheduler: torch.optim.lr_scheduler.LambdaLR,
+    *,
+    total_steps: int,
+    warmup_steps: int,
+    schedule: str = "linear",
+    shortened_at: int | None = None,
 ) -> None:
     """Give a `build_scheduler` schedule a new length where it stands (a time-budget run, once its plan is made):
-    from its current update on, every group's LR is what a schedule built for `total_steps` would give."""
+    from its current update on, every group's LR is what a schedule built for `total_steps` would give.
+
+    `shortened_at` (a run that fell behind its plan and must end sooner): up to that update the schedule is the one
+    for `warmup_steps` and the length it had; after it, the LR decays from where it was to 0 at `total_steps`, in
+    the schedule's shape, so it never jumps. Give the same values again on resume to get the same schedule.
+    """
     factor = _factor(total_steps, warmup_steps, schedule)
+    if shortened_at is not None:
+        before = scheduler.lr_lambdas[0]
+        factor = _tail(before, shortened_at, total_steps, schedule)
     scheduler.lr_lambdas = [factor] * len(scheduler.optimizer.param_groups)
     lrs = [base * factor(scheduler.last_epoch) for base in scheduler.base_lrs]
     for group, lr in zip(scheduler.optimizer.param_groups, lrs):
         group["lr"] = lr
     scheduler._last_lr = lrs  # what get_last_lr() reads until the next step
+
+
+def _tail(before: Callable[[int], float], at: int, total_steps: int, schedule: str) -> Callable[[int], float]:
+    """`before` up to update `at` (and through its warmup); then from its value there down to 0 at `total_steps`."""
+    start = at
+    level = before(start)
+
+    def factor(step: int) -> float:
+        if step <= start or schedule == "constant":
+            return before(step) if step <= start else level
+        progress = min(1.0, (step - start) / max(1, total_steps - start))
+        return level * (0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else 1.0 - progress)
+
+    return factor
 
 
 def _factor(total_steps: int, warmup_steps: int, schedule: str) -> Callable[[int], float]:

@@ -258,7 +258,15 @@ def plot_curves(train_log: str | Path, eval_log: str | Path, out: str | Path, *,
 
 
 def log_plan(
-    data: Any, labels: Any, accelerator: Any, *, total_steps: int, per_epoch: int, warmup_steps: int, batch: int
+    data: Any,
+    labels: Any,
+    accelerator: Any,
+    *,
+    total_steps: int,
+    per_epoch: int,
+    warmup_steps: int,
+    batch: int,
+    planned_later: bool = False,
 ) -> None:
     """What was loaded, the label self-check and the derived values, once: what the run will really do. `data` is
     the run's `bertqa.cache.RunData`, `labels` its `LabelReport`."""
@@ -282,10 +290,11 @@ def log_plan(
     logger.info("label self-check:\n%s", labels.format())
     logger.info(
         "%d train examples -> %d windows; %d eval examples -> %d windows (%s, from %s); %d processes on %s, precision "
-        "%s; effective batch %d windows; %d updates (%d per epoch, %d warmup)",
+        "%s; effective batch %d windows; %s%d updates (%d per epoch, %d warmup)%s",
         *(len(examples.train), len(data.train_features), len(examples.eval), len(data.eval_features)),
         "v2.0" if examples.v2 else "v1.1",
         examples.eval_described,
         *(accelerator.num_processes, accelerator.device, accelerator.mixed_precision),
-        *(batch, total_steps, per_epoch, warmup_steps),
+        *(batch, "at most " if planned_later else "", total_steps, per_epoch, warmup_steps),
+        ", until the time budget's plan" if planned_later else "",
     )

@@ -22,13 +22,13 @@ if TYPE_CHECKING:
 
 __all__ = [
     "KEEP_FREED_MEMORY_ENV",
-    "any_process",
     "check_trackers",
     "cpu_has_native_bf16",
     "keep_freed_memory",
     "make_accelerator",
     "precision_reason",
     "resolve_precision",
+    "slowest_process",
 ]
 
 logger = logging.getLogger("bertqa")
@@ -104,12 +104,18 @@ def keep_freed_memory() -> bool:
     return done
 
 
-def any_process(accelerator: Accelerator) -> Callable[[bool], bool]:
-    """A function that is True on every process when its argument is True on any: one decision for all (a stop,
-    say, which every process must take alike or the others wait for it forever)."""
+def slowest_process(accelerator: Accelerator) -> Callable[[list[float]], list[float]]:
+    """A function that gives every process the largest of each value over all processes: one set of numbers to
+    decide from (a stop, say, which every process must take alike or the others wait for it forever)."""
     if accelerator.num_processes == 1:
-        return bool
-    return lambda flag: bool(accelerator.gather(torch.tensor([float(flag)], device=accelerator.device)).max() > 0)
+        return list
+    device = accelerator.device
+
+    def slowest(values: list[float]) -> list[float]:
+        gathered = accelerator.gather(torch.tensor([values], dtype=torch.float64, device=device))
+        return [float(v) for v in gathered.max(dim=0).values]
+
+    return slowest
 
 
 def check_trackers(names: Sequence[str]) -> None:

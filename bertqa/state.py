@@ -59,6 +59,9 @@ class TrainState:
     # and the seconds of the budget spent so far
     budget_plan: dict[str, Any] | None = None
     budget_used_s: float = 0.0
+    # The update the run ends at, when a callback moved it earlier than the loop was told (a time budget's run that
+    # fell behind); `train_one_epoch` stops there
+    end_step: int | None = None
 
     def state_dict(self) -> dict[str, Any]:
         return dict(vars(self))

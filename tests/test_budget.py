@@ -20,7 +20,7 @@ from bertqa.budget import (
     parse_duration,
     plan_steps,
 )
-from bertqa.config import TrainConfig, preset
+from bertqa.config import TrainConfig, computation_changes, preset
 from bertqa.optim import build_scheduler, reschedule
 from bertqa.runtime import cpu_has_native_bf16, precision_reason, resolve_precision
 from tests.conftest import tiny_config
@@ -96,10 +96,20 @@ def test_question_order_batches_take_questions_whole_in_a_seeded_order():
     assert trained == sorted(np.flatnonzero(np.isin(example_index, list(chosen))).tolist())  # all their windows
     assert len(sampler) == math.ceil(len(trained) / 8) and all(len(b) == 8 for b in cut[:-1])
     assert cut[:4] == first_pool  # the warm-up's batches do not depend on where the plan cuts
-    assert sampler.questions_in_first_pool(0) <= 50
+    assert sampler.questions_to_keep(0, 4) <= 50
     other = QuestionOrderBatchSampler(lengths, example_index, 8, seed=4, first_pool=4)
     other.limit = 50
     assert set(example_index[[i for b in other.batches() for i in b]].tolist()) != chosen  # the seed decides
+
+
+def test_a_limit_keeps_every_pool_already_trained_from_whole():
+    lengths, example_index = sampler_data()
+    sampler = QuestionOrderBatchSampler(lengths, example_index, 8, seed=1, first_pool=2, pool_batches=3)
+    full = sampler.batches()
+    for done in (1, 2, 3, 5, 6):
+        sampler.limit = sampler.questions_to_keep(0, done)
+        assert sampler.batches()[:done] == full[:done]  # the batches trained on stay where they were
+        sampler.limit = None
 
 
 def test_questions_within_fills_a_number_of_windows_without_passing_it():
@@ -201,6 +211,34 @@ def test_a_resumed_run_keeps_its_plan_instead_of_measuring_again(tmp_path, tiny,
     assert resumed["budget_plan"] == plan and resumed["steps"] == plan["total_steps"]
     log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
     assert log[-1]["step"] == plan["total_steps"] and log[-1]["lr"] == 0.0
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["_budget_plan"] == plan  # still on record
+
+
+def test_a_changed_budget_on_resume_plans_again_and_a_budget_cannot_come_or_go(tmp_path, tiny, roomy):
+    def crash(update):
+        if update.step == 12:
+            raise RuntimeError("killed")
+
+    config = budget_config(tmp_path, save_every_steps=10)
+    with pytest.raises(RuntimeError, match="killed"):
+        engine.fit(config, model=tiny(), compute_loss=sleepy(0.04), callbacks=[crash])
+    for other in (config.replace(time_budget=None, max_steps=50), config.replace(time_budget=None)):
+        with pytest.raises(
+            ValueError, match="a time budget cannot be added to or removed from a run when it is resumed"
+        ):
+            engine.fit(other.replace(resume="latest", accept_changes=True), model=tiny())
+    same = config.replace(resume="latest", time_budget="4")  # "4s" and "4" are one budget: no change to accept
+    longer = engine.fit(config.replace(resume="latest", time_budget="6s", accept_changes=True), model=tiny(),
+                        compute_loss=sleepy(0.04))  # fmt: skip
+    assert longer["budget_plan"]["budget_s"] == 6 and longer["steps"] == longer["budget_plan"]["total_steps"]
+    assert computation_changes(config.to_dict(), same.to_dict()) == {}
+
+
+def test_the_warm_up_is_not_interrupted_by_evaluations_or_saves(tmp_path, tiny, roomy):
+    config = budget_config(tmp_path, eval_every_steps=2, save_every_steps=2)
+    summary = engine.fit(config, model=tiny(), compute_loss=sleepy(0.04))
+    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert min(steps) > 6 and summary["budget_plan"]["s_per_update"] < 0.2  # none of them in the timed updates
 
 
 def test_a_budget_too_small_says_the_smallest_that_would_work(tmp_path, tiny):
@@ -212,12 +250,43 @@ def test_a_budget_too_small_says_the_smallest_that_would_work(tmp_path, tiny):
         engine.fit(budget_config(tmp_path, time_budget="0.3s"), model=tiny(), compute_loss=sleepy(0.1))
 
 
-def test_a_machine_that_slows_down_still_ends_within_the_budget(tmp_path, tiny):
-    slow = sleepy(0.03, slower_after=12, slower=0.15)  # five times slower soon after the plan
+def test_a_machine_that_slows_down_shortens_the_run_and_still_ends_within_the_budget(tmp_path, tiny):
+    slow = sleepy(0.03, slower_after=12, slower=0.09)  # three times slower soon after the plan
     summary = engine.fit(budget_config(tmp_path), model=tiny(), compute_loss=slow)
-    assert summary["stopped_early"].startswith("time budget: ")
-    assert summary["steps"] < summary["budget_plan"]["total_steps"]
-    assert summary["wall_time_s"] < 4 + 0.15 + 1.0  # the budget, the update in flight, the final evaluation
+    plan = summary["budget_plan"]
+    assert plan["shortened"] and plan["total_steps"] < plan["planned_steps"]  # behind the plan: a shorter run
+    assert summary["steps"] == plan["total_steps"] or summary["stopped_early"].startswith("time budget: ")
+    log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    lrs = [r["lr"] for r in log]
+    at = plan["shortened"][0][0]
+    assert lrs[-1] == 0.0 or summary["stopped_early"]  # the decay still ends at the (new) last update
+    assert max(abs(a - b) for a, b in zip(lrs[at - 1 :], lrs[at:])) < 1e-3 * 0.2  # and the LR never jumps
+    assert summary["wall_time_s"] < 4 + 0.09 + 1.0  # the budget, the update in flight, the final evaluation
+
+
+def test_a_shortened_schedule_decays_from_where_it_was_and_comes_back_alike():
+    def scheduler():
+        opt = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=1.0)
+        return opt, build_scheduler(opt, total_steps=500, warmup_steps=50)
+
+    opt, sched = scheduler()
+    reschedule(sched, total_steps=100, warmup_steps=10)
+    for _ in range(40):
+        opt.step()
+        sched.step()
+    before = sched.get_last_lr()[0]
+    reschedule(sched, total_steps=70, warmup_steps=10, shortened_at=40)
+    assert sched.get_last_lr()[0] == pytest.approx(before)  # no jump where it was shortened
+    lrs = []
+    for _ in range(30):
+        opt.step()
+        sched.step()
+        lrs.append(sched.get_last_lr()[0])
+    assert lrs[-1] == 0.0 and lrs[14] == pytest.approx(before / 2, rel=0.05)  # linear from there to 0 at 70
+    _, again = scheduler()  # a resumed run: the plan's length, then each shortening, in order
+    reschedule(again, total_steps=100, warmup_steps=10)
+    reschedule(again, total_steps=70, warmup_steps=10, shortened_at=40)
+    assert [again.lr_lambdas[0](step) for step in range(71)] == [sched.lr_lambdas[0](step) for step in range(71)]
 
 
 def test_a_length_given_later_wins_over_the_other_kind():
@@ -237,18 +306,3 @@ def test_two_processes_agree_on_one_plan_and_end_together(tmp_path, tiny_dir):
     plan = json.loads((tmp_path / "config.json").read_text())["_budget_plan"]
     assert out["planned_steps"] == plan["total_steps"] and out["time_budget_s"] == 6
     assert out["steps"] == plan["total_steps"] or out["stopped_early"].startswith("time budget")  # both, or neither
-
-
-def test_a_run_killed_during_its_warm_up_times_it_again_on_resume(tmp_path, tiny, roomy):
-    def crash(update):
-        if update.step == 3:  # after the checkpoint of update 2, before any plan
-            raise RuntimeError("killed")
-
-    config = budget_config(tmp_path, save_every_steps=2)
-    with pytest.raises(RuntimeError, match="killed"):
-        engine.fit(config, model=tiny(), compute_loss=sleepy(0.04), callbacks=[crash])
-    assert "_budget_plan" not in json.loads((tmp_path / "run" / "config.json").read_text())
-    resumed = engine.fit(config.replace(resume="latest"), model=tiny(), compute_loss=sleepy(0.04))
-    plan = resumed["budget_plan"]
-    assert plan["probe_updates"] == 6 and 0.04 <= plan["s_per_update"] < 0.2  # timed from update 2 on, not from 0
-    assert resumed["steps"] == plan["total_steps"] and resumed["stopped_early"] is None
