@@ -345,7 +345,7 @@ def _resume_plan(run: _Training, budget_s: float | None, *, schedule: str, recor
         return
     logger.info("the plan made for a time budget of %s is dropped (the budget is now %s): planning again from update "
                 "%d", format_duration(saved["budget_s"]), format_duration(budget_s), run.state.step)  # fmt: skip
-    run.state.budget_plan = None
+    run.state.budget_plan = run.state.end_step = None
 
 
 def _save_counted(save: Callable[[int], Any], deadline: Deadline, step: int) -> Any:
