@@ -179,9 +179,13 @@ class QuestionOrderBatchSampler(LengthGroupedBatchSampler):
         self.first_pool = first_pool
         self.limit: int | None = None
 
+    def question_rank(self, epoch: int) -> np.ndarray:
+        """Each question's place in `epoch`'s order (seeded by seed and epoch alone)."""
+        return np.random.default_rng([self.seed, epoch]).permutation(self.questions)
+
     def window_order(self, epoch: int) -> np.ndarray:
         """The epoch's windows, question by question in the epoch's question order, cut at `limit` questions."""
-        rank = np.random.default_rng([self.seed, epoch]).permutation(self.questions)
+        rank = self.question_rank(epoch)
         order = np.argsort(rank[self.example_index], kind="stable")
         if self.limit is not None:
             order = order[rank[self.example_index[order]] < self.limit]
@@ -189,19 +193,19 @@ class QuestionOrderBatchSampler(LengthGroupedBatchSampler):
 
     def questions_windows(self, epoch: int, questions: int) -> int:
         """How many windows the first `questions` questions of `epoch` hold."""
-        rank = np.random.default_rng([self.seed, epoch]).permutation(self.questions)
+        rank = self.question_rank(epoch)
         return int((rank[self.example_index] < questions).sum())
 
     def questions_within(self, epoch: int, windows: int, *, at_least: int = 0) -> int:
         """The most questions of `epoch`'s order whose windows number at most `windows` (but at least `at_least`)."""
-        rank = np.random.default_rng([self.seed, epoch]).permutation(self.questions)
+        rank = self.question_rank(epoch)
         counts = np.bincount(rank[self.example_index], minlength=self.questions)  # windows per place in the order
         return max(at_least, int(np.searchsorted(np.cumsum(counts), windows, side="right")))
 
     def questions_to_keep(self, epoch: int, batches_done: int) -> int:
         """How many questions a limit must keep so that every pool holding one of the first `batches_done` batches
         (the warm-up's, at least) stays whole: those batches were trained on and must stay where they are."""
-        rank = np.random.default_rng([self.seed, epoch]).permutation(self.questions)
+        rank = self.question_rank(epoch)
         order = np.argsort(rank[self.example_index], kind="stable")
         first, pool = self.first_pool * self.batch_size, self.pool_batches * self.batch_size
         windows = max(batches_done, 1) * self.batch_size  # the pools are whole batches, in order

@@ -159,6 +159,16 @@ def sleepy(seconds_per_update, slower_after=None, slower=None):
     return loss
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: the tiny model gains nothing from two, and on a machine busy with other work two threads
+    wait on each other, which would make the update times these tests plan with swing widely."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def roomy(monkeypatch):
     """Plan for 80% of the time left instead of 97%: the runs below must reach their planned end even on a machine
@@ -250,18 +260,54 @@ def test_a_budget_too_small_says_the_smallest_that_would_work(tmp_path, tiny):
         engine.fit(budget_config(tmp_path, time_budget="0.3s"), model=tiny(), compute_loss=sleepy(0.1))
 
 
-def test_a_machine_that_slows_down_shortens_the_run_and_still_ends_within_the_budget(tmp_path, tiny):
-    slow = sleepy(0.03, slower_after=12, slower=0.09)  # three times slower soon after the plan
+def test_a_machine_that_slows_down_still_ends_within_the_budget(tmp_path, tiny):
+    slow = sleepy(0.03, slower_after=12, slower=0.15)  # five times slower soon after the plan
     summary = engine.fit(budget_config(tmp_path), model=tiny(), compute_loss=slow)
     plan = summary["budget_plan"]
-    assert plan["shortened"] and plan["total_steps"] < plan["planned_steps"]  # behind the plan: a shorter run
-    assert summary["steps"] == plan["total_steps"] or summary["stopped_early"].startswith("time budget: ")
-    log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
-    lrs = [r["lr"] for r in log]
-    at = plan["shortened"][0][0]
-    assert lrs[-1] == 0.0 or summary["stopped_early"]  # the decay still ends at the (new) last update
-    assert max(abs(a - b) for a, b in zip(lrs[at - 1 :], lrs[at:])) < 1e-3 * 0.2  # and the LR never jumps
-    assert summary["wall_time_s"] < 4 + 0.09 + 1.0  # the budget, the update in flight, the final evaluation
+    assert summary["wall_time_s"] < 4 + 0.15 + 1.0  # the budget, the update in flight, the final evaluation
+    if plan["shortened"]:  # how it kept the budget (on a busy machine the warm-up may have measured slower still)
+        assert summary["steps"] == plan["total_steps"] < plan["planned_steps"] or summary["stopped_early"]
+        log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+        lrs = [r["lr"] for r in log]
+        at = plan["shortened"][0][0]
+        assert max(abs(a - b) for a, b in zip(lrs[at - 1 :], lrs[at:])) < 1e-3 * 0.2  # the LR never jumps
+        assert lrs[-1] == 0.0 or summary["stopped_early"]  # and still decays to 0 at the new last update
+
+
+class Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_the_deadline_shortens_a_run_that_falls_behind_and_stops_one_out_of_time(monkeypatch):
+    from bertqa.state import StopTraining, TrainState
+
+    clock = Clock()
+    monkeypatch.setattr(budget.time, "perf_counter", clock)
+    state = TrainState(step=6)
+    state.budget_plan = {"total_steps": 100, "per_epoch": 100, "s_per_update": 1.0, "eval_s": 5.0}
+    shortened = []
+    deadline = budget.Deadline(state, budget_s=120.0, on_shorten=lambda at, total: shortened.append((at, total)))
+    clock.now = 10.0  # the warm-up and the plan took 10 s
+    for step in range(7, 20):  # then 2 s per update: twice the measured second
+        clock.now += 2.0
+        deadline(engine.Update(step=step, epoch=0, lr=1.0, loss=torch.zeros(())))
+    at, total = shortened[0]
+    assert at == 16  # decided once 10 updates gave a steady median
+    used = 10.0 + 2.0 * (at - 6)
+    assert total == plan_steps(remaining_s=(120 - used) * budget.SAFETY, s_per_update=2.0, eval_s=5.0, done=at,
+                               cap=100, per_epoch=100, eval_every=None)  # fmt: skip
+    late = TrainState(step=6)
+    late.budget_plan = dict(state.budget_plan)
+    stop = budget.Deadline(late, budget_s=20.0)  # no way to shorten: only the stop is left
+    clock.now += 14.0
+    stop(engine.Update(step=7, epoch=0, lr=1.0, loss=torch.zeros(())))  # 14 + 1 + 5 s: still fits
+    clock.now += 2.0
+    with pytest.raises(StopTraining, match=r"time budget: 16 s of 20 s used at update 8 of 100"):
+        stop(engine.Update(step=8, epoch=0, lr=1.0, loss=torch.zeros(())))
 
 
 def test_a_shortened_schedule_decays_from_where_it_was_and_comes_back_alike():
