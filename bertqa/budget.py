@@ -153,6 +153,7 @@ class BudgetPlan:
     expected_s: float  # spent_s plus what the plan predicts for the rest
     precision: str
     planned_steps: int = 0  # the length the plan first chose
+    from_step: int = 0  # where the run stood when it was planned (later than 0: planned again on resume)
     shortened: tuple[tuple[int, int], ...] = ()  # (at update, new length) each time the run fell behind
 
     def __post_init__(self) -> None:
@@ -245,6 +246,7 @@ def make_plan(
     windows_per_update: int,
     first_pass: bool,
     batches_done: int = 0,
+    from_step: int = 0,
 ) -> BudgetPlan:
     """The plan, from the measured rates: the most updates (at most `cap`) that fit the budget left; when they are
     fewer than a pass, the first questions of the `bertqa.batching.QuestionOrderBatchSampler`'s order that fill
@@ -277,7 +279,7 @@ def make_plan(
         budget_s=spec.budget_s, spent_s=spent_s, probe_updates=probe, s_per_update=s_per_update, eval_s=eval_s,
         total_steps=total, warmup_steps=round(spec.warmup_ratio * total), per_epoch=per_epoch,
         evaluations=evaluations, questions=questions, pool_questions=sampler.questions, passes=total / per_epoch,
-        expected_s=expected, precision=spec.precision,
+        expected_s=expected, precision=spec.precision, from_step=from_step,
     )  # fmt: skip
 
 
@@ -306,27 +308,30 @@ def plan_run(
 
     from bertqa.batching import padded_tokens
 
-    sampler, start = order.sampler, state.step  # a run resumed before its plan was made starts its warm-up again
+    sampler, start = order.sampler, state.step  # a run given a new budget on resume is planned from where it is
     probe = max(1, min(PROBE_UPDATES, total_steps - start))
+    micro = spec.grad_accum * accelerator.num_processes  # micro-batches per update, all processes
+    epoch, at = state.epoch, state.batches_done * accelerator.num_processes  # where in the pass's batches it starts
     deadline.stamps.clear()
     t0 = time.perf_counter()
     one_pass(order.batches(accelerator, state), max_steps=start + probe)  # evaluations and saves wait for the plan
+    tokens = padded_tokens(sampler.batches(), sampler.lengths, spec.pad_to_multiple_of)  # the probe's pass
     order.end_pass(state)
     # The first update pays one-off costs (allocations, the optimizer's state): the rate comes from the others.
-    stamps = [t0, *deadline.stamps]
-    micro = spec.grad_accum * accelerator.num_processes  # micro-batches per update, all processes
-    tokens = padded_tokens(sampler.batches(), sampler.lengths, spec.pad_to_multiple_of)
-    first = start + 1 if probe > 1 else start  # the first timed update
-    seconds = stamps[-1] - stamps[first - start]
-    s_per_update = update_seconds(seconds, timed=tokens[first * micro : (start + probe) * micro], tokens=tokens,
-                                  per_epoch=per_epoch)  # fmt: skip
+    stamps, skip = [t0, *deadline.stamps], 1 if probe > 1 else 0
+    seconds = stamps[-1] - stamps[skip]
+    timed = tokens[at + skip * micro : at + probe * micro]
+    if state.epoch == epoch and len(timed) == (probe - skip) * micro:
+        s_per_update = update_seconds(seconds, timed=timed, tokens=tokens, per_epoch=per_epoch)
+    else:  # the warm-up reached the end of a pass: its updates as they came
+        s_per_update = seconds / max(1, probe - skip)
     if not eval_s:
         eval_s = evaluation_seconds(model, eval_loaders, device=accelerator.device, batch_size=spec.eval_batch_size,
                                     multiple=spec.pad_to_multiple_of) / accelerator.num_processes  # fmt: skip
     measured = torch.tensor([[s_per_update, eval_s, deadline.used()]], device=accelerator.device)
     s_per_update, eval_s, spent = (float(v) for v in accelerator.gather(measured).max(dim=0).values)
     return make_plan(spec, sampler, spent_s=spent, s_per_update=s_per_update, eval_s=eval_s, probe=probe,
-                     done=state.step, cap=total_steps, per_epoch=per_epoch,
+                     done=state.step, cap=total_steps, per_epoch=per_epoch, from_step=start,
                      windows_per_update=micro * sampler.batch_size, first_pass=state.epoch == 0,
                      batches_done=state.batches_done)  # fmt: skip
 

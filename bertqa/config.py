@@ -196,6 +196,9 @@ class TrainConfig:
     def replace(self, **changes: Any) -> TrainConfig:
         """A copy with `changes`. A length given here wins over the other kind already set: `max_steps` replaces a
         time budget (a preset's, say) and `time_budget` replaces `max_steps`; the one replaced is logged."""
+        if "time_budget" in changes and changes["time_budget"] is None and self.time_budget is not None:
+            logging.getLogger("bertqa").info("time_budget %s is off: the run's length is max_steps or epochs (%g)",
+                                             self.time_budget, self.epochs)  # fmt: skip
         for given, other in (("max_steps", "time_budget"), ("time_budget", "max_steps")):
             if changes.get(given) is not None and other not in changes and getattr(self, other) is not None:
                 logging.getLogger("bertqa").info("%s %s replaces %s %s", given, changes[given], other,

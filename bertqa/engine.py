@@ -24,7 +24,16 @@ import torch
 
 from bertqa import checkpoint
 from bertqa.batching import DataOrder, LengthGroupedBatchSampler, model_inputs, train_loader
-from bertqa.budget import PROBE_UPDATES, BudgetPlan, BudgetSpec, Deadline, format_duration, parse_duration, plan_run
+from bertqa.budget import (
+    PROBE_UPDATES,
+    BudgetPlan,
+    BudgetSpec,
+    BudgetTooSmall,
+    Deadline,
+    format_duration,
+    parse_duration,
+    plan_run,
+)
 from bertqa.cache import prepare_data
 from bertqa.config import computation_changes
 from bertqa.data import Example, check_labels
@@ -288,9 +297,12 @@ def _plan_budget(
     """A fresh time-budget run: `bertqa.budget.plan_run` trains and times the warm-up and plans; here the plan is
     applied and recorded (`record` is the config that `config.json` and every checkpoint save)."""
     loaders = [evaluation.loader] + ([evaluation.calibration[0]] if evaluation.calibration else [])
-    plan = plan_run(accelerator, run.order, run.state, run.model, one_pass, spec, deadline,
-                    total_steps=run.total_steps, per_epoch=run.per_epoch, eval_s=evaluation.seconds,
-                    eval_loaders=loaders)  # fmt: skip
+    try:
+        plan = plan_run(accelerator, run.order, run.state, run.model, one_pass, spec, deadline,
+                        total_steps=run.total_steps, per_epoch=run.per_epoch, eval_s=evaluation.seconds,
+                        eval_loaders=loaders)  # fmt: skip
+    except BudgetTooSmall as err:  # the folder holds only this attempt's records: say how to try again there
+        raise BudgetTooSmall(f"{err}; to try again in {evaluation.recorder.out}, add --overwrite true") from err
     _apply_plan(run, plan, schedule=spec.schedule, record=record)
     ends = time.strftime("%H:%M:%S", time.localtime(time.time() + plan.expected_s - plan.spent_s))
     logger.info("%s (at about %s)", plan.describe(), ends)
@@ -314,7 +326,11 @@ def _apply_plan(run: _Training, plan: BudgetPlan, *, schedule: str, record: dict
     run.state.budget_plan = record["_budget_plan"] = plan.to_dict()
     run.order.sampler.limit = plan.questions if plan.questions < plan.pool_questions else None
     run.total_steps, run.per_epoch, run.warmup_steps = plan.total_steps, plan.per_epoch, plan.warmup_steps
-    reschedule(run.scheduler, total_steps=plan.planned_steps, warmup_steps=plan.warmup_steps, schedule=schedule)
+    if plan.from_step:  # planned again mid-run: from the LR where it stood down to 0, as a shortening does
+        reschedule(run.scheduler, total_steps=plan.planned_steps, warmup_steps=plan.warmup_steps, schedule=schedule,
+                   shortened_at=plan.from_step)  # fmt: skip
+    else:
+        reschedule(run.scheduler, total_steps=plan.planned_steps, warmup_steps=plan.warmup_steps, schedule=schedule)
     for at, total in plan.shortened:
         reschedule(run.scheduler, total_steps=total, warmup_steps=plan.warmup_steps, schedule=schedule, shortened_at=at)
 
@@ -392,13 +408,15 @@ def fit(
         from bertqa.distill import teacher_fingerprint
 
         settings["_teacher_weights"] = teacher_fingerprint(c.teacher)
-    resume_from, record = checkpoint.resume_point(out, settings, resume=c.resume, overwrite=c.overwrite,
-                                                  accept_changes=c.accept_changes)  # fmt: skip
-    if resume_from is not None and ((checkpoint.saved_config(resume_from) or {}).get("time_budget") is None) != (
+    earlier = checkpoint.resolve_resume(c.resume, out, overwrite=c.overwrite, clear=False) if c.resume else None
+    if earlier is not None and ((checkpoint.saved_config(earlier) or {}).get("time_budget") is None) != (
         budget_s is None
     ):  # the two order their batches differently: the batches already trained on would not be the ones skipped
-        raise ValueError(f"{resume_from}: a time budget cannot be added to or removed from a run when it is resumed; "
-                         "resume with its own kind of length, or start afresh in another output_dir")  # fmt: skip
+        raise ValueError(f"{earlier}: a time budget cannot be added to or removed from a run when it is resumed, "
+                         "even with --accept-changes; resume with its own kind of length, or start afresh in another "
+                         "output_dir")  # fmt: skip
+    resume_from, record = checkpoint.resume_point(out, settings, resume=c.resume, overwrite=c.overwrite,
+                                                  accept_changes=c.accept_changes)  # fmt: skip
     check_trackers(c.report_to)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = c.tf32
     accelerator = make_accelerator(mixed_precision=resolve_precision(c.mixed_precision), project_dir=c.output_dir,
@@ -455,6 +473,9 @@ def fit(
                         run.state.stop_reason)  # fmt: skip
             run.state.stop_reason, run.state.evals_without_gain = None, 0
         logger.info("resumed from %s at step %d (epoch %d)", resume_from, run.state.step, run.state.epoch)
+        if budget_s is not None and run.state.budget_plan is not None:
+            logger.info("the time budget's plan goes on: %d updates in all, %s of %s used", run.total_steps,
+                        format_duration(run.state.budget_used_s), format_duration(budget_s))  # fmt: skip
     recorder = RunRecorder(out, is_main=accelerator.is_main_process, total_steps=run.total_steps,
                            step=run.state.step, tracker_log=accelerator.log)  # fmt: skip
     recorder.start(record, resumed_at=run.state.step if resume_from is not None else None,

@@ -12,6 +12,7 @@ train.py works here (the quick preset's own budget is turned off: this run keeps
 from __future__ import annotations
 
 import json
+import logging
 import time
 
 from bertqa import engine
@@ -36,7 +37,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-seconds", type=positive_float, required=True, help="stop training after this long")
     args = parser.parse_args(argv)
     setup_logging()
-    config = config_from_args(args).replace(time_budget=None)
+    config = config_from_args(args)
+    if config.time_budget is not None and "time_budget" in vars(args):
+        logging.getLogger("bertqa").warning("--time-budget %s is ignored: this recipe runs a fixed length, stopped "
+                                            "by --train-seconds", config.time_budget)  # fmt: skip
+    config = config.replace(time_budget=None)
     summary = engine.fit(config, callbacks=[StopAfter(args.train_seconds)])
     if summary["final"]:
         print(json.dumps({"f1": round(summary["final"]["f1"], 2), "exact": round(summary["final"]["exact"], 2),

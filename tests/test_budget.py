@@ -178,8 +178,8 @@ def roomy(monkeypatch):
 
 
 def budget_config(tmp_path, **changes):
-    return tiny_config(tmp_path, max_train_examples=400, epochs=2.0, mixed_precision="no", log_every=1,
-                       **{"time_budget": "4s", **changes})  # fmt: skip
+    settings = {"max_train_examples": 400, "epochs": 2.0, "time_budget": "4s", **changes}
+    return tiny_config(tmp_path, mixed_precision="no", log_every=1, **settings)
 
 
 def test_the_plan_comes_from_the_measured_rate_and_the_schedule_ends_at_its_last_update(tmp_path, tiny, roomy):
@@ -229,7 +229,7 @@ def test_a_changed_budget_on_resume_plans_again_and_a_budget_cannot_come_or_go(t
         if update.step == 12:
             raise RuntimeError("killed")
 
-    config = budget_config(tmp_path, save_every_steps=10)
+    config = budget_config(tmp_path, save_every_steps=10, max_train_examples=40, epochs=50.0)  # passes of 5 updates
     with pytest.raises(RuntimeError, match="killed"):
         engine.fit(config, model=tiny(), compute_loss=sleepy(0.04), callbacks=[crash])
     for other in (config.replace(time_budget=None, max_steps=50), config.replace(time_budget=None)):
@@ -240,7 +240,13 @@ def test_a_changed_budget_on_resume_plans_again_and_a_budget_cannot_come_or_go(t
     same = config.replace(resume="latest", time_budget="4")  # "4s" and "4" are one budget: no change to accept
     longer = engine.fit(config.replace(resume="latest", time_budget="6s", accept_changes=True), model=tiny(),
                         compute_loss=sleepy(0.04))  # fmt: skip
-    assert longer["budget_plan"]["budget_s"] == 6 and longer["steps"] == longer["budget_plan"]["total_steps"]
+    plan = longer["budget_plan"]
+    assert plan["budget_s"] == 6 and 10 <= plan["from_step"] < 12 and plan["total_steps"] > 40  # from its checkpoint
+    assert 0.04 <= plan["s_per_update"] < 0.2  # timed where it stood, in a later pass
+    # an evaluation and a checkpoint at every 5-update pass: the saves are not planned, so the deadline may end it
+    assert longer["steps"] == plan["total_steps"] or longer["stopped_early"].startswith("time budget")
+    log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    assert max(r["lr"] for r in log if r["step"] > 10) <= 1e-3  # from where it stood, down
     assert computation_changes(config.to_dict(), same.to_dict()) == {}
 
 
