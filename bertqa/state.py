@@ -139,7 +139,7 @@ class EarlyStopping:
 def count_evaluations(*, total: int, per_epoch: int, eval_every: int | None, eval_first: bool) -> int:
     """How many evaluations a run of `total` updates makes before its last update (the ones that can end it early):
     one at each epoch end, every `eval_every` updates, and one before training if `eval_first`."""
-    points = set(range(per_epoch, total, per_epoch))  # an update that ends an epoch and is due anyway counts once
-    if eval_every:
-        points |= set(range(eval_every, total, eval_every))
-    return len(points) + eval_first
+    from bertqa.budget import evaluations_between
+
+    # the same points as a budget plans with, less the final evaluation (after the last update: it cannot stop it)
+    return evaluations_between(0, total, per_epoch=per_epoch, eval_every=eval_every) - 1 + eval_first
