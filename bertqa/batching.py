@@ -305,8 +305,17 @@ def train_loader(
         num_workers=num_workers,
         pin_memory=pin_memory,
         generator=torch.Generator().manual_seed(seed),  # keeps loader start-up off the global RNG (resume)
+        worker_init_fn=_ignore_ctrl_c if num_workers else None,
     )
     return loader, sampler
+
+
+def _ignore_ctrl_c(worker_id: int) -> None:
+    """Ctrl-C reaches every process of the terminal's group: a loader worker that died of it would fail the batch
+    the run still needs to finish its update and save. The main process ends its workers when it stops."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 @dataclass

@@ -5,6 +5,11 @@ Windows are stored as flat arrays (see `bertqa.features`), one `.npy` file each,
 key covers everything the windows depend on: the examples (ids, questions, contexts, answers), the tokenizer's full
 definition, the window settings, whether labels are included, and `FORMAT`, which changes whenever the windowing
 code changes what it produces.
+
+Runs that share a cache are safe together: an entry is written under a temporary name and renamed, so it is read
+whole or not at all, and a file lock beside it makes a second run that wants the same entry wait for the first
+instead of tokenizing again. A cache folder that cannot be written (read-only, no permission, full) is used for
+reading only, with one warning; the run goes on with its windows in memory.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import shutil
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -65,22 +71,43 @@ def cached_features(
     cache_dir: str | Path | None,
     labelled: bool,
     num_proc: int = 1,
+    write: bool = True,
 ) -> Features:
     """`tokenize_examples` (+ `label_features` when `labelled`), read from `cache_dir` when it was done before.
 
     An entry is a folder of `.npy` arrays, memory-mapped when read (the processes of a machine share the pages),
     and a manifest with each array's shape, type and CRC-32, written last: an entry that does not match its
     manifest is rebuilt with a warning, never used. `num_proc` is not part of the key: any number of tokenizing
-    processes gives the same windows.
+    processes gives the same windows. Without `write` (a cache that cannot be written) entries are only read.
     """
+    build = partial(_build, examples, tokenizer, window, labelled=labelled, num_proc=num_proc)
     if cache_dir is None:
-        return _build(examples, tokenizer, window, labelled=labelled, num_proc=num_proc)
+        return build()
     folder = Path(cache_dir).expanduser() / f"windows-{features_key(examples, tokenizer, window, labelled=labelled)}"
     features = read_entry(folder)
-    if features is None:
-        features = _build(examples, tokenizer, window, labelled=labelled, num_proc=num_proc)
-        write_entry(folder, features)
-    return features
+    if features is not None or not write:
+        return features if features is not None else build()
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(folder.with_name(f".{folder.name}.lock"))  # hidden: not an entry
+    try:
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            logger.info("waiting for another process that is writing window cache entry %s", folder)
+            lock.acquire()
+    except OSError as err:  # the lock file cannot be made: nobody can have written the entry here either
+        logger.warning("window cache %s cannot be written (%s): the windows are kept in memory for this run",
+                       folder.parent, err.strerror or err)  # fmt: skip
+        return build()
+    try:
+        features = read_entry(folder)  # the process this one waited for may have written it
+        if features is None:
+            features = build()
+            write_entry(folder, features)
+        return features
+    finally:
+        lock.release()
 
 
 def _build(examples: Sequence[Example], tokenizer: Any, window: Window, *, labelled: bool, num_proc: int) -> Features:
@@ -88,21 +115,30 @@ def _build(examples: Sequence[Example], tokenizer: Any, window: Window, *, label
     return label_features(features, examples) if labelled else features
 
 
-def write_entry(folder: Path, features: Features) -> None:
-    """Save `features` as a cache entry: written to a temporary folder, then renamed (readers see all or nothing)."""
+def write_entry(folder: Path, features: Features) -> bool:
+    """Save `features` as a cache entry: written to a temporary folder, then renamed (readers see all or nothing).
+    A write that fails (a full disk, a folder that turned read-only) is removed with a warning, and False returned:
+    the windows in memory are as good, only the next run tokenizes again."""
     tmp = folder.with_name(f"{folder.name}.{os.getpid()}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    manifest = {}
-    for name, array in features.arrays().items():
-        array = np.ascontiguousarray(array)
-        np.save(tmp / f"{name}.npy", array)
-        manifest[name] = {"shape": list(array.shape), "dtype": array.dtype.str, "crc32": zlib.crc32(array)}
-    (tmp / "manifest.json").write_text(json.dumps(manifest))
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        manifest = {}
+        for name, array in features.arrays().items():
+            array = np.ascontiguousarray(array)
+            np.save(tmp / f"{name}.npy", array)
+            manifest[name] = {"shape": list(array.shape), "dtype": array.dtype.str, "crc32": zlib.crc32(array)}
+        (tmp / "manifest.json").write_text(json.dumps(manifest))
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        logger.warning("window cache entry %s could not be written (%s): going on without it", folder,
+                       err.strerror or err)  # fmt: skip
+        return False
     try:
         os.replace(tmp, folder)
     except OSError:  # another process wrote the same entry first: theirs is as good
         shutil.rmtree(tmp, ignore_errors=True)
+    return True
 
 
 def read_entry(folder: Path) -> Features | None:
@@ -139,12 +175,14 @@ class RunData:
 def prepare_data(
     examples: RunExamples, tokenizer: Any, *, window: Window, cache_dir: str | Path | None, num_proc: int = 1
 ) -> RunData:
-    """The windows of a run's examples, each set read from `cache_dir` when it was tokenized before.
+    """The windows of a run's examples, each set read from `cache_dir` when it was tokenized before. A cache that
+    cannot be written is said once and only read.
 
     `fit` and the Trainer baseline both call this on the same `bertqa.sources.run_examples`, so the two can only
     ever see the same data.
     """
-    windows = {"window": window, "cache_dir": cache_dir, "num_proc": num_proc}
+    write = cache_dir is not None and _writable(Path(cache_dir).expanduser())
+    windows = {"window": window, "cache_dir": cache_dir, "num_proc": num_proc, "write": write}
     calibration = examples.calibration
     return RunData(
         examples,
@@ -152,3 +190,18 @@ def prepare_data(
         cached_features(examples.eval, tokenizer, labelled=False, **windows),
         cached_features(calibration, tokenizer, labelled=False, **windows) if calibration else None,
     )
+
+
+def _writable(folder: Path) -> bool:
+    """Whether cache entries can be written into `folder` (made if needed); a warning, once, when not."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+        return True
+    except OSError as err:
+        logger.warning("window cache %s cannot be written (%s): the run goes on with its windows in memory, and the "
+                       "next run tokenizes them again (--cache-dir elsewhere, or none)", folder,
+                       err.strerror or err)  # fmt: skip
+        return False

@@ -164,19 +164,76 @@ def save_checkpoint(
     if final.is_dir() and verify(final, hashes=False) is None:
         return final  # this update is already saved (e.g. a periodic save that fell on an epoch end)
     tmp = final.with_name(final.name + ".tmp")
+    previous = latest_checkpoint(output_dir)
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.parent.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
-    _writing(tmp, lambda: accelerator.save_state(str(tmp)))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        _writing(tmp, lambda: _seal(tmp, config))
-        shutil.rmtree(final, ignore_errors=True)  # a damaged folder of the same step
-        os.replace(tmp, final)
-        _prune(Path(output_dir), keep=keep)
-    accelerator.wait_for_everyone()
+    # Each step ends with every process saying whether its part was written (in place of a barrier), so a
+    # process whose write failed stops all of them at the same point instead of leaving them waiting.
+    failed = _attempt(lambda: accelerator.save_state(str(tmp)))
+    if _agree(accelerator, failed) and accelerator.is_main_process:
+        failed = failed or _attempt(lambda: _seal(tmp, config))
+        if failed is None:
+            shutil.rmtree(final, ignore_errors=True)  # a damaged folder of the same step
+            os.replace(tmp, final)
+            _prune(Path(output_dir), keep=keep)
+    if not _agree(accelerator, failed):
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        needed = _folder_bytes(previous) if previous is not None else _state_bytes(accelerator)
+        kept = f"{previous} is intact and stays the latest" if previous else "no earlier checkpoint was saved"
+        raise _write_failed("checkpoint", final, failed, needed=needed, kept=kept)
     return final
+
+
+def _attempt(write: Any) -> BaseException | None:
+    """Run `write`; return what made it fail for want of space or permission (None: it was written)."""
+    try:
+        write()
+    except (OSError, RuntimeError) as err:  # torch reports a full disk as RuntimeError ("file write failed")
+        return err
+    except Exception as err:
+        if type(err).__name__ != "SafetensorError":  # safetensors reports one with its own type
+            raise
+        return err
+    return None
+
+
+def _agree(accelerator: Accelerator, failed: BaseException | None) -> bool:
+    """True when every process's write succeeded (a collective with several processes)."""
+    if accelerator.num_processes == 1:
+        return failed is None
+    import torch
+
+    flags = accelerator.gather(torch.tensor([failed is not None], device=accelerator.device))
+    return not bool(flags.any())
+
+
+def _write_failed(kind: str, folder: Path, err: BaseException | None, *, needed: int, kept: str) -> OSError:
+    """One line for a save that failed: the path, why, the space it needs against what is free, what is left."""
+    free = shutil.disk_usage(next(p for p in (folder, *folder.parents) if p.exists())).free
+    cause = str(err).strip().splitlines()[0][:300] if err is not None else "another process could not write its part"
+    return OSError(
+        f"could not write {kind} {folder}: {cause}. It needs about {_size(needed)} and {_size(free)} are free there "
+        f"(or a quota or file-size limit stops it); the partial folder was removed and {kept}. Free some space, then "
+        "run the same command again (with --resume latest for a run)"
+    )
+
+
+def _size(count: int) -> str:
+    return f"{count / 2**20:,.1f} MiB"
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def _state_bytes(accelerator: Accelerator) -> int:
+    """What a first checkpoint will hold, roughly: the weights and twice as much optimizer state (AdamW's two
+    moments)."""
+    models = getattr(accelerator, "_models", [])
+    return 3 * sum(p.numel() * p.element_size() for m in models for p in m.parameters())
 
 
 def _seal(folder: Path, config: dict[str, Any] | None) -> None:
@@ -199,14 +256,6 @@ def _prune(output_dir: Path, *, keep: int) -> None:
         shutil.rmtree(folder, ignore_errors=True)
     for stale in (output_dir / "checkpoints").glob("*.tmp"):
         shutil.rmtree(stale, ignore_errors=True)
-
-
-def _writing(path: Path, write: Any) -> None:
-    """Run `write`; a failed write (disk full, read-only, ...) becomes one OSError that names the place."""
-    try:
-        write()
-    except (OSError, RuntimeError) as err:  # torch reports a full disk as RuntimeError ("iostream error")
-        raise OSError(f"could not write {path}: {err}; is the disk full or read-only?") from err
 
 
 def model_meta(
@@ -235,6 +284,7 @@ def save_model(accelerator: Accelerator, model: Any, tokenizer: Any, path: Path,
     accelerator.wait_for_everyone()
     unwrapped = accelerator.unwrap_model(model)
     tmp = path.with_name(path.name + ".tmp")
+    failed = None
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -245,10 +295,16 @@ def save_model(accelerator: Accelerator, model: Any, tokenizer: Any, path: Path,
             threshold = record.get("no_answer_threshold", record.get("best_f1_thresh", 0.0)) if meta.get("v2") else None
             (tmp / "bertqa.json").write_text(json.dumps({**meta, "no_answer_threshold": threshold}, indent=2) + "\n")
 
-        _writing(tmp, write)
-        shutil.rmtree(path, ignore_errors=True)
-        os.replace(tmp, path)
-    accelerator.wait_for_everyone()
+        failed = _attempt(write)
+        if failed is None:
+            shutil.rmtree(path, ignore_errors=True)
+            os.replace(tmp, path)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+    if not _agree(accelerator, failed):  # every process stops alike when the main one could not write
+        needed = sum(p.numel() * p.element_size() for p in unwrapped.parameters())
+        kept = f"the earlier {path} is unchanged" if path.exists() else f"no {path.name} was saved"
+        raise _write_failed("model", path, failed, needed=needed, kept=kept)
 
 
 def resume_point(

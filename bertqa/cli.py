@@ -201,9 +201,20 @@ def config_changes(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run(main: Callable[[], int]) -> None:
-    """Run a script's main(); turn the library's clear errors into a one-line message and exit code 2."""
+    """Run a script's main(); turn the library's clear errors into a one-line message and exit code 2, and Ctrl-C
+    or SIGTERM into what it did (`bertqa.interrupt.Interrupted`) and 128 + the signal's number."""
+    from bertqa.interrupt import stop_with_launcher
+
+    stop_with_launcher()
     try:
         sys.exit(main())
+    except KeyboardInterrupt as err:
+        from bertqa.interrupt import Interrupted
+
+        if os.environ.get("RANK", "0") == "0":  # every process stopped alike: one line says so
+            said = err.describe() if isinstance(err, Interrupted) else "stopped by Ctrl-C"
+            sys.stderr.write(f"\n{said}\n")
+        sys.exit(err.exit_code if isinstance(err, Interrupted) else 130)
     except (ValueError, OSError, TypeError, FloatingPointError, RuntimeError) as err:
         message = error_message(err)
         if message is None:

@@ -52,7 +52,7 @@ def check_teacher(path: str | Path, *, student_tokenizer: Any, window: Any = Non
     the student's windows (`window`: a shorter position table)."""
     from transformers import AutoConfig
 
-    from bertqa.model import build_tokenizer, check_model_limits, resolve_model
+    from bertqa.model import build_tokenizer, check_model_limits, load_pretrained
 
     name = str(path)
     folder = Path(name).expanduser()
@@ -61,7 +61,7 @@ def check_teacher(path: str | Path, *, student_tokenizer: Any, window: Any = Non
         hint = f"; did you mean {folder / inside[0]}?" if inside else ""
         raise ValueError(f"teacher {name}: no model there (no config.json){hint}")
     try:
-        config = AutoConfig.from_pretrained(resolve_model(name))
+        config = load_pretrained("teacher config", AutoConfig.from_pretrained, name)
         teacher_tokenizer = build_tokenizer(name)
     except (OSError, ValueError) as err:
         raise ValueError(f"teacher {name}: {err}") from err

@@ -15,6 +15,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -38,6 +39,7 @@ from bertqa.cache import prepare_data
 from bertqa.config import computation_changes
 from bertqa.data import Example, check_labels
 from bertqa.inference import eval_batches, evaluate
+from bertqa.interrupt import Interrupted, SignalCatcher, signal_name
 from bertqa.model import check_model_limits
 from bertqa.optim import (
     OptimizerFactory,
@@ -63,6 +65,7 @@ if TYPE_CHECKING:
 __all__ = [
     "DataOrder",
     "EarlyStopping",
+    "Interrupted",
     "NonFiniteLossError",
     "StopTraining",
     "TrainState",
@@ -237,26 +240,35 @@ class _Evaluation:
     calibration: tuple[torch.utils.data.DataLoader, Sequence[Example]] | None  # SQuAD v2 threshold data
     observers: Sequence[EvalObserver]
     last: dict[str, Any]  # the latest record
+    signals: SignalCatcher | None = None  # Ctrl-C and SIGTERM: checked after each evaluation
     seconds: float = 0.0  # how long the latest evaluation took
 
     def __call__(self, model: torch.nn.Module, state: TrainState, **train_stats: float) -> dict[str, Any]:
         t0 = time.perf_counter()
         v2, longest = self.meta["v2"], self.meta["max_answer_length"]
         calibrated: dict[str, float] = {}
-        if self.calibration is not None:  # the no-answer threshold, chosen on held-out training questions
-            cal, _ = evaluate(self.accelerator, model, *self.calibration, v2=True, max_answer_length=longest,
-                              progress=True)  # fmt: skip
-            calibrated = {"no_answer_threshold": cal["best_f1_thresh"], "calibration_best_f1": cal["best_f1"]}
-        threshold = calibrated.get("no_answer_threshold", 0.0)
-        metrics, _ = evaluate(self.accelerator, model, self.loader, self.examples, v2=v2, max_answer_length=longest,
-                              threshold=threshold, progress=True)  # fmt: skip
+        # One process may drop an evaluation at a signal (the checkpoint does not need it); several finish it
+        # together, since a process that left it would keep the others waiting for its share.
+        alone = self.accelerator.num_processes == 1
+        with self.signals.immediately(alone) if self.signals is not None else nullcontext():
+            if self.calibration is not None:  # the no-answer threshold, chosen on held-out training questions
+                cal, _ = evaluate(self.accelerator, model, *self.calibration, v2=True, max_answer_length=longest,
+                                  progress=True)  # fmt: skip
+                calibrated = {"no_answer_threshold": cal["best_f1_thresh"], "calibration_best_f1": cal["best_f1"]}
+            threshold = calibrated.get("no_answer_threshold", 0.0)
+            metrics, _ = evaluate(self.accelerator, model, self.loader, self.examples, v2=v2,
+                                  max_answer_length=longest, threshold=threshold, progress=True)  # fmt: skip
         record = {"step": state.step, "epoch": state.epoch, **train_stats, **metrics, **calibrated}
         self.recorder.log_eval(record)
-        if self.best_model is not None and metrics["f1"] > state.best_f1:
+        # The untrained model of an evaluation before training is a baseline, never kept as the best model.
+        if self.best_model is not None and state.step > 0 and metrics["f1"] > state.best_model_f1:
             self.save_model(model, self.best_model, record)
+            state.best_model_f1 = metrics["f1"]
         state.best_f1 = max(state.best_f1, metrics["f1"])
         self.last, self.seconds = record, time.perf_counter() - t0
         notify(self.observers, record, state)
+        if self.signals is not None:
+            self.signals.check(self.accelerator)
         return record
 
     def save_model(self, model: torch.nn.Module, path: Path, record: dict[str, Any]) -> None:
@@ -280,6 +292,18 @@ def _periodic(
         if not torch.isfinite(update.loss):  # never let a NaN step overwrite good checkpoints
             raise NonFiniteLossError(f"training loss is {update.loss.item()} at step {update.step}")
         save(update.step)
+
+
+def _interrupted(
+    run: _Training, save: Callable[[int], Path], recorder: RunRecorder, signum: int, *, title: str
+) -> Interrupted:
+    """The run stops at a signal: a checkpoint of the update it finished (the one saved there, when it was), a
+    line in metrics.jsonl, the curves so far; the `Interrupted` to raise names the checkpoint."""
+    folder = save(run.state.step)
+    recorder.log_stop(step=run.state.step, epoch=run.state.epoch, reason=f"interrupted by {signal_name(signum)}",
+                      key="interrupted")  # fmt: skip
+    recorder.finish(title=title)
+    return Interrupted(signum, step=run.state.step, total_steps=run.total_steps, checkpoint=folder)
 
 
 def _plan_budget(
@@ -389,7 +413,29 @@ def fit(
     still bertqa's, counted in updates). `callbacks` get an `Update` after every optimizer update, `on_evaluate`
     observers every evaluation record (a line of `metrics.jsonl`); any of them may end the run by raising
     `StopTraining`. A `config.teacher` makes the loss `bertqa.distill.Distillation` (give it or your own loss).
+
+    Ctrl-C or SIGTERM (to any process) stops the run after the update in progress with a checkpoint of it, and
+    raises `Interrupted` (a KeyboardInterrupt) naming that checkpoint; `resume="latest"` continues from it exactly.
     """
+    with SignalCatcher(at_once=True) as signals:  # until there is something to save, a signal stops at once
+        return _fit(config, signals, model=model, tokenizer=tokenizer, train_examples=train_examples,
+                    eval_examples=eval_examples, compute_loss=compute_loss, callbacks=callbacks,
+                    on_evaluate=on_evaluate, optimizer=optimizer)  # fmt: skip
+
+
+def _fit(
+    config: TrainConfig,
+    signals: SignalCatcher,
+    *,
+    model: torch.nn.Module | None,
+    tokenizer: Any,
+    train_examples: Sequence[Example] | Any | None,
+    eval_examples: Sequence[Example] | Any | None,
+    compute_loss: LossFn,
+    callbacks: Sequence[Callback],
+    on_evaluate: Sequence[EvalObserver],
+    optimizer: OptimizerFactory | None,
+) -> dict[str, Any]:
     from accelerate.utils import set_seed
 
     from bertqa.model import build_model, build_tokenizer
@@ -478,6 +524,7 @@ def fit(
                         format_duration(run.state.budget_used_s), format_duration(budget_s))  # fmt: skip
     recorder = RunRecorder(out, is_main=accelerator.is_main_process, total_steps=run.total_steps,
                            step=run.state.step, tracker_log=accelerator.log)  # fmt: skip
+    signals.at_once = False  # from here on the run has a state to save: a signal stops it at the next update
     recorder.start(record, resumed_at=run.state.step if resume_from is not None else None,
                    initial_lr=run.scheduler.get_last_lr()[0])  # fmt: skip
     accelerator.init_trackers("bertqa", config={k: str(v) for k, v in c.to_dict().items()})
@@ -497,7 +544,8 @@ def fit(
     cal = data.calibration_features  # SQuAD v2 training data: the threshold's questions
     calibration = None if cal is None else (windows(cal), examples.calibration)
     evaluation = _Evaluation(accelerator, windows(data.eval_features), examples.eval, recorder, tokenizer, meta,
-                             out / "best_model" if c.save_model else None, calibration, on_evaluate, {})  # fmt: skip
+                             out / "best_model" if c.save_model else None, calibration, on_evaluate, {},
+                             signals)  # fmt: skip
     save = partial(checkpoint.save_checkpoint, accelerator, out, keep=c.keep_checkpoints, config=record)
     deadline = None
     if budget_s is not None:
@@ -514,7 +562,8 @@ def fit(
                        save_every=c.save_every_steps, save=save, wait_for_plan=budget_s is not None)  # fmt: skip
     one_pass = partial(train_one_epoch, accelerator, run.model, run.optimizer, run.scheduler, state=run.state,
                        max_grad_norm=c.max_grad_norm, log_every=c.log_every, compute_loss=compute_loss,
-                       callbacks=[recorder.on_update, periodic, *callbacks, *([deadline] if deadline else [])],
+                       callbacks=[recorder.on_update, periodic, *callbacks, *([deadline] if deadline else []),
+                                  partial(signals.check, accelerator)],
                        on_log=recorder.log_train)  # fmt: skip
     plan = None
     if deadline is not None:
@@ -522,8 +571,17 @@ def fit(
                           c.eval_every_steps, c.eval_batch_size, c.pad_to_multiple_of)  # fmt: skip
         plan = partial(_plan_budget, accelerator, run, evaluation, one_pass, spec, deadline, record,
                        patience=c.early_stopping_patience, eval_first=c.eval_before_training)  # fmt: skip
-    summary = _train(accelerator, run, evaluation, one_pass, save, eval_first=c.eval_before_training,
-                     final_model=out / "final_model" if c.save_model else None, plan=plan)  # fmt: skip
+    try:
+        summary = _train(accelerator, run, evaluation, one_pass, save, eval_first=c.eval_before_training,
+                         final_model=out / "final_model" if c.save_model else None, plan=plan)  # fmt: skip
+    except Interrupted as stop:
+        if stop.at_once:  # a second signal: the checkpoints saved before are what is left
+            raise
+        interrupted = _interrupted(run, save, recorder, stop.signum, title=f"bertqa: {c.model}")
+        accelerator.end_training()
+        raise interrupted from None
+    finally:  # an error's one line then starts on a line of its own, not after the bar
+        recorder.bar.close()
     recorder.finish(title=f"bertqa: {c.model}")
     accelerator.end_training()
     return {**summary, "label_report": labels, "output_dir": str(out)}

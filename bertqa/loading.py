@@ -275,16 +275,34 @@ def _load_hub(
     """A hub dataset `name` or `name:split` (default split `train`); needs internet or the datasets cache."""
     import datasets
 
+    from bertqa.hub import hub_unreachable, offline_setting
+
     dataset_name, _, split = name.partition(":")
     logger.info("%r is not a file or a bundled name: loading it from the Hugging Face hub", name)
+    # Offline by setting, `datasets` reads its cache and fails at once; offline without it, it would retry for a
+    # minute: fail now, and say how to use a cached copy.
+    unreachable = hub_unreachable() if offline_setting() is None else None
+    if unreachable is not None:
+        raise _hub_unusable(name, unreachable)
     try:
         dataset = datasets.load_dataset(dataset_name, split=split or "train")
     except Exception as err:  # offline, unknown id, unknown split: all end here
+        if (setting := offline_setting()) is not None:
+            cause = f"{setting} is set and it is not in the datasets cache ({type(err).__name__})"
+            raise _hub_unusable(name, cause) from err
         raise FileNotFoundError(
             f"{name!r} is neither a file, a bundled name ({', '.join(BUNDLED)}) nor a hub dataset that could be "
-            f"loaded (add ':validation' for a split; offline?): {type(err).__name__}: {err}"
+            f"loaded (add ':validation' for a split): {type(err).__name__}: {err}"
         ) from err
     return _from_dataset(dataset, source=name, column_map=column_map, on_mismatch=on_mismatch)
+
+
+def _hub_unusable(name: str, reason: str) -> FileNotFoundError:
+    return FileNotFoundError(
+        f"{name!r} is not a file nor a bundled name ({', '.join(BUNDLED)}), and the hub cannot be used to load it "
+        f"as a dataset: {reason}. Give a local file (.json, .jsonl, .csv, .parquet), or run where the hub can be "
+        "reached (a dataset loaded before is in the datasets cache: HF_HUB_OFFLINE=1 uses it)"
+    )
 
 
 def _from_dataset(

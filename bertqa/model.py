@@ -14,6 +14,7 @@ __all__ = [
     "build_model",
     "build_tokenizer",
     "keep_layers",
+    "load_pretrained",
     "model_depth",
     "pick_layers",
     "resolve_model",
@@ -48,8 +49,22 @@ def resolve_model(name_or_path: str | Path) -> str:
     return name
 
 
-def _load(kind: str, loader: Any, name: str, **kwargs: Any) -> Any:
+def load_pretrained(kind: str, loader: Any, name: str, **kwargs: Any) -> Any:
+    """`loader(name)` (a `from_pretrained`) for an alias, a folder or a hub id, failing with one clear error that
+    names `kind` and `name`; a hub id not in the hub's cache fails within seconds when the hub cannot be reached."""
     path = resolve_model(name)
+    if not Path(path).expanduser().is_dir():  # a hub id: from the hub's cache, or else the hub, if it answers
+        try:
+            return loader(path, local_files_only=True, **kwargs)
+        except OSError:
+            from bertqa.hub import hub_unreachable
+
+            if (reason := hub_unreachable()) is not None:
+                raise ModelNotFoundError(
+                    f"the {kind} {name!r} is not a local folder nor in the hub's cache, and the hub cannot be used: "
+                    f"{reason}. Give a local folder (a saved model such as runs/NAME/final_model, or an alias: "
+                    f"{', '.join(MODEL_ALIASES)}), or run where the hub can be reached"
+                ) from None
     try:
         return loader(path, **kwargs)
     except OSError as err:
@@ -71,7 +86,7 @@ def build_tokenizer(name_or_path: str | Path) -> Any:
             f"{path} holds no tokenizer: none of {', '.join(TOKENIZER_FILES)} is there. Save the tokenizer beside "
             "the weights (tokenizer.save_pretrained(folder)), or copy those files from the model it was trained from"
         )
-    tokenizer = _load("tokenizer", AutoTokenizer.from_pretrained, str(name_or_path))
+    tokenizer = load_pretrained("tokenizer", AutoTokenizer.from_pretrained, str(name_or_path))
     if len(tokenizer) < 100:  # what transformers builds from a folder with a config but no vocabulary
         raise ModelNotFoundError(
             f"the tokenizer of {name_or_path!r} knows only {len(tokenizer)} tokens: its vocabulary files are missing "
@@ -112,7 +127,7 @@ def build_model(
     from transformers import AutoConfig, AutoModelForQuestionAnswering
 
     name = str(name_or_path)
-    config = _load("model config", AutoConfig.from_pretrained, name)
+    config = load_pretrained("model config", AutoConfig.from_pretrained, name)
     for key, value in (config_overrides or {}).items():
         setattr(config, key, value)
     if attention_dropout is not None:
@@ -130,8 +145,8 @@ def build_model(
     if not pretrained:
         model = AutoModelForQuestionAnswering.from_config(config, **kwargs).to(dtype)
     else:
-        model = _load("model", AutoModelForQuestionAnswering.from_pretrained, name, config=config, dtype=dtype,
-                      **kwargs)  # fmt: skip
+        model = load_pretrained("model", AutoModelForQuestionAnswering.from_pretrained, name, config=config,
+                                dtype=dtype, **kwargs)  # fmt: skip
     if num_layers is not None:
         keep_layers(model, pick_layers(model_depth(config, name), num_layers, layer_pick, name=name))
     return model
@@ -189,7 +204,7 @@ def check_model_limits(
     else:
         from transformers import AutoConfig
 
-        config, name = _load("model config", AutoConfig.from_pretrained, str(model)), str(model)
+        config, name = load_pretrained("model config", AutoConfig.from_pretrained, str(model)), str(model)
     positions = getattr(config, "max_position_embeddings", None)
     if positions is not None and window.max_seq_length > positions:
         raise ValueError(

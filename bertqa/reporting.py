@@ -140,11 +140,11 @@ class RunRecorder:
         if self.is_main:
             append_jsonl(self.eval_log, record)
 
-    def log_stop(self, *, step: int, epoch: int, reason: str) -> None:
-        """Why the run ended before its last update, as a line of metrics.jsonl (once: a resumed run that was
-        stopped does not say it again)."""
+    def log_stop(self, *, step: int, epoch: int, reason: str, key: str = "stopped") -> None:
+        """Why the run ended before its last update, as a line of metrics.jsonl under `key` ("interrupted" for a
+        signal, after which it can go on); once: a resumed run that was stopped does not say it again."""
         logger.info("the run stopped at update %d: %s", step, reason)
-        record = {"step": step, "epoch": epoch, "stopped": reason}
+        record = {"step": step, "epoch": epoch, key: reason}
         if self.is_main and record not in read_jsonl(self.eval_log):
             append_jsonl(self.eval_log, record)
 
@@ -248,7 +248,8 @@ def plot_curves(train_log: str | Path, eval_log: str | Path, out: str | Path, *,
     axes[2].set(xlabel="optimizer update", ylabel="score (%)", title="dev EM / F1")
     for ax in axes:
         ax.grid(alpha=0.3)
-    axes[2].legend()
+    if axes[2].lines:  # a run stopped before its first evaluation has no scores to name
+        axes[2].legend()
     if title:
         fig.suptitle(title)
     fig.tight_layout()

@@ -49,7 +49,8 @@ class TrainState:
     step: int = 0
     epoch: int = 0
     batches_done: int = 0  # micro-batches of `epoch` already consumed
-    best_f1: float = -1.0
+    best_f1: float = -1.0  # of every evaluation, the untrained model's before training too
+    best_model_f1: float = -1.0  # of the model kept as the best (trained models only)
     stop_reason: str | None = None  # set by `StopTraining`: the run ends after this update
     # `EarlyStopping`'s count: evaluations since the score last rose enough, and the score and step it must beat
     evals_without_gain: int = 0

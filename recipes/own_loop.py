@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
+from functools import partial
 
 from accelerate.utils import set_seed
 
 from bertqa import batching, cache, checkpoint, engine, inference, optim, runtime, sources
 from bertqa.cli import run, setup_logging
 from bertqa.data import Window, check_labels
+from bertqa.interrupt import Interrupted, SignalCatcher
 from bertqa.model import build_model, build_tokenizer
 
 
@@ -50,14 +52,28 @@ def train(a: argparse.Namespace) -> list[dict]:
     eval_loader = inference.eval_batches(data.eval_features, batch_size=64, pad_token_id=tokenizer.pad_token_id,
                                          accelerator=accelerator)  # fmt: skip
     log: list[dict] = []
-    while state.step < total and state.stop_reason is None:  # a callback of yours may raise engine.StopTraining
-        engine.train_one_epoch(accelerator, model, optimizer, scheduler, order.batches(accelerator, state),
-                               state=state, max_steps=total, log_every=a.log_every, on_log=log.append)  # fmt: skip
-        order.end_pass(state)
-        metrics, _ = inference.evaluate(accelerator, model, eval_loader, examples.eval, v2=examples.v2)
-        checkpoint.save_checkpoint(accelerator, a.output_dir, state.step, keep=1)
-        if accelerator.is_main_process:
-            print(json.dumps({"step": state.step, "epoch": state.epoch, "f1": metrics["f1"]}), flush=True)
+    with SignalCatcher() as signals:  # Ctrl-C or SIGTERM: finish the update, save it, stop (a second: stop now)
+        try:
+            while state.step < total and state.stop_reason is None:  # a callback may raise engine.StopTraining
+                engine.train_one_epoch(accelerator, model, optimizer, scheduler, order.batches(accelerator, state),
+                                       state=state, max_steps=total, log_every=a.log_every, on_log=log.append,
+                                       callbacks=[partial(signals.check, accelerator)])  # fmt: skip
+                order.end_pass(state)
+                metrics, _ = inference.evaluate(accelerator, model, eval_loader, examples.eval, v2=examples.v2)
+                checkpoint.save_checkpoint(accelerator, a.output_dir, state.step, keep=1)
+                if accelerator.is_main_process:
+                    print(json.dumps({"step": state.step, "epoch": state.epoch, "f1": metrics["f1"]}), flush=True)
+        except Interrupted as stop:
+            if stop.at_once:
+                raise
+            saved = checkpoint.save_checkpoint(accelerator, a.output_dir, state.step, keep=1)
+            raise Interrupted(
+                stop.signum,
+                step=state.step,
+                total_steps=total,
+                checkpoint=saved,
+                resume_hint="run the same command with --resume to continue",
+            ) from None
     if a.log_json and accelerator.is_main_process:
         with open(a.log_json, "w") as f:
             json.dump(log, f)

@@ -297,10 +297,10 @@ def main(argv: list[str] | None = None) -> int:
     optuna_log.addFilter(quiet)
     try:
         sweep.run_trials(study, objective, args.trials)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM (bertqa.interrupt.Interrupted says which)
         report(study, sweep_dir, args.trials)
         print("interrupted; the trial will run again first when resumed (rerun the same command)")
-        return 130
+        return getattr(stop, "exit_code", 130)
     finally:
         optuna_log.removeFilter(quiet)
     return report(study, sweep_dir, args.trials)

@@ -115,7 +115,7 @@ def test_unreadable_and_missing_files(tmp_path):
         loading.load_squad(bad)
     with pytest.raises(FileNotFoundError, match="data file not found"):
         loading.load_squad(tmp_path / "missing.json")
-    with pytest.raises(FileNotFoundError, match="neither a file, a bundled name"):
+    with pytest.raises(FileNotFoundError, match="not a file nor a bundled name"):
         loading.load_squad("no-such-dataset")
 
 

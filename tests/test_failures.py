@@ -138,13 +138,28 @@ def test_a_finished_run_is_not_overwritten_without_being_asked(tmp_path, tiny):
     assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 1
 
 
-def test_a_failed_checkpoint_write_names_the_place(tmp_path, tiny, monkeypatch):
-    def full_disk(self, *args, **kwargs):
-        raise RuntimeError("basic_ios::clear: iostream error")
+def test_a_checkpoint_that_runs_out_of_space_leaves_the_one_before_it_latest(tmp_path, tiny, monkeypatch):
+    from accelerate import Accelerator
 
-    monkeypatch.setattr("accelerate.Accelerator.save_state", full_disk)
-    with pytest.raises(OSError, match=r"could not write .*step_\d+\.tmp: basic_ios.*disk full or read-only"):
+    save_state, calls = Accelerator.save_state, []
+
+    def full_disk_the_second_time(self, folder, *args, **kwargs):
+        calls.append(folder)
+        save_state(self, folder, *args, **kwargs)  # a partial folder, as a real full disk leaves
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device", f"{folder}/optimizer.bin")
+
+    monkeypatch.setattr(Accelerator, "save_state", full_disk_the_second_time)
+    with pytest.raises(OSError) as caught:
         engine.fit(tiny_config(tmp_path, **RUN), model=tiny())
+    out, message = tmp_path / "run", str(caught.value)
+    before = checkpoint.checkpoint_dir(out, 2)
+    assert message.startswith(f"could not write checkpoint {checkpoint.checkpoint_dir(out, 4)}: [Errno 28] No space")
+    assert f"{before} is intact and stays the latest" in message and "partial folder was removed" in message
+    size = sum(p.stat().st_size for p in before.rglob("*") if p.is_file())
+    assert f"needs about {size / 2**20:,.1f} MiB" in message and "\n" not in message
+    assert checkpoint.list_checkpoints(out) == [before] and checkpoint.verify(before) is None
+    assert not list((out / "checkpoints").glob("*.tmp"))
 
 
 def test_an_output_dir_that_is_a_file_is_refused_before_work(tmp_path, tiny):
@@ -203,3 +218,36 @@ def test_a_folder_without_checkpoints_is_not_offered_for_resuming(tmp_path):
     with pytest.raises(ValueError, match="holds an earlier run") as err:
         checkpoint.resolve_resume(None, tmp_path)
     assert "--resume latest" not in str(err.value) and "--overwrite true" in str(err.value)
+
+
+# -------------------------------------------------------------------------------------------- the hub, offline
+
+
+@pytest.mark.parametrize(
+    ("env", "reason"),
+    [
+        ({"HF_HUB_OFFLINE": "1"}, "HF_HUB_OFFLINE=1 is set"),
+        ({"HF_ENDPOINT": "http://127.0.0.1:9"}, "http://127.0.0.1:9 cannot be reached"),  # nothing listens there
+    ],
+)
+@pytest.mark.parametrize("flag", ["--model", "--train-data"])
+def test_a_hub_id_without_the_hub_fails_in_seconds_naming_it_and_the_ways_forward(tmp_path, env, reason, flag):
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from tests.test_scripts import ENV, ROOT, SMALL
+
+    environ = {k: v for k, v in ENV.items() if not k.endswith("_OFFLINE")} | env
+    hub_id = {"--model": "bert-base-uncased", "--train-data": "someone/squad-like"}[flag]
+    t0 = time.perf_counter()
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "train.py"), *SMALL, flag, hub_id, "--output-dir",
+                             str(tmp_path / "run")], cwd=ROOT, env=environ, capture_output=True, text=True,
+                            timeout=300)  # fmt: skip
+    seconds = time.perf_counter() - t0
+    last = result.stderr.strip().splitlines()[-1]
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert repr(hub_id) in last and reason in last and "local" in last and "where the hub can be reached" in last
+    assert seconds < 45, f"{seconds:.0f} s to fail"  # start-up included; retrying the hub took a minute
+    assert os.environ.get("HF_HUB_OFFLINE") == "1"  # the suite itself stays offline

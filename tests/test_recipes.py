@@ -124,3 +124,28 @@ def test_a_fixed_length_run_stops_at_its_deadline(tmp_path, tiny_dir):
     args = ["--model", tiny_dir, *SETTINGS, "--epochs", "50", "--train-seconds", "1.5", "--output-dir", tmp_path]
     out = json.loads(script("recipes/stop_at_deadline.py", *args).stdout.splitlines()[-1])
     assert out["stopped_early"].startswith("deadline: 1.5 s") and out["steps"] > 0
+
+
+def test_a_loop_of_ones_own_saves_and_stops_at_sigterm_and_resumes(tmp_path, tiny_dir):
+    import signal
+    import subprocess
+    import sys
+
+    from bertqa import checkpoint
+    from tests.test_scripts import ENV
+
+    long = [a if a != "2" else "40" for a in SETTINGS]  # 40 epochs: far longer than the signal takes
+    cmd = [sys.executable, str(ROOT / "recipes" / "own_loop.py"), "--model", str(tiny_dir), *long, "--precision", "no",
+           "--output-dir", str(tmp_path / "own")]  # fmt: skip
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first_epoch = json.loads(proc.stdout.readline())  # printed after the first epoch's checkpoint
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    saved = checkpoint.latest_checkpoint(tmp_path / "own")
+    assert proc.returncode == 143 and "Traceback" not in err, err[-3000:]
+    assert f"saved {saved}; run the same command with --resume to continue" in err
+    assert saved is not None and int(saved.name.split("_")[1]) > first_epoch["step"]  # mid-epoch, not the epoch end
+    # Resumed with 2 epochs, which it has passed already: only where it starts is checked here.
+    resumed = subprocess.run([*cmd, "--resume", "--epochs", "2"], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                             timeout=300)  # fmt: skip
+    assert f"resumed from {saved}" in resumed.stdout
