@@ -103,6 +103,8 @@ def cached_features(
     try:
         features = read_entry(folder)  # the process this one waited for may have written it
         if features is None:
+            for stale in folder.parent.glob(f"{folder.name}.*.tmp"):  # a writer stopped mid-write (the lock is ours)
+                shutil.rmtree(stale, ignore_errors=True)
             features = build()
             write_entry(folder, features)
         return features
@@ -131,9 +133,13 @@ def write_entry(folder: Path, features: Features) -> bool:
         (tmp / "manifest.json").write_text(json.dumps(manifest))
     except OSError as err:
         shutil.rmtree(tmp, ignore_errors=True)
-        logger.warning("window cache entry %s could not be written (%s): going on without it", folder,
-                       err.strerror or err)  # fmt: skip
+        free = shutil.disk_usage(folder.parent).free / 2**20
+        logger.warning("window cache entry %s could not be written (%s; %.1f MiB free there): going on without it",
+                       folder, err.strerror or err, free)  # fmt: skip
         return False
+    except BaseException:  # Ctrl-C or SIGTERM mid-write: leave no half entry behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     try:
         os.replace(tmp, folder)
     except OSError:  # another process wrote the same entry first: theirs is as good
@@ -201,7 +207,7 @@ def _writable(folder: Path) -> bool:
         probe.unlink()
         return True
     except OSError as err:
-        logger.warning("window cache %s cannot be written (%s): the run goes on with its windows in memory, and the "
-                       "next run tokenizes them again (--cache-dir elsewhere, or none)", folder,
+        logger.warning("window cache %s cannot be written (%s): entries already there are read, and windows not "
+                       "there are kept in memory for this run only (--cache-dir elsewhere, or none)", folder,
                        err.strerror or err)  # fmt: skip
         return False

@@ -44,7 +44,7 @@ def setup_logging() -> None:
 
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    for name in ("accelerate", "matplotlib", "datasets", "huggingface_hub", "filelock", "PIL"):
+    for name in ("accelerate", "matplotlib", "datasets", "huggingface_hub", "filelock", "PIL", "httpx", "httpx2"):
         logging.getLogger(name).setLevel(logging.WARNING)
 
 

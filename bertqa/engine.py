@@ -582,6 +582,8 @@ def _fit(
         raise interrupted from None
     finally:  # an error's one line then starts on a line of its own, not after the bar
         recorder.bar.close()
+    if signals.received is not None:  # it came while the final model was written: nothing was left to stop
+        logger.info("the run had finished its updates when %s came: it is complete", signal_name(signals.received))
     recorder.finish(title=f"bertqa: {c.model}")
     accelerator.end_training()
     return {**summary, "label_report": labels, "output_dir": str(out)}
@@ -618,6 +620,8 @@ def _train(
         if evaluation.last.get("step") != state.step:  # a stop may have come from an evaluation at this update
             evaluation(run.model, state, **({"train_loss": stats["train_loss"]} if stats["updates"] else {}))
         save(state.step)
+        if evaluation.signals is not None:  # one that came during the save: stop here, not an update later
+            evaluation.signals.check(accelerator)
     if state.stop_reason is not None:  # also when an evaluation before training stopped it: resuming keeps the stop
         evaluation.recorder.log_stop(step=state.step, epoch=state.epoch, reason=state.stop_reason)
         save(state.step)

@@ -89,7 +89,9 @@ class Interrupted(KeyboardInterrupt):
             return (f"interrupted by {name} at update {self.step} of {self.total_steps}; saved {self.checkpoint}; "
                     f"{self.resume_hint}")  # fmt: skip
         if self.at_once:
-            return f"stopped at once by a second {name}; the checkpoints saved before are intact"
+            return (
+                f"stopped at once by a second {name}; nothing new was saved, and any checkpoint saved before is intact"
+            )
         return f"stopped by {name} before training began; nothing was saved"
 
 

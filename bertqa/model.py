@@ -72,7 +72,7 @@ def load_pretrained(kind: str, loader: Any, name: str, **kwargs: Any) -> Any:
         raise ModelNotFoundError(
             f"could not load the {kind} {name!r}: it is not a known alias ({aliases}), not a folder with a Hugging "
             f"Face model, and the hub could not provide it (offline?). Pass a local folder, or an alias after "
-            f"installing it ({MODEL_ALIASES['minilm-l6'][2]}). Cause: {err}"
+            f"installing it ({MODEL_ALIASES['minilm-l6'][2]}). Cause: {' '.join(str(err).split())}"
         ) from err
 
 

@@ -190,3 +190,23 @@ def test_a_cache_entry_that_fails_to_write_is_removed_and_the_windows_still_retu
     assert same(got, fresh)
     assert any("could not be written" in r.getMessage() for r in caplog.records)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith("windows-")]  # no partial entry left
+
+
+def test_a_writer_stopped_mid_write_leaves_nothing_the_next_one_does_not_clear(tmp_path, tokenizer, monkeypatch):
+    from bertqa import cache
+
+    examples, _ = sources.load_examples("dev-v1.1", max_examples=12, seed=0)
+    features = cached_features(examples, tokenizer, WINDOW, cache_dir=None, labelled=True)
+    folder = tmp_path / f"windows-{features_key(examples, tokenizer, WINDOW, labelled=True)}"
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt  # Ctrl-C in the middle of writing the arrays
+
+    with monkeypatch.context() as m:
+        m.setattr(np, "save", stopped)
+        with pytest.raises(KeyboardInterrupt):
+            cache.write_entry(folder, features)
+    assert not list(tmp_path.iterdir())  # its own temporary folder went with it
+    (tmp_path / f"{folder.name}.4242.tmp").mkdir()  # what a SIGKILL mid-write leaves
+    cached_features(examples, tokenizer, WINDOW, cache_dir=tmp_path, labelled=True)
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == [folder.name]

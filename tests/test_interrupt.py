@@ -82,7 +82,8 @@ def test_a_second_signal_stops_at_once_and_leaves_the_last_checkpoint(tmp_path, 
     assert checkpoint.verify(checkpoint.checkpoint_dir(out, 2)) is None
 
 
-def test_a_signal_during_a_checkpoint_write_lets_it_finish_and_stops_there(tmp_path, tiny, monkeypatch):
+@pytest.mark.parametrize("save_every", [2, None])  # a periodic checkpoint, and the one at the end of a pass
+def test_a_signal_during_a_checkpoint_write_lets_it_finish_and_stops_there(tmp_path, tiny, monkeypatch, save_every):
     seal, calls = checkpoint._seal, []
 
     def seal_then_signal(folder, config):
@@ -91,12 +92,12 @@ def test_a_signal_during_a_checkpoint_write_lets_it_finish_and_stops_there(tmp_p
         seal(folder, config)
 
     monkeypatch.setattr(checkpoint, "_seal", seal_then_signal)
-    config = tiny_config(tmp_path, epochs=2.0, save_every_steps=2)
+    config = tiny_config(tmp_path, epochs=2.0, save_every_steps=save_every)
     with pytest.raises(Interrupted) as caught:
         engine.fit(config, model=tiny())
-    out = Path(config.output_dir)
-    assert caught.value.step == 2 and caught.value.checkpoint == checkpoint.checkpoint_dir(out, 2)
-    assert len(calls) == 1 and checkpoint.verify(caught.value.checkpoint) is None  # written once, whole
+    written = calls[0].with_name(calls[0].name.removesuffix(".tmp"))
+    assert caught.value.checkpoint == written and caught.value.step == int(written.name.split("_")[1])
+    assert len(calls) == 1 and checkpoint.verify(written) is None  # written once, whole; no update after it
 
 
 def test_a_signal_during_an_evaluation_drops_it_and_saves_the_update(tmp_path, tiny, monkeypatch):
