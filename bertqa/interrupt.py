@@ -102,7 +102,7 @@ class SignalCatcher:
     data) and within `immediately()` (work that is cheap to redo: an evaluation in a one-process run) the first
     signal raises at once too.
 
-    Signal handlers can only be installed from the main thread; elsewhere it records nothing and says so once.
+    Signal handlers can only be installed from the main thread; elsewhere it records nothing and says so.
     The handlers that were there before are put back on exit.
     """
 
@@ -111,7 +111,6 @@ class SignalCatcher:
         self.at_once = at_once
         self.received: int | None = None
         self._first_at = 0.0
-        self.repeated = False  # a second signal stopped the run at once
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> SignalCatcher:
@@ -153,7 +152,6 @@ class SignalCatcher:
                            "once)", signal_name(signum), again)  # fmt: skip
             return
         if now - self._first_at > REPEAT_S:
-            self.repeated = True
             raise Interrupted(signum, at_once=True)
 
     def check(self, accelerator: Accelerator | None = None, update: Any = None) -> None:
