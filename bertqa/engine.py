@@ -609,6 +609,11 @@ def _train(
     t_start, train_time = time.perf_counter(), 0.0
     if eval_first and state.step == 0 and state.stop_reason is None:
         evaluation(run.model, state)
+    # Resumed at an epoch end whose evaluation a signal dropped (only one process drops one, so only its records
+    # are read here): that evaluation comes first.
+    at_epoch_end = state.batches_done == 0 and 0 < state.step < run.total_steps and state.stop_reason is None
+    if at_epoch_end and accelerator.num_processes == 1 and evaluation.recorder.eval_record_at(state.step) is None:
+        evaluation(run.model, state)
     if plan is not None and state.budget_plan is None and state.stop_reason is None and state.step < run.total_steps:
         t0 = time.perf_counter()
         plan()  # trains the timed warm-up updates

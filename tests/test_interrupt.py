@@ -119,6 +119,28 @@ def test_a_signal_during_an_evaluation_drops_it_and_saves_the_update(tmp_path, t
     assert resumed["final"]["step"] == resumed["steps"] > 3
 
 
+def test_an_epoch_end_evaluation_dropped_at_a_signal_comes_first_when_resumed(tmp_path, tiny, monkeypatch):
+    evaluate = engine.evaluate
+
+    def signal_then_evaluate(*args, **kwargs):  # the first evaluation of this run is its first epoch's end
+        os.kill(os.getpid(), signal.SIGINT)
+        return evaluate(*args, **kwargs)
+
+    config = tiny_config(tmp_path, epochs=2.0, save_model=True)
+    straight = engine.fit(config.replace(output_dir=str(tmp_path / "straight")), model=tiny())
+    with monkeypatch.context() as m:
+        m.setattr(engine, "evaluate", signal_then_evaluate)
+        with pytest.raises(Interrupted) as caught:
+            engine.fit(config, model=tiny())
+    out = Path(config.output_dir)
+    assert caught.value.step == straight["steps"] // 2 and not [r for r in records(out) if "f1" in r]
+    engine.fit(config.replace(resume="latest"), model=tiny())
+    scores = [[(r["step"], r["f1"]) for r in records(run) if "f1" in r] for run in (out, tmp_path / "straight")]
+    assert scores[0] == scores[1] and len(scores[0]) == 2  # the dropped one, redone, and the final one
+    a, b = weights(tmp_path / "straight"), weights(out)
+    assert all(torch.equal(a[k], b[k]) for k in a)  # evaluating on resume does not change the training
+
+
 # ------------------------------------------------------------------------------------------------------ scripts
 
 
