@@ -8,8 +8,9 @@ code changes what it produces.
 
 Runs that share a cache are safe together: an entry is written under a temporary name and renamed, so it is read
 whole or not at all, and a file lock beside it makes a second run that wants the same entry wait for the first
-instead of tokenizing again. A cache folder that cannot be written (read-only, no permission, full) is used for
-reading only, with one warning; the run goes on with its windows in memory.
+instead of tokenizing again. A cache folder that cannot be written (read-only, no permission) is used for reading
+only, with one warning; an entry that does not fit on a full disk is dropped with a warning. Either way the run
+goes on with its windows in memory.
 """
 
 from __future__ import annotations

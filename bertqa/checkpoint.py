@@ -19,7 +19,7 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from bertqa.config import computation_changes
+from bertqa.config import computation_changes, kept_on_resume
 from bertqa.reporting import check_writable, read_json
 
 if TYPE_CHECKING:
@@ -311,14 +311,17 @@ def resume_point(
     output_dir: str | Path, settings: dict[str, Any], *, resume: str | None, overwrite: bool, accept_changes: bool
 ) -> tuple[Path | None, dict[str, Any]]:
     """Before any work: the output folder is writable, the checkpoint to resume from (if any) is intact, and resuming
-    does not silently change the computation. `settings` is the run's config (`TrainConfig.to_dict()`). Returns the
-    checkpoint (None: a fresh start) and the config record to save, with the changes accepted on resume."""
+    does not silently change the computation (nor change what cannot change: `kept_on_resume`). `settings` is the
+    run's config (`TrainConfig.to_dict()`). Returns the checkpoint (None: a fresh start) and the config record to
+    save, with the changes accepted on resume."""
     out = Path(output_dir)
     check_writable(out)
     resume_from = resolve_resume(resume, out, overwrite=overwrite, clear=False)  # fit clears once all is checked
     if resume_from is None:
         return None, settings
     saved = saved_config(resume_from) or read_json(out / "config.json") or {}
+    if (refused := kept_on_resume(saved, settings)) is not None:  # said before any change is listed
+        raise ValueError(f"{resume_from}: {refused}")
     history = list(saved.get("_changes", []))
     changes = computation_changes(saved, settings)
     if changes:

@@ -26,6 +26,7 @@ __all__ = [
     "PRESETS",
     "TrainConfig",
     "computation_changes",
+    "kept_on_resume",
     "load_config",
     "preset",
     "read_json_object",
@@ -279,6 +280,18 @@ def computation_changes(old: dict[str, Any], new: dict[str, Any]) -> dict[str, t
         if before != after:
             changes["eval_data"] = (before, after)
     return changes
+
+
+def kept_on_resume(old: dict[str, Any], new: dict[str, Any]) -> str | None:
+    """Why a resume from a run saved with `old` settings cannot go on with `new` ones even when changes are
+    accepted, or None. A time budget cannot come or go: a budget run takes its batches in another order (whole
+    questions), so the batches already trained on would not be the ones skipped."""
+    if (old.get("time_budget") is None) != (new.get("time_budget") is None):
+        return (
+            "a time budget cannot be added to or removed from a run when it is resumed, even with --accept-changes; "
+            "resume with its own kind of length, or start afresh in another output_dir"
+        )
+    return None
 
 
 _POSITIVE = (

@@ -15,7 +15,6 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -240,7 +239,7 @@ class _Evaluation:
     calibration: tuple[torch.utils.data.DataLoader, Sequence[Example]] | None  # SQuAD v2 threshold data
     observers: Sequence[EvalObserver]
     last: dict[str, Any]  # the latest record
-    signals: SignalCatcher | None = None  # Ctrl-C and SIGTERM: checked after each evaluation
+    signals: SignalCatcher  # Ctrl-C and SIGTERM: checked after each evaluation
     seconds: float = 0.0  # how long the latest evaluation took
 
     def __call__(self, model: torch.nn.Module, state: TrainState, **train_stats: float) -> dict[str, Any]:
@@ -250,7 +249,7 @@ class _Evaluation:
         # One process may drop an evaluation at a signal (the checkpoint does not need it); several finish it
         # together, since a process that left it would keep the others waiting for its share.
         alone = self.accelerator.num_processes == 1
-        with self.signals.immediately(alone) if self.signals is not None else nullcontext():
+        with self.signals.immediately(alone):
             if self.calibration is not None:  # the no-answer threshold, chosen on held-out training questions
                 cal, _ = evaluate(self.accelerator, model, *self.calibration, v2=True, max_answer_length=longest,
                                   progress=True)  # fmt: skip
@@ -267,8 +266,7 @@ class _Evaluation:
         state.best_f1 = max(state.best_f1, metrics["f1"])
         self.last, self.seconds = record, time.perf_counter() - t0
         notify(self.observers, record, state)
-        if self.signals is not None:
-            self.signals.check(self.accelerator)
+        self.signals.check(self.accelerator)
         return record
 
     def save_model(self, model: torch.nn.Module, path: Path, record: dict[str, Any]) -> None:
@@ -454,13 +452,6 @@ def _fit(
         from bertqa.distill import teacher_fingerprint
 
         settings["_teacher_weights"] = teacher_fingerprint(c.teacher)
-    earlier = checkpoint.resolve_resume(c.resume, out, overwrite=c.overwrite, clear=False) if c.resume else None
-    if earlier is not None and ((checkpoint.saved_config(earlier) or {}).get("time_budget") is None) != (
-        budget_s is None
-    ):  # the two order their batches differently: the batches already trained on would not be the ones skipped
-        raise ValueError(f"{earlier}: a time budget cannot be added to or removed from a run when it is resumed, "
-                         "even with --accept-changes; resume with its own kind of length, or start afresh in another "
-                         "output_dir")  # fmt: skip
     resume_from, record = checkpoint.resume_point(out, settings, resume=c.resume, overwrite=c.overwrite,
                                                   accept_changes=c.accept_changes)  # fmt: skip
     check_trackers(c.report_to)
@@ -625,8 +616,7 @@ def _train(
         if evaluation.last.get("step") != state.step:  # a stop may have come from an evaluation at this update
             evaluation(run.model, state, **({"train_loss": stats["train_loss"]} if stats["updates"] else {}))
         save(state.step)
-        if evaluation.signals is not None:  # one that came during the save: stop here, not an update later
-            evaluation.signals.check(accelerator)
+        evaluation.signals.check(accelerator)  # one that came during the save: stop here, not an update later
     if state.stop_reason is not None:  # also when an evaluation before training stopped it: resuming keeps the stop
         evaluation.recorder.log_stop(step=state.step, epoch=state.epoch, reason=state.stop_reason)
         save(state.step)
