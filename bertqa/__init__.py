@@ -5,7 +5,8 @@ Modules, in the order data flows: `config` (the training config), `loading` and 
 `model` (tokenizer and model factory), `hub` (whether the hub can be used), `optim`, `runtime` (precision and the
 Accelerator), `state` (where a loop stands, how it stops), `interrupt` (Ctrl-C and SIGTERM), `engine` (the training
 loop's pieces and `fit`), `distill` (a teacher's loss), `inference` (logits and evaluation), `serving` (answering
-with a saved model), `postprocess` (logits -> answers), `metrics` (official SQuAD EM/F1), `checkpoint`, `reporting`,
+with a saved model), `backends` (PyTorch or ONNX Runtime under it), `export` (ONNX and int8), `service` (the HTTP
+service), `postprocess` (logits -> answers), `metrics` (official SQuAD EM/F1), `checkpoint`, `reporting`,
 and `cli` (what the scripts share). See the README's "How the code is laid out". Importing the package imports none
 of them, so `import bertqa.data` stays cheap.
 """

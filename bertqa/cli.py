@@ -68,6 +68,7 @@ def _checked(kind: Callable[[str], Any], ok: Callable[[Any], bool], rule: str) -
 
 positive_int = _checked(int, lambda v: v > 0, "must be at least 1")
 positive_float = _checked(float, lambda v: v > 0, "must be above 0")  # `not nan > 0`: nan is refused too
+non_negative_float = _checked(float, lambda v: 0 <= v < float("inf"), "must be 0 or more")
 # A dropout probability: at 1 every value would be dropped.
 probability = _checked(float, lambda v: 0 <= v < 1, "must be in [0, 1)")
 
@@ -215,7 +216,8 @@ def run(main: Callable[[], int]) -> None:
             said = err.describe() if isinstance(err, Interrupted) else "stopped by Ctrl-C"
             sys.stderr.write(f"\n{said}\n")
         sys.exit(err.exit_code if isinstance(err, Interrupted) else 130)
-    except (ValueError, OSError, TypeError, FloatingPointError, RuntimeError) as err:
+    # ImportError: an optional extra that is not installed (the message names the pip command).
+    except (ValueError, OSError, TypeError, FloatingPointError, RuntimeError, ImportError) as err:
         message = error_message(err)
         if message is None:
             raise

@@ -72,7 +72,7 @@ def predict_logits(
     from tqdm.auto import tqdm
 
     features: Features = loader.dataset.features
-    device = accelerator.device if accelerator is not None else next(model.parameters()).device
+    device = accelerator.device if accelerator is not None else _device_of(model)
     width = int(features.lengths.max())
     logits_out = np.full((2, len(features), width), -1e4, dtype=np.float32)
     was_training = model.training
@@ -94,6 +94,13 @@ def predict_logits(
         logits_out[:, index.cpu().numpy()[keep]] = logits.cpu().numpy()[keep].transpose(1, 0, 2)
     model.train(was_training)
     return logits_out[0], logits_out[1]
+
+
+def _device_of(model: torch.nn.Module) -> torch.device:
+    """Where a model's inputs go: its parameters' device, or the `device` it names (an exported model has no
+    parameters; see `bertqa.backends.OnnxQAModel`)."""
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device(getattr(model, "device", "cpu"))
 
 
 def evaluate(

@@ -27,7 +27,10 @@ RESULTS = ("predictions.json", "nbest_predictions.json", "null_odds.json", "scor
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model", help="saved model folder (final_model/best_model of a run), alias or hub id")
+    parser.add_argument(
+        "model",
+        help="saved model folder (final_model/best_model of a run, or one scripts/export.py wrote), alias or hub id",
+    )
     parser.add_argument(
         "--data",
         help="bundled name, data file (.json, .jsonl, .csv, .parquet) or hub dataset id (default: the evaluation "
@@ -80,10 +83,11 @@ def evaluate_model(
     A model trained for the other SQuAD version than the data's is scored all the same, with a loud warning.
     Returns (metrics, predictions, examples); metrics on every process, predictions on the main one.
     """
+    from bertqa.backends import is_exported, load_qa_model
     from bertqa.data import Window, tokenize_examples
     from bertqa.examples import is_v2
     from bertqa.inference import eval_batches, evaluate
-    from bertqa.model import build_model, build_tokenizer
+    from bertqa.model import build_tokenizer
     from bertqa.runtime import make_accelerator, resolve_precision
     from bertqa.serving import load_settings
     from bertqa.sources import load_examples
@@ -91,7 +95,10 @@ def evaluate_model(
     settings = load_settings(model_dir)
     eval_data = eval_data or recorded_eval_data(model_dir, settings)
     tokenizer = build_tokenizer(model_dir)
-    accelerator = make_accelerator(mixed_precision=resolve_precision(mixed_precision))
+    exported = is_exported(model_dir)
+    if exported and mixed_precision == "bf16":
+        raise ValueError(f"{model_dir} is an exported model: it runs in the precision it was exported in, not bf16")
+    accelerator = make_accelerator(mixed_precision="no" if exported else resolve_precision(mixed_precision))
     if column_map is None and eval_data == settings.get("eval_data"):  # the recorded data, read as in training
         column_map = settings.get("column_map")
     examples, report = load_examples(
@@ -99,7 +106,8 @@ def evaluate_model(
     )
     logger.info("loaded %s", report.format())
     features = tokenize_examples(examples, tokenizer, Window.from_dict(settings))
-    model = accelerator.prepare(build_model(model_dir))
+    # An exported model runs on ONNX Runtime in each process as it is: nothing of it for Accelerate to wrap.
+    model = load_qa_model(model_dir) if exported else accelerator.prepare(load_qa_model(model_dir))
     # As in training: a v2 model is scored as v2 on any data (its "no answer" counts), v2 data with any model.
     data_v2, model_v2 = is_v2(examples), bool(settings["v2"])
     v2 = data_v2 or model_v2

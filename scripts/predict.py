@@ -28,7 +28,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("-c", "--context", help="the passage to answer from")
     parser.add_argument("--file", type=Path, help="JSON list or JSONL of {question, context[, id]} objects")
     parser.add_argument("--threshold", type=float, help="no-answer threshold (default: the one saved with the model)")
-    parser.add_argument("--batch-size", type=positive_int, default=64, help="windows per batch")
+    parser.add_argument(
+        "--batch-size", type=positive_int, help="windows per forward pass (default: 4 on a CPU, 64 on a GPU)"
+    )
     parser.add_argument("--top-k", type=int, default=0, help="also list this many candidate answers per question")
     parser.add_argument(
         "--precision", default="auto", choices=("auto", "no", "bf16"), help="auto: bf16 where the hardware has it"

@@ -1,0 +1,100 @@
+"""Serve a trained or exported model over HTTP, with a page to try it.
+
+Examples:
+  python scripts/serve.py runs/quick/final_model                       # http://127.0.0.1:8000/
+  python scripts/serve.py runs/quick/onnx-int8 --port 8080             # an exported model (scripts/export.py)
+  curl -s localhost:8000/answer -d '{"question": "Who wrote it?", "context": "It was written by Ann Lee."}'
+
+Needs the serve extra: pip install -e ".[serve]". Endpoints:
+  GET  /          a page: paste a passage, ask, see the answer highlighted with its probability and candidates
+  POST /answer    one {"question", "context"[, "id"]} object or a list of them; ?top_k=N adds N candidates each.
+                  Returns what predict.py prints (an object or a list to match). Errors are {"error": ...}:
+                  400 malformed JSON, 413 body too large, 422 a bad field or limit (named), 503 busy, 504 too slow.
+  GET  /health    the model, its backend (torch-fp32, torch-bf16, onnx-fp32, onnx-int8), version and limits
+  GET  /docs      the API's OpenAPI page
+
+Questions that arrive together are answered in one batch (up to --max-batch questions, waiting at most
+--max-wait-ms for more). It listens on 127.0.0.1 unless --host says otherwise; it has no authentication, so do not
+expose it beyond machines you trust.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from bertqa.cli import non_negative_float, positive_float, positive_int, run, setup_logging
+
+logger = logging.getLogger("bertqa")
+
+
+# (flag, ServiceLimits field, type, help): the service's limits, each a flag.
+LIMIT_FLAGS = (
+    ("--max-batch", "max_batch", positive_int, "questions answered together"),
+    ("--max-wait-ms", "max_wait_ms", non_negative_float, "how long a batch waits for more questions"),
+    ("--timeout", "timeout_s", positive_float, "seconds before a request is cut off with a 504"),
+    ("--max-questions", "max_questions", positive_int, "questions per request"),
+    ("--max-context-chars", "max_context_chars", positive_int, "characters per passage"),
+    ("--max-body-bytes", "max_body_bytes", positive_int, "bytes per request body"),
+)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from bertqa.service import ServiceLimits
+
+    d = ServiceLimits()
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+    )
+    parser.add_argument("model", type=Path, help="saved model folder, or one scripts/export.py wrote")
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default: %(default)s, this machine only)"
+    )
+    parser.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")
+    parser.add_argument(
+        "--threshold", type=float, help="v2 no-answer threshold (default: the one saved with the model)"
+    )
+    parser.add_argument(
+        "--precision", default="auto", choices=("auto", "no", "bf16"), help="PyTorch models: auto = bf16 where native"
+    )
+    parser.add_argument(
+        "--batch-size", type=positive_int, help="windows per forward pass (default: 4 on a CPU, 64 on a GPU)"
+    )
+    for flag, field, kind, text in LIMIT_FLAGS:
+        parser.add_argument(
+            flag, dest=field, type=kind, default=getattr(d, field), help=f"{text} (default: %(default)s)"
+        )
+    parser.add_argument("--access-log", action="store_true", help="log every request")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    setup_logging()
+    if not args.model.is_dir():
+        raise FileNotFoundError(f"model folder {args.model} does not exist")
+    try:
+        import uvicorn
+    except ImportError as err:
+        raise ImportError('serving needs FastAPI and uvicorn: pip install -e ".[serve]"') from err
+    from bertqa.service import ServiceLimits, create_app
+    from bertqa.serving import Answerer
+
+    limits = ServiceLimits(**{field: getattr(args, field) for _, field, _, _ in LIMIT_FLAGS})
+    answerer = Answerer(args.model, batch_size=args.batch_size, threshold=args.threshold, precision=args.precision)
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        logger.warning(
+            "listening on %s: reachable from other machines, and the service has no authentication", args.host
+        )
+    logger.info(
+        "serving %s (%s%s) on http://%s:%d/ : the page at /, POST /answer, GET /health; Ctrl-C stops",
+        *(args.model, answerer.backend, ", v2" if answerer.v2 else "", args.host, args.port),
+    )
+    app = create_app(answerer, limits)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=args.access_log)
+    return 0
+
+
+if __name__ == "__main__":
+    run(main)
