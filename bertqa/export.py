@@ -96,8 +96,7 @@ def export_onnx(
     if quantize not in QUANTIZE:
         raise ValueError(f"quantize must be one of {QUANTIZE}, got {quantize!r}")
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise FileExistsError(f"{out} already exists; pass overwrite (--overwrite) to replace it")
+    _check_out(Path(model_dir), out, overwrite=overwrite)
     _require_export_libraries()
     from bertqa.model import build_model, build_tokenizer
     from bertqa.serving import load_settings
@@ -109,7 +108,7 @@ def export_onnx(
     check_data = check_data or ("dev-v2.0" if settings["v2"] else "dev-v1.1")
     examples, features, loader = _check_windows(check_data, check_questions, tokenizer, settings)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    _clear_stale(out)
     tmp.mkdir(parents=True)
     try:
         _write_onnx(model, next(iter(loader)), tmp / ONNX_FILE, quantize=quantize, fuse=fuse)
@@ -131,6 +130,36 @@ def export_onnx(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return report
+
+
+def _check_out(model_dir: Path, out: Path, *, overwrite: bool) -> None:
+    """Refuse, before any work, an output that would replace the model being exported (or the folder holding it),
+    a file, an existing folder without `overwrite`, a folder that cannot be written into, and an exported source."""
+    from bertqa.backends import is_exported
+    from bertqa.reporting import check_writable
+
+    if is_exported(model_dir):
+        raise ValueError(f"{model_dir} is already an exported model (it holds model.onnx); export the PyTorch folder")
+    if (
+        model_dir.exists()
+        and out.exists()
+        and (out.resolve() == model_dir.resolve() or out.resolve() in model_dir.resolve().parents)
+    ):
+        raise ValueError(f"{out} is (or holds) the model being exported, {model_dir}; choose another output folder")
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} is a file; the export writes a folder")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out} already exists; pass overwrite (--overwrite) to replace it")
+    check_writable(out.parent)
+
+
+def _clear_stale(out: Path) -> None:
+    """Remove temporary folders of earlier exports to `out` whose process is gone (killed mid-export)."""
+    for tmp in out.parent.glob(f".{out.name}.tmp-*"):
+        pid = tmp.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(out.with_name(f".{out.name}.tmp-{os.getpid()}"), ignore_errors=True)
 
 
 def _require_export_libraries() -> None:
@@ -260,6 +289,7 @@ def _write_companions(
     model.config.save_pretrained(folder)
     source = Path(model_dir) / "bertqa.json"
     meta = json.loads(source.read_text()) if source.is_file() else {}
+    source_eval = meta.pop("eval", None)  # the PyTorch model's scores: kept, but named as such
     meta["export"] = {
         "format": "onnx",
         "quantize": report.quantize,
@@ -267,6 +297,7 @@ def _write_companions(
         "from": report.source,
         "check": {k: v for k, v in report.to_dict().items() if k not in ("source", "out", "quantize")},
         "versions": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__},
+        "source_eval": source_eval,
     }
     if not source.is_file():  # a plain model folder: save what answering it needs, the defaults
         from bertqa.serving import DEFAULT_SETTINGS

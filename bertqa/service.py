@@ -47,6 +47,7 @@ class ServiceLimits:
     max_questions: int = 64  # records in one request
     max_context_chars: int = 20_000  # about 4,000 words: a long article, tens of windows
     max_question_chars: int = 1_000
+    max_request_chars: int = 100_000  # all passages and questions of one request: bounds the work one request holds
     max_top_k: int = 20
     timeout_s: float = 30.0  # from arrival to answer, waiting included
     max_batch: int = 32  # questions answered together
@@ -73,7 +74,7 @@ def parse_questions(body: bytes, limits: ServiceLimits) -> tuple[list[dict[str, 
     if not body.strip():
         raise RequestError(400, 'empty body: send {"question": ..., "context": ...} or a list of such objects')
     try:
-        data = json.loads(body, parse_constant=_no_constant)
+        data = json.loads(body, parse_constant=_no_constant, object_pairs_hook=_no_duplicates)
     except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as err:
         raise RequestError(400, f"malformed JSON: {err}") from None
     except RecursionError:
@@ -88,7 +89,22 @@ def parse_questions(body: bytes, limits: ServiceLimits) -> tuple[list[dict[str, 
         raise RequestError(
             422, f"{len(records)} questions; this service takes at most {limits.max_questions} a request"
         )
-    return [_record(i, r, many, limits) for i, r in enumerate(records)], many
+    parsed = [_record(i, r, many, limits) for i, r in enumerate(records)]
+    total = sum(len(r["question"]) + len(r["context"]) for r in parsed)
+    if total > limits.max_request_chars:
+        raise RequestError(
+            422, f"the request's questions and passages have {total:,} characters; this service takes at most "
+            f"{limits.max_request_chars:,} a request (send fewer questions at a time)",
+        )  # fmt: skip
+    return parsed, many
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [key for key, _ in pairs]
+    for key in keys:
+        if keys.count(key) > 1:
+            raise ValueError(f"the field {key!r} is given twice in one object")
+    return dict(pairs)
 
 
 def _no_constant(name: str) -> Any:
@@ -243,6 +259,8 @@ def create_app(answerer: "Answerer", limits: ServiceLimits | None = None) -> "Fa
     try:
         from fastapi import FastAPI, Request
         from fastapi.responses import HTMLResponse, Response
+        from starlette.exceptions import HTTPException
+        from starlette.requests import ClientDisconnect
     except ImportError as err:
         raise ImportError(f"serving needs FastAPI and uvicorn: {EXTRA}") from err
     from bertqa import __version__
@@ -262,7 +280,9 @@ def create_app(answerer: "Answerer", limits: ServiceLimits | None = None) -> "Fa
         task.cancel()
         batcher.close()
 
-    app = FastAPI(title="bertqa", version=__version__, lifespan=lifespan, docs_url="/docs", redoc_url=None)
+    # No /docs: FastAPI's docs page loads its scripts from a CDN, and this service must work offline.
+    # The API's description is at /openapi.json.
+    app = FastAPI(title="bertqa", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
 
     def json_response(obj: Any, status: int = 200) -> Response:
         return Response(dumps(obj, ensure_ascii=False), status, media_type="application/json")
@@ -270,6 +290,16 @@ def create_app(answerer: "Answerer", limits: ServiceLimits | None = None) -> "Fa
     @app.exception_handler(RequestError)
     async def refused(request: Request, err: RequestError) -> Response:
         return json_response({"error": err.message}, err.status)
+
+    @app.exception_handler(Exception)
+    async def fault(request: Request, err: Exception) -> Response:  # a bug of ours: still JSON, and logged
+        logger.exception("%s %s failed", request.method, request.url.path)
+        return json_response({"error": f"internal error: {type(err).__name__}: {err}"}, 500)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, err: HTTPException) -> Response:  # 404, 405: the same shape of error
+        message = f"{err.detail}: {request.method} {request.url.path}"
+        return json_response({"error": message}, err.status_code)
 
     @app.get("/", response_class=HTMLResponse)
     async def index() -> HTMLResponse:
@@ -283,11 +313,19 @@ def create_app(answerer: "Answerer", limits: ServiceLimits | None = None) -> "Fa
             "pending": batcher.pending, "limits": dataclasses.asdict(limits),
         })  # fmt: skip
 
+    app.add_api_route("/health", health, methods=["HEAD"], include_in_schema=False)  # for uptime checks
+
     @app.post("/answer")
     async def answer(request: Request) -> Response:
         started = time.monotonic()
         top_k = _top_k(request.query_params, limits.max_top_k)
-        records, many = parse_questions(await _body(request, limits.max_body_bytes), limits)
+        try:  # a body that trickles in counts against the timeout too
+            body = await asyncio.wait_for(_body(request, limits.max_body_bytes), limits.timeout_s)
+        except asyncio.TimeoutError:
+            raise RequestError(408, f"the body did not arrive within {limits.timeout_s:g} s") from None
+        except ClientDisconnect:  # nobody is left to answer
+            return Response(status_code=400)
+        records, many = parse_questions(body, limits)
         remaining = limits.timeout_s - (time.monotonic() - started)
         try:
             answers = await asyncio.wait_for(batcher.answer(records, top_k), max(remaining, 0.001))
@@ -305,7 +343,7 @@ def create_app(answerer: "Answerer", limits: ServiceLimits | None = None) -> "Fa
 
 def _top_k(params: Mapping[str, str], most: int) -> int:
     text = params.get("top_k", "0")
-    if not text.isdigit() or int(text) > most:
+    if not (text.isascii() and text.isdigit()) or int(text) > most:
         raise RequestError(422, f"top_k must be a whole number from 0 to {most}, got {text!r}")
     return int(text)
 

@@ -18,7 +18,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from bertqa.cli import output_folder, positive_int, run, setup_logging
+from bertqa.cli import finite_float, output_folder, positive_int, run, setup_logging
 
 logger = logging.getLogger("bertqa")
 
@@ -44,7 +44,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-examples", type=positive_int, help="seeded random subset of examples")
     parser.add_argument("--seed", type=int, default=42, help="seed of the subset")
     parser.add_argument("--batch-size", type=positive_int, default=64, help="windows per batch on each process")
-    parser.add_argument("--threshold", type=float, help="v2 no-answer threshold (default: the one saved, else 0)")
+    parser.add_argument(
+        "--threshold", type=finite_float, help="v2 no-answer threshold (default: the one saved, else 0)"
+    )
     parser.add_argument("--out", type=Path, help="output folder (default: <model>/eval, or eval-2, ... if taken)")
     parser.add_argument("--overwrite", action="store_true", help="replace the results in an existing --out folder")
     return parser.parse_args(argv)

@@ -17,6 +17,7 @@ PyTorch fp32 answers them is reported (score it fully with evaluate.py).
 from __future__ import annotations
 
 import argparse
+import signal
 from pathlib import Path
 
 from bertqa.cli import positive_int, run, setup_logging
@@ -49,9 +50,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _stop(signum: int, frame: object) -> None:
+    """SIGTERM: exit as a signal's exit code says, through the export's cleanup (no temporary folder is left)."""
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging()
+    signal.signal(signal.SIGTERM, _stop)
     from bertqa.export import export_onnx
 
     report = export_onnx(

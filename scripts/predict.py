@@ -18,7 +18,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from bertqa.cli import positive_int, run, setup_logging
+from bertqa.cli import finite_float, positive_int, run, setup_logging
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -27,7 +27,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("-q", "--question", help="one question (with --context)")
     parser.add_argument("-c", "--context", help="the passage to answer from")
     parser.add_argument("--file", type=Path, help="JSON list or JSONL of {question, context[, id]} objects")
-    parser.add_argument("--threshold", type=float, help="no-answer threshold (default: the one saved with the model)")
+    parser.add_argument(
+        "--threshold", type=finite_float, help="no-answer threshold (default: the one saved with the model)"
+    )
     parser.add_argument(
         "--batch-size", type=positive_int, help="windows per forward pass (default: 4 on a CPU, 64 on a GPU)"
     )

@@ -9,9 +9,10 @@ Needs the serve extra: pip install -e ".[serve]". Endpoints:
   GET  /          a page: paste a passage, ask, see the answer highlighted with its probability and candidates
   POST /answer    one {"question", "context"[, "id"]} object or a list of them; ?top_k=N adds N candidates each.
                   Returns what predict.py prints (an object or a list to match). Errors are {"error": ...}:
-                  400 malformed JSON, 413 body too large, 422 a bad field or limit (named), 503 busy, 504 too slow.
+                  400 malformed JSON, 413 body too large, 422 a bad field or limit (named), 408 a body that does
+                  not arrive, 503 busy, 504 too slow.
   GET  /health    the model, its backend (torch-fp32, torch-bf16, onnx-fp32, onnx-int8), version and limits
-  GET  /docs      the API's OpenAPI page
+  GET  /openapi.json  the API's OpenAPI description
 
 Questions that arrive together are answered in one batch (up to --max-batch questions, waiting at most
 --max-wait-ms for more). It listens on 127.0.0.1 unless --host says otherwise; it has no authentication, so do not
@@ -24,7 +25,15 @@ import argparse
 import logging
 from pathlib import Path
 
-from bertqa.cli import non_negative_float, positive_float, positive_int, run, setup_logging
+from bertqa.cli import (
+    finite_float,
+    non_negative_float,
+    port_number,
+    positive_float,
+    positive_int,
+    run,
+    setup_logging,
+)
 
 logger = logging.getLogger("bertqa")
 
@@ -37,6 +46,7 @@ LIMIT_FLAGS = (
     ("--max-questions", "max_questions", positive_int, "questions per request"),
     ("--max-context-chars", "max_context_chars", positive_int, "characters per passage"),
     ("--max-body-bytes", "max_body_bytes", positive_int, "bytes per request body"),
+    ("--max-request-chars", "max_request_chars", positive_int, "characters of all questions and passages a request"),
 )
 
 
@@ -51,9 +61,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--host", default="127.0.0.1", help="address to listen on (default: %(default)s, this machine only)"
     )
-    parser.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")
+    parser.add_argument("--port", type=port_number, default=8000, help="port (default: %(default)s)")
     parser.add_argument(
-        "--threshold", type=float, help="v2 no-answer threshold (default: the one saved with the model)"
+        "--threshold", type=finite_float, help="v2 no-answer threshold (default: the one saved with the model)"
     )
     parser.add_argument(
         "--precision", default="auto", choices=("auto", "no", "bf16"), help="PyTorch models: auto = bf16 where native"
@@ -69,6 +79,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _check_port_free(host: str, port: int) -> None:
+    import socket
+
+    try:
+        with socket.create_server((host, port)):
+            pass
+    except OSError as err:
+        raise OSError(
+            f"cannot listen on {host}:{port}: {err.strerror or err} (another server there? pass --port)"
+        ) from None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging()
@@ -82,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     from bertqa.serving import Answerer
 
     limits = ServiceLimits(**{field: getattr(args, field) for _, field, _, _ in LIMIT_FLAGS})
+    _check_port_free(args.host, args.port)  # before the model loads, and before saying where it serves
     answerer = Answerer(args.model, batch_size=args.batch_size, threshold=args.threshold, precision=args.precision)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         logger.warning(

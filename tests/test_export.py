@@ -101,6 +101,45 @@ def test_export_never_replaces_a_folder_unasked(tiny_dir, tmp_path):
         export_onnx(tiny_dir, tmp_path / "x", quantize="int4")
 
 
+def test_export_refuses_to_replace_its_own_source_or_a_file(tiny_dir, tmp_path, exports):
+    import shutil
+
+    model = tmp_path / "run" / "final_model"
+    shutil.copytree(tiny_dir, model)
+    for out in (model, model.parent):  # the model itself, or the run folder holding it: even with overwrite
+        with pytest.raises(ValueError, match="is \\(or holds\\) the model being exported"):
+            export_onnx(model, out, overwrite=True, check_questions=4)
+    assert (model / "model.safetensors").is_file()
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(FileExistsError, match="is a file; the export writes a folder"):
+        export_onnx(model, tmp_path / "afile", overwrite=True, check_questions=4)
+    with pytest.raises(ValueError, match="already an exported model"):
+        export_onnx(exports["fp32"][0], tmp_path / "again", check_questions=4)
+    with pytest.raises(OSError, match="is a file, not a folder"):
+        export_onnx(model, tmp_path / "afile" / "out", check_questions=4)
+
+
+def test_sigterm_during_an_export_leaves_no_temporary_folder(tiny_dir, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.test_scripts import ENV, ROOT
+
+    stale = tmp_path / ".m.tmp-999999999"  # left by an export killed earlier: cleared by the next one
+    stale.mkdir()
+    cmd = [sys.executable, str(ROOT / "scripts" / "export.py"), str(tiny_dir), str(tmp_path / "m")]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(f".m.tmp-{proc.pid}")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143 and "Traceback" not in err, err
+    assert list(tmp_path.iterdir()) == [], list(tmp_path.iterdir())
+
+
 def test_an_exported_model_runs_in_its_own_precision(exports):
     with pytest.raises(ValueError, match="precision it was exported in"):
         Answerer(exports["fp32"][0], precision="bf16")

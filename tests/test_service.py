@@ -23,7 +23,9 @@ from bertqa.service import Batcher, RequestError, ServiceLimits, create_app, par
 from bertqa.serving import Answer
 from tests.test_scripts import ENV, ROOT
 
-LIMITS = ServiceLimits(max_body_bytes=2000, max_questions=3, max_context_chars=300, max_question_chars=50)
+LIMITS = ServiceLimits(
+    max_body_bytes=2000, max_questions=3, max_context_chars=300, max_question_chars=50, max_request_chars=800
+)
 OK = {"question": "Who?", "context": "Ann wrote it."}
 
 
@@ -35,6 +37,8 @@ OK = {"question": "Who?", "context": "Ann wrote it."}
         (b'{"question": NaN, "context": "x"}', 400, "NaN is not valid JSON"),
         (b"\xff\xfe", 400, "malformed JSON"),
         (b"[" * 1999, 400, "nested too deeply"),
+        (b'{"question": "a", "question": "b", "context": "c"}', 400, "the field 'question' is given twice"),
+        (json.dumps([{**OK, "context": "z" * 300}] * 3).encode(), 422, "have 912 characters; .* at most 800 a"),
         (json.dumps({**OK, "question": "\ud800?"}).encode(), 422, "'question' is not valid Unicode text"),
         (b'"just text"', 422, "got a string"),
         (b"[]", 422, "an empty list"),
@@ -163,6 +167,12 @@ def test_the_app_answers_objects_and_lists_and_names_errors():
         assert refused.status_code == 400 and refused.json()["error"].startswith("malformed JSON")
         assert client.post("/answer?top_k=99", json=OK).status_code == 422
         assert client.post("/answer?top_k=-1", json=OK).json()["error"].startswith("top_k must be")
+        assert client.post("/answer?top_k=\u00b2", json=OK).status_code == 422  # a digit to isdigit, not to int
+        for method, path, status in (("GET", "/answer", 405), ("POST", "/health", 405), ("GET", "/nowhere", 404)):
+            reply = client.request(method, path)
+            assert reply.status_code == status and path in reply.json()["error"]
+        assert client.head("/health").status_code == 200
+        assert client.get("/docs").status_code == 404 and client.get("/openapi.json").json()["info"]["title"]
         big = client.post("/answer", content=b"[" + b" " * 3000 + b"]")  # refused from its Content-Length
         assert big.status_code == 413
         chunks = (b" " * 500 for _ in range(6))  # no Content-Length: refused once the stream passes the limit
@@ -201,15 +211,8 @@ def post(url: str, body) -> tuple[int, object]:
 def server(tiny_dir):
     """scripts/serve.py on the tiny model, on a free loopback port."""
     port = free_port()
-    cmd = [
-        sys.executable,
-        str(ROOT / "scripts" / "serve.py"),
-        str(tiny_dir),
-        "--port",
-        str(port),
-        "--max-wait-ms",
-        "30",
-    ]
+    serve = str(ROOT / "scripts" / "serve.py")
+    cmd = [sys.executable, serve, str(tiny_dir), "--port", str(port), "--max-wait-ms", "30", "--timeout", "4"]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
@@ -274,6 +277,27 @@ def test_the_load_test_reports_no_errors_and_every_answer_matched(tiny_dir):
     assert summary["p95_ms"] >= summary["p50_ms"] > 0 and summary["rss_mib_max"] >= summary["rss_mib_start"] > 0
 
 
+def test_a_body_that_never_arrives_is_cut_off(server):
+    port = int(server.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as conn:
+        conn.sendall(b'POST /answer HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{"question"')
+        t0 = time.monotonic()
+        reply = conn.recv(4096).decode()
+    assert reply.startswith("HTTP/1.1 408") and "did not arrive within 4 s" in reply, reply
+    assert 3.5 < time.monotonic() - t0 < 20
+
+
+def test_serve_refuses_a_bad_port_and_one_in_use(tiny_dir, server):
+    from tests.test_scripts import script
+
+    result = script("serve.py", tiny_dir, "--port", "70000", check=False)
+    assert result.returncode == 2 and "must be a port number" in result.stderr
+    port = server.rsplit(":", 1)[1]
+    result = script("serve.py", tiny_dir, "--port", port, check=False)
+    assert result.returncode == 2 and f"cannot listen on 127.0.0.1:{port}" in result.stderr, result.stderr
+    assert "serving" not in result.stderr and "Traceback" not in result.stderr
+
+
 BROWSER_FLAGS = (
     "--headless=new --no-sandbox --disable-gpu --disable-dev-shm-usage --disable-quic --no-first-run "
     "--disable-background-networking --disable-component-update --disable-sync --window-size=1100,900"
@@ -318,7 +342,8 @@ def ask_in_page(browser, url: str, context: str, question: str) -> None:
 def test_the_page_answers_in_a_real_browser(server, browser):
     from selenium.webdriver.common.by import By
 
-    context = "The book was written by Ann Lee in 1990, in a small house in Paris."
+    # Emoji are one character to the service and two UTF-16 units to JavaScript: the highlight must not shift.
+    context = "The book \U0001f4da\U0001f389 was written by Ann Lee in 1990, in a small house \U0001f3e0 in Paris."
     ask_in_page(browser, server, context, "Who wrote the book?")
     _, expected = post(f"{server}/answer?top_k=5", {"question": "Who wrote the book?", "context": context})
     highlighted = browser.find_element(By.ID, "highlight").text
