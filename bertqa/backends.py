@@ -8,13 +8,12 @@ ONNX Runtime is an optional extra (`pip install -e ".[export]"`), imported only 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["ONNX_FILE", "OnnxQAModel", "backend_name", "is_exported", "load_qa_model"]
+__all__ = ["ONNX_FILE", "OnnxQAModel", "backend_name", "is_exported", "load_qa_model", "precision_for"]
 
 ONNX_FILE = "model.onnx"
 EXTRA = 'pip install -e ".[export]" (onnxruntime)'
@@ -25,19 +24,27 @@ def is_exported(model_dir: str | Path) -> bool:
     return (Path(model_dir) / ONNX_FILE).is_file()
 
 
-def export_info(model_dir: str | Path) -> dict[str, Any]:
-    """What `bertqa.json` records of an export (format, quantization, the parity check), else {}."""
-    path = Path(model_dir) / "bertqa.json"
-    if not path.is_file():
-        return {}
-    return json.loads(path.read_text()).get("export") or {}
-
-
 def backend_name(model_dir: str | Path, *, bf16: bool = False) -> str:
     """A short name of what answers: torch-fp32, torch-bf16, onnx-fp32, onnx-int8 or onnx-int8-partial."""
     if is_exported(model_dir):
-        return f"onnx-{export_info(model_dir).get('quantize') or 'fp32'}"
+        from bertqa.serving import load_settings
+
+        export = load_settings(model_dir)["export"] or {}  # what the export recorded in bertqa.json
+        return f"onnx-{export.get('quantize') or 'fp32'}"
     return "torch-bf16" if bf16 else "torch-fp32"
+
+
+def precision_for(model_dir: str | Path, precision: str) -> str:
+    """The precision to run `model_dir` in: as asked for a PyTorch folder; "no" for an exported one, which runs in
+    the precision it was exported in (asking it for bf16 is refused)."""
+    if not is_exported(model_dir):
+        return precision
+    if precision == "bf16":
+        raise ValueError(
+            f"{model_dir} is an exported model: it runs in the precision it was exported in, not bf16 "
+            "(pass precision 'auto' or 'no')"
+        )
+    return "no"
 
 
 class OnnxQAModel(torch.nn.Module):

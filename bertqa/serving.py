@@ -104,23 +104,19 @@ class Answerer:
         batch_size: int | None = None,
         threshold: float | None = None,
     ) -> None:
-        from bertqa.backends import backend_name, is_exported, load_qa_model
+        from bertqa.backends import backend_name, is_exported, load_qa_model, precision_for
         from bertqa.model import build_tokenizer
 
         self.model_dir = str(model_dir)
         self.settings = load_settings(model_dir)
         self.tokenizer = build_tokenizer(model_dir)
+        precision = precision_for(model_dir, precision)
         exported = is_exported(model_dir)
-        if exported and precision == "bf16":
-            raise ValueError(
-                f"{model_dir} is an exported model: it runs in the precision it was exported in, not bf16 "
-                "(pass precision 'auto' or 'no')"
-            )
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() and not exported else "cpu"))
         self.model = load_qa_model(model_dir, device=self.device.type)
         if self.device.type == "cpu":
             keep_freed_memory()
-        self.bf16 = not exported and resolve_precision(precision, device=self.device.type) == "bf16"
+        self.bf16 = resolve_precision(precision, device=self.device.type) == "bf16"
         self.backend = backend_name(model_dir, bf16=self.bf16)
         # Windows per forward pass. On a 2-core CPU small batches of windows of like length answer fastest: 4
         # answered 300 dev questions as fast as 16 (PyTorch) or 10% faster (ONNX int8), and the 12-32 questions

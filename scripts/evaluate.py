@@ -85,7 +85,7 @@ def evaluate_model(
     A model trained for the other SQuAD version than the data's is scored all the same, with a loud warning.
     Returns (metrics, predictions, examples); metrics on every process, predictions on the main one.
     """
-    from bertqa.backends import is_exported, load_qa_model
+    from bertqa.backends import is_exported, load_qa_model, precision_for
     from bertqa.data import Window, tokenize_examples
     from bertqa.examples import is_v2
     from bertqa.inference import eval_batches, evaluate
@@ -97,10 +97,7 @@ def evaluate_model(
     settings = load_settings(model_dir)
     eval_data = eval_data or recorded_eval_data(model_dir, settings)
     tokenizer = build_tokenizer(model_dir)
-    exported = is_exported(model_dir)
-    if exported and mixed_precision == "bf16":
-        raise ValueError(f"{model_dir} is an exported model: it runs in the precision it was exported in, not bf16")
-    accelerator = make_accelerator(mixed_precision="no" if exported else resolve_precision(mixed_precision))
+    accelerator = make_accelerator(mixed_precision=resolve_precision(precision_for(model_dir, mixed_precision)))
     if column_map is None and eval_data == settings.get("eval_data"):  # the recorded data, read as in training
         column_map = settings.get("column_map")
     examples, report = load_examples(
@@ -109,7 +106,7 @@ def evaluate_model(
     logger.info("loaded %s", report.format())
     features = tokenize_examples(examples, tokenizer, Window.from_dict(settings))
     # An exported model runs on ONNX Runtime in each process as it is: nothing of it for Accelerate to wrap.
-    model = load_qa_model(model_dir) if exported else accelerator.prepare(load_qa_model(model_dir))
+    model = load_qa_model(model_dir) if is_exported(model_dir) else accelerator.prepare(load_qa_model(model_dir))
     # As in training: a v2 model is scored as v2 on any data (its "no answer" counts), v2 data with any model.
     data_v2, model_v2 = is_v2(examples), bool(settings["v2"])
     v2 = data_v2 or model_v2
