@@ -27,9 +27,10 @@ train: setup
 test: setup
 	$(BIN)/python -m pytest -q $(ARGS)
 
-# The edit loop: everything but the slow real-model learning tests (those stay in `make test` and CI).
+# The edit loop: every module's own tests, in process; the real-model learning tests (slow) and the end-to-end runs
+# of scripts and processes (e2e) stay in `make test` and CI.
 test-fast: setup
-	$(BIN)/python -m pytest -q -m "not slow" $(ARGS)
+	$(BIN)/python -m pytest -q -m "not slow and not e2e" $(ARGS)
 
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

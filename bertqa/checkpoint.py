@@ -10,17 +10,20 @@ intact checkpoints and removes damaged ones, so it never removes the last good o
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import re
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bertqa.config import computation_changes, kept_on_resume
 from bertqa.reporting import check_writable, read_json
+from bertqa.sources import DEFAULT_NO_ANSWER_THRESHOLD
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -32,6 +35,8 @@ __all__ = [
     "RUN_RECORDS",
     "checkpoint_dir",
     "clear_earlier_run",
+    "disk_cost",
+    "has_optimizer_state",
     "latest_checkpoint",
     "list_checkpoints",
     "load_checkpoint",
@@ -156,10 +161,17 @@ def saved_config(checkpoint: Path) -> dict[str, Any] | None:
 
 
 def save_checkpoint(
-    accelerator: Accelerator, output_dir: str | Path, step: int, *, keep: int, config: dict[str, Any] | None = None
+    accelerator: Accelerator,
+    output_dir: str | Path,
+    step: int,
+    *,
+    keep: int,
+    config: dict[str, Any] | None = None,
+    optimizer_state: bool = True,
 ) -> Path:
     """Save the full training state (model, optimizer, registered objects, RNG) atomically, with the run config and
-    a manifest; then keep the newest `keep` intact checkpoints and remove the rest."""
+    a manifest; then keep the newest `keep` intact checkpoints and remove the rest. Without `optimizer_state` the
+    optimizer is left out (a third of the size for AdamW; a resume from it starts the optimizer afresh)."""
     final = checkpoint_dir(output_dir, step)
     if final.is_dir() and verify(final, hashes=False) is None:
         return final  # this update is already saved (e.g. a periodic save that fell on an epoch end)
@@ -171,7 +183,8 @@ def save_checkpoint(
     accelerator.wait_for_everyone()
     # Each step ends with every process saying whether its part was written (in place of a barrier), so a
     # process whose write failed stops all of them at the same point instead of leaving them waiting.
-    failed = _attempt(lambda: accelerator.save_state(str(tmp)))
+    with _optimizers(accelerator, keep=optimizer_state):
+        failed = _attempt(lambda: accelerator.save_state(str(tmp)))
     if _agree(accelerator, failed) and accelerator.is_main_process:
         failed = failed or _attempt(lambda: _seal(tmp, config))
         if failed is None:
@@ -185,6 +198,38 @@ def save_checkpoint(
         kept = f"{previous} is intact and stays the latest" if previous else "no earlier checkpoint was saved"
         raise _write_failed("checkpoint", final, failed, needed=needed, kept=kept)
     return final
+
+
+@contextlib.contextmanager
+def _optimizers(accelerator: Accelerator, *, keep: bool) -> Iterator[None]:
+    """Accelerate saves and loads every prepared optimizer; one left out of a checkpoint is hidden from it meanwhile
+    (Accelerate has no option for this)."""
+    if keep:
+        yield
+        return
+    hidden, accelerator._optimizers = accelerator._optimizers, []
+    try:
+        yield
+    finally:
+        accelerator._optimizers = hidden
+
+
+def has_optimizer_state(folder: Path) -> bool:
+    """Whether a checkpoint holds the optimizer (`save_optimizer_state`)."""
+    return any(folder.glob("optimizer*.bin")) or any(folder.glob("optimizer*.safetensors"))
+
+
+def disk_cost(model: Any, *, keep: int, optimizer_state: bool, save_model: bool) -> str:
+    """What a run's checkpoints and saved models will take on disk, in words, from the model's size (the plan line)."""
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    each = 3 * weights if optimizer_state else weights  # AdamW keeps two moments of the weights' size
+    what = "weights + optimizer state" if optimizer_state else "weights only, no optimizer state"
+    line = f"checkpoints about {_size(each)} each ({what}), the newest {keep} kept"
+    total = keep * each
+    if save_model:
+        line += f"; best_model/ and final_model/ {_size(weights)} each"
+        total += 2 * weights
+    return f"{line}: about {_size(total)} in all (keep_checkpoints, save_optimizer_state, save_model)"
 
 
 def _attempt(write: Any) -> BaseException | None:
@@ -267,9 +312,14 @@ def model_meta(
     meta = {**window.to_dict(), "max_answer_length": max_answer_length, "v2": examples.v2}
     meta["eval_data"] = examples.eval_data  # None: a held-out share or examples passed in cannot be named again
     meta["column_map"] = column_map
-    if examples.v2:
+    if examples.v2 and examples.calibration_off is not None:
+        meta["threshold_calibrated_on"] = {
+            "source": f"none ({examples.calibration_off}): the default threshold {DEFAULT_NO_ANSWER_THRESHOLD:g}",
+            "questions": 0,
+        }
+    elif examples.v2:
         on = examples.calibration
-        where = f"{examples.calibration_split:.0%} of the training data, held out by article (title, else passage)"
+        where = f"{examples.calibration_split:.0%} of the training data, held out by article (or passage)"
         meta["threshold_calibrated_on"] = {"source": where if on else "the evaluation data (optimistic)",
                                            "questions": len(on or examples.eval)}  # fmt: skip
     return meta
@@ -337,9 +387,15 @@ def resume_point(
 
 
 def load_checkpoint(accelerator: Accelerator, folder: Path) -> None:
-    """`Accelerator.load_state`, with a clear error for an optimizer whose parameter groups changed."""
+    """`Accelerator.load_state`, with a clear error for an optimizer whose parameter groups changed. A checkpoint
+    saved without the optimizer state restores everything else; the optimizer starts afresh (said)."""
+    optimizer_state = has_optimizer_state(folder) or not accelerator._optimizers
+    if not optimizer_state:
+        logger.warning("%s holds no optimizer state (save_optimizer_state was off): the optimizer starts afresh, so "
+                       "the run does not continue exactly as it would have", folder)  # fmt: skip
     try:
-        accelerator.load_state(str(folder))
+        with _optimizers(accelerator, keep=optimizer_state):
+            accelerator.load_state(str(folder))
     except ValueError as err:
         if "parameter groups" not in str(err):
             raise

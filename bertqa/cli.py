@@ -1,5 +1,7 @@
-"""Command-line plumbing shared by `scripts/` and `benchmarks/`: flags generated from `TrainConfig`, checked flag
-types, logging for a terminal, and the library's errors turned into one line and an exit code.
+"""Command-line plumbing shared by `scripts/` and `benchmarks/`: the parser every script uses (`script_parser`: yes/no
+flags bare or with a value, `--mixed-precision`, defaults in --help, a mistyped flag answered in two lines), flags
+generated from `TrainConfig`, checked flag types, logging for a terminal, and the library's errors turned into one
+line and an exit code (with a word on the traceback `accelerate launch` adds after it).
 
 Only the scripts import it (the library itself never parses arguments or configures logging).
 """
@@ -8,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import json
 import logging
 import math
@@ -22,24 +25,12 @@ from typing import Any
 from bertqa.config import PRESETS, TrainConfig, load_config, preset
 
 
-class _AboveTheBars(logging.StreamHandler):
-    """Log lines written through tqdm, so they land above a progress bar instead of on its line."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        from tqdm.auto import tqdm
-
-        try:
-            tqdm.write(self.format(record), file=sys.stderr)
-        except Exception:  # logging must never take the run down
-            self.handleError(record)
-
-
 def setup_logging() -> None:
-    """Library messages to stderr above the progress bars; silence other libraries' chatter (load reports, hub and
-    font-cache messages, per-file save lines, their own progress bars)."""
-    handler = _AboveTheBars()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S"))
-    logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
+    """Library messages to stderr above the progress bars, from the main process of a launched run; silence other
+    libraries' chatter (load reports, hub and font-cache messages, per-file save lines, their own progress bars)."""
+    from bertqa.reporting import console_handler
+
+    logging.basicConfig(level=logging.INFO, handlers=[console_handler()], force=True)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
     import transformers
 
@@ -91,8 +82,18 @@ def writable_file(text: str) -> Path:
     return path
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """--help keeps the description's line breaks and shows each flag's default."""
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help keeps the description's line breaks and shows each flag's default: appended unless the help text
+    already says what the default is, or there is none to show (None: the help says what happens instead)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        shown = action.option_strings or action.nargs in (argparse.OPTIONAL, argparse.ZERO_OR_MORE)
+        if not shown or "default" in text or action.default in (None, argparse.SUPPRESS, []):
+            return text
+        if isinstance(action.default, bool):  # as the flag takes it: --overwrite false
+            return f"{text} (default: {str(action.default).lower()})"
+        return text + " (default: %(default)s)"
 
 
 def output_folder(requested: Path | None, default: Path, *, overwrite: bool, results: tuple[str, ...]) -> Path:
@@ -118,12 +119,126 @@ def output_folder(requested: Path | None, default: Path, *, overwrite: bool, res
     return folder
 
 
+_TRUE, _FALSE = frozenset({"1", "true", "yes", "on"}), frozenset({"0", "false", "no", "off"})
+
+
 def _bool(text: str) -> bool:
-    if text.lower() in {"1", "true", "yes", "on"}:
+    if text.lower() in _TRUE:
         return True
-    if text.lower() in {"0", "false", "no", "off"}:
+    if text.lower() in _FALSE:
         return False
-    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+    raise argparse.ArgumentTypeError(f"expected true/false (or yes/no, 1/0), got {text!r}")
+
+
+class BoolFlag(argparse.Action):
+    """A yes/no flag that every script spells alike: bare (`--overwrite`, true) or with a value (`--overwrite
+    false`, also yes/no, 1/0). `negate=True` makes a `--no-X` spelling of the same setting (`--no-fuse` is
+    `--fuse false`)."""
+
+    def __init__(self, option_strings: list[str], dest: str, negate: bool = False, **kwargs: Any) -> None:
+        kwargs.setdefault("metavar", "BOOL")
+        super().__init__(option_strings, dest, nargs="?", const=True, type=_bool, **kwargs)
+        self.negate = negate
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, value: Any, option: Any = None):
+        setattr(namespace, self.dest, not value if self.negate else value)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+class ScriptParser(argparse.ArgumentParser):
+    """The parser every script uses, so that all of them read alike: defaults shown in --help, yes/no flags bare
+    or with a value (`BoolFlag`), `--mixed-precision` for precision, no abbreviated flags (a flag added later
+    would change what an abbreviation means), and a mistyped flag answered in two lines, naming the flag and the
+    nearest real one, instead of the whole usage."""
+
+    def __init__(self, description: str | None = None, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(description=description, **kwargs)
+
+    def add_flag(self, *names: str, help: str, default: Any = False, negate: bool = False, **kwargs: Any) -> Any:
+        """A yes/no flag (`BoolFlag`)."""
+        return self.add_argument(*names, action=BoolFlag, default=default, negate=negate, help=help, **kwargs)
+
+    def add_precision(self, *, choices: tuple[str, ...] = ("auto", "no", "bf16"), help: str) -> None:
+        """`--mixed-precision` (train.py's name), and `--precision`, the name these scripts had first."""
+        self.add_argument(
+            "--mixed-precision", default="auto", choices=choices, help=f"{help}; --precision is the same flag"
+        )
+        self.add_argument("--precision", dest="mixed_precision", choices=choices, help=argparse.SUPPRESS)
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        return super().parse_known_args(self._spelled_out(sys.argv[1:] if args is None else args), namespace)
+
+    def _spelled_out(self, args: Any) -> list[str]:
+        """`args` with each yes/no flag written as `--flag=VALUE`: a bare flag would otherwise take the word
+        after it (`--overwrite runs/x/final_model`) as its value. Where the script takes no positional argument a
+        bare flag is left bare, so that `--overwrite maybe` is refused as a bad value rather than as a stray word.
+        A negative number in exponent form after a flag is joined to it too (`--threshold=-1e-3`): argparse would
+        read it as a flag of its own."""
+        args = [str(a) for a in args]
+        actions = self._option_string_actions
+        positionals = any(not a.option_strings for a in self._actions)
+        out: list[str] = []
+        i = 0
+        while i < len(args):
+            token = args[i]
+            if token == "--":  # what follows is positional, whatever it looks like
+                return out + args[i:]
+            action, following = actions.get(token), args[i + 1] if i + 1 < len(args) else None
+            if following is not None and (
+                (isinstance(action, BoolFlag) and following.lower() in _TRUE | _FALSE)
+                or (action is not None and action.nargs is None and following.startswith("-") and _is_number(following))
+            ):
+                out.append(f"{token}={following}")
+                i += 2
+                continue
+            out.append(f"{token}=true" if isinstance(action, BoolFlag) and positionals else token)
+            i += 1
+        return out
+
+    def parse_args(self, args: Any = None, namespace: Any = None) -> Any:
+        args = list(sys.argv[1:] if args is None else args)
+        # Before argparse parses: a mistyped flag is the error to report, not a positional it leaves missing.
+        for token in args:
+            if token == "--":
+                break
+            if self._unknown(token):
+                self.error(self._unknown_message(token))
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            flag = next((t for t in extras if t.startswith("-") and not _is_number(t)), None)
+            self.error(self._unknown_message(flag) if flag else f"unexpected argument: {' '.join(extras)}")
+        return parsed
+
+    def _unknown(self, token: str) -> bool:
+        if not token.startswith("-") or token == "-" or " " in token or _is_number(token):
+            return False  # a value (argparse reads a token with a space or a negative number as one too)
+        known = self._option_string_actions
+        # -q"Who?": a short flag with its value attached
+        return token.split("=", 1)[0] not in known and (token.startswith("--") or token[:2] not in known)
+
+    def _unknown_message(self, token: str) -> str:
+        name = token.split("=", 1)[0]
+        # max_steps for --max-steps is the commonest slip: compared as dashes, it is the closest by far
+        near = difflib.get_close_matches(name.replace("_", "-"), list(self._option_string_actions), n=1, cutoff=0.6)
+        return f"unknown flag {name}" + (f"; did you mean {near[0]}?" if near else "")
+
+    def error(self, message: str) -> typing.NoReturn:
+        """The message and where to look, not the whole usage (train.py's is 40 lines): exit code 2."""
+        self.exit(2, f"{self.prog}: error: {message}\n{self.prog} --help lists every flag with its default\n")
+
+
+def script_parser(description: str | None = None) -> ScriptParser:
+    """A `ScriptParser` for a script whose module docstring is `description`."""
+    return ScriptParser(description)
 
 
 def _optional(kind: Callable[[str], Any]) -> Callable[[str], Any]:
@@ -152,7 +267,7 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
         flag = "--" + field.name.replace("_", "-")
         help_text = f"{field.metadata['help']} (default: {field.default})"
         if base is bool:
-            parser.add_argument(flag, type=_bool, metavar="BOOL", default=argparse.SUPPRESS, help=help_text)
+            parser.add_argument(flag, action=BoolFlag, default=argparse.SUPPRESS, help=help_text)
         elif typing.get_origin(base) is tuple:
             parser.add_argument(flag, nargs="*", default=argparse.SUPPRESS, help=help_text)
         else:
@@ -162,17 +277,18 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
             )
 
 
-def config_parser(description: str | None) -> argparse.ArgumentParser:
+def config_parser(description: str | None) -> ScriptParser:
     """A parser with --preset, --config and one flag per TrainConfig field (read back with `config_from_args`)."""
-    parser = argparse.ArgumentParser(
-        description=description, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
-    )
+    parser = script_parser(description)
     parser.add_argument("--preset", choices=sorted(PRESETS), help="start from a named preset; flags override it")
     parser.add_argument("--config", type=Path, help="start from a saved config.json; flags override it")
-    parser.add_argument(
-        "--print-config", action="store_true", help="print the resolved config (preset, --config, flags) and exit"
-    )
+    parser.add_flag("--print-config", help="print the resolved config (preset, --config, flags) and exit")
     add_config_flags(parser)
+    # The other scripts' first name for it, kept so that one spelling works everywhere.
+    choices = TrainConfig.__dataclass_fields__["mixed_precision"].metadata["choices"]
+    parser.add_argument(
+        "--precision", dest="mixed_precision", choices=choices, default=argparse.SUPPRESS, help=argparse.SUPPRESS
+    )
     presets = "\n".join(
         f"  {name}: " + ", ".join(f"{k}={v}" for k, v in changes.items()) for name, changes in PRESETS.items()
     )
@@ -226,7 +342,28 @@ def run(main: Callable[[], int]) -> None:
             raise
         logging.getLogger("bertqa").debug("error", exc_info=True)
         sys.stderr.write(f"error: {message}\n")
+        note = launcher_note()
+        if note is not None and os.environ.get("RANK", "0") == "0":  # once, however many processes report
+            sys.stderr.write(f"{note}\n")
         sys.exit(2)
+
+
+def launcher_note() -> str | None:
+    """Under `accelerate launch`, a line to print after an error: the launcher follows a failed script with a
+    traceback of its own, which reads like a second error but only reports the exit code."""
+    if "ACCELERATE_MIXED_PRECISION" not in os.environ:  # not launched: no need to import torch to find out
+        return None
+    from bertqa.runtime import accelerate_launcher
+
+    launcher = accelerate_launcher()
+    if launcher == "simple":  # accelerate's own launcher: --quiet makes it exit with 1 instead of raising
+        return (
+            "(the CalledProcessError traceback accelerate launch prints next only reports this exit; "
+            "accelerate launch --quiet leaves it out)"
+        )
+    if launcher == "torchrun":  # several processes: torch's agent reports, and --quiet does not change that
+        return "(the ChildFailedError report accelerate launch prints next only repeats this exit)"
+    return None
 
 
 def error_message(err: BaseException) -> str | None:

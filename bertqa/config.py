@@ -56,8 +56,9 @@ class TrainConfig:
     )
     calibration_split: float = _f(
         0.05,
-        "SQuAD v2 data: hold out this share of the training data (whole articles) to choose the no-answer "
-        "threshold on, so the evaluation score is not tuned on the evaluation data",
+        "SQuAD v2 data: hold out this share of the training data (whole articles; passages for small data) to "
+        "choose the no-answer threshold on, so the evaluation score is not tuned on the evaluation data; 0: no "
+        "calibration, the default threshold 0 (no answer when its score beats the best span's)",
     )
     column_map: str | None = _f(
         None, "your column names, for training and evaluation data: 'context=passage,question=query,answer_text=gold'"
@@ -146,7 +147,14 @@ class TrainConfig:
     eval_before_training: bool = _f(False, "evaluate the untrained model first (the baseline that training must beat)")
     log_every: int = _f(10, "log loss/LR every N updates (the loss is read from the device only then)")
     save_every_steps: int | None = _f(None, "checkpoint every N updates (always after each epoch)")
-    keep_checkpoints: int = _f(2, "how many recent checkpoints to keep")
+    keep_checkpoints: int = _f(
+        2, "how many recent checkpoints to keep (each holds the weights and, unless turned off, the optimizer state)"
+    )
+    save_optimizer_state: bool = _f(
+        True,
+        "checkpoints hold AdamW's moments (twice the weights' size), so a resumed run continues exactly; false: "
+        "checkpoints a third of the size, and a resumed run starts the moments afresh",
+    )
     output_dir: str = _f("runs/default", "where checkpoints, metrics.jsonl, plots and the final model go")
     resume: str | None = _f(None, "checkpoint folder to resume from, or 'latest' for the newest in output_dir")
     report_to: tuple[str, ...] = _f((), "Accelerate trackers to log to, e.g. tensorboard")
@@ -254,6 +262,7 @@ def load_config(path: str | Path) -> TrainConfig:
 # the computation (data, windows, model, optimiser, schedule, batch, seed, precision, length).
 BOOKKEEPING = frozenset({
     "eval_every_steps", "eval_before_training", "log_every", "save_every_steps", "keep_checkpoints", "output_dir",
+    "save_optimizer_state",
     "resume", "report_to", "save_model", "eval_batch_size", "num_workers", "tokenize_workers", "cache_dir",
     "label_check_min", "overwrite", "accept_changes", "collective_timeout_s",
 })  # fmt: skip
@@ -351,8 +360,8 @@ def _value_problems(c: TrainConfig) -> list[str]:
         problems.append("epochs must be positive (or set max_steps)")
     if c.negatives < 0:
         problems.append(f"negatives must be a whole number >= 0, got {c.negatives}")
-    if not 0 < c.calibration_split < 1:
-        problems.append("calibration_split must be between 0 and 1")
+    if not 0 <= c.calibration_split < 1:
+        problems.append("calibration_split must be 0 (no calibration) or between 0 and 1")
     if c.eval_split is not None and not 0 < c.eval_split < 1:
         problems.append("eval_split must be between 0 and 1")
     if c.eval_split is not None and c.eval_data is not None:

@@ -51,9 +51,9 @@ from bertqa.optim import (
     reschedule,
     restore_hyperparameters,
 )
-from bertqa.reporting import LogMeter, RunRecorder, log_plan
+from bertqa.reporting import LogMeter, RunRecorder, console_logging, log_plan
 from bertqa.runtime import check_trackers, make_accelerator, precision_reason, resolve_precision, slowest_process
-from bertqa.sources import run_examples
+from bertqa.sources import DEFAULT_NO_ANSWER_THRESHOLD, run_examples
 from bertqa.state import EarlyStopping, StopTraining, TrainState, Update, count_evaluations, notify
 
 if TYPE_CHECKING:
@@ -161,15 +161,17 @@ def train_one_epoch(
         meter.add_update(update.loss)
         update_loss, micro = torch.zeros((), device=accelerator.device), 0
         if meter.updates == log_every or state.step >= last:
-            _log(meter, update, accelerator.num_processes, on_log)
+            _log(meter, update, accelerator, on_log)
         notify(callbacks, update, state)
     if meter.updates:  # the pass ended between two log points
-        _log(meter, update, accelerator.num_processes, on_log)
+        _log(meter, update, accelerator, on_log)
     return {"train_loss": meter.pass_mean(), "updates": updates, "train_time_s": time.perf_counter() - t0}
 
 
-def _log(meter: LogMeter, update: Update, num_processes: int, on_log: Callable[[dict], None] | None) -> None:
-    record = meter.read(step=update.step, epoch=update.epoch, lr=update.lr, num_processes=num_processes)
+def _log(meter: LogMeter, update: Update, accelerator: Accelerator, on_log: Callable[[dict], None] | None) -> None:
+    several = accelerator.num_processes > 1  # every process logs the run's mean loss, and stops on it together
+    record = meter.read(step=update.step, epoch=update.epoch, lr=update.lr, num_processes=accelerator.num_processes,
+                        reduce=partial(accelerator.reduce, reduction="mean") if several else None)  # fmt: skip
     if not math.isfinite(record["loss"]):
         raise NonFiniteLossError(
             f"training loss is {record['loss']} around step {update.step} (lr {update.lr:.3g}); lower the learning "
@@ -241,6 +243,7 @@ class _Evaluation:
     last: dict[str, Any]  # the latest record
     signals: SignalCatcher  # Ctrl-C and SIGTERM: checked after each evaluation
     seconds: float = 0.0  # how long the latest evaluation took
+    fixed_threshold: float | None = None  # a v2 run without calibration: its no-answer threshold
 
     def __call__(self, model: torch.nn.Module, state: TrainState, **train_stats: float) -> dict[str, Any]:
         t0 = time.perf_counter()
@@ -254,6 +257,8 @@ class _Evaluation:
                 cal, _ = evaluate(self.accelerator, model, *self.calibration, v2=True, max_answer_length=longest,
                                   progress=True)  # fmt: skip
                 calibrated = {"no_answer_threshold": cal["best_f1_thresh"], "calibration_best_f1": cal["best_f1"]}
+            elif self.fixed_threshold is not None:
+                calibrated = {"no_answer_threshold": self.fixed_threshold}
             threshold = calibrated.get("no_answer_threshold", 0.0)
             metrics, _ = evaluate(self.accelerator, model, self.loader, self.examples, v2=v2,
                                   max_answer_length=longest, threshold=threshold, progress=True)  # fmt: skip
@@ -406,16 +411,22 @@ def fit(
 ) -> dict[str, Any]:
     """Train and evaluate as `config` says; return a summary (steps, times, final and best scores, `stopped_early`).
 
-    Anything passed in replaces what the config would build: your own model, tokenizer or examples (`Example`s or a
-    `datasets.Dataset` of records), your own `optimizer` (a factory: `optimizer(model)` returns it; the schedule is
+    Anything passed in replaces what the config would build: your own model, tokenizer or examples (`Example`s,
+    records in the schema the files use, or a `datasets.Dataset` of them; training examples without evaluation data
+    hold out a tenth of themselves), your own `optimizer` (a factory: `optimizer(model)` returns it; the schedule is
     still bertqa's, counted in updates). `callbacks` get an `Update` after every optimizer update, `on_evaluate`
     observers every evaluation record (a line of `metrics.jsonl`); any of them may end the run by raising
     `StopTraining`. A `config.teacher` makes the loss `bertqa.distill.Distillation` (give it or your own loss).
 
+    Its log lines (logger "bertqa": what was loaded, the plan, each evaluation) are shown on stderr when the program
+    has set up no logging of its own.
+
     Ctrl-C or SIGTERM (to any process) stops the run after the update in progress with a checkpoint of it, and
     raises `Interrupted` (a KeyboardInterrupt) naming that checkpoint; `resume="latest"` continues from it exactly.
     """
-    with SignalCatcher(at_once=True) as signals:  # until there is something to save, a signal stops at once
+    # Until there is something to save, a signal stops at once. A library user who set up no logging still sees
+    # what the run loads, plans and scores, as the scripts show it.
+    with console_logging(), SignalCatcher(at_once=True) as signals:
         return _fit(config, signals, model=model, tokenizer=tokenizer, train_examples=train_examples,
                     eval_examples=eval_examples, compute_loss=compute_loss, callbacks=callbacks,
                     on_evaluate=on_evaluate, optimizer=optimizer)  # fmt: skip
@@ -436,9 +447,11 @@ def _fit(
 ) -> dict[str, Any]:
     from accelerate.utils import set_seed
 
-    from bertqa.model import build_model, build_tokenizer
+    from bertqa.model import build_model, build_tokenizer, resolve_model
 
     c, out = config, Path(config.output_dir)
+    if model is None or tokenizer is None:  # a misspelt model folder is said before the output folder is made
+        resolve_model(c.model)
     budget_s = parse_duration(c.time_budget) if c.time_budget is not None else None
     if c.teacher is not None and compute_loss is not default_loss:
         raise ValueError("give a teacher or your own compute_loss, not both (build bertqa.distill.Distillation into "
@@ -521,7 +534,9 @@ def _fit(
     accelerator.init_trackers("bertqa", config={k: str(v) for k, v in c.to_dict().items()})
     log_plan(data, labels, accelerator, total_steps=run.total_steps, per_epoch=run.per_epoch,
              warmup_steps=run.warmup_steps, batch=c.batch_size * c.grad_accum * accelerator.num_processes,
-             planned_later=budget_s is not None and run.state.budget_plan is None)  # fmt: skip
+             planned_later=budget_s is not None and run.state.budget_plan is None,
+             disk=checkpoint.disk_cost(model, keep=c.keep_checkpoints, optimizer_state=c.save_optimizer_state,
+                                       save_model=c.save_model))  # fmt: skip
     precision = precision_reason(c.mixed_precision, device=accelerator.device.type)
     logger.info("precision %s", precision)
     if budget_s is not None and run.state.budget_plan is None:
@@ -534,10 +549,12 @@ def _fit(
                                  column_map=c.column_map)  # fmt: skip
     cal = data.calibration_features  # SQuAD v2 training data: the threshold's questions
     calibration = None if cal is None else (windows(cal), examples.calibration)
+    fixed = DEFAULT_NO_ANSWER_THRESHOLD if examples.v2 and examples.calibration_off is not None else None
     evaluation = _Evaluation(accelerator, windows(data.eval_features), examples.eval, recorder, tokenizer, meta,
                              out / "best_model" if c.save_model else None, calibration, on_evaluate, {},
-                             signals)  # fmt: skip
-    save = partial(checkpoint.save_checkpoint, accelerator, out, keep=c.keep_checkpoints, config=record)
+                             signals, fixed_threshold=fixed)  # fmt: skip
+    save = partial(checkpoint.save_checkpoint, accelerator, out, keep=c.keep_checkpoints, config=record,
+                   optimizer_state=c.save_optimizer_state)  # fmt: skip
     deadline = None
     if budget_s is not None:
         deadline = Deadline(

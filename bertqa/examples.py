@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 __all__ = [
@@ -30,6 +30,7 @@ __all__ = [
 COLUMNS = ("id", "title", "context", "question", "answers", "answer_text", "answer_start", "is_impossible")
 
 MismatchPolicy = Literal["repair", "error"]
+_NOTED_REPAIRS = 3  # repairs named one by one in a load report's notes; the rest are counted
 
 
 class SquadFormatError(ValueError):
@@ -61,6 +62,35 @@ class LoadReport:
     n_repaired: int
     n_located: int = 0  # answers given without answer_start, placed at the first occurrence of their text
     n_generated_ids: int = 0
+    # The questions behind the three counts above, so that a part of the data is reported on its own (`part`).
+    repaired_ids: frozenset[str] = field(default=frozenset(), repr=False)
+    located_ids: frozenset[str] = field(default=frozenset(), repr=False)
+    generated_ids: frozenset[str] = field(default=frozenset(), repr=False)
+    # Problems worth a warning line of their own, as (question id, or None for the whole source; the line).
+    notes: tuple[tuple[str | None, str], ...] = ()
+
+    def part(self, examples: Sequence[Example], source: str) -> LoadReport:
+        """The report of `examples`, a part of what was loaded (an article range), named `source`."""
+        ids = {ex.id for ex in examples}
+        return LoadReport(
+            source=source,
+            version="v2.0" if is_v2(examples) else "v1.1",
+            n_examples=len(examples),
+            n_impossible=sum(ex.is_impossible for ex in examples),
+            n_answers=sum(len(ex.answer_texts) for ex in examples),
+            n_repaired=len(self.repaired_ids & ids),
+            n_located=len(self.located_ids & ids),
+            n_generated_ids=len(self.generated_ids & ids),
+            repaired_ids=self.repaired_ids & ids,
+            located_ids=self.located_ids & ids,
+            generated_ids=self.generated_ids & ids,
+            notes=tuple((qid, line) for qid, line in self.notes if qid is None or qid in ids),
+        )
+
+    @property
+    def warnings(self) -> list[str]:
+        """The lines to warn with (see `notes`)."""
+        return [line for _, line in self.notes]
 
     def format(self) -> str:
         line = (
@@ -127,10 +157,10 @@ def examples_from_records(
             is_impossible=_flag(get("is_impossible", i), names, place), where=place, names=names,
         ))  # fmt: skip
         places.append(place)
+    given = [ex.id is not None for ex in examples]
     examples = _with_generated_ids(examples)
-    return _checked(
-        examples, source=source, version="", on_mismatch=on_mismatch, places=places, n_generated_ids=generated
-    )
+    made = frozenset(ex.id for ex, had in zip(examples, given) if not had)
+    return _checked(examples, source=source, version="", on_mismatch=on_mismatch, places=places, generated_ids=made)
 
 
 class _Place:
@@ -344,15 +374,20 @@ def _checked(
     version: str,
     on_mismatch: MismatchPolicy,
     places: Sequence[str] | None = None,
-    n_generated_ids: int = 0,
+    generated_ids: frozenset[str] = frozenset(),
 ) -> tuple[list[Example], LoadReport]:
     """Check ids are unique and every answer_start points at its text; repair, locate or raise as the policy says.
 
-    `places[i]` names where example i is (file and line, or path in the layout) for the messages.
+    `places[i]` names where example i is (file and line, or path in the layout) for the messages. The first few
+    repairs are noted by place, and so is a source where most given offsets needed one (a column map that names
+    the wrong column, or offsets counted in bytes or tokens).
     """
     seen: dict[str, str] = {}
     out: list[Example] = []
-    n_repaired = n_located = 0
+    n_repaired = n_located = n_given = 0
+    repaired: set[str] = set()
+    located: set[str] = set()
+    notes: list[tuple[str | None, str]] = []
     for k, ex in enumerate(examples):
         place = places[k] if places is not None else source
         if ex.id in seen:
@@ -360,6 +395,7 @@ def _checked(
         seen[ex.id] = place
         starts = list(ex.answer_starts)
         for i, (text, start) in enumerate(zip(ex.answer_texts, ex.answer_starts)):
+            n_given += start is not None
             if start is not None and ex.context[start : start + len(text)] == text:
                 continue
             found = _nearest_occurrence(ex.context, text, start or 0)
@@ -374,9 +410,20 @@ def _checked(
                 raise SquadFormatError(problem + f" (it occurs at {found}; on_mismatch='repair' would move it there)")
             starts[i] = found
             n_repaired, n_located = n_repaired + (start is not None), n_located + (start is None)
+            (repaired if start is not None else located).add(ex.id)
+            if start is not None and n_repaired <= _NOTED_REPAIRS:
+                notes.append((ex.id, f"{problem}: moved to {found}, the nearest occurrence of the text"))
         out.append(ex if starts == list(ex.answer_starts) else _replace_starts(ex, tuple(starts)))
     if not out:
         raise SquadFormatError(f"{source}: holds no questions")
+    if n_repaired > _NOTED_REPAIRS:
+        notes.append((None, f"{source}: {n_repaired - _NOTED_REPAIRS:,} more answer offsets repaired"))
+    if n_repaired >= 2 and n_repaired > n_given / 2:
+        notes.append((None, (
+            f"{source}: {n_repaired:,} of the {n_given:,} answer offsets given ({n_repaired / n_given:.0%}) did not "
+            "point at their answer text and were moved: is answer_start read from the right column (--column-map "
+            "answer_start=COLUMN), and are the offsets counted in characters?"
+        )))  # fmt: skip
     v2 = is_v2(out)
     version = "v2.0" if v2 else "v1.1"
     report = LoadReport(
@@ -387,7 +434,11 @@ def _checked(
         n_answers=sum(len(ex.answer_texts) for ex in out),
         n_repaired=n_repaired,
         n_located=n_located,
-        n_generated_ids=n_generated_ids,
+        n_generated_ids=len(generated_ids),
+        repaired_ids=frozenset(repaired),
+        located_ids=frozenset(located),
+        generated_ids=generated_ids,
+        notes=tuple(notes),
     )
     return out, report
 

@@ -96,6 +96,9 @@ def export_onnx(
     if quantize not in QUANTIZE:
         raise ValueError(f"quantize must be one of {QUANTIZE}, got {quantize!r}")
     out = Path(out)
+    from bertqa.model import check_model_folder
+
+    check_model_folder(model_dir)  # a mistyped path or a run's folder, said so before the output is checked
     _check_out(Path(model_dir), out, overwrite=overwrite)
     _require_export_libraries()
     from bertqa.model import build_model, build_tokenizer

@@ -18,7 +18,7 @@ import gzip
 import io
 import json
 import logging
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,7 @@ from bertqa.examples import (
 
 logger = logging.getLogger("bertqa")
 
-__all__ = ["BUNDLED", "FORMATS", "as_examples", "load_squad", "read_records", "resolve_source"]
+__all__ = ["BUNDLED", "FORMATS", "as_examples", "given_examples", "load_squad", "read_records", "resolve_source"]
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data" / "squad"
 # Short names for the SQuAD files shipped in data/squad/ (see its MANIFEST.md).
@@ -84,11 +84,50 @@ def load_squad(
     return _load_hub(str(source), column_map=columns, on_mismatch=on_mismatch)
 
 
-def as_examples(data: Sequence[Example] | Any, *, column_map: str | Mapping[str, str] | None = None) -> list[Example]:
-    """Examples as given, or converted from a `datasets.Dataset` of records."""
+def as_examples(
+    data: Sequence[Example] | Any, *, column_map: str | Mapping[str, str] | None = None, name: str = "examples"
+) -> list[Example]:
+    """Examples given from Python, checked as `given_examples` checks them."""
+    return given_examples(data, column_map=column_map, name=name)[0]
+
+
+def given_examples(
+    data: Sequence[Example] | Any, *, column_map: str | Mapping[str, str] | None = None, name: str = "examples"
+) -> tuple[list[Example], LoadReport | None]:
+    """Examples given from Python, and what loading them found (None for `Example`s, which are taken as they are).
+
+    Accepted: `Example`s; records in the schema the files use (dicts with `context`, `question`, `answers` or
+    `answer_text`, optionally `id`, `title`, `answer_start`), validated as a file's records are, each problem named
+    by `name` and the record's index and id; a `datasets.Dataset` of such records. Anything else is a TypeError.
+    """
     if _is_dataset(data):
-        return load_squad(data, column_map=column_map)[0]
-    return list(data)
+        return load_squad(data, column_map=column_map)
+    accepted = (
+        "give bertqa.examples.Example objects, records in the file schema (dicts with 'context', 'question' and "
+        "'answers' {'text': [...], 'answer_start': [...]} or 'answer_text'), or a datasets.Dataset of records"
+    )
+    if isinstance(data, (str, bytes, Path, Mapping)) or not isinstance(data, Iterable):
+        hint = (
+            " (a path or source name goes in TrainConfig.train_data / eval_data)"
+            if isinstance(data, (str, Path))
+            else ""
+        )
+        raise TypeError(f"{name}: got a {type(data).__name__}{hint}; {accepted}")
+    items = list(data)
+    if not items:
+        raise ValueError(f"{name}: no examples were given")
+    if all(isinstance(item, Example) for item in items):
+        return items, None
+    if all(isinstance(item, Mapping) for item in items):
+        keys = list(dict.fromkeys(key for item in items for key in item))
+        columns = {key: [item.get(key) for item in items] for key in keys}
+        return examples_from_records(columns, source=name, where=lambda i: f"record {i}",
+                                     column_map=parse_column_map(column_map))  # fmt: skip
+    kinds = (Example, Mapping)
+    first = next((i for i, item in enumerate(items) if not isinstance(item, kinds)), None)
+    if first is not None:
+        raise TypeError(f"{name}[{first}] is a {type(items[first]).__name__}; {accepted}")
+    raise TypeError(f"{name}: Example objects and records are mixed; give one kind")
 
 
 # ------------------------------------------------------------------------------------------------------ files, hub

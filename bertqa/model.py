@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import difflib
 import importlib.resources
+import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +16,7 @@ __all__ = [
     "ModelNotFoundError",
     "build_model",
     "build_tokenizer",
+    "check_model_folder",
     "keep_layers",
     "load_pretrained",
     "model_depth",
@@ -35,7 +39,11 @@ class ModelNotFoundError(FileNotFoundError):
 
 
 def resolve_model(name_or_path: str | Path) -> str:
-    """Turn an alias into its installed folder; return folders and hub ids unchanged."""
+    """Turn an alias into its installed folder; return folders and hub ids unchanged.
+
+    A name that can only be a local path is checked here, before any hub lookup: a folder that does not exist
+    (named with the nearest one that does), a file, or a training run's folder (naming the models it saved) is
+    refused with what to pass instead (`check_model_folder`)."""
     name = str(name_or_path)
     if name in MODEL_ALIASES:
         package, folder, install = MODEL_ALIASES[name]
@@ -44,9 +52,103 @@ def resolve_model(name_or_path: str | Path) -> str:
         except ModuleNotFoundError as err:
             raise ModelNotFoundError(f"model alias {name!r} needs the package {package}: {install}") from err
         return str(path)
-    if name.startswith((".", "/", "~")) and not Path(name).expanduser().is_dir():
-        raise ModelNotFoundError(f"model folder {name!r} does not exist")
+    check_model_folder(name)
     return name
+
+
+# What a training run's output folder holds (`bertqa.engine.fit`): the models it saved, and checkpoints to resume.
+RUN_MODELS = ("final_model", "best_model")
+
+
+def looks_local(name: str) -> bool:
+    """Whether a model name can only mean a local path: absolute, starting with `.` or `~`, more than one `/`
+    (a hub id is NAME or ORG/NAME), or ORG/NAME where a local folder ORG exists."""
+    if name.startswith((".", "/", "~")) or name.endswith("/") or (os.sep != "/" and os.sep in name):
+        return True
+    parts = name.split("/")
+    return len(parts) > 2 or (len(parts) == 2 and Path(parts[0]).is_dir())
+
+
+def check_model_folder(name: str | Path) -> None:
+    """Refuse, with what to pass instead, a model name that is a local path but not a model folder: one that does
+    not exist, a file, a training run's folder or one of its checkpoints. Hub ids and model folders pass."""
+    name = str(name)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        problem = _not_a_model_folder(path, name)
+        if problem is not None:
+            raise ModelNotFoundError(problem)
+    elif path.exists():
+        raise ModelNotFoundError(f"{name} is a file; a model is a folder (pass {path.parent}, the folder holding it)")
+    elif looks_local(name):
+        raise ModelNotFoundError(f"model folder {name!r} does not exist{_nearest_hint(path)}")
+
+
+def _not_a_model_folder(path: Path, name: str) -> str | None:
+    """What is wrong with passing `path`, a folder, as a model: it is a training run's folder or a checkpoint."""
+    if path.parent.name == "checkpoints" and _is_run(path.parent.parent):
+        run = Path(name).parent.parent
+        return f"{name} is a checkpoint of the training run {run}, to resume it from; {_run_models(run)}"
+    if _is_run(path):
+        return f"{name} is a training run's folder, not a model folder; {_run_models(Path(name))}"
+    return None
+
+
+def _is_run(path: Path) -> bool:
+    """Whether `path` is a training run's output folder: it saved TrainConfig as config.json (a model folder's
+    config.json is the model's own), or it holds what a run saves and no model config of its own."""
+    config = path / "config.json"
+    if config.is_file():
+        try:
+            saved = json.loads(config.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return False
+        return isinstance(saved, dict) and "output_dir" in saved and "model_type" not in saved
+    return any((path / sub).is_dir() for sub in (*RUN_MODELS, "checkpoints"))
+
+
+def _run_models(run: Path) -> str:
+    """The models a training run saved, to pass instead of its folder; or why there is none yet."""
+    models = [str(run / name) for name in RUN_MODELS if (run.expanduser() / name).is_dir()]
+    if models:
+        return f"pass the model it saved: {' or '.join(models)}"
+    steps = sorted(p.name for p in (run.expanduser() / "checkpoints").glob("step_*") if p.is_dir())
+    if steps:
+        return (
+            f"the run has saved no model yet ({RUN_MODELS[0]}/ and {RUN_MODELS[1]}/ come when it ends), only "
+            f"checkpoints in {run / 'checkpoints'} (the last {steps[-1]}): rerun its training command with "
+            "--resume latest to finish it"
+        )
+    return f"the run has saved no model yet ({RUN_MODELS[0]}/ and {RUN_MODELS[1]}/ come when it ends)"
+
+
+def _nearest_hint(path: Path) -> str:
+    """A hint for a path that does not exist: "; did you mean runs/quick/final_model?" for runs/quikc/final_modle
+    (each missing part replaced by the closest name in the folder above it), else what the deepest folder on the
+    way that exists holds."""
+    absolute = path.is_absolute()
+    guess = deepest = Path(path.anchor) if absolute else Path()
+    matched = True  # every part so far exists as written
+    for part in path.parts[1:] if absolute else path.parts:
+        if (guess / part).exists():
+            guess = guess / part
+            deepest = guess if matched else deepest
+            continue
+        near = difflib.get_close_matches(part, _names(guess), n=1, cutoff=0.6)
+        if not near:
+            # Listing the root or the working folder would say little; a folder the user named says what is there.
+            names = _names(deepest) if deepest != Path(path.anchor) else []
+            shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
+            return f" ({deepest} holds: {shown})" if names else ""
+        guess, matched = guess / near[0], False
+    return f"; did you mean {guess}?"
+
+
+def _names(folder: Path) -> list[str]:
+    try:
+        return sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
+    except OSError:
+        return []
 
 
 def load_pretrained(kind: str, loader: Any, name: str, **kwargs: Any) -> Any:

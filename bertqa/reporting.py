@@ -6,12 +6,14 @@ trackers, the progress bar); the engine tells it what happened and never touches
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
+import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -19,14 +21,18 @@ from bertqa.examples import LoadReport, is_v2
 
 __all__ = [
     "LogMeter",
+    "MainProcessOnly",
     "RunRecorder",
     "append_jsonl",
     "check_writable",
+    "console_handler",
+    "console_logging",
     "dumps",
     "format_metrics",
     "jsonable",
     "log_plan",
     "plot_curves",
+    "process_rank",
     "read_json",
     "read_jsonl",
     "truncate_jsonl",
@@ -34,6 +40,58 @@ __all__ = [
 
 logger = logging.getLogger("bertqa")
 TrackerLog = Callable[..., None]  # Accelerator.log(values, step=...)
+
+
+def process_rank() -> int:
+    """This process's rank among a launched run's processes (0 when there is one): set by the launcher."""
+    return int(os.environ.get("RANK", "0") or 0)
+
+
+class MainProcessOnly(logging.Filter):
+    """Lets through what the main process logs, and errors from any: every process of a run logs the same lines,
+    which would otherwise be printed once per process."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR or process_rank() == 0
+
+
+class _AboveTheBars(logging.StreamHandler):
+    """Log lines written through tqdm, so they land above a progress bar instead of on its line."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm.auto import tqdm
+
+        try:
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # logging must never take the run down
+            self.handleError(record)
+
+
+def console_handler() -> logging.Handler:
+    """The handler bertqa's lines are shown with: timestamped, on stderr above the progress bars, from the main
+    process only."""
+    handler = _AboveTheBars()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S"))
+    handler.addFilter(MainProcessOnly())
+    return handler
+
+
+@contextlib.contextmanager
+def console_logging() -> Iterator[None]:
+    """Show bertqa's INFO lines (what a run loads, plans and scores) for the duration, when nobody configured
+    logging: a library user calling `fit` sees what the scripts show. Logging set up by the user (a handler on the
+    root or the "bertqa" logger, or a level set on it) is left as it is."""
+    if logger.handlers or logging.getLogger().handlers or logger.level != logging.NOTSET:
+        yield
+        return
+    handler = console_handler()
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(logging.NOTSET)
 
 
 class LogMeter:
@@ -61,9 +119,12 @@ class LogMeter:
         self.loss += loss
         self.updates += 1
 
-    def read(self, *, step: int, epoch: int, lr: float, num_processes: int) -> dict[str, Any]:
-        """The log record since the last read, then start a new interval."""
-        loss = self.loss.item() / self.updates
+    def read(
+        self, *, step: int, epoch: int, lr: float, num_processes: int, reduce: Callable[[Any], Any] | None = None
+    ) -> dict[str, Any]:
+        """The log record since the last read, then start a new interval. `reduce` (every process calls `read` at the
+        same update) averages the loss over the processes, so each logs the same value: the run's, not its own."""
+        loss = (self.loss if reduce is None else reduce(self.loss)).item() / self.updates
         elapsed = time.perf_counter() - self.t0
         record = {
             "step": step,
@@ -268,16 +329,21 @@ def log_plan(
     warmup_steps: int,
     batch: int,
     planned_later: bool = False,
+    disk: str | None = None,
 ) -> None:
     """What was loaded, the label self-check and the derived values, once: what the run will really do. `data` is
-    the run's `bertqa.cache.RunData`, `labels` its `LabelReport`."""
+    the run's `bertqa.cache.RunData`, `labels` its `LabelReport`, `disk` what its checkpoints will take."""
     examples = data.examples
     for report in examples.reports:
         logger.info("%s%s", "loaded " if isinstance(report, LoadReport) else "", report.format())
+        for line in report.warnings if isinstance(report, LoadReport) else ():
+            logger.warning("%s", line)
     if examples.v2 and not is_v2(examples.eval):
         logger.info("a SQuAD v2 run (its training data holds unanswerable questions): scored as v2.0 although the "
                     "evaluation data has none, so that answering 'no answer' counts")  # fmt: skip
-    if examples.v2:
+    if examples.v2 and examples.calibration_off is not None:
+        logger.info("the no-answer threshold is not calibrated (%s): it is the default, 0", examples.calibration_off)
+    elif examples.v2:
         chosen = (
             f"{len(examples.calibration):,} held-out training questions"
             if examples.calibration
@@ -289,13 +355,21 @@ def log_plan(
                        "chosen on them answers everything (hold out more: --calibration-split)",
                        len(examples.calibration))  # fmt: skip
     logger.info("label self-check:\n%s", labels.format())
+    calibration = data.calibration_features
     logger.info(
-        "%d train examples -> %d windows; %d eval examples -> %d windows (%s, from %s); %d processes on %s, precision "
-        "%s; effective batch %d windows; %s%d updates (%d per epoch, %d warmup)%s",
-        *(len(examples.train), len(data.train_features), len(examples.eval), len(data.eval_features)),
+        "%d train examples -> %d windows; %s%d eval examples -> %d windows (%s, from %s); %d processes on %s, "
+        "precision %s; effective batch %d windows; %s%d updates (%d per epoch, %d warmup)%s",
+        *(len(examples.train), len(data.train_features)),
+        f"{len(examples.calibration)} held-out calibration examples (the no-answer threshold's) -> "
+        f"{len(calibration)} windows; "
+        if calibration is not None
+        else "",
+        *(len(examples.eval), len(data.eval_features)),
         "v2.0" if examples.v2 else "v1.1",
         examples.eval_described,
         *(accelerator.num_processes, accelerator.device, accelerator.mixed_precision),
         *(batch, "at most " if planned_later else "", total_steps, per_epoch, warmup_steps),
         ", until the time budget's plan" if planned_later else "",
     )
+    if disk is not None:
+        logger.info("disk: %s", disk)

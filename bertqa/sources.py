@@ -8,7 +8,6 @@ Every split keeps whole articles on one side, so no passage is both trained on a
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import random
 import re
@@ -19,12 +18,15 @@ from pathlib import Path
 from typing import Any
 
 from bertqa.examples import Example, LoadReport, is_v2
-from bertqa.loading import as_examples, load_squad
+from bertqa.loading import given_examples, load_squad
 from bertqa.negatives import NegativesReport, add_negatives
 
 logger = logging.getLogger("bertqa")
 
 __all__ = [
+    "DEFAULT_EVAL_SPLIT",
+    "DEFAULT_NO_ANSWER_THRESHOLD",
+    "HoldOutError",
     "RunExamples",
     "answerable_only",
     "eval_source",
@@ -36,6 +38,13 @@ __all__ = [
     "split_article_range",
     "subsample",
 ]
+
+
+# The share of a user's own training data held out for evaluation when no evaluation data is named.
+DEFAULT_EVAL_SPLIT = 0.1
+# A v2 run without calibration answers "no answer" when the no-answer score beats the best span's score
+# (run_qa's default null-score threshold as well).
+DEFAULT_NO_ANSWER_THRESHOLD = 0.0
 
 
 @dataclass(frozen=True)
@@ -52,6 +61,9 @@ class RunExamples:
     # The evaluation data by a name that finds it again from anywhere (files by absolute path, an article range kept),
     # for `evaluate.py` to reuse; None when it cannot be named (a held-out share, examples passed in).
     eval_data: str | None
+    # Why a SQuAD v2 run chose no threshold on held-out questions (it uses DEFAULT_NO_ANSWER_THRESHOLD); None when
+    # it did, or when the run is not v2.
+    calibration_off: str | None = None
 
     @property
     def v2(self) -> bool:
@@ -69,7 +81,7 @@ def eval_source(train_data: str, eval_data: str | None, eval_split: float | None
         return eval_data
     if eval_split is not None:
         return eval_split
-    return "dev-v1.1" if train_data == "train-v1.1" else 0.1
+    return "dev-v1.1" if train_data == "train-v1.1" else DEFAULT_EVAL_SPLIT
 
 
 def run_examples(
@@ -89,8 +101,12 @@ def run_examples(
 ) -> RunExamples:
     """The examples a run trains, evaluates and calibrates on.
 
-    Examples passed in (a list of `Example`s or a `datasets.Dataset` of records) replace what `train_data` or the
-    evaluation source would load, and are used whole; `max_*_examples` draw seeded subsets of loaded data only.
+    Examples passed in (`Example`s, records in the file schema, or a `datasets.Dataset`: `given_examples`) replace
+    what `train_data` or the evaluation source would load, and are used whole; `max_*_examples` draw seeded subsets
+    of loaded data only. Training examples passed in without evaluation data (no `eval_examples`, `eval_data` or
+    `eval_split`) hold out `DEFAULT_EVAL_SPLIT` of themselves, with a warning: `train_data`'s default would name
+    the bundled dev set. A SQuAD v2 run holds out `calibration_split` of its training data to choose its no-answer
+    threshold on; at 0, or when nothing can be held out, it uses `DEFAULT_NO_ANSWER_THRESHOLD` (`calibration_off`).
     With `negatives` R > 0 the run is a SQuAD v2 run: each answerable question of the training side, of the
     threshold's held-out questions and of a held-out evaluation share gets up to R unanswerable partners from other
     passages of its side (`bertqa.negatives`); named evaluation data is scored as it is. `max_*_examples` count
@@ -100,13 +116,19 @@ def run_examples(
     reports: list[LoadReport | NegativesReport] = []
     if train_examples is None:
         train, report = load_examples(train_data, **options)
-        reports.append(report)
     else:
-        train = as_examples(train_examples, column_map=column_map)
+        train, report = given_examples(train_examples, column_map=column_map, name="train_examples")
+    reports += [report] if report is not None else []
     source = eval_source(train_data, eval_data, eval_split)
+    if train_examples is not None and eval_examples is None and eval_data is None and eval_split is None:
+        source = DEFAULT_EVAL_SPLIT  # not the bundled dev set that train_data's default would name
+        logger.warning("no evaluation data was given with the training examples: %.0f%% of them is held out to "
+                       "evaluate on (give eval_examples, or set eval_data or eval_split)", 100 * source)  # fmt: skip
     named = None
     if eval_examples is not None:
-        evaluation, described = as_examples(eval_examples, column_map=column_map), "given examples"
+        evaluation, report = given_examples(eval_examples, column_map=column_map, name="eval_examples")
+        reports += [report] if report is not None else []
+        described = "given examples"
     elif isinstance(source, float):
         train, evaluation = hold_out(train, source, seed=seed)
         described = f"{source:.0%} of the training data held out ({len(evaluation):,} questions)"
@@ -116,10 +138,19 @@ def run_examples(
         described, named = str(source), _findable(source)
     calibration: list[Example] = []
     pools = {"train": train, "eval": evaluation, "calibration": calibration}  # each side before subsets
-    if is_v2(train) or negatives:  # a v2 model: its no-answer threshold is chosen on questions of its own
-        train, pools["calibration"] = hold_out(train, calibration_split, seed=seed + 1, purpose="calibration")
+    calibration_off = None
+    if (is_v2(train) or negatives) and calibration_split == 0:
+        calibration_off = "calibration_split is 0"
+    elif is_v2(train) or negatives:  # a v2 model: its no-answer threshold is chosen on questions of its own
+        try:
+            train, pools["calibration"] = hold_out(train, calibration_split, seed=seed + 1, purpose="calibration")
+        except HoldOutError:
+            calibration_off = "the training data is one passage: none can be held out"
         pools["train"] = train
         calibration = subsample(pools["calibration"], max_eval_examples, seed=seed)
+    if calibration_off is not None:
+        logger.warning("the no-answer threshold is not calibrated (%s): the default %g is used", calibration_off,
+                       DEFAULT_NO_ANSWER_THRESHOLD)  # fmt: skip
     if train_examples is None:
         train = subsample(train, max_train_examples, seed=seed)
     if eval_examples is None:
@@ -129,7 +160,7 @@ def run_examples(
         held_out_eval = isinstance(source, float) and eval_examples is None
         reports += _add_negatives(sides, pools, negatives, seed=seed, eval_too=held_out_eval)
     return RunExamples(sides["train"], sides["eval"], sides["calibration"], calibration_split, tuple(reports),
-                       described, named)  # fmt: skip
+                       described, named, calibration_off)  # fmt: skip
 
 
 _SIDES = {
@@ -189,15 +220,9 @@ def load_examples(
         return subsample(examples, max_examples, seed=seed), _joined_report([r for _, r in loaded], str(source))
     named, (source, articles) = source, split_article_range(source)
     examples, report = load_squad(source, column_map=column_map)
-    if articles is not None:  # the report counts the articles kept
+    if articles is not None:  # the report is of the articles kept
         examples = select_articles(examples, articles)
-        report = dataclasses.replace(
-            report,
-            source=f"{report.source}{str(named)[len(str(source)) :]}",
-            n_examples=len(examples),
-            n_impossible=sum(ex.is_impossible for ex in examples),
-            n_answers=sum(len(ex.answer_texts) for ex in examples),
-        )
+        report = report.part(examples, f"{report.source}{str(named)[len(str(source)) :]}")
     if answerable:
         examples = answerable_only(examples)
     return subsample(examples, max_examples, seed=seed), report
@@ -228,8 +253,11 @@ def _joined_report(reports: list[LoadReport], source: str) -> LoadReport:
         name: sum(getattr(r, name) for r in reports)
         for name in ("n_examples", "n_impossible", "n_answers", "n_repaired", "n_located", "n_generated_ids")
     }
+    ids = {name: frozenset().union(*(getattr(r, name) for r in reports))
+           for name in ("repaired_ids", "located_ids", "generated_ids")}  # fmt: skip
     version = "v2.0" if counts["n_impossible"] else "v1.1"
-    return LoadReport(source=source, version=version, **counts)
+    notes = tuple(note for r in reports for note in r.notes)
+    return LoadReport(source=source, version=version, **counts, **ids, notes=notes)
 
 
 _ARTICLE_RANGE = re.compile(r"^(?P<source>.+)\[(?P<start>\d*):(?P<stop>\d*)\]$")
@@ -255,47 +283,78 @@ def select_articles(examples: Sequence[Example], articles: slice) -> list[Exampl
     return [ex for ex in examples if ex.title in chosen]
 
 
+class HoldOutError(ValueError):
+    """Nothing can be held out without a passage on both sides: the examples are of one passage."""
+
+
 def hold_out(
     examples: Sequence[Example], share: float, *, seed: int, purpose: str = "evaluation"
 ) -> tuple[list[Example], list[Example]]:
     """Split off a seeded `share` of the examples for `purpose`: (kept, held out), each in the original order.
 
     Whole articles go to one side (an article is a title; an example without a title is its passage's own article),
-    so no passage is both trained on and evaluated on. The held-out side is the first articles of a seeded shuffle
-    that reach the share; when whole articles make it much larger than asked, that is said.
+    so no passage is both trained on and evaluated on. The held-out side is the articles of a seeded shuffle taken in
+    turn until they reach the share, passing over any that would take it far past it (more than twice the share,
+    or 5 points over). Small data falls back to whole passages, said in the log: when there is one article only, or
+    every article alone is too big. The same article may then be on both sides, never the same passage. When even
+    one passage is too big, the smallest is held out (said); examples of one passage cannot be split: `HoldOutError`.
     """
     if not 0 < share < 1:
         raise ValueError(f"the held-out share must be between 0 and 1, got {share}")
     if not examples:
         raise ValueError(f"cannot hold out {purpose} data: there are no examples")
     articles = [_article(ex) for ex in examples]
-    sizes = Counter(articles)  # in order of first appearance
-    groups = list(sizes)
-    if len(groups) < 2:
+    held = _held_units(articles, share, seed=seed)
+    if held:
+        return _split(examples, held, articles)
+    passages = [ex.context for ex in examples]
+    held = _held_units(passages, share, seed=seed)
+    if held is None:
         advice = {
-            "evaluation": "pass evaluation data instead",
-            "calibration": "a SQuAD v2 run (unanswerable questions, or --negatives) chooses its no-answer threshold "
-            "on held-out training articles, so its training data needs at least two",
+            "evaluation": "pass evaluation data instead (eval_data, or eval_examples to fit)",
+            "calibration": "a SQuAD v2 run chooses its no-answer threshold on held-out training passages",
         }.get(purpose, "")
-        raise ValueError(
-            f"cannot hold out {purpose} data: all {len(examples)} examples are of one article (one title, or one "
-            "passage where there is no title)" + (f"; {advice}" if advice else "")
+        raise HoldOutError(
+            f"cannot hold out {purpose} data: all {len(examples)} examples are of one passage, and no passage may be "
+            "on both sides" + (f"; {advice}" if advice else "")
         )
-    held: set[tuple[str, str]] = set()
-    sum_held = 0
-    order = random.Random(seed).sample(groups, len(groups))
-    for group in order[:-1]:  # at least one article stays for training
-        if sum_held >= share * len(examples):
-            break
-        held.add(group)
-        sum_held += sizes[group]
-    if sum_held > max(2 * share, share + 0.05) * len(examples):
+    n_articles = len(set(articles))
+    why = "one article" if n_articles == 1 else f"each of its {n_articles} articles alone is far more than the share"
+    logger.warning("the %s share is held out by passage, not by article (%s): no passage is on both sides, but an "
+                   "article may be", purpose, why)  # fmt: skip
+    if not held:  # every passage alone is too big as well: the smallest, rather than none
+        sizes = Counter(passages)
+        held = {min(random.Random(seed).sample(list(sizes), len(sizes)), key=sizes.__getitem__)}
         logger.warning(
-            "the %s share holds %d of %d examples (%.0f%%, %.0f%% asked): whole articles (%d in all) go to one side",
-            *(purpose, sum_held, len(examples), 100 * sum_held / len(examples), 100 * share, len(groups)),
-        )
-    kept = [ex for ex, article in zip(examples, articles) if article not in held]
-    return kept, [ex for ex, article in zip(examples, articles) if article in held]
+            "the %s share holds %d of %d examples (%.0f%%, %.0f%% asked): the smallest passage, since no passage "
+            "can be on both sides", purpose, sizes[next(iter(held))], len(examples),
+            100 * sizes[next(iter(held))] / len(examples), 100 * share,
+        )  # fmt: skip
+    return _split(examples, held, passages)
+
+
+def _held_units(units: Sequence[Any], share: float, *, seed: int) -> set[Any] | None:
+    """The units (articles or passages) to hold out: a seeded shuffle of them, taken in turn until they reach
+    `share` of the examples, passing over a unit that would take the held-out part far past it; at least one unit
+    stays. Empty when every unit alone is too big; None when there is one unit only."""
+    sizes = Counter(units)  # in order of first appearance
+    if len(sizes) < 2:
+        return None
+    target, limit = share * len(units), max(2 * share, share + 0.05) * len(units)
+    held: set[Any] = set()
+    total = 0
+    for unit in random.Random(seed).sample(list(sizes), len(sizes)):
+        if total >= target or len(held) == len(sizes) - 1:
+            break
+        if total + sizes[unit] <= limit:
+            held.add(unit)
+            total += sizes[unit]
+    return held
+
+
+def _split(examples: Sequence[Example], held: set[Any], units: Sequence[Any]) -> tuple[list[Example], list[Example]]:
+    kept = [ex for ex, unit in zip(examples, units) if unit not in held]
+    return kept, [ex for ex, unit in zip(examples, units) if unit in held]
 
 
 def _article(ex: Example) -> tuple[str, str]:

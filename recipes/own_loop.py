@@ -18,7 +18,7 @@ from functools import partial
 from accelerate.utils import set_seed
 
 from bertqa import batching, cache, checkpoint, engine, inference, optim, runtime, sources
-from bertqa.cli import run, setup_logging
+from bertqa.cli import run, script_parser, setup_logging
 from bertqa.data import Window, check_labels
 from bertqa.interrupt import Interrupted, SignalCatcher
 from bertqa.model import build_model, build_tokenizer
@@ -26,7 +26,7 @@ from bertqa.model import build_model, build_tokenizer
 
 def train(a: argparse.Namespace) -> list[dict]:
     """Train and evaluate as the flags say; returns the training log (one record per `--log-every` updates)."""
-    accelerator = engine.make_accelerator(mixed_precision=runtime.resolve_precision(a.precision))
+    accelerator = engine.make_accelerator(mixed_precision=runtime.resolve_precision(a.mixed_precision))
     set_seed(a.seed)  # before the model is built: the QA head's initialisation
     tokenizer = build_tokenizer(a.model)
     window = Window(a.max_seq_length, a.doc_stride, a.max_query_length)
@@ -81,7 +81,7 @@ def train(a: argparse.Namespace) -> list[dict]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = script_parser(__doc__)
     p.add_argument("--model", default="minilm-l6", help="model alias, folder or hub id")
     p.add_argument("--train-data", default="train-v1.1", help="anything --train-data of scripts/train.py takes")
     p.add_argument("--eval-data", default="dev-v1.1", help="evaluation data (same forms)")
@@ -93,11 +93,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (10%% warmup, then linear decay)")
     p.add_argument("--epochs", type=float, default=1.0, help="passes over the training windows")
     p.add_argument("--seed", type=int, default=42, help="seed for initialisation, subsets and order")
-    p.add_argument("--precision", default="auto", choices=("auto", "no", "bf16"), help="auto: bf16 where native")
+    p.add_precision(help="auto: bf16 where native")
     p.add_argument("--log-every", type=int, default=10, help="log the loss every N updates")
     p.add_argument("--cache-dir", default="~/.cache/bertqa", help="window cache (none: off)")
     p.add_argument("--output-dir", default="runs/own-loop", help="checkpoints go to OUTPUT_DIR/checkpoints")
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output-dir")
+    p.add_flag("--resume", help="continue from the newest checkpoint in --output-dir")
     p.add_argument("--log-json", help="also write the training log here (JSON list)")
     args = p.parse_args(argv)
     args.cache_dir = None if args.cache_dir.lower() in ("", "none") else args.cache_dir

@@ -10,23 +10,22 @@ Prints the report and the time of each stage (load, tokenize, label, check).
 
 from __future__ import annotations
 
-import argparse
 import time
 
 from bertqa import data
-from bertqa.cli import run, setup_logging
+from bertqa.cli import run, script_parser, setup_logging
 from bertqa.sources import load_examples
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = script_parser(__doc__)
     parser.add_argument(
         "--data", default="train-v1.1", help="bundled name, SQuAD JSON path or hub name, optionally with [a:b] articles"
     )
     parser.add_argument("--model", default="minilm-l6", help="whose tokenizer to use")
     for name in ("max_seq_length", "doc_stride", "max_query_length"):
         default = getattr(data.Window, name)
-        parser.add_argument("--" + name.replace("_", "-"), type=int, default=default, help=f"(default: {default})")
+        parser.add_argument("--" + name.replace("_", "-"), type=int, default=default, help="window setting")
     parser.add_argument("--workers", type=int, default=1, help="tokenizing processes (same windows for any number)")
     parser.add_argument("--min-match-rate", type=float, default=0.99, help="fail (exit 2) below this match rate")
     args = parser.parse_args(argv)

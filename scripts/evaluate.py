@@ -18,7 +18,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from bertqa.cli import finite_float, output_folder, positive_int, run, setup_logging
+from bertqa.cli import finite_float, output_folder, positive_int, run, script_parser, setup_logging
 
 logger = logging.getLogger("bertqa")
 
@@ -26,7 +26,7 @@ RESULTS = ("predictions.json", "nbest_predictions.json", "null_odds.json", "scor
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = script_parser(__doc__)
     parser.add_argument(
         "model",
         help="saved model folder (final_model/best_model of a run, or one scripts/export.py wrote), alias or hub id",
@@ -36,11 +36,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="bundled name, data file (.json, .jsonl, .csv, .parquet) or hub dataset id (default: the evaluation "
         "data recorded with the model, read with its column map; dev-v1.1 for a model without bertqa.json)",
     )
-    parser.add_argument("--precision", default="auto", choices=("auto", "no", "bf16"), help="auto: bf16 where native")
+    parser.add_precision(help="auto: bf16 where native")
     parser.add_argument(
         "--column-map", help="your column names, e.g. 'context=passage,question=query,answer_text=gold'"
     )
-    parser.add_argument("--answerable-only", action="store_true", help="score only questions that have an answer")
+    parser.add_flag("--answerable-only", help="score only questions that have an answer")
     parser.add_argument("--max-examples", type=positive_int, help="seeded random subset of examples")
     parser.add_argument("--seed", type=int, default=42, help="seed of the subset")
     parser.add_argument("--batch-size", type=positive_int, default=64, help="windows per batch on each process")
@@ -48,7 +48,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--threshold", type=finite_float, help="v2 no-answer threshold (default: the one saved, else 0)"
     )
     parser.add_argument("--out", type=Path, help="output folder (default: <model>/eval, or eval-2, ... if taken)")
-    parser.add_argument("--overwrite", action="store_true", help="replace the results in an existing --out folder")
+    parser.add_flag("--overwrite", help="replace the results in an existing --out folder")
     return parser.parse_args(argv)
 
 
@@ -104,6 +104,8 @@ def evaluate_model(
         eval_data, answerable=answerable_only, max_examples=max_examples, seed=seed, column_map=column_map
     )
     logger.info("loaded %s", report.format())
+    for line in report.warnings:
+        logger.warning("%s", line)
     features = tokenize_examples(examples, tokenizer, Window.from_dict(settings))
     # An exported model runs on ONNX Runtime in each process as it is: nothing of it for Accelerate to wrap.
     model = load_qa_model(model_dir) if is_exported(model_dir) else accelerator.prepare(load_qa_model(model_dir))
@@ -154,8 +156,10 @@ def _warn_if_tuned_on_eval_data(model_dir: str, settings: dict[str, Any], eval_d
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging()
+    from bertqa.model import check_model_folder
     from bertqa.reporting import dumps
 
+    check_model_folder(args.model)  # before <model>/eval is made: a mistyped path must not become a folder
     out = output_folder(args.out, Path(args.model) / "eval", overwrite=args.overwrite, results=RESULTS)
     try:
         metrics, predictions, examples = evaluate_model(
@@ -167,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
             batch_size=args.batch_size,
             threshold=args.threshold,
             column_map=args.column_map,
-            mixed_precision=args.precision,
+            mixed_precision=args.mixed_precision,
         )
     except BaseException:
         with contextlib.suppress(OSError):

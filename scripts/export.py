@@ -20,11 +20,11 @@ import argparse
 import signal
 from pathlib import Path
 
-from bertqa.cli import positive_int, run, setup_logging
+from bertqa.cli import positive_int, run, script_parser, setup_logging
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = script_parser(__doc__)
     parser.add_argument("model", help="saved model folder (final_model/best_model of a run)")
     parser.add_argument("out", type=Path, help="folder to write the exported model to")
     parser.add_argument("--format", default="onnx", choices=("onnx",), help="export format (default: %(default)s)")
@@ -41,12 +41,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--check-questions", type=positive_int, default=64, help="how many (default: %(default)s, seeded sample)"
     )
-    parser.add_argument(
-        "--no-fuse",
-        action="store_true",
-        help="keep the plain ONNX graph (runs on any ONNX runtime) instead of ONNX Runtime's faster fused operators",
+    parser.add_flag(
+        "--fuse",
+        default=True,
+        help="use ONNX Runtime's faster fused operators; false (or --no-fuse) keeps the plain ONNX graph, which "
+        "runs on any ONNX runtime",
     )
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    parser.add_flag("--no-fuse", dest="fuse", negate=True, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    parser.add_flag("--overwrite", help="replace an existing output folder")
     return parser.parse_args(argv)
 
 
@@ -63,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
 
     report = export_onnx(
         args.model, args.out, quantize=args.quantize, check_data=args.check_data,
-        check_questions=args.check_questions, fuse=not args.no_fuse, overwrite=args.overwrite,
+        check_questions=args.check_questions, fuse=args.fuse, overwrite=args.overwrite,
     )  # fmt: skip
     print(report.format())
     return 0

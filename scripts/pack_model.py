@@ -8,16 +8,15 @@ master weights (see `bertqa.model.build_model`), so only the storage is half pre
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
-from bertqa.cli import run, setup_logging
+from bertqa.cli import run, script_parser, setup_logging
 
 DTYPES = ("float32", "float16", "bfloat16")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = script_parser(__doc__)
     parser.add_argument("--model", default="minilm-l6", help="model alias, local folder or hub id")
     parser.add_argument("--dtype", choices=DTYPES, default="float16", help="storage precision of the weights")
     parser.add_argument("--out", type=Path, required=True, help="folder to write")

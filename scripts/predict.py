@@ -18,11 +18,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from bertqa.cli import finite_float, positive_int, run, setup_logging
+from bertqa.cli import finite_float, positive_int, run, script_parser, setup_logging
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = script_parser(__doc__)
     parser.add_argument("model", help="saved model folder, alias or hub id")
     parser.add_argument("-q", "--question", help="one question (with --context)")
     parser.add_argument("-c", "--context", help="the passage to answer from")
@@ -34,11 +34,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--batch-size", type=positive_int, help="windows per forward pass (default: 4 on a CPU, 64 on a GPU)"
     )
     parser.add_argument("--top-k", type=int, default=0, help="also list this many candidate answers per question")
-    parser.add_argument(
-        "--precision", default="auto", choices=("auto", "no", "bf16"), help="auto: bf16 where the hardware has it"
-    )
+    parser.add_precision(help="auto: bf16 where the hardware has it")
     parser.add_argument("--out", type=Path, help="write JSONL here instead of standard output")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    parser.add_flag("--overwrite", help="replace an existing --out file")
     args = parser.parse_args(argv)
     if (args.file is None) == (args.question is None):
         parser.error("give either --question with --context, or --file")
@@ -71,7 +69,9 @@ def main(argv: list[str] | None = None) -> int:
         check_writable(args.out.resolve().parent)
     items, places = read_items(args.file) if args.file else ([{"question": args.question, "context": args.context}],
                                                              ["--question/--context"])  # fmt: skip
-    answerer = Answerer(args.model, batch_size=args.batch_size, threshold=args.threshold, precision=args.precision)
+    answerer = Answerer(
+        args.model, batch_size=args.batch_size, threshold=args.threshold, precision=args.mixed_precision
+    )
     answers = answerer(items, top_k=args.top_k, places=places)
     lines = [
         dumps({"question": item["question"], **a.to_dict()}, ensure_ascii=False) for item, a in zip(items, answers)

@@ -32,6 +32,7 @@ from bertqa.cli import (
     positive_float,
     positive_int,
     run,
+    script_parser,
     setup_logging,
 )
 
@@ -54,9 +55,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from bertqa.service import ServiceLimits
 
     d = ServiceLimits()
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
-    )
+    parser = script_parser(__doc__)
     parser.add_argument("model", type=Path, help="saved model folder, or one scripts/export.py wrote")
     parser.add_argument(
         "--host", default="127.0.0.1", help="address to listen on (default: %(default)s, this machine only)"
@@ -65,9 +64,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--threshold", type=finite_float, help="v2 no-answer threshold (default: the one saved with the model)"
     )
-    parser.add_argument(
-        "--precision", default="auto", choices=("auto", "no", "bf16"), help="PyTorch models: auto = bf16 where native"
-    )
+    parser.add_precision(help="PyTorch models: auto = bf16 where native")
     parser.add_argument(
         "--batch-size", type=positive_int, help="windows per forward pass (default: 4 on a CPU, 64 on a GPU)"
     )
@@ -75,7 +72,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.add_argument(
             flag, dest=field, type=kind, default=getattr(d, field), help=f"{text} (default: %(default)s)"
         )
-    parser.add_argument("--access-log", action="store_true", help="log every request")
+    parser.add_flag("--access-log", help="log every request")
     return parser.parse_args(argv)
 
 
@@ -94,6 +91,9 @@ def _check_port_free(host: str, port: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging()
+    from bertqa.model import check_model_folder
+
+    check_model_folder(args.model)  # a mistyped path or a run's folder, named with what to pass instead
     if not args.model.is_dir():
         raise FileNotFoundError(f"model folder {args.model} does not exist")
     try:
@@ -105,7 +105,9 @@ def main(argv: list[str] | None = None) -> int:
 
     limits = ServiceLimits(**{field: getattr(args, field) for _, field, _, _ in LIMIT_FLAGS})
     _check_port_free(args.host, args.port)  # before the model loads, and before saying where it serves
-    answerer = Answerer(args.model, batch_size=args.batch_size, threshold=args.threshold, precision=args.precision)
+    answerer = Answerer(
+        args.model, batch_size=args.batch_size, threshold=args.threshold, precision=args.mixed_precision
+    )
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         logger.warning(
             "listening on %s: reachable from other machines, and the service has no authentication", args.host

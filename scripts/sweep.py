@@ -51,7 +51,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from bertqa.cli import config_from_args, config_parser, positive_int, run, setup_logging
+from bertqa.cli import BoolFlag, config_from_args, config_parser, positive_int, run, setup_logging
 from bertqa.config import TrainConfig
 from bertqa.reporting import check_writable, read_json
 
@@ -79,7 +79,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     group.add_argument("--study-name", help="the study in --storage (default: the sweep dir's name)")
     group.add_argument("--pruner", choices=("median", "none"), default="median",
                        help="stop trials that fall behind the median at an evaluation (default: median)")  # fmt: skip
-    group.add_argument("--allow-changed-base", action="store_true",
+    group.add_argument("--allow-changed-base", action=BoolFlag, default=False,
                        help="add to a study made with another base config or search space (warned)")  # fmt: skip
     for action in parser._actions:  # argparse has no public way to hide an inherited flag
         if action.dest in NOT_FOR_SWEEPS:

@@ -9,6 +9,9 @@ import pytest
 
 from tests.test_scripts import SMALL, script
 
+# End to end: scripts, processes and whole runs (seconds each); `make test-fast` leaves them out.
+pytestmark = pytest.mark.e2e
+
 
 def test_benchmark_runs_both_loops(tmp_path, tiny_dir):
     out = tmp_path / "bench.json"

@@ -348,6 +348,7 @@ def test_a_length_given_later_wins_over_the_other_kind():
         preset("quick", max_steps=120, time_budget="2m")
 
 
+@pytest.mark.e2e
 def test_two_processes_agree_on_one_plan_and_end_together(tmp_path, tiny_dir):
     from tests.test_recipes import SETTINGS
     from tests.test_scripts import script, two_processes

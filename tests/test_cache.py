@@ -101,6 +101,7 @@ def _fields(ex: data.Example) -> dict:
 # ------------------------------------------------------------------------------------- shared and unwritable caches
 
 
+@pytest.mark.e2e
 def test_two_runs_started_together_on_a_cold_cache_both_finish_and_share_its_entries(tmp_path, tiny_dir):
     from tests.test_scripts import ENV, ROOT, SMALL
 

@@ -119,6 +119,7 @@ def test_a_student_keeps_the_pretrained_layers_it_picks(tmp_path):
         build_model("minilm-l6", num_layers=7)
 
 
+@pytest.mark.e2e
 def test_bad_research_settings_are_one_line_errors_before_any_training(tmp_path, tiny_dir):
     from tests.test_scripts import SMALL, script
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 
 import numpy as np
@@ -13,6 +14,7 @@ import torch
 from bertqa import batching, data, engine, optim, sources
 from bertqa.checkpoint import latest_checkpoint, list_checkpoints
 from bertqa.data import Window
+from bertqa.examples import SquadFormatError
 from bertqa.inference import eval_batches, predict_logits
 from bertqa.model import build_model
 from tests.conftest import TINY, tiny_config
@@ -398,3 +400,96 @@ def test_a_stop_without_a_message_names_who_raised_it_and_every_observer_still_s
     engine.notify([patience, seen.append, lambda r: (_ for _ in ()).throw(engine.StopTraining("second"))], {"f1": 1.0},
                   state)  # fmt: skip
     assert state.stop_reason == "StopTraining from patience" and seen == [{"f1": 1.0}]  # the first reason wins
+
+
+# ------------------------------------------------------------------------------------ what a library user sees
+
+
+def test_a_library_user_who_set_up_no_logging_sees_what_the_run_does(tmp_path, tiny, monkeypatch, capsys):
+    import logging
+
+    bertqa_logger = logging.getLogger("bertqa")
+    monkeypatch.setattr(logging.getLogger(), "handlers", [])  # as in a plain script: nothing configured
+    monkeypatch.setattr(bertqa_logger, "handlers", [])
+    engine.fit(tiny_config(tmp_path, save_every_steps=2), model=tiny())
+    err = capsys.readouterr().err
+    assert "loaded " in err and "40 train examples ->" in err and "eval examples ->" in err
+    assert "precision " in err and "label self-check" in err and "eval at step" in err
+    assert re.search(r"disk: checkpoints about [\d.]+ MiB each \(weights \+ optimizer state\), the newest 2 kept", err)
+    assert not bertqa_logger.handlers and bertqa_logger.level == logging.NOTSET  # left as it was found
+    configured = logging.StreamHandler()
+    monkeypatch.setattr(logging.getLogger(), "handlers", [configured])  # a user's own set-up is theirs
+    engine.fit(tiny_config(tmp_path, overwrite=True), model=tiny())
+    assert "label self-check" not in capsys.readouterr().err
+
+
+def test_only_the_main_process_prints_and_all_log_the_runs_mean_loss(monkeypatch):
+    import logging
+
+    from bertqa import reporting
+
+    only_main = reporting.MainProcessOnly()
+
+    def passes(level):
+        return only_main.filter(logging.LogRecord("bertqa", level, __file__, 1, "a line", None, None))
+
+    monkeypatch.setenv("RANK", "1")
+    assert not passes(logging.INFO) and not passes(logging.WARNING) and passes(logging.ERROR)
+    monkeypatch.setenv("RANK", "0")
+    assert passes(logging.INFO)
+    meter = reporting.LogMeter("cpu")
+    meter.add_batch({"input_ids": torch.zeros(2, 3), "attention_mask": torch.ones(2, 3)})
+    meter.add_update(torch.tensor(2.0))
+    record = meter.read(step=1, epoch=0, lr=1.0, num_processes=2, reduce=lambda loss: (loss + 4.0) / 2)
+    assert record["loss"] == 3.0 and meter.pass_mean() == 3.0  # the mean with another process's 4.0
+
+
+def test_fit_takes_records_in_the_file_schema_and_holds_out_evaluation_data(tmp_path, tiny, caplog):
+    examples, _ = sources.load_examples("dev-v1.1", max_examples=30, seed=5)
+    records = [{"title": ex.title, "context": ex.context, "question": ex.question,
+                "answers": {"text": list(ex.answer_texts), "answer_start": list(ex.answer_starts)}}
+               for ex in examples]  # fmt: skip
+    summary = engine.fit(tiny_config(tmp_path, eval_data=None, max_eval_examples=None), model=tiny(),
+                         train_examples=records)  # fmt: skip
+    held = summary["final"]["total"]
+    assert 0 < held < 30 and summary["label_report"].n_examples == 30 - held
+    assert "no evaluation data was given with the training examples" in caplog.text
+    bad = [records[0], {"id": "x", "context": "It was 1990.", "answers": {"text": [], "answer_start": []}}]
+    with pytest.raises(SquadFormatError, match=r"train_examples: record 1 \(id 'x'\): column 'question' is missing"):
+        engine.fit(tiny_config(tmp_path / "bad"), model=tiny(), train_examples=bad)
+
+
+def test_a_v2_run_without_calibration_ships_the_default_threshold(tmp_path, tiny, caplog):
+    import logging
+
+    config = tiny_config(tmp_path, train_data="dev-v2.0[:20]", eval_data="dev-v2.0[20:]", save_model=True,
+                         max_train_examples=60, max_eval_examples=20, calibration_split=0)  # fmt: skip
+    with caplog.at_level(logging.INFO, logger="bertqa"):
+        summary = engine.fit(config, model=tiny())
+    meta = json.loads((tmp_path / "run" / "final_model" / "bertqa.json").read_text())
+    assert meta["no_answer_threshold"] == summary["final"]["no_answer_threshold"] == 0.0
+    assert meta["threshold_calibrated_on"] == {
+        "source": "none (calibration_split is 0): the default threshold 0", "questions": 0}  # fmt: skip
+    assert "calibration_best_f1" not in summary["final"] and "it is the default, 0" in caplog.text
+
+
+def test_checkpoints_without_the_optimizer_state_are_smaller_and_still_resume(tmp_path, tiny, caplog):
+    from bertqa.checkpoint import has_optimizer_state
+
+    kwargs = dict(epochs=2.0, batch_size=4, save_every_steps=3, keep_checkpoints=5)
+
+    def crash(update):
+        if update.step == 5:
+            raise Crash
+
+    for name, keep in (("full", True), ("light", False)):
+        with pytest.raises(Crash):
+            engine.fit(tiny_config(tmp_path / name, save_optimizer_state=keep, **kwargs), model=tiny(),
+                       callbacks=[crash])  # fmt: skip
+    full, light = (latest_checkpoint(tmp_path / name / "run") for name in ("full", "light"))
+    assert has_optimizer_state(full) and not has_optimizer_state(light)
+    size = {folder: sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) for folder in (full, light)}
+    assert size[light] < 0.6 * size[full]
+    summary = engine.fit(tiny_config(tmp_path / "light", resume="latest", save_optimizer_state=False, **kwargs),
+                         model=tiny())  # fmt: skip
+    assert summary["steps"] > 5 and "holds no optimizer state" in caplog.text

@@ -15,6 +15,9 @@ from bertqa.serving import Answerer
 from bertqa.sources import load_examples
 from tests.test_scripts import script
 
+# End to end: scripts, processes and whole runs (seconds each); `make test-fast` leaves them out.
+pytestmark = pytest.mark.e2e
+
 
 @pytest.fixture(scope="module")
 def exports(tiny_dir, tmp_path_factory):

@@ -158,6 +158,7 @@ def train_until(cmd: list[str], run: Path, *, step: int) -> subprocess.Popen:
 LONG = ["--epochs", "30", "--log-every", "1"]  # far longer than the signal takes to arrive
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_the_script_saves_and_exits_with_one_line_at_a_signal(tmp_path, tiny_dir, signum):
     run = tmp_path / "run"
@@ -174,6 +175,7 @@ def test_the_script_saves_and_exits_with_one_line_at_a_signal(tmp_path, tiny_dir
     assert f"saved {saved}; run the same command with --resume latest to continue" in err.splitlines()[-1]
 
 
+@pytest.mark.e2e
 def test_a_signal_to_one_of_two_processes_stops_both_at_one_update(tmp_path, tiny_dir):
     args = ["--model", str(tiny_dir), *SMALL, "--epochs", "8", "--log-every", "1", "--mixed-precision", "no"]
     train = [*two_processes(), str(ROOT / "scripts" / "train.py"), *args]
@@ -200,6 +202,7 @@ def test_a_signal_to_one_of_two_processes_stops_both_at_one_update(tmp_path, tin
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+@pytest.mark.e2e
 def test_a_real_write_past_a_file_size_limit_stops_with_one_line_and_keeps_the_checkpoint(tmp_path, tiny_dir):
     import resource
 
@@ -226,6 +229,7 @@ def test_a_real_write_past_a_file_size_limit_stops_with_one_line_and_keeps_the_c
     assert not list((run / "checkpoints").glob("*.tmp"))
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("at", [3, 12])  # in the timed warm-up (no plan yet), and after the plan
 def test_a_time_budget_run_stopped_by_a_signal_resumes_to_a_plan_of_its_own(tmp_path, tiny, monkeypatch, at):
     from bertqa import budget
@@ -245,6 +249,7 @@ def test_a_time_budget_run_stopped_by_a_signal_resumes_to_a_plan_of_its_own(tmp_
         assert plan == planned  # kept, not measured again
 
 
+@pytest.mark.e2e
 def test_a_sigterm_to_a_one_process_launcher_reaches_the_run(tmp_path, tiny_dir):
     import shutil
 

@@ -10,7 +10,7 @@ import pytest
 
 from bertqa import data, sources
 from bertqa.examples import SquadFormatError, examples_from_records, parse_column_map
-from bertqa.loading import BUNDLED, load_squad
+from bertqa.loading import BUNDLED, given_examples, load_squad
 from bertqa.sources import eval_source
 
 
@@ -224,3 +224,101 @@ def test_a_spreadsheet_csv_with_a_byte_order_mark_loads(tmp_path):
     path.write_bytes(b'\xef\xbb\xbfcontext,question,answer_text\n"Caf\xc3\xa9 au lait, please.",What?,Caf\xc3\xa9\n')
     (example,), report = load_squad(path)
     assert example.answer_texts == ("Café",) and example.answer_starts == (0,) and report.n_located == 1
+
+
+# ------------------------------------------------------------------------------------------- small data, records
+
+README_RECORDS = [
+    {"id": "q1", "title": "Paris", "context": "Paris is the capital of France.",
+     "question": "What is the capital of France?", "answers": {"text": ["Paris"], "answer_start": [0]}},
+    {"context": "The book was written by Ann Lee in 1990.", "question": "Who wrote the book?",
+     "answers": {"text": ["Ann Lee"], "answer_start": [24]}},
+    {"context": "The book was written by Ann Lee in 1990.", "question": "Who published it?",
+     "answers": {"text": [], "answer_start": []}},
+]  # fmt: skip
+
+
+def test_records_given_from_python_are_checked_as_a_files_records_are():
+    examples, report = given_examples(README_RECORDS, name="train_examples")
+    assert [ex.question for ex in examples] == [r["question"] for r in README_RECORDS]
+    assert examples[0].id == "q1" and examples[2].is_impossible and report.n_generated_ids == 2
+    flat = [{"context": "It was written by Ann Lee.", "question": "Who?", "answer_text": "Ann Lee"}]
+    assert given_examples(flat)[0][0].answer_starts == (18,)  # located by its text
+    with pytest.raises(SquadFormatError, match=r"train_examples: record 1 \(id 'b'\).*'question' is missing"):
+        given_examples([{**README_RECORDS[0], "id": "a"}, {"id": "b", "context": "x", "answers": {"text": []}}],
+                       name="train_examples")  # fmt: skip
+    with pytest.raises(TypeError, match=r"train_examples\[1\] is a str; give bertqa.examples.Example"):
+        given_examples([README_RECORDS[0], "What is it?"], name="train_examples")
+    with pytest.raises(TypeError, match=r"a path or source name goes in TrainConfig\.train_data"):
+        given_examples("mine.jsonl")
+    with pytest.raises(ValueError, match="no examples were given"):
+        given_examples([])
+
+
+def test_small_data_is_held_out_by_passage_when_whole_articles_cannot_be(caplog):
+    examples, _ = sources.load_examples("dev-v1.1[:1]")  # one article, many passages
+    kept, held = sources.hold_out(examples, 0.1, seed=0)
+    assert kept and held and not {ex.context for ex in kept} & {ex.context for ex in held}
+    assert 0.05 < len(held) / len(examples) < 0.3
+    assert "held out by passage, not by article (one article)" in caplog.text
+    two, _ = sources.load_examples("dev-v2.0[:2]")  # whole articles would hold out about half
+    kept, held = sources.hold_out(two, 0.1, seed=0)
+    assert len(held) / len(two) < 0.2 and not {ex.context for ex in kept} & {ex.context for ex in held}
+    one_passage = [ex for ex in examples if ex.context == examples[0].context]
+    with pytest.raises(sources.HoldOutError, match=r"all \d+ examples are of one passage.*pass evaluation data"):
+        sources.hold_out(one_passage, 0.1, seed=0)
+
+
+def test_every_split_of_small_v2_data_works_and_says_what_it_held_out(caplog):
+    run = sources.run_examples("dev-v2.0[:2]")
+    assert run.train and run.eval and run.calibration and run.calibration_off is None
+    sides = [{ex.context for ex in side} for side in (run.train, run.eval, run.calibration)]
+    assert not (sides[0] & sides[1] or sides[0] & sides[2] or sides[1] & sides[2])
+    assert len(run.train) + len(run.eval) + len(run.calibration) == 626
+    off = sources.run_examples("dev-v2.0[:2]", calibration_split=0)
+    assert not off.calibration and off.calibration_off == "calibration_split is 0"
+    assert len(off.train) + len(off.eval) == 626
+    assert "not calibrated (calibration_split is 0): the default 0 is used" in caplog.text
+
+
+def test_the_readme_records_make_a_run_with_a_stated_policy(tmp_path, caplog):
+    path = tmp_path / "mine.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in README_RECORDS))
+    for seed in range(6):  # whichever side each passage falls on
+        run = sources.run_examples(str(path), seed=seed)
+        assert run.train and run.eval and len(run.train) + len(run.eval) + len(run.calibration) == 3
+        assert run.calibration_off is None or "one passage" in run.calibration_off
+
+
+def test_own_training_examples_are_not_scored_on_the_bundled_dev_set_by_default(caplog):
+    examples, _ = sources.load_examples("dev-v1.1[:3]")
+    run = sources.run_examples("train-v1.1", train_examples=examples)
+    assert run.eval and {ex.id for ex in run.eval} <= {ex.id for ex in examples}
+    assert "no evaluation data was given with the training examples: 10% of them is held out" in caplog.text
+    named = sources.run_examples("train-v1.1", train_examples=examples, eval_data="dev-v1.1[3:4]")
+    assert named.train == examples and named.eval_data == "dev-v1.1[3:4]"
+
+
+def test_an_article_range_is_reported_on_its_own(tmp_path):
+    path = tmp_path / "mine.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in README_RECORDS))
+    _, first = sources.load_examples(f"{path}[:1]")
+    assert (first.n_examples, first.version, first.n_generated_ids) == (1, "v1.1", 0)
+    assert first.source.endswith("mine.jsonl[:1]")
+    _, rest = sources.load_examples(f"{path}[1:]")
+    assert (rest.n_examples, rest.n_impossible, rest.version, rest.n_generated_ids) == (2, 1, "v2.0", 2)
+
+
+def test_repairs_are_named_and_a_column_that_looks_wrong_is_warned_about(tmp_path):
+    path = tmp_path / "mine.csv"
+    rows = [("001", "Paris is the capital of France.", "What is the capital?", "Paris", 0, 5),
+            ("002", "The book was written by Ann Lee.", "Who wrote it?", "Ann Lee", 24, 3)]  # fmt: skip
+    path.write_text("qid,passage,query,gold,gold_start,other\n" + "".join(
+        ",".join(f'"{v}"' if isinstance(v, str) else str(v) for v in row) + "\n" for row in rows))  # fmt: skip
+    mapping = "id=qid,context=passage,question=query,answer_text=gold,answer_start="
+    _, good = sources.load_examples(str(path), column_map=mapping + "gold_start")
+    assert good.n_repaired == 0 and not good.warnings
+    _, wrong = sources.load_examples(str(path), column_map=mapping + "other")
+    assert wrong.n_repaired == 2
+    assert "mine.csv: line 2 (id '001')" in wrong.warnings[0] and "moved to 0" in wrong.warnings[0]
+    assert "2 of the 2 answer offsets given (100%)" in wrong.warnings[-1] and "--column-map" in wrong.warnings[-1]

@@ -13,6 +13,9 @@ import torch
 from bertqa import engine, optim
 from tests.test_scripts import ROOT, script, two_processes
 
+# End to end: scripts, processes and whole runs (seconds each); `make test-fast` leaves them out.
+pytestmark = pytest.mark.e2e
+
 SETTINGS = [
     "--train-data", "dev-v1.1", "--eval-data", "dev-v1.1", "--max-train-examples", "40", "--max-eval-examples", "12",
     "--max-seq-length", "128", "--doc-stride", "32", "--max-query-length", "32", "--batch-size", "4", "--lr", "1e-3",

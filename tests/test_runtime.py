@@ -39,6 +39,7 @@ def _faults(mode: str, **env: str) -> tuple[str, int]:
     return out[0], int(out[1])
 
 
+@pytest.mark.e2e
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc only")
 def test_freed_memory_is_reused_instead_of_faulted_in_again():
     page_rounds = 64 * 2**20 // 4096
@@ -81,3 +82,65 @@ def test_batches_are_copied_to_the_device_without_blocking(tokenizer):
     assert loader.pin_memory == (accelerator.device.type == "cuda")
     train, _ = train_loader(tiny_features, batch_size=4, seed=0, group_by_length=True, pad_token_id=0, pin_memory=True)
     assert train.pin_memory
+
+
+@pytest.fixture
+def launched(monkeypatch):
+    """This process as `accelerate launch` starts one: its variables set, `cores` cores and `threads` threads."""
+
+    def setup(*, cores: int, threads: int, local: int | None = None, by_accelerate: bool = True) -> None:
+        for name in (
+            "ACCELERATE_MIXED_PRECISION",
+            "ACCELERATE_DYNAMO_BACKEND",
+            "TORCHELASTIC_RUN_ID",
+            "LOCAL_WORLD_SIZE",
+        ):
+            monkeypatch.delenv(name, raising=False)
+        if by_accelerate:
+            monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
+            monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "NO")
+        if local is not None:
+            monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local))
+        monkeypatch.setattr(runtime, "_cores_available", lambda: cores)
+        monkeypatch.setattr(runtime.torch, "get_num_threads", lambda: threads)
+        monkeypatch.setattr(runtime, "_said", set())
+        monkeypatch.setattr(sys, "argv", ["scripts/train.py"])
+
+    return setup
+
+
+def test_a_launched_cpu_process_left_one_thread_of_several_cores_is_told_what_to_add(launched):
+    launched(cores=8, threads=1)
+    assert runtime.cpu_threads_advice() == (
+        "accelerate launch gave this process 1 CPU thread of the 8 cores it may use: it computes at a fraction of "
+        "the speed it could; add --num_cpu_threads_per_process 8 to accelerate launch, or run python "
+        "scripts/train.py directly"
+    )
+    launched(cores=8, threads=1, local=2)  # two processes share the 8 cores: 4 each
+    advice = runtime.cpu_threads_advice()
+    assert "(shared by 2 processes on this machine)" in advice and "--num_cpu_threads_per_process 4" in advice
+    assert "directly" not in advice  # one python process would not be the same run
+
+
+@pytest.mark.parametrize(
+    "setting",
+    [
+        {"cores": 8, "threads": 8},  # --num_cpu_threads_per_process given
+        {"cores": 2, "threads": 1, "local": 2},  # each has its share
+        {"cores": 1, "threads": 1},
+        {"cores": 8, "threads": 1, "by_accelerate": False},  # OMP_NUM_THREADS=1 of the user's own
+    ],
+)
+def test_no_advice_where_threads_match_the_share_or_the_launcher_did_not_set_them(launched, setting):
+    launched(**setting)
+    assert runtime.cpu_threads_advice() is None
+
+
+def test_the_thread_warning_is_logged_once_when_the_accelerator_is_made(launched, caplog, monkeypatch):
+    launched(cores=4, threads=1)
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")  # as `accelerate launch --cpu` sets it (a GPU machine too)
+    with caplog.at_level("WARNING", logger="bertqa"):
+        runtime.make_accelerator()
+        runtime.make_accelerator()  # evaluation after training, say: not again
+    said = [r.getMessage() for r in caplog.records if "num_cpu_threads_per_process" in r.getMessage()]
+    assert len(said) == 1 and "1 CPU thread of the 4 cores" in said[0]

@@ -16,6 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 
+# End to end: scripts, processes and whole runs (seconds each); `make test-fast` leaves them out.
+pytestmark = pytest.mark.e2e
+
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
 SMALL = [
@@ -152,6 +155,8 @@ def test_two_process_training_runs(tmp_path, tiny_dir):
     )  # fmt: skip
     assert "2 processes" in result.stderr and "effective batch 8 windows" in result.stderr
     assert (tmp_path / "ddp" / "final_model" / "model.safetensors").exists()
+    for line in ("effective batch 8 windows", "label self-check", "eval at step"):  # the main process's word only
+        assert result.stderr.count(line) == 1, line
 
 
 def final_record(run: Path) -> dict:
@@ -290,3 +295,13 @@ def test_a_stalled_process_stops_its_peer_with_a_message(tmp_path, tiny_dir):
         proc.kill()
     assert proc.returncode != 0
     assert re.search(r"error: process \d of 2 gave up waiting for the others", err), err[-3000:]
+
+
+def test_the_installed_package_is_imported_from_the_folder_above_the_checkout(tmp_path):
+    # A checkout named bertqa, Python started in the folder above it: that folder must not pass for the package.
+    (tmp_path / "bertqa").symlink_to(ROOT, target_is_directory=True)
+    code = "import bertqa.engine, bertqa.data; print(bertqa.__file__); print(bertqa.data.Window.__name__)"
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=ENV, capture_output=True, text=True,
+                            timeout=120)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == [str(ROOT / "bertqa" / "__init__.py"), "Window"]

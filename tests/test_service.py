@@ -230,6 +230,7 @@ def server(tiny_dir):
     assert proc.returncode == 0 and "Traceback" not in out, out
 
 
+@pytest.mark.e2e
 def test_a_real_server_keeps_answers_with_their_questions_under_concurrent_clients(server):
     from tests.test_export import load_examples
 
@@ -264,6 +265,7 @@ def test_a_real_server_keeps_answers_with_their_questions_under_concurrent_clien
     assert status == 422 and "yields no tokens" in body["error"]
 
 
+@pytest.mark.e2e
 def test_the_load_test_reports_no_errors_and_every_answer_matched(tiny_dir):
     result = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "load_test.py"), str(tiny_dir), "--clients", "3", "--seconds", "3",
@@ -277,6 +279,7 @@ def test_the_load_test_reports_no_errors_and_every_answer_matched(tiny_dir):
     assert summary["p95_ms"] >= summary["p50_ms"] > 0 and summary["rss_mib_max"] >= summary["rss_mib_start"] > 0
 
 
+@pytest.mark.e2e
 def test_a_body_that_never_arrives_is_cut_off(server):
     port = int(server.rsplit(":", 1)[1])
     with socket.create_connection(("127.0.0.1", port), timeout=30) as conn:
@@ -293,6 +296,7 @@ def test_a_body_that_never_arrives_is_cut_off(server):
     assert 3.5 < time.monotonic() - t0 < 20
 
 
+@pytest.mark.e2e
 def test_serve_refuses_a_bad_port_and_one_in_use(tiny_dir, server):
     from tests.test_scripts import script
 
@@ -345,6 +349,7 @@ def ask_in_page(browser, url: str, context: str, question: str) -> None:
     WebDriverWait(browser, 60).until(lambda b: b.find_element(By.TAG_NAME, "body").get_attribute("data-answered"))
 
 
+@pytest.mark.e2e
 def test_the_page_answers_in_a_real_browser(server, browser):
     from selenium.webdriver.common.by import By
 
@@ -374,6 +379,7 @@ class NoAnswerStub(StubAnswerer):
         return [Answer(r["id"], "", None, None, 2.0, 0.9, 0.9, candidate[:top_k]) for r in records]
 
 
+@pytest.mark.e2e
 def test_the_page_says_no_answer_for_a_v2_model_in_a_real_browser(browser):
     import uvicorn
     from selenium.webdriver.common.by import By

@@ -207,6 +207,7 @@ def test_a_pruned_run_stops_and_its_trial_is_recorded_pruned(tmp_path, tiny_dir)
     assert (run / "metrics.jsonl").is_file() and not (run / "checkpoints").exists()  # never resumed: freed
 
 
+@pytest.mark.e2e
 def test_sweep_script_runs_resumes_and_reports(tmp_path, tiny_dir):
     out = tmp_path / "sweep"
     args = ["--model", tiny_dir, *SWEEP, "--param", "lr=1e-4..1e-2:log", "--param", "schedule=linear,cosine"]
@@ -277,6 +278,7 @@ def load_config_of(main, args, capsys) -> TrainConfig:
     return TrainConfig(**shown)
 
 
+@pytest.mark.e2e
 def test_failed_trials_are_recorded_with_their_error_and_the_sweep_goes_on(tmp_path, tiny_dir):
     out = tmp_path / "sweep"
     study = sweep.open_study(out / "study.db", "sweep")
@@ -298,6 +300,7 @@ def test_failed_trials_are_recorded_with_their_error_and_the_sweep_goes_on(tmp_p
     assert errors[1] == trials[1].user_attrs["error"] and errors[2] == ""
 
 
+@pytest.mark.e2e
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage:UserWarning")  # the trial asked for stands in for a dead one
 def test_a_killed_trial_is_failed_and_run_again_with_its_values(tmp_path, tiny_dir):
     study = sweep.open_study(tmp_path / "study.db", "s", heartbeat_interval=1, grace_period=1)
