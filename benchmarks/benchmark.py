@@ -51,6 +51,7 @@ def add_measure_flags(p: argparse.ArgumentParser, *, windows: int, batch_size: i
     p.add_argument("--batch-size", type=positive_int, default=batch_size, help="windows per batch, in every loop")
     p.add_argument(
         "--precision",
+        "--mixed-precision",
         choices=("auto", "no", "bf16", "fp16"),
         default="auto",
         help="autocast precision; auto: bf16 where the hardware runs it natively (GPUs that support it, CPUs with "

@@ -22,7 +22,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-data", default="dev-v1.1", help="the questions whose windows are timed")
     p.add_argument("--max-eval-examples", type=positive_int, default=1000, help="seeded subset of the questions")
     p.add_argument("--batch-size", type=positive_int, default=64, help="windows per batch")
-    p.add_argument("--precision", default="auto", choices=("auto", "no", "bf16"), help="auto: bf16 where native")
+    p.add_argument(
+        "--precision",
+        "--mixed-precision",
+        default="auto",
+        choices=("auto", "no", "bf16"),
+        help="auto: bf16 where native",
+    )
     p.add_argument("--repeats", type=positive_int, default=3, help="rounds; each model's best round counts")
     return p.parse_args(argv)
 

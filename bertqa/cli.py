@@ -61,6 +61,8 @@ def _checked(kind: Callable[[str], Any], ok: Callable[[Any], bool], rule: str) -
 positive_int = _checked(int, lambda v: v > 0, "must be at least 1")
 positive_float = _checked(float, lambda v: v > 0, "must be above 0")  # `not nan > 0`: nan is refused too
 non_negative_float = _checked(float, lambda v: 0 <= v < float("inf"), "must be 0 or more")
+non_negative_int = _checked(int, lambda v: v >= 0, "must be 0 or more")
+share = _checked(float, lambda v: 0 <= v <= 1, "must be in [0, 1]")
 finite_float = _checked(float, math.isfinite, "must be a finite number")
 port_number = _checked(int, lambda v: 0 <= v <= 65535, "must be a port number, 0 to 65535")
 # A dropout probability: at 1 every value would be dropped.

@@ -52,7 +52,9 @@ class TrainConfig:
         "bundled train-v1.1, otherwise a held-out eval_split of the training data",
     )
     eval_split: float | None = _f(
-        None, "hold out this share of the training data for evaluation, whole articles (titles) at a time (0.1)"
+        None,
+        "hold out this share of the training data for evaluation, whole articles (titles) at a time; unset: as "
+        "eval_data says",
     )
     calibration_split: float = _f(
         0.05,
@@ -71,7 +73,9 @@ class TrainConfig:
         "Makes the run SQuAD v2 (a calibrated no-answer threshold); a held-out evaluation share gets them too",
     )
     max_train_examples: int | None = _f(None, "seeded random subset of training *examples* (all if unset)")
-    max_eval_examples: int | None = _f(None, "seeded random subset of evaluation examples (all windows kept)")
+    max_eval_examples: int | None = _f(
+        None, "seeded random subset of evaluation examples (all windows kept); also caps a v2 run's calibration ones"
+    )
     max_seq_length: int = _f(Window.max_seq_length, "tokens per window (question + context + special tokens)")
     doc_stride: int = _f(Window.doc_stride, "tokens shared by consecutive windows of a long context")
     max_query_length: int = _f(Window.max_query_length, "questions are cut to this many tokens")
@@ -363,15 +367,19 @@ def _value_problems(c: TrainConfig) -> list[str]:
     if not 0 <= c.calibration_split < 1:
         problems.append("calibration_split must be 0 (no calibration) or between 0 and 1")
     if c.eval_split is not None and not 0 < c.eval_split < 1:
-        problems.append("eval_split must be between 0 and 1")
+        problems.append(f"eval_split must be above 0 and below 1, got {c.eval_split}")
     if c.eval_split is not None and c.eval_data is not None:
         problems.append("give eval_data or eval_split, not both (eval_split holds out part of train_data)")
     if c.attention_dropout is not None and not 0 <= c.attention_dropout < 1:
         problems.append("attention_dropout must be in [0, 1)")
     if not 0 <= c.warmup_ratio < 1:
         problems.append("warmup_ratio must be in [0, 1)")
-    if c.lr <= 0:
-        problems.append("lr must be positive")
+    if not 0 < c.lr < float("inf"):  # nan fails this too
+        problems.append(f"lr must be positive and finite, got {c.lr}")
+    if not 0 <= c.seed < 2**32:
+        problems.append(f"seed must be a whole number from 0 to 2**32 - 1, got {c.seed}")
+    if not str(c.output_dir).strip():
+        problems.append("output_dir must name a folder (an empty one would be the current folder)")
     if not 0 < c.layer_lr_decay <= 1:
         problems.append(f"layer_lr_decay must be in (0, 1] (1 = off), got {c.layer_lr_decay}")
     if c.early_stopping_patience is not None and c.early_stopping_patience < 1:

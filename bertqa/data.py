@@ -57,7 +57,7 @@ class Window:
                 f"doc_stride={self.doc_stride} must be >= 0 and smaller than the context room of a window ({room} = "
                 f"max_seq_length {self.max_seq_length} - max_query_length {self.max_query_length} - {n_special} "
                 "special tokens): it is the number of tokens consecutive windows share, so it must leave room for "
-                "new text"
+                f"new text (a quarter of the room is usual: doc_stride={max(room // 4, 0)})"
             )
         return room
 

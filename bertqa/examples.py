@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import unicodedata
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -217,7 +218,10 @@ def _answers_of(get: Callable[[str, int], Any], i: int, names: dict[str, str], p
             try:
                 value = json.loads(value)
             except json.JSONDecodeError as err:
-                raise SquadFormatError(f"{place}: column {column!r}: not JSON ({err.msg})") from err
+                raise SquadFormatError(
+                    f"{place}: column {column!r}: not JSON ({err.msg}); it holds {{'text': [...], 'answer_start': "
+                    "[...]}, or name a column of single answer texts with answer_text (--column-map)"
+                ) from err
         if isinstance(value, list):  # [{"text": ..., "answer_start": ...}, ...]
             if not all(isinstance(a, dict) for a in value):
                 raise SquadFormatError(f"{place}: column {column!r}: expected objects with 'text' and 'answer_start'")
@@ -226,6 +230,11 @@ def _answers_of(get: Callable[[str, int], Any], i: int, names: dict[str, str], p
             raise SquadFormatError(
                 f"{place}: column {column!r}: expected {{'text': [...], 'answer_start': [...]}}, got {value!r:.80}"
             )
+        for key in ("text", "answer_start"):  # a bare string would be read as one answer per character
+            if key in value and value[key] is not None and not isinstance(value[key], (list, tuple)):
+                raise SquadFormatError(
+                    f"{place}: column {column!r}: {key!r} must be a list (one entry per answer), got {value[key]!r:.80}"
+                )
         texts, starts = list(value.get("text") or []), list(value.get("answer_start") or [None] * len(value["text"]))
         if len(texts) != len(starts):
             raise SquadFormatError(f"{place}: column {column!r}: {len(texts)} texts but {len(starts)} answer_start")
@@ -249,7 +258,7 @@ def _start(value: Any, column: str, place: str) -> int | None:
         number = float(value)
     except (TypeError, ValueError):
         number = float("nan")
-    if number != number or number != int(number) or number < 0:
+    if not 0 <= number < float("inf") or number != int(number):  # nan and infinity fail the first test
         raise SquadFormatError(f"{place}: column {column!r}: answer_start must be a whole number >= 0, got {value!r}")
     return int(number)
 
@@ -356,8 +365,8 @@ def _example(
         if not value.strip():
             raise SquadFormatError(f"{where}: {label(name)} is empty")
     for text in texts:
-        if not isinstance(text, str) or not text:
-            raise SquadFormatError(f"{where}: {label('answers')}: an answer text must be non-empty text, got {text!r}")
+        if not isinstance(text, str) or not text.strip():  # a blank answer has no tokens to label
+            raise SquadFormatError(f"{where}: {label('answers')}: an answer text must be non-blank text, got {text!r}")
     if any(start is not None and start < 0 for start in starts):
         raise SquadFormatError(f"{where}: {label('answer_start')}: an answer_start must be >= 0, got {starts}")
     if texts and is_impossible:
@@ -405,7 +414,9 @@ def _checked(
                     f": answer_start {start} points at {ex.context[start : start + len(text)]!r}, not at the text"
                 )
             if found is None:
-                raise SquadFormatError(problem + "; the text does not occur in the context at all")
+                same = unicodedata.normalize("NFC", text) in unicodedata.normalize("NFC", ex.context)
+                hint = " (it does once both are Unicode-normalised: write them in one form, NFC)" if same else ""
+                raise SquadFormatError(problem + "; the text does not occur in the context at all" + hint)
             if start is not None and on_mismatch == "error":
                 raise SquadFormatError(problem + f" (it occurs at {found}; on_mismatch='repair' would move it there)")
             starts[i] = found

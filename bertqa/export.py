@@ -152,7 +152,7 @@ def _check_out(model_dir: Path, out: Path, *, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out} is a file; the export writes a folder")
     if out.exists() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out} already exists; pass overwrite (--overwrite) to replace it")
+        raise FileExistsError(f"{out} already exists; pass --overwrite (overwrite=True from Python) to replace it")
     check_writable(out.parent)
 
 

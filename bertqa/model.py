@@ -79,13 +79,19 @@ def check_model_folder(name: str | Path) -> None:
         if problem is not None:
             raise ModelNotFoundError(problem)
     elif path.exists():
-        raise ModelNotFoundError(f"{name} is a file; a model is a folder (pass {path.parent}, the folder holding it)")
+        holder = f" (pass {path.parent}, the folder holding it)" if (path.parent / "config.json").is_file() else ""
+        raise ModelNotFoundError(
+            f"{name} is a file; a model is a folder holding config.json, the weights and the tokenizer{holder}"
+        )
     elif looks_local(name):
         raise ModelNotFoundError(f"model folder {name!r} does not exist{_nearest_hint(path)}")
 
 
 def _not_a_model_folder(path: Path, name: str) -> str | None:
     """What is wrong with passing `path`, a folder, as a model: it is a training run's folder or a checkpoint."""
+    if path.name == "checkpoints" and _is_run(path.parent):
+        run = Path(name).parent
+        return f"{name} holds the checkpoints of the training run {run}, to resume it from; {_run_models(run)}"
     if path.parent.name == "checkpoints" and _is_run(path.parent.parent):
         run = Path(name).parent.parent
         return f"{name} is a checkpoint of the training run {run}, to resume it from; {_run_models(run)}"

@@ -341,9 +341,7 @@ def log_plan(
     if examples.v2 and not is_v2(examples.eval):
         logger.info("a SQuAD v2 run (its training data holds unanswerable questions): scored as v2.0 although the "
                     "evaluation data has none, so that answering 'no answer' counts")  # fmt: skip
-    if examples.v2 and examples.calibration_off is not None:
-        logger.info("the no-answer threshold is not calibrated (%s): it is the default, 0", examples.calibration_off)
-    elif examples.v2:
+    if examples.v2 and examples.calibration_off is None:  # without calibration it was said at loading
         chosen = (
             f"{len(examples.calibration):,} held-out training questions"
             if examples.calibration

@@ -164,9 +164,9 @@ def _processes_on_this_machine() -> int:
 def cpu_threads_advice() -> str | None:
     """What to say when `accelerate launch` started this process with fewer CPU threads than its share of the
     cores (the cores it may use over the processes on this machine), else None. The launcher sets OMP_NUM_THREADS
-    to `--num_cpu_threads_per_process`, 1 unless given (or unless `--cpu` lets it count physical cores): on a
-    2-core CPU a run trained at 4.1 windows/s so, against 9.7 with both cores. The thread count is left as it
-    is: it may be what the user asked for."""
+    to `--num_cpu_threads_per_process`, 1 unless given (or unless `--cpu` lets it count physical cores), so one
+    process on a 2-core CPU computes on half of it. The thread count is left as it is: it may be what the user
+    asked for."""
     if accelerate_launcher() is None:
         return None
     threads, cores, processes = torch.get_num_threads(), _cores_available(), _processes_on_this_machine()

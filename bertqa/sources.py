@@ -131,7 +131,8 @@ def run_examples(
         described = "given examples"
     elif isinstance(source, float):
         train, evaluation = hold_out(train, source, seed=seed)
-        described = f"{source:.0%} of the training data held out ({len(evaluation):,} questions)"
+        share = len(evaluation) / (len(evaluation) + len(train))
+        described = f"{len(evaluation):,} of the training questions held out ({share:.0%}; {source:.0%} asked)"
     else:
         evaluation, report = load_examples(source, **options)
         reports.append(report)
@@ -311,7 +312,7 @@ def hold_out(
     held = _held_units(passages, share, seed=seed)
     if held is None:
         advice = {
-            "evaluation": "pass evaluation data instead (eval_data, or eval_examples to fit)",
+            "evaluation": "name evaluation data instead (--eval-data; eval_examples or eval_data for fit)",
             "calibration": "a SQuAD v2 run chooses its no-answer threshold on held-out training passages",
         }.get(purpose, "")
         raise HoldOutError(

@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 
 from bertqa import data
-from bertqa.cli import run, script_parser, setup_logging
+from bertqa.cli import positive_int, run, script_parser, setup_logging, share
 from bertqa.sources import load_examples
 
 
@@ -26,8 +26,10 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("max_seq_length", "doc_stride", "max_query_length"):
         default = getattr(data.Window, name)
         parser.add_argument("--" + name.replace("_", "-"), type=int, default=default, help="window setting")
-    parser.add_argument("--workers", type=int, default=1, help="tokenizing processes (same windows for any number)")
-    parser.add_argument("--min-match-rate", type=float, default=0.99, help="fail (exit 2) below this match rate")
+    parser.add_argument(
+        "--workers", type=positive_int, default=1, help="tokenizing processes (same windows for any number)"
+    )
+    parser.add_argument("--min-match-rate", type=share, default=0.99, help="fail (exit 2) below this match rate")
     args = parser.parse_args(argv)
     setup_logging()
     from bertqa.model import build_tokenizer

@@ -18,7 +18,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from bertqa.cli import finite_float, positive_int, run, script_parser, setup_logging
+from bertqa.cli import finite_float, non_negative_int, positive_int, run, script_parser, setup_logging
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -33,7 +33,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--batch-size", type=positive_int, help="windows per forward pass (default: 4 on a CPU, 64 on a GPU)"
     )
-    parser.add_argument("--top-k", type=int, default=0, help="also list this many candidate answers per question")
+    parser.add_argument(
+        "--top-k", type=non_negative_int, default=0, help="also list this many candidate answers per question"
+    )
     parser.add_precision(help="auto: bf16 where the hardware has it")
     parser.add_argument("--out", type=Path, help="write JSONL here instead of standard output")
     parser.add_flag("--overwrite", help="replace an existing --out file")

@@ -470,7 +470,10 @@ def test_a_v2_run_without_calibration_ships_the_default_threshold(tmp_path, tiny
     assert meta["no_answer_threshold"] == summary["final"]["no_answer_threshold"] == 0.0
     assert meta["threshold_calibrated_on"] == {
         "source": "none (calibration_split is 0): the default threshold 0", "questions": 0}  # fmt: skip
-    assert "calibration_best_f1" not in summary["final"] and "it is the default, 0" in caplog.text
+    assert (
+        "calibration_best_f1" not in summary["final"]
+        and "not calibrated (calibration_split is 0): the default 0" in caplog.text
+    )
 
 
 def test_checkpoints_without_the_optimizer_state_are_smaller_and_still_resume(tmp_path, tiny, caplog):

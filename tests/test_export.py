@@ -97,7 +97,7 @@ def test_export_never_replaces_a_folder_unasked(tiny_dir, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "mine.txt").write_text("keep")
-    with pytest.raises(FileExistsError, match="pass overwrite"):
+    with pytest.raises(FileExistsError, match="pass --overwrite"):
         export_onnx(tiny_dir, out, check_questions=4)
     assert (out / "mine.txt").read_text() == "keep"
     with pytest.raises(ValueError, match="quantize must be one of"):
@@ -167,5 +167,5 @@ def test_export_script_says_what_it_checked(tiny_dir, tmp_path):
     result = script("export.py", tiny_dir, tmp_path / "m", "--check-questions", "4")
     assert "the export matches" in result.stdout and "INFO" not in result.stderr, result.stderr
     again = script("export.py", tiny_dir, tmp_path / "m", "--check-questions", "4", check=False)
-    assert again.returncode != 0 and "already exists; pass overwrite" in again.stderr
+    assert again.returncode != 0 and "already exists; pass --overwrite" in again.stderr
     assert "Traceback" not in again.stderr

@@ -49,6 +49,13 @@ def test_config_values_are_checked_and_named():
         ({"keep_checkpoints": 0}, "keep_checkpoints must be positive"),
         ({"lr": "1e-4"}, "key 'lr': expected float, got str"),
         ({"max_steps": 0}, "max_steps must be positive when set"),
+        ({"lr": float("nan")}, "lr must be positive and finite, got nan"),
+        ({"lr": float("inf")}, "lr must be positive and finite, got inf"),
+        ({"seed": -1}, r"seed must be a whole number from 0 to 2\*\*32 - 1, got -1"),
+        ({"output_dir": ""}, "output_dir must name a folder"),
+        ({"eval_split": 0.0}, "eval_split must be above 0 and below 1, got 0.0"),
+        ({"calibration_split": 1.0}, r"calibration_split must be 0 \(no calibration\) or between 0 and 1"),
+        ({"max_seq_length": 128}, r"a quarter of the room is usual: doc_stride=15"),
     ]:
         with pytest.raises(ValueError, match=message):
             TrainConfig(**changes)

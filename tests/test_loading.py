@@ -265,7 +265,9 @@ def test_small_data_is_held_out_by_passage_when_whole_articles_cannot_be(caplog)
     kept, held = sources.hold_out(two, 0.1, seed=0)
     assert len(held) / len(two) < 0.2 and not {ex.context for ex in kept} & {ex.context for ex in held}
     one_passage = [ex for ex in examples if ex.context == examples[0].context]
-    with pytest.raises(sources.HoldOutError, match=r"all \d+ examples are of one passage.*pass evaluation data"):
+    with pytest.raises(
+        sources.HoldOutError, match=r"all \d+ examples are of one passage.*name evaluation data instead \(--eval-data"
+    ):
         sources.hold_out(one_passage, 0.1, seed=0)
 
 
@@ -322,3 +324,20 @@ def test_repairs_are_named_and_a_column_that_looks_wrong_is_warned_about(tmp_pat
     assert wrong.n_repaired == 2
     assert "mine.csv: line 2 (id '001')" in wrong.warnings[0] and "moved to 0" in wrong.warnings[0]
     assert "2 of the 2 answer offsets given (100%)" in wrong.warnings[-1] and "--column-map" in wrong.warnings[-1]
+
+
+@pytest.mark.parametrize(
+    ("answers", "message"),
+    [
+        ({"text": "Ann Lee"}, r"'text' must be a list \(one entry per answer\), got 'Ann Lee'"),
+        ({"text": ["Ann Lee"], "answer_start": 24}, r"'answer_start' must be a list \(one entry per answer\), got 24"),
+        ({"text": ["Ann Lee"], "answer_start": [float("inf")]}, "answer_start must be a whole number >= 0, got inf"),
+        ("Ann Lee", r"not JSON \(Expecting value\); it holds \{'text'"),
+        ({"text": [" "], "answer_start": [0]}, "an answer text must be non-blank text, got ' '"),
+        ({"text": ["Cafe\u0301"], "answer_start": [0]}, "once both are Unicode-normalised"),
+    ],
+)
+def test_answers_of_the_wrong_shape_are_refused_naming_the_record(answers, message):
+    record = {"id": "a", "context": "Café Ann Lee wrote it.", "question": "Who?", "answers": answers}
+    with pytest.raises(SquadFormatError, match=r"train_examples: record 0 \(id 'a'\).*" + message):
+        given_examples([record], name="train_examples")

@@ -305,3 +305,12 @@ def test_the_installed_package_is_imported_from_the_folder_above_the_checkout(tm
                             timeout=120)  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split() == [str(ROOT / "bertqa" / "__init__.py"), "Window"]
+
+
+def test_pack_model_does_not_replace_a_folder_without_being_asked(tmp_path):
+    model = tmp_path / "final_model"
+    model.mkdir()
+    (model / "model.safetensors").write_text("a trained model")
+    result = script("pack_model.py", "--out", model, check=False)
+    assert result.returncode == 2 and "exists and is not empty; pass --overwrite" in result.stderr
+    assert (model / "model.safetensors").read_text() == "a trained model"
