@@ -121,6 +121,11 @@ def output_folder(requested: Path | None, default: Path, *, overwrite: bool, res
     return folder
 
 
+def precision_name(text: str) -> str:
+    """A precision as Accelerate names it: `fp32`, which the logs say, is its `no`."""
+    return "no" if text.lower() == "fp32" else text
+
+
 _TRUE, _FALSE = frozenset({"1", "true", "yes", "on"}), frozenset({"0", "false", "no", "off"})
 
 
@@ -171,10 +176,10 @@ class ScriptParser(argparse.ArgumentParser):
 
     def add_precision(self, *, choices: tuple[str, ...] = ("auto", "no", "bf16"), help: str) -> None:
         """`--mixed-precision` (train.py's name), and `--precision`, the name these scripts had first."""
-        self.add_argument(
-            "--mixed-precision", default="auto", choices=choices, help=f"{help}; --precision is the same flag"
-        )
-        self.add_argument("--precision", dest="mixed_precision", choices=choices, help=argparse.SUPPRESS)
+        self.add_argument("--mixed-precision", default="auto", choices=choices, type=precision_name,
+                          help=f"{help}; no = fp32 (fp32 is taken too); --precision is the same flag")  # fmt: skip
+        self.add_argument("--precision", dest="mixed_precision", choices=choices, type=precision_name,
+                          help=argparse.SUPPRESS)  # fmt: skip
 
     def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
         return super().parse_known_args(self._spelled_out(sys.argv[1:] if args is None else args), namespace)
@@ -274,6 +279,7 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, nargs="*", default=argparse.SUPPRESS, help=help_text)
         else:
             kind = _optional(base) if optional else base
+            kind = precision_name if field.name == "mixed_precision" else kind
             parser.add_argument(
                 flag, type=kind, choices=field.metadata.get("choices"), default=argparse.SUPPRESS, help=help_text
             )
@@ -289,7 +295,12 @@ def config_parser(description: str | None) -> ScriptParser:
     # The other scripts' first name for it, kept so that one spelling works everywhere.
     choices = TrainConfig.__dataclass_fields__["mixed_precision"].metadata["choices"]
     parser.add_argument(
-        "--precision", dest="mixed_precision", choices=choices, default=argparse.SUPPRESS, help=argparse.SUPPRESS
+        "--precision",
+        dest="mixed_precision",
+        choices=choices,
+        type=precision_name,
+        default=argparse.SUPPRESS,
+        help=argparse.SUPPRESS,
     )
     presets = "\n".join(
         f"  {name}: " + ", ".join(f"{k}={v}" for k, v in changes.items()) for name, changes in PRESETS.items()

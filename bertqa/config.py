@@ -131,7 +131,7 @@ class TrainConfig:
     mixed_precision: str = _f(
         "auto",
         "autocast precision; auto = bf16 where the hardware runs it natively (GPUs with bf16, CPUs with AMX or "
-        "AVX512-BF16), else fp32",
+        "AVX512-BF16), else fp32; no = fp32 (on the command line fp32 is taken too)",
         choices=("auto", "no", "bf16", "fp16"),
     )
     group_by_length: bool = _f(True, "batch windows of similar length together (less padding)")

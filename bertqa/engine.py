@@ -614,6 +614,8 @@ def _train(
     state = run.state
     if state.stop_reason is not None:
         logger.info("this run was stopped at update %d (%s): nothing is left to train", state.step, state.stop_reason)
+    elif 0 < run.total_steps <= state.step:
+        logger.info("this run had done all its %d updates: nothing is left to train", run.total_steps)
     t_start, train_time = time.perf_counter(), 0.0
     if eval_first and state.step == 0 and state.stop_reason is None:
         evaluation(run.model, state)

@@ -427,14 +427,7 @@ def _checked(
         out.append(ex if starts == list(ex.answer_starts) else _replace_starts(ex, tuple(starts)))
     if not out:
         raise SquadFormatError(f"{source}: holds no questions")
-    if n_repaired > _NOTED_REPAIRS:
-        notes.append((None, f"{source}: {n_repaired - _NOTED_REPAIRS:,} more answer offsets repaired"))
-    if n_repaired >= 2 and n_repaired > n_given / 2:
-        notes.append((None, (
-            f"{source}: {n_repaired:,} of the {n_given:,} answer offsets given ({n_repaired / n_given:.0%}) did not "
-            "point at their answer text and were moved: is answer_start read from the right column (--column-map "
-            "answer_start=COLUMN), and are the offsets counted in characters?"
-        )))  # fmt: skip
+    notes += _repair_totals(source, n_repaired, n_given)
     v2 = is_v2(out)
     version = "v2.0" if v2 else "v1.1"
     report = LoadReport(
@@ -452,6 +445,20 @@ def _checked(
         notes=tuple(notes),
     )
     return out, report
+
+
+def _repair_totals(source: str, n_repaired: int, n_given: int) -> list[tuple[str | None, str]]:
+    """Notes on a source's repairs past the ones named one by one, and on a source where most needed one."""
+    notes: list[tuple[str | None, str]] = []
+    if n_repaired > _NOTED_REPAIRS:
+        notes.append((None, f"{source}: {n_repaired - _NOTED_REPAIRS:,} more answer offsets repaired"))
+    if n_repaired >= 2 and n_repaired > n_given / 2:
+        notes.append((None, (
+            f"{source}: {n_repaired:,} of the {n_given:,} answer offsets given ({n_repaired / n_given:.0%}) did not "
+            "point at their answer text and were moved: is answer_start read from the right column (--column-map "
+            "answer_start=COLUMN), and are the offsets counted in characters?"
+        )))  # fmt: skip
+    return notes
 
 
 def _replace_starts(ex: Example, starts: tuple[int, ...]) -> Example:

@@ -79,19 +79,29 @@ def console_handler() -> logging.Handler:
 @contextlib.contextmanager
 def console_logging() -> Iterator[None]:
     """Show bertqa's INFO lines (what a run loads, plans and scores) for the duration, when nobody configured
-    logging: a library user calling `fit` sees what the scripts show. Logging set up by the user (a handler on the
-    root or the "bertqa" logger, or a level set on it) is left as it is."""
+    logging: a library user calling `fit` sees what the scripts show (transformers' own reports and bars are quiet
+    meanwhile, as in the scripts). Logging set up by the user (a handler on the root or the "bertqa" logger, or a
+    level set on it) is left as it is."""
     if logger.handlers or logging.getLogger().handlers or logger.level != logging.NOTSET:
         yield
         return
+    from transformers.utils import logging as hf_logging
+
     handler = console_handler()
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
+    # As the scripts do: transformers' load reports and per-file save bars would bury bertqa's lines.
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     try:
         yield
     finally:
         logger.removeHandler(handler)
         logger.setLevel(logging.NOTSET)
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 class LogMeter:

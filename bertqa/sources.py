@@ -140,18 +140,10 @@ def run_examples(
     calibration: list[Example] = []
     pools = {"train": train, "eval": evaluation, "calibration": calibration}  # each side before subsets
     calibration_off = None
-    if (is_v2(train) or negatives) and calibration_split == 0:
-        calibration_off = "calibration_split is 0"
-    elif is_v2(train) or negatives:  # a v2 model: its no-answer threshold is chosen on questions of its own
-        try:
-            train, pools["calibration"] = hold_out(train, calibration_split, seed=seed + 1, purpose="calibration")
-        except HoldOutError:
-            calibration_off = "the training data is one passage: none can be held out"
+    if is_v2(train) or negatives:  # a v2 model: its no-answer threshold is chosen on questions of its own
+        train, pools["calibration"], calibration_off = _calibration(train, calibration_split, seed=seed + 1)
         pools["train"] = train
         calibration = subsample(pools["calibration"], max_eval_examples, seed=seed)
-    if calibration_off is not None:
-        logger.warning("the no-answer threshold is not calibrated (%s): the default %g is used", calibration_off,
-                       DEFAULT_NO_ANSWER_THRESHOLD)  # fmt: skip
     if train_examples is None:
         train = subsample(train, max_train_examples, seed=seed)
     if eval_examples is None:
@@ -162,6 +154,19 @@ def run_examples(
         reports += _add_negatives(sides, pools, negatives, seed=seed, eval_too=held_out_eval)
     return RunExamples(sides["train"], sides["eval"], sides["calibration"], calibration_split, tuple(reports),
                        described, named, calibration_off)  # fmt: skip
+
+
+def _calibration(train: list[Example], share: float, *, seed: int) -> tuple[list[Example], list[Example], str | None]:
+    """(training, calibration) examples of a v2 run, and why there are no calibration ones (None when there are)."""
+    off = "calibration_split is 0" if share == 0 else None
+    if off is None:
+        try:
+            return (*hold_out(train, share, seed=seed, purpose="calibration"), None)
+        except HoldOutError:
+            off = "the training data is one passage: none can be held out"
+    logger.warning("the no-answer threshold is not calibrated (%s): the default %g is used", off,
+                   DEFAULT_NO_ANSWER_THRESHOLD)  # fmt: skip
+    return train, [], off
 
 
 _SIDES = {

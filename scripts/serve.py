@@ -76,12 +76,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _check_port_free(host: str, port: int) -> None:
+def _check_port_free(host: str, port: int) -> int:
+    """The port to serve on, proved free (port 0: one the system picks, named in the log instead of 0)."""
     import socket
 
     try:
-        with socket.create_server((host, port)):
-            pass
+        socket.getaddrinfo(host, port)
+    except socket.gaierror as err:  # the host name itself
+        raise OSError(f"cannot listen on {host}:{port}: {err.strerror or err} (is --host an address here?)") from None
+    try:
+        with socket.create_server((host, port)) as probe:
+            return probe.getsockname()[1]
     except OSError as err:
         raise OSError(
             f"cannot listen on {host}:{port}: {err.strerror or err} (another server there? pass --port)"
@@ -104,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     from bertqa.serving import Answerer
 
     limits = ServiceLimits(**{field: getattr(args, field) for _, field, _, _ in LIMIT_FLAGS})
-    _check_port_free(args.host, args.port)  # before the model loads, and before saying where it serves
+    args.port = _check_port_free(args.host, args.port)  # before the model loads, and before saying where it serves
     answerer = Answerer(
         args.model, batch_size=args.batch_size, threshold=args.threshold, precision=args.mixed_precision
     )

@@ -153,6 +153,7 @@ def test_mixed_precision_is_accepted_by_every_script_with_a_precision(name):
     parse = module.parse_args if hasattr(module, "parse_args") else cli.config_parser(None).parse_args
     for flag in ("--mixed-precision", "--precision"):
         assert parse([*first, *rest, flag, "bf16"]).mixed_precision == "bf16"
+        assert parse([*first, *rest, flag, "fp32"]).mixed_precision == "no"  # the name the logs use
 
 
 class _Built(Exception):

@@ -411,8 +411,12 @@ def test_a_library_user_who_set_up_no_logging_sees_what_the_run_does(tmp_path, t
     bertqa_logger = logging.getLogger("bertqa")
     monkeypatch.setattr(logging.getLogger(), "handlers", [])  # as in a plain script: nothing configured
     monkeypatch.setattr(bertqa_logger, "handlers", [])
-    engine.fit(tiny_config(tmp_path, save_every_steps=2), model=tiny())
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    engine.fit(tiny_config(tmp_path, save_every_steps=2, save_model=True), model=tiny())
     err = capsys.readouterr().err
+    assert "Writing model shards" not in err and hf_logging.get_verbosity() == verbosity  # quiet, then as it was
     assert "loaded " in err and "40 train examples ->" in err and "eval examples ->" in err
     assert "precision " in err and "label self-check" in err and "eval at step" in err
     assert re.search(r"disk: checkpoints about [\d.]+ MiB each \(weights \+ optimizer state\), the newest 2 kept", err)

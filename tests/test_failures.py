@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 
@@ -91,10 +92,12 @@ def test_resume_with_changed_settings_is_refused_then_accepted_and_recorded(tmp_
     assert load_config(tmp_path / "run" / "config.json").lr == 2e-3  # the record does not stop it being read
 
 
-def test_resuming_a_finished_run_adds_no_duplicate_evaluation(tmp_path, tiny):
+def test_resuming_a_finished_run_adds_no_duplicate_evaluation(tmp_path, tiny, caplog):
     finished = finished_run(tmp_path, tiny)
     before = (tmp_path / "run" / "metrics.jsonl").read_text()
-    summary = engine.fit(finished.replace(resume="latest"), model=tiny())
+    with caplog.at_level("INFO", logger="bertqa"):
+        summary = engine.fit(finished.replace(resume="latest"), model=tiny())
+    assert re.search(r"this run had done all its \d+ updates: nothing is left to train", caplog.text)
     assert (tmp_path / "run" / "metrics.jsonl").read_text() == before
     assert summary["final"]["f1"] == json.loads(before.splitlines()[-1])["f1"]
 

@@ -306,6 +306,8 @@ def test_serve_refuses_a_bad_port_and_one_in_use(tiny_dir, server):
     result = script("serve.py", tiny_dir, "--port", port, check=False)
     assert result.returncode == 2 and f"cannot listen on 127.0.0.1:{port}" in result.stderr, result.stderr
     assert "serving" not in result.stderr and "Traceback" not in result.stderr
+    result = script("serve.py", tiny_dir, "--host", "no such host", check=False)
+    assert result.returncode == 2 and "(is --host an address here?)" in result.stderr, result.stderr
 
 
 BROWSER_FLAGS = (
