@@ -337,6 +337,7 @@ def run(main: Callable[[], int]) -> None:
     """Run a script's main(); turn the library's clear errors into a one-line message and exit code 2, and Ctrl-C
     or SIGTERM into what it did (`bertqa.interrupt.Interrupted`) and 128 + the signal's number."""
     from bertqa.interrupt import stop_with_launcher
+    from bertqa.reporting import process_rank
 
     stop_with_launcher()
     try:
@@ -344,7 +345,7 @@ def run(main: Callable[[], int]) -> None:
     except KeyboardInterrupt as err:
         from bertqa.interrupt import Interrupted
 
-        if os.environ.get("RANK", "0") == "0":  # every process stopped alike: one line says so
+        if process_rank() == 0:  # every process stopped alike: one line says so
             said = err.describe() if isinstance(err, Interrupted) else "stopped by Ctrl-C"
             sys.stderr.write(f"\n{said}\n")
         sys.exit(err.exit_code if isinstance(err, Interrupted) else 130)
@@ -356,7 +357,7 @@ def run(main: Callable[[], int]) -> None:
         logging.getLogger("bertqa").debug("error", exc_info=True)
         sys.stderr.write(f"error: {message}\n")
         note = launcher_note()
-        if note is not None and os.environ.get("RANK", "0") == "0":  # once, however many processes report
+        if note is not None and process_rank() == 0:  # once, however many processes report
             sys.stderr.write(f"{note}\n")
         sys.exit(2)
 

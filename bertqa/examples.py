@@ -63,9 +63,10 @@ class LoadReport:
     n_repaired: int
     n_located: int = 0  # answers given without answer_start, placed at the first occurrence of their text
     n_generated_ids: int = 0
-    # The questions behind the three counts above, so that a part of the data is reported on its own (`part`).
-    repaired_ids: frozenset[str] = field(default=frozenset(), repr=False)
-    located_ids: frozenset[str] = field(default=frozenset(), repr=False)
+    # The questions behind the three counts above, so that a part of the data is reported on its own (`part`): the
+    # id of each repaired or located answer (a question with two appears twice), each generated id.
+    repaired_ids: tuple[str, ...] = field(default=(), repr=False)
+    located_ids: tuple[str, ...] = field(default=(), repr=False)
     generated_ids: frozenset[str] = field(default=frozenset(), repr=False)
     # Problems worth a warning line of their own, as (question id, or None for the whole source; the line).
     notes: tuple[tuple[str | None, str], ...] = ()
@@ -73,17 +74,19 @@ class LoadReport:
     def part(self, examples: Sequence[Example], source: str) -> LoadReport:
         """The report of `examples`, a part of what was loaded (an article range), named `source`."""
         ids = {ex.id for ex in examples}
+        repaired = tuple(qid for qid in self.repaired_ids if qid in ids)
+        located = tuple(qid for qid in self.located_ids if qid in ids)
         return LoadReport(
             source=source,
             version="v2.0" if is_v2(examples) else "v1.1",
             n_examples=len(examples),
             n_impossible=sum(ex.is_impossible for ex in examples),
             n_answers=sum(len(ex.answer_texts) for ex in examples),
-            n_repaired=len(self.repaired_ids & ids),
-            n_located=len(self.located_ids & ids),
+            n_repaired=len(repaired),
+            n_located=len(located),
             n_generated_ids=len(self.generated_ids & ids),
-            repaired_ids=self.repaired_ids & ids,
-            located_ids=self.located_ids & ids,
+            repaired_ids=repaired,
+            located_ids=located,
             generated_ids=self.generated_ids & ids,
             notes=tuple((qid, line) for qid, line in self.notes if qid is None or qid in ids),
         )
@@ -142,11 +145,11 @@ def examples_from_records(
     names = _mapped_columns(list(columns), dict(column_map or {}), source)
     n = len(next(iter(columns.values()), []))
     get: Callable[[str, int], Any] = lambda name, i: columns[names[name]][i] if name in names else None  # noqa: E731
-    examples, places, generated = [], [], 0
+    examples, places = [], []
     for i in range(n):
         qid = get("id", i)
         if qid is None or qid == "":
-            qid, generated = None, generated + 1
+            qid = None
         elif not isinstance(qid, (str, int)) or isinstance(qid, bool):
             place = _Place(source, where, i, None)
             raise SquadFormatError(f"{place}: column {names['id']!r}: an id must be text or a number, got {qid!r}")
@@ -394,8 +397,8 @@ def _checked(
     seen: dict[str, str] = {}
     out: list[Example] = []
     n_repaired = n_located = n_given = 0
-    repaired: set[str] = set()
-    located: set[str] = set()
+    repaired: list[str] = []  # the question of each repaired answer, and of each located one
+    located: list[str] = []
     notes: list[tuple[str | None, str]] = []
     for k, ex in enumerate(examples):
         place = places[k] if places is not None else source
@@ -421,7 +424,7 @@ def _checked(
                 raise SquadFormatError(problem + f" (it occurs at {found}; on_mismatch='repair' would move it there)")
             starts[i] = found
             n_repaired, n_located = n_repaired + (start is not None), n_located + (start is None)
-            (repaired if start is not None else located).add(ex.id)
+            (repaired if start is not None else located).append(ex.id)
             if start is not None and n_repaired <= _NOTED_REPAIRS:
                 notes.append((ex.id, f"{problem}: moved to {found}, the nearest occurrence of the text"))
         out.append(ex if starts == list(ex.answer_starts) else _replace_starts(ex, tuple(starts)))
@@ -439,8 +442,8 @@ def _checked(
         n_repaired=n_repaired,
         n_located=n_located,
         n_generated_ids=len(generated_ids),
-        repaired_ids=frozenset(repaired),
-        located_ids=frozenset(located),
+        repaired_ids=tuple(repaired),
+        located_ids=tuple(located),
         generated_ids=generated_ids,
         notes=tuple(notes),
     )

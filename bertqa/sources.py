@@ -259,8 +259,8 @@ def _joined_report(reports: list[LoadReport], source: str) -> LoadReport:
         name: sum(getattr(r, name) for r in reports)
         for name in ("n_examples", "n_impossible", "n_answers", "n_repaired", "n_located", "n_generated_ids")
     }
-    ids = {name: frozenset().union(*(getattr(r, name) for r in reports))
-           for name in ("repaired_ids", "located_ids", "generated_ids")}  # fmt: skip
+    ids = {name: tuple(qid for r in reports for qid in getattr(r, name)) for name in ("repaired_ids", "located_ids")}
+    ids["generated_ids"] = frozenset().union(*(r.generated_ids for r in reports))
     version = "v2.0" if counts["n_impossible"] else "v1.1"
     notes = tuple(note for r in reports for note in r.notes)
     return LoadReport(source=source, version=version, **counts, **ids, notes=notes)

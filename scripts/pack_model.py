@@ -33,10 +33,11 @@ def main(argv: list[str] | None = None) -> int:
 
     # The encoder only (AutoModel), as the pretrained checkpoint is: a QA head is created fresh when training starts.
     model = AutoModel.from_pretrained(resolve_model(args.model), dtype=getattr(torch, args.dtype))
+    tokenizer = build_tokenizer(args.model)  # both read before --out is cleared: it may be the folder packed
     if args.out.is_dir():  # files of what was there (bertqa.json, other weights) would describe another model
         shutil.rmtree(args.out)
     model.save_pretrained(args.out)
-    build_tokenizer(args.model).save_pretrained(args.out)
+    tokenizer.save_pretrained(args.out)
     size = sum(f.stat().st_size for f in args.out.iterdir()) / 2**20
     print(f"wrote {args.out} ({size:.1f} MiB, {args.dtype} weights)")
     return 0

@@ -341,3 +341,18 @@ def test_answers_of_the_wrong_shape_are_refused_naming_the_record(answers, messa
     record = {"id": "a", "context": "Café Ann Lee wrote it.", "question": "Who?", "answers": answers}
     with pytest.raises(SquadFormatError, match=r"train_examples: record 0 \(id 'a'\).*" + message):
         given_examples([record], name="train_examples")
+
+
+def test_a_range_counts_each_repaired_answer_as_the_whole_file_does(tmp_path):
+    records = [
+        {"id": "a", "title": "One", "context": "Ann and Bo met.", "question": "Who?",
+         "answers": {"text": ["Ann", "Bo"], "answer_start": [3, 0]}},  # both offsets wrong
+        {"id": "b", "title": "Two", "context": "It was 1990.", "question": "When?",
+         "answers": {"text": ["1990"], "answer_start": [0]}},
+    ]  # fmt: skip
+    path = tmp_path / "mine.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    _, whole = sources.load_examples(str(path))
+    _, first = sources.load_examples(f"{path}[:1]")
+    _, second = sources.load_examples(f"{path}[1:]")
+    assert (whole.n_repaired, first.n_repaired, second.n_repaired) == (3, 2, 1)
