@@ -1,9 +1,9 @@
 """Answer quality and speed of one trained model on each backend: PyTorch fp32, PyTorch bf16 (where native), ONNX
-fp32, ONNX int8 and int8-partial, on the same questions, all through `bertqa.serving.Answerer`.
+fp32, ONNX int8 and int8-partial, on the same questions, all through `bertqa.deploy.serving.Answerer`.
 
     python benchmarks/backends.py runs/quick/final_model --questions 1000 --out docs/backends.jsonl
 
-The model is exported to ONNX fp32 and int8 first (`bertqa.export`, into --work). For each backend: the official
+The model is exported to ONNX fp32 and int8 first (`bertqa.deploy.export`, into --work). For each backend: the official
 EM/F1 on a seeded sample of the model's evaluation data (its recorded `eval_data`, else the dev set of its
 version), the share of questions whose answer is the same as PyTorch fp32's, questions per second answering them
 all in batches, and the latency of one question at a time (p50/p95 over --latency-questions). Ratios are against
@@ -67,9 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from bertqa.examples import is_v2
-    from bertqa.export import export_onnx
-    from bertqa.runtime import resolve_precision
-    from bertqa.serving import Answerer, load_settings
+    from bertqa.deploy.export import export_onnx
+    from bertqa.training.runtime import resolve_precision
+    from bertqa.deploy.serving import Answerer, load_settings
     from bertqa.sources import load_examples
 
     settings = load_settings(args.model)

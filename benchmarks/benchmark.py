@@ -16,7 +16,7 @@ are shorter than average is not favoured. Each loop makes --passes passes over t
 timed: the first meets every batch shape for the first time (kernel selection, allocator growth), which a long run
 spreads over thousands of updates, and a loop measured after another would otherwise start with its warm caches.
 Each loop runs in a fresh process (nothing left over from the loop before), all with the same settings: threads,
-and on a CPU the allocator setting of `bertqa.runtime.keep_freed_memory`, which bertqa applies itself and a
+and on a CPU the allocator setting of `bertqa.training.runtime.keep_freed_memory`, which bertqa applies itself and a
 careful Trainer user would get by setting MALLOC_* variables.
 """
 
@@ -154,7 +154,7 @@ def measure(name: str, args: argparse.Namespace, precision: str) -> dict[str, An
     """One loop's raw figures (run in a process of its own)."""
     import torch
 
-    from bertqa.runtime import keep_freed_memory
+    from bertqa.training.runtime import keep_freed_memory
 
     setup_logging()  # a spawned process starts with the libraries' own logging
     if not torch.cuda.is_available():
@@ -180,7 +180,7 @@ def bench_bertqa(args, features, precision: str) -> dict[str, Any]:
 
     from bertqa import engine
     from bertqa.batching import train_loader
-    from bertqa.optim import build_optimizer, build_scheduler, fused_adamw_applies
+    from bertqa.training.optim import build_optimizer, build_scheduler, fused_adamw_applies
 
     accelerator = engine.make_accelerator(mixed_precision=precision)
     model = fresh_model(args)
@@ -259,7 +259,7 @@ def bench_trainer(args, features, precision: str, *, tuned: bool = False) -> dic
 
     from bertqa.data import Window
     from bertqa.model import build_tokenizer
-    from bertqa.optim import fused_adamw_applies
+    from bertqa.training.optim import fused_adamw_applies
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -395,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     import transformers
 
-    from bertqa.runtime import resolve_precision
+    from bertqa.training.runtime import resolve_precision
 
     precision = resolve_precision(args.precision)
     features = train_windows(args)

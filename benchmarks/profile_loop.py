@@ -43,8 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     from bertqa import engine
     from bertqa.batching import train_loader
     from bertqa.model import build_tokenizer
-    from bertqa.optim import build_optimizer, build_scheduler, fused_adamw_applies
-    from bertqa.runtime import resolve_precision
+    from bertqa.training.optim import build_optimizer, build_scheduler, fused_adamw_applies
+    from bertqa.training.runtime import resolve_precision
 
     tokenizer = build_tokenizer(args.model)
     features = train_windows(args)

@@ -39,8 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     from bertqa.data import Window, tokenize_examples
     from bertqa.inference import eval_batches, predict_logits
     from bertqa.model import build_model, build_tokenizer
-    from bertqa.runtime import make_accelerator, resolve_precision
-    from bertqa.serving import load_settings
+    from bertqa.training.runtime import make_accelerator, resolve_precision
+    from bertqa.deploy.serving import load_settings
     from bertqa.sources import load_examples
 
     accelerator = make_accelerator(mixed_precision=resolve_precision(args.precision))

@@ -37,9 +37,9 @@ def train_and_score(c: TrainConfig) -> dict[str, Any]:
     from bertqa.cache import prepare_data
     from bertqa.examples import is_v2
     from bertqa.model import build_model, build_tokenizer
-    from bertqa.optim import count_updates
+    from bertqa.training.optim import count_updates
     from bertqa.postprocess import postprocess, score
-    from bertqa.runtime import resolve_precision
+    from bertqa.training.runtime import resolve_precision
     from bertqa.sources import run_examples
 
     t_start = time.perf_counter()

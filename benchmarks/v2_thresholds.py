@@ -18,8 +18,8 @@ from pathlib import Path
 from bertqa.config import load_config
 from bertqa.metrics import squad_v2_scores
 from bertqa.model import build_model, build_tokenizer
-from bertqa.runtime import resolve_precision
-from bertqa.serving import answer_questions
+from bertqa.training.runtime import resolve_precision
+from bertqa.deploy.serving import answer_questions
 from bertqa.sources import run_examples
 
 

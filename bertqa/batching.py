@@ -22,7 +22,7 @@ from bertqa.data import Features
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
-    from bertqa.state import TrainState
+    from bertqa.training.state import TrainState
 
 __all__ = [
     "Collator",

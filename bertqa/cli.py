@@ -28,7 +28,7 @@ from bertqa.config import PRESETS, TrainConfig, load_config, preset
 def setup_logging() -> None:
     """Library messages to stderr above the progress bars, from the main process of a launched run; silence other
     libraries' chatter (load reports, hub and font-cache messages, per-file save lines, their own progress bars)."""
-    from bertqa.reporting import console_handler
+    from bertqa.training.reporting import console_handler
 
     logging.basicConfig(level=logging.INFO, handlers=[console_handler()], force=True)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
@@ -72,7 +72,7 @@ probability = _checked(float, lambda v: 0 <= v < 1, "must be in [0, 1)")
 def writable_file(text: str) -> Path:
     """argparse type: a file to write at the end of a run; its folder is created and proved writable now, so a
     long run does not fail at its last step."""
-    from bertqa.reporting import check_writable
+    from bertqa.training.reporting import check_writable
 
     path = Path(text)
     if path.is_dir():
@@ -101,7 +101,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 def output_folder(requested: Path | None, default: Path, *, overwrite: bool, results: tuple[str, ...]) -> Path:
     """Where a script writes its results, checked writable before any work: `requested` (refused if it already
     holds results, unless `overwrite`), else `default`, or `default-2`, `default-3`, ... if that holds results."""
-    from bertqa.reporting import check_writable
+    from bertqa.training.reporting import check_writable
 
     def taken(folder: Path) -> bool:
         return any((folder / name).exists() for name in results)
@@ -335,15 +335,15 @@ def config_changes(args: argparse.Namespace) -> dict[str, Any]:
 
 def run(main: Callable[[], int]) -> None:
     """Run a script's main(); turn the library's clear errors into a one-line message and exit code 2, and Ctrl-C
-    or SIGTERM into what it did (`bertqa.interrupt.Interrupted`) and 128 + the signal's number."""
-    from bertqa.interrupt import stop_with_launcher
-    from bertqa.reporting import process_rank
+    or SIGTERM into what it did (`bertqa.training.interrupt.Interrupted`) and 128 + the signal's number."""
+    from bertqa.training.interrupt import stop_with_launcher
+    from bertqa.training.reporting import process_rank
 
     stop_with_launcher()
     try:
         sys.exit(main())
     except KeyboardInterrupt as err:
-        from bertqa.interrupt import Interrupted
+        from bertqa.training.interrupt import Interrupted
 
         if process_rank() == 0:  # every process stopped alike: one line says so
             said = err.describe() if isinstance(err, Interrupted) else "stopped by Ctrl-C"
@@ -367,7 +367,7 @@ def launcher_note() -> str | None:
     traceback of its own, which reads like a second error but only reports the exit code."""
     if "ACCELERATE_MIXED_PRECISION" not in os.environ:  # not launched: no need to import torch to find out
         return None
-    from bertqa.runtime import accelerate_launcher
+    from bertqa.training.runtime import accelerate_launcher
 
     launcher = accelerate_launcher()
     if launcher == "simple":  # accelerate's own launcher: --quiet makes it exit with 1 instead of raising

@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bertqa.budget import parse_duration
 from bertqa.data import Window
 from bertqa.examples import parse_column_map
 from bertqa.sources import eval_source
+from bertqa.training.budget import parse_duration
 
 __all__ = [
     "BOOKKEEPING",

@@ -22,9 +22,15 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from bertqa import checkpoint
 from bertqa.batching import DataOrder, LengthGroupedBatchSampler, model_inputs, train_loader
-from bertqa.budget import (
+from bertqa.cache import prepare_data
+from bertqa.config import computation_changes
+from bertqa.data import Example, check_labels
+from bertqa.inference import eval_batches, evaluate
+from bertqa.model import check_model_limits
+from bertqa.sources import DEFAULT_NO_ANSWER_THRESHOLD, run_examples
+from bertqa.training import checkpoint
+from bertqa.training.budget import (
     PROBE_UPDATES,
     BudgetPlan,
     BudgetSpec,
@@ -34,13 +40,8 @@ from bertqa.budget import (
     parse_duration,
     plan_run,
 )
-from bertqa.cache import prepare_data
-from bertqa.config import computation_changes
-from bertqa.data import Example, check_labels
-from bertqa.inference import eval_batches, evaluate
-from bertqa.interrupt import Interrupted, SignalCatcher, signal_name
-from bertqa.model import check_model_limits
-from bertqa.optim import (
+from bertqa.training.interrupt import Interrupted, SignalCatcher, signal_name
+from bertqa.training.optim import (
     OptimizerFactory,
     build_optimizer,
     build_scheduler,
@@ -51,10 +52,15 @@ from bertqa.optim import (
     reschedule,
     restore_hyperparameters,
 )
-from bertqa.reporting import LogMeter, RunRecorder, console_logging, log_plan
-from bertqa.runtime import check_trackers, make_accelerator, precision_reason, resolve_precision, slowest_process
-from bertqa.sources import DEFAULT_NO_ANSWER_THRESHOLD, run_examples
-from bertqa.state import EarlyStopping, StopTraining, TrainState, Update, count_evaluations, notify
+from bertqa.training.reporting import LogMeter, RunRecorder, console_logging, log_plan
+from bertqa.training.runtime import (
+    check_trackers,
+    make_accelerator,
+    precision_reason,
+    resolve_precision,
+    slowest_process,
+)
+from bertqa.training.state import EarlyStopping, StopTraining, TrainState, Update, count_evaluations, notify
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -321,7 +327,7 @@ def _plan_budget(
     patience: int | None,
     eval_first: bool,
 ) -> BudgetPlan:
-    """A fresh time-budget run: `bertqa.budget.plan_run` trains and times the warm-up and plans; here the plan is
+    """A fresh time-budget run: `bertqa.training.budget.plan_run` trains and times the warm-up and plans; here the plan is
     applied and recorded (`record` is the config that `config.json` and every checkpoint save)."""
     loaders = [evaluation.loader] + ([evaluation.calibration[0]] if evaluation.calibration else [])
     try:

@@ -1,6 +1,6 @@
 """Run a model on windows: the one logits loop (one process or many) and evaluation against gold answers.
 
-Training-time evaluation (`bertqa.engine`), the evaluation script and serving (`bertqa.serving`) all come through
+Training-time evaluation (`bertqa.engine`), the evaluation script and serving (`bertqa.deploy.serving`) all come through
 `predict_logits`, so there is a single loop from windows to logits; `evaluate` post-processes and scores them once.
 """
 
@@ -98,7 +98,7 @@ def predict_logits(
 
 def _device_of(model: torch.nn.Module) -> torch.device:
     """Where a model's inputs go: its parameters' device, or the `device` it names (an exported model has no
-    parameters; see `bertqa.backends.OnnxQAModel`)."""
+    parameters; see `bertqa.deploy.backends.OnnxQAModel`)."""
     param = next(model.parameters(), None)
     return param.device if param is not None else torch.device(getattr(model, "device", "cpu"))
 

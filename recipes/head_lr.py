@@ -3,7 +3,7 @@
 The head is the one part of the model that starts from random weights, so it can take larger steps than the
 pretrained encoder below it. `fit(config, optimizer=factory)` calls `factory(model)` once for the optimizer; the
 warmup and decay stay bertqa's, counted in updates and applied to each group's own peak, and a resumed run gets this
-run's peaks back (not the checkpoint's). `bertqa.optim.layer_depths` tells which parameters are the head for BERT,
+run's peaks back (not the checkpoint's). `bertqa.training.optim.layer_depths` tells which parameters are the head for BERT,
 RoBERTa, ELECTRA, DeBERTa and DistilBERT. Every flag of train.py works here.
 
   python recipes/head_lr.py --preset quick --head-lr-multiplier 10 --output-dir runs/quick-head-lr
@@ -16,7 +16,9 @@ from functools import partial
 
 import torch
 
-from bertqa import engine, optim
+from bertqa import engine
+
+from bertqa.training import optim
 from bertqa.cli import config_from_args, config_parser, positive_float, run, setup_logging
 
 

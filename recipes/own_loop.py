@@ -17,10 +17,12 @@ from functools import partial
 
 from accelerate.utils import set_seed
 
-from bertqa import batching, cache, checkpoint, engine, inference, optim, runtime, sources
+from bertqa import batching, cache, engine, inference, sources
+
+from bertqa.training import checkpoint, optim, runtime
 from bertqa.cli import run, script_parser, setup_logging
 from bertqa.data import Window, check_labels
-from bertqa.interrupt import Interrupted, SignalCatcher
+from bertqa.training.interrupt import Interrupted, SignalCatcher
 from bertqa.model import build_model, build_tokenizer
 
 

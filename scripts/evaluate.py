@@ -85,13 +85,13 @@ def evaluate_model(
     A model trained for the other SQuAD version than the data's is scored all the same, with a loud warning.
     Returns (metrics, predictions, examples); metrics on every process, predictions on the main one.
     """
-    from bertqa.backends import is_exported, load_qa_model, precision_for
+    from bertqa.deploy.backends import is_exported, load_qa_model, precision_for
     from bertqa.data import Window, tokenize_examples
     from bertqa.examples import is_v2
     from bertqa.inference import eval_batches, evaluate
     from bertqa.model import build_tokenizer
-    from bertqa.runtime import make_accelerator, resolve_precision
-    from bertqa.serving import load_settings
+    from bertqa.training.runtime import make_accelerator, resolve_precision
+    from bertqa.deploy.serving import load_settings
     from bertqa.sources import load_examples
 
     settings = load_settings(model_dir)
@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging()
     from bertqa.model import check_model_folder
-    from bertqa.reporting import dumps
+    from bertqa.training.reporting import dumps
 
     check_model_folder(args.model)  # before <model>/eval is made: a mistyped path must not become a folder
     out = output_folder(args.out, Path(args.model) / "eval", overwrite=args.overwrite, results=RESULTS)

@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging()
     signal.signal(signal.SIGTERM, _stop)
-    from bertqa.export import export_onnx
+    from bertqa.deploy.export import export_onnx
 
     report = export_onnx(
         args.model, args.out, quantize=args.quantize, check_data=args.check_data,

@@ -51,7 +51,7 @@ def read_items(path: Path) -> tuple[list[dict], list[str]]:
     """The questions of a JSONL file or JSON list, each with its place (file and line) for error messages; each
     must have a non-empty question and context (text)."""
     from bertqa.loading import read_records
-    from bertqa.serving import question_pairs
+    from bertqa.deploy.serving import question_pairs
 
     records = read_records(path)
     items, places = [item for _, item in records], [f"{path}: {place}" for place, _ in records]
@@ -62,8 +62,8 @@ def read_items(path: Path) -> tuple[list[dict], list[str]]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging()
-    from bertqa.reporting import check_writable, dumps
-    from bertqa.serving import Answerer
+    from bertqa.training.reporting import check_writable, dumps
+    from bertqa.deploy.serving import Answerer
 
     if args.out is not None:  # before any work: results that cannot be written are lost
         if args.out.exists() and not args.overwrite:

@@ -52,7 +52,7 @@ LIMIT_FLAGS = (
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from bertqa.service import ServiceLimits
+    from bertqa.deploy.service import ServiceLimits
 
     d = ServiceLimits()
     parser = script_parser(__doc__)
@@ -105,8 +105,8 @@ def main(argv: list[str] | None = None) -> int:
         import uvicorn
     except ImportError as err:
         raise ImportError('serving needs FastAPI and uvicorn: pip install -e ".[serve]"') from err
-    from bertqa.service import ServiceLimits, create_app
-    from bertqa.serving import Answerer
+    from bertqa.deploy.service import ServiceLimits, create_app
+    from bertqa.deploy.serving import Answerer
 
     limits = ServiceLimits(**{field: getattr(args, field) for _, field, _, _ in LIMIT_FLAGS})
     args.port = _check_port_free(args.host, args.port)  # before the model loads, and before saying where it serves

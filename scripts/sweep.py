@@ -53,7 +53,7 @@ from typing import Any
 
 from bertqa.cli import BoolFlag, config_from_args, config_parser, positive_int, run, setup_logging
 from bertqa.config import TrainConfig
-from bertqa.reporting import check_writable, read_json
+from bertqa.training.reporting import check_writable, read_json
 
 RESULTS = ("best_config.json", "trials.csv", "trials.md", "trials.png")
 # TrainConfig flags that mean nothing here: every trial starts afresh in its own folder, and the study is what a rerun
@@ -96,7 +96,7 @@ def check_flags(args: argparse.Namespace) -> None:
 
 def print_trial_config(args: argparse.Namespace, base: TrainConfig, space: dict[str, Any], sweep_dir: Path) -> None:
     """--print-config: what a trial runs, less the searched settings (listed under `_searched`)."""
-    from bertqa.sweep import describe, trial_config
+    from bertqa.tune.sweep import describe, trial_config
 
     config = trial_config(base, {}, sweep_dir / "trial-NNN", save_model=getattr(args, "save_model", False))
     shown = {k: v for k, v in config.to_dict().items() if k not in space}
@@ -222,7 +222,7 @@ def failures(rows: list[dict[str, Any]], counted: int, total: int, best: Any) ->
 
 def report(study: Any, sweep_dir: Path, total: int) -> int:
     """Write the results, print the best trials, failures and where the files are; 1 when no trial has completed."""
-    from bertqa.sweep import counted_trials
+    from bertqa.tune.sweep import counted_trials
 
     best = write_results(study, sweep_dir)
     rows = sorted(trial_rows(study), key=lambda r: (r["f1"] is None, -(r["f1"] or 0), r["trial"]))
@@ -265,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
         import optuna
     except ImportError:
         sys.exit('error: sweeps need Optuna: pip install -e ".[sweep]" (or pip install "optuna>=4.0")')
-    from bertqa import sweep
+    from bertqa.tune import sweep
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ValueError("run sweep.py with python, one process per sweep; for several GPUs start one sweep on each")
@@ -297,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     optuna_log.addFilter(quiet)
     try:
         sweep.run_trials(study, objective, args.trials)
-    except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM (bertqa.interrupt.Interrupted says which)
+    except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM (bertqa.training.interrupt.Interrupted says which)
         report(study, sweep_dir, args.trials)
         print("interrupted; the trial will run again first when resumed (rerun the same command)")
         return getattr(stop, "exit_code", 130)

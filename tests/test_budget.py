@@ -11,9 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from bertqa import budget, engine
+from bertqa import engine
+
+from bertqa.training import budget
 from bertqa.batching import QuestionOrderBatchSampler
-from bertqa.budget import (
+from bertqa.training.budget import (
     BudgetTooSmall,
     evaluations_between,
     format_duration,
@@ -21,8 +23,8 @@ from bertqa.budget import (
     plan_steps,
 )
 from bertqa.config import TrainConfig, computation_changes, preset
-from bertqa.optim import build_scheduler, reschedule
-from bertqa.runtime import cpu_has_native_bf16, precision_reason, resolve_precision
+from bertqa.training.optim import build_scheduler, reschedule
+from bertqa.training.runtime import cpu_has_native_bf16, precision_reason, resolve_precision
 from tests.conftest import tiny_config
 
 
@@ -289,7 +291,7 @@ class Clock:
 
 
 def test_the_deadline_shortens_a_run_that_falls_behind_and_stops_one_out_of_time(monkeypatch):
-    from bertqa.state import StopTraining, TrainState
+    from bertqa.training.state import StopTraining, TrainState
 
     clock = Clock()
     monkeypatch.setattr(budget.time, "perf_counter", clock)

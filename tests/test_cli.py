@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from bertqa import cli, runtime
+from bertqa import cli
+
+from bertqa.training import runtime
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = sorted(p.name for p in (ROOT / "scripts").glob("*.py"))

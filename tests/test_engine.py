@@ -11,8 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from bertqa import batching, data, engine, optim, sources
-from bertqa.checkpoint import latest_checkpoint, list_checkpoints
+from bertqa import batching, data, engine, sources
+
+from bertqa.training import optim
+from bertqa.training.checkpoint import latest_checkpoint, list_checkpoints
 from bertqa.data import Window
 from bertqa.examples import SquadFormatError
 from bertqa.inference import eval_batches, predict_logits
@@ -226,7 +228,7 @@ def test_fit_writes_logs_plot_and_models(tmp_path, tiny):
 
 
 def test_a_missing_plotting_library_skips_the_plot_and_says_so(tmp_path, monkeypatch, caplog):
-    from bertqa import reporting
+    from bertqa.training import reporting
 
     (tmp_path / "train.jsonl").write_text(json.dumps({"step": 1, "loss": 2.0, "lr": 1e-3}) + "\n")
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
@@ -430,7 +432,7 @@ def test_a_library_user_who_set_up_no_logging_sees_what_the_run_does(tmp_path, t
 def test_only_the_main_process_prints_and_all_log_the_runs_mean_loss(monkeypatch):
     import logging
 
-    from bertqa import reporting
+    from bertqa.training import reporting
 
     only_main = reporting.MainProcessOnly()
 
@@ -481,7 +483,7 @@ def test_a_v2_run_without_calibration_ships_the_default_threshold(tmp_path, tiny
 
 
 def test_checkpoints_without_the_optimizer_state_are_smaller_and_still_resume(tmp_path, tiny, caplog):
-    from bertqa.checkpoint import has_optimizer_state
+    from bertqa.training.checkpoint import has_optimizer_state
 
     kwargs = dict(epochs=2.0, batch_size=4, save_every_steps=3, keep_checkpoints=5)
 

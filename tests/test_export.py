@@ -8,10 +8,10 @@ import json
 import numpy as np
 import pytest
 
-from bertqa import export as export_module
-from bertqa.backends import backend_name, is_exported
-from bertqa.export import FP32_TOLERANCE, ExportCheckError, export_onnx
-from bertqa.serving import Answerer
+from bertqa.deploy import export as export_module
+from bertqa.deploy.backends import backend_name, is_exported
+from bertqa.deploy.export import FP32_TOLERANCE, ExportCheckError, export_onnx
+from bertqa.deploy.serving import Answerer
 from bertqa.sources import load_examples
 from tests.test_scripts import script
 

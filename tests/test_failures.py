@@ -13,10 +13,12 @@ import re
 
 import pytest
 
-from bertqa import checkpoint, engine
+from bertqa import engine
+
+from bertqa.training import checkpoint
 from bertqa.config import TrainConfig, load_config
 from bertqa.model import ModelNotFoundError, build_tokenizer
-from bertqa.reporting import dumps
+from bertqa.training.reporting import dumps
 from tests.conftest import tiny_config
 
 RUN = dict(batch_size=8, save_every_steps=2, keep_checkpoints=3)
@@ -209,7 +211,7 @@ def test_a_model_trained_on_v2_data_stays_v2_whatever_its_evaluation_share_holds
 
 
 def test_the_answerer_names_bad_questions(tiny_dir):
-    from bertqa.serving import Answerer
+    from bertqa.deploy.serving import Answerer
 
     answerer = Answerer(tiny_dir, precision="no")
     assert answerer([]) == []

@@ -19,8 +19,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from bertqa import checkpoint, engine, interrupt
-from bertqa.interrupt import Interrupted
+from bertqa import engine
+
+from bertqa.training import checkpoint, interrupt
+from bertqa.training.interrupt import Interrupted
 from tests.conftest import tiny_config
 from tests.test_scripts import ENV, ROOT, SMALL, two_processes
 
@@ -232,7 +234,7 @@ def test_a_real_write_past_a_file_size_limit_stops_with_one_line_and_keeps_the_c
 @pytest.mark.e2e
 @pytest.mark.parametrize("at", [3, 12])  # in the timed warm-up (no plan yet), and after the plan
 def test_a_time_budget_run_stopped_by_a_signal_resumes_to_a_plan_of_its_own(tmp_path, tiny, monkeypatch, at):
-    from bertqa import budget
+    from bertqa.training import budget
     from tests.test_budget import budget_config, sleepy
 
     monkeypatch.setattr(budget, "SAFETY", 0.8)  # room to reach the planned end on a busy machine

@@ -7,7 +7,7 @@ import torch
 
 from bertqa import model as model_module
 from bertqa.config import TrainConfig
-from bertqa.serving import Answerer
+from bertqa.deploy.serving import Answerer
 from tests.conftest import TINY
 
 

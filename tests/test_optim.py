@@ -8,7 +8,9 @@ import json
 import pytest
 import torch
 
-from bertqa import engine, optim
+from bertqa import engine
+
+from bertqa.training import optim
 from bertqa.config import TrainConfig
 from tests.conftest import tiny_config
 

@@ -10,7 +10,9 @@ import time
 import pytest
 import torch
 
-from bertqa import engine, optim
+from bertqa import engine
+
+from bertqa.training import optim
 from tests.test_scripts import ROOT, script, two_processes
 
 # End to end: scripts, processes and whole runs (seconds each); `make test-fast` leaves them out.
@@ -134,7 +136,7 @@ def test_a_loop_of_ones_own_saves_and_stops_at_sigterm_and_resumes(tmp_path, tin
     import subprocess
     import sys
 
-    from bertqa import checkpoint
+    from bertqa.training import checkpoint
     from tests.test_scripts import ENV
 
     long = [a if a != "2" else "40" for a in SETTINGS]  # 40 epochs: far longer than the signal takes

@@ -8,9 +8,11 @@ import sys
 
 import pytest
 
-from bertqa import runtime, sources
+from bertqa import sources
 
 # Allocates and frees 64 MB (more than glibc ever serves from its heap unasked) again and again and prints how many
+
+from bertqa.training import runtime
 # pages the process faulted in over the last ten rounds: each fresh mapping of 64 MB is 16,384 faults of 4 KiB pages.
 # The first rounds are left out: where the heap settles after them (two or three blocks' worth) depends on what
 # else the process allocated, which is not what is being tested; so the process first imports what training imports
@@ -18,7 +20,7 @@ from bertqa import runtime, sources
 _REUSE = """
 import resource, sys, torch
 import bertqa.engine  # the heap of a training process: where blocks land depends on what was allocated first
-from bertqa.runtime import keep_freed_memory
+from bertqa.training.runtime import keep_freed_memory
 print(keep_freed_memory() if sys.argv[1] == "tune" else False)
 faults = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for i in range(15):

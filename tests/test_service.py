@@ -19,8 +19,8 @@ import urllib.request
 import pytest
 from fastapi.testclient import TestClient
 
-from bertqa.service import Batcher, RequestError, ServiceLimits, create_app, parse_questions
-from bertqa.serving import Answer
+from bertqa.deploy.service import Batcher, RequestError, ServiceLimits, create_app, parse_questions
+from bertqa.deploy.serving import Answer
 from tests.test_scripts import ENV, ROOT
 
 LIMITS = ServiceLimits(

@@ -8,7 +8,7 @@ import pytest
 
 from bertqa import engine
 from bertqa.config import TrainConfig
-from bertqa.state import EarlyStopping, StopTraining, TrainState
+from bertqa.training.state import EarlyStopping, StopTraining, TrainState
 from tests.conftest import tiny_config
 
 

@@ -16,9 +16,11 @@ import pytest
 
 optuna = pytest.importorskip("optuna")
 
-from bertqa import engine, sweep  # noqa: E402
+from bertqa import engine  # noqa: E402
+
+from bertqa.tune import sweep
 from bertqa.config import TrainConfig, load_config  # noqa: E402
-from bertqa.sweep import Param, parse_space  # noqa: E402
+from bertqa.tune.sweep import Param, parse_space  # noqa: E402
 from tests.conftest import tiny_config  # noqa: E402
 from tests.test_scripts import ROOT, SMALL, script  # noqa: E402
 

@@ -5,7 +5,7 @@ transformers' shape-dependent attention masks and gives wrong logits) and int8 f
 quantization. Optimum's exporter would do the same but pins transformers below 5, which bertqa needs.
 
 The exported folder holds `model.onnx`, the tokenizer, the model's `config.json` and `bertqa.json` (window
-settings, v2 flag, no-answer threshold, and what the export was and how it checked), so `bertqa.serving.Answerer`,
+settings, v2 flag, no-answer threshold, and what the export was and how it checked), so `bertqa.deploy.serving.Answerer`,
 `scripts/predict.py`, `scripts/evaluate.py` and `scripts/serve.py` take it like any model folder.
 
 The check runs both models on real windows (SQuAD dev questions by default) and compares logits and answers:
@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bertqa.backends import ONNX_FILE, OnnxQAModel
+from bertqa.deploy.backends import ONNX_FILE, OnnxQAModel
 
 __all__ = ["FP32_TOLERANCE", "ExportCheckError", "ExportReport", "export_onnx"]
 
@@ -101,8 +101,8 @@ def export_onnx(
     check_model_folder(model_dir)  # a mistyped path or a run's folder, said so before the output is checked
     _check_out(Path(model_dir), out, overwrite=overwrite)
     _require_export_libraries()
+    from bertqa.deploy.serving import load_settings
     from bertqa.model import build_model, build_tokenizer
-    from bertqa.serving import load_settings
 
     t0 = time.perf_counter()
     settings = load_settings(model_dir)
@@ -138,8 +138,8 @@ def export_onnx(
 def _check_out(model_dir: Path, out: Path, *, overwrite: bool) -> None:
     """Refuse, before any work, an output that would replace the model being exported (or the folder holding it),
     a file, an existing folder without `overwrite`, a folder that cannot be written into, and an exported source."""
-    from bertqa.backends import is_exported
-    from bertqa.reporting import check_writable
+    from bertqa.deploy.backends import is_exported
+    from bertqa.training.reporting import check_writable
 
     if is_exported(model_dir):
         raise ValueError(f"{model_dir} is already an exported model (it holds model.onnx); export the PyTorch folder")
@@ -303,7 +303,7 @@ def _write_companions(
         "source_eval": source_eval,
     }
     if not source.is_file():  # a plain model folder: save what answering it needs, the defaults
-        from bertqa.serving import DEFAULT_SETTINGS
+        from bertqa.deploy.serving import DEFAULT_SETTINGS
 
         meta = {**DEFAULT_SETTINGS, **meta}
     (folder / "bertqa.json").write_text(json.dumps(meta, indent=2) + "\n")

@@ -406,7 +406,7 @@ class Deadline:
         return self.state.budget_used_s
 
     def __call__(self, update: Any) -> None:
-        from bertqa.state import StopTraining
+        from bertqa.training.state import StopTraining
 
         used, plan = self.used(), self.state.budget_plan
         if plan is None:

@@ -56,7 +56,7 @@ class TrainState:
     evals_without_gain: int = 0
     patience_best: float | None = None
     patience_best_step: int | None = None
-    # A time-budget run's plan (`bertqa.budget.BudgetPlan.to_dict()`, kept so a resumed run does not measure again)
+    # A time-budget run's plan (`bertqa.training.budget.BudgetPlan.to_dict()`, kept so a resumed run does not measure again)
     # and the seconds of the budget spent so far
     budget_plan: dict[str, Any] | None = None
     budget_used_s: float = 0.0
@@ -140,7 +140,7 @@ class EarlyStopping:
 def count_evaluations(*, total: int, per_epoch: int, eval_every: int | None, eval_first: bool) -> int:
     """How many evaluations a run of `total` updates makes before its last update (the ones that can end it early):
     one at each epoch end, every `eval_every` updates, and one before training if `eval_first`."""
-    from bertqa.budget import evaluations_between
+    from bertqa.training.budget import evaluations_between
 
     # the same points as a budget plans with, less the final evaluation (after the last update: it cannot stop it)
     return evaluations_between(0, total, per_epoch=per_epoch, eval_every=eval_every) - 1 + eval_first

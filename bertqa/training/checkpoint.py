@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bertqa.config import computation_changes, kept_on_resume
-from bertqa.reporting import check_writable, read_json
 from bertqa.sources import DEFAULT_NO_ANSWER_THRESHOLD
+from bertqa.training.reporting import check_writable, read_json
 
 if TYPE_CHECKING:
     from accelerate import Accelerator

@@ -25,12 +25,12 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from bertqa.serving import Answer
+from bertqa.deploy.serving import Answer
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
-    from bertqa.serving import Answerer
+    from bertqa.deploy.serving import Answerer
 
 __all__ = ["Batcher", "RequestError", "ServiceLimits", "create_app", "parse_questions"]
 
@@ -264,14 +264,14 @@ def create_app(answerer: "Answerer", limits: ServiceLimits | None = None) -> "Fa
     except ImportError as err:
         raise ImportError(f"serving needs FastAPI and uvicorn: {EXTRA}") from err
     from bertqa import __version__
-    from bertqa.reporting import dumps
+    from bertqa.training.reporting import dumps
 
     limits = limits or ServiceLimits()
     batcher = Batcher(
         lambda records, top_k: answerer(records, top_k=top_k),
         max_batch=limits.max_batch, max_wait_s=limits.max_wait_ms / 1000, max_pending=limits.max_pending,
     )  # fmt: skip
-    page = importlib.resources.files("bertqa").joinpath("page.html").read_text(encoding="utf-8")
+    page = importlib.resources.files("bertqa.deploy").joinpath("page.html").read_text(encoding="utf-8")
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:  # FastAPI is imported by now

@@ -8,15 +8,46 @@ ONNX Runtime is an optional extra (`pip install -e ".[export]"`), imported only 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["ONNX_FILE", "OnnxQAModel", "backend_name", "is_exported", "load_qa_model", "precision_for"]
+from bertqa.data import Window
+
+__all__ = [
+    "DEFAULT_SETTINGS",
+    "ONNX_FILE",
+    "OnnxQAModel",
+    "backend_name",
+    "is_exported",
+    "load_qa_model",
+    "load_settings",
+    "precision_for",
+]
 
 ONNX_FILE = "model.onnx"
 EXTRA = 'pip install -e ".[export]" (onnxruntime)'
+
+# What a model folder without bertqa.json (e.g. a plain hub checkpoint) is used with.
+DEFAULT_SETTINGS: dict[str, Any] = {
+    **Window().to_dict(),
+    "max_answer_length": 30,
+    "v2": False,
+    "no_answer_threshold": None,
+    "threshold_calibrated_on": None,  # v2 models: where the threshold was chosen ({"source", "questions"})
+    "eval_data": None,
+    "column_map": None,
+    "export": None,  # exported folders: format, quantization and the parity check (`bertqa.deploy.export`)
+}
+
+
+def load_settings(model_dir: str | Path) -> dict[str, Any]:
+    """The window settings and no-answer threshold saved next to a model by training, else the defaults."""
+    path = Path(model_dir) / "bertqa.json"
+    saved = json.loads(path.read_text()) if path.is_file() else {}
+    return {**DEFAULT_SETTINGS, **{k: v for k, v in saved.items() if k in DEFAULT_SETTINGS}}
 
 
 def is_exported(model_dir: str | Path) -> bool:
@@ -27,8 +58,6 @@ def is_exported(model_dir: str | Path) -> bool:
 def backend_name(model_dir: str | Path, *, bf16: bool = False) -> str:
     """A short name of what answers: torch-fp32, torch-bf16, onnx-fp32, onnx-int8 or onnx-int8-partial."""
     if is_exported(model_dir):
-        from bertqa.serving import load_settings
-
         export = load_settings(model_dir)["export"] or {}  # what the export recorded in bertqa.json
         return f"onnx-{export.get('quantize') or 'fp32'}"
     return "torch-bf16" if bf16 else "torch-fp32"

@@ -8,7 +8,6 @@ Answers come from the same windows, logits loop (`bertqa.inference.predict_logit
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,30 +16,12 @@ from typing import Any
 import torch
 
 from bertqa.data import NO_TOKENS, Example, NoTokensError, Window, tokenize_examples
+from bertqa.deploy.backends import DEFAULT_SETTINGS, load_settings
 from bertqa.inference import eval_batches, predict_logits
 from bertqa.postprocess import Prediction, postprocess
-from bertqa.runtime import keep_freed_memory, resolve_precision
+from bertqa.training.runtime import keep_freed_memory, resolve_precision
 
 __all__ = ["DEFAULT_SETTINGS", "Answer", "Answerer", "answer_questions", "load_settings", "question_pairs"]
-
-# What a model folder without bertqa.json (e.g. a plain hub checkpoint) is used with.
-DEFAULT_SETTINGS: dict[str, Any] = {
-    **Window().to_dict(),
-    "max_answer_length": 30,
-    "v2": False,
-    "no_answer_threshold": None,
-    "threshold_calibrated_on": None,  # v2 models: where the threshold was chosen ({"source", "questions"})
-    "eval_data": None,
-    "column_map": None,
-    "export": None,  # exported folders: format, quantization and the parity check (`bertqa.export`)
-}
-
-
-def load_settings(model_dir: str | Path) -> dict[str, Any]:
-    """The window settings and no-answer threshold saved next to a model by training, else the defaults."""
-    path = Path(model_dir) / "bertqa.json"
-    saved = json.loads(path.read_text()) if path.is_file() else {}
-    return {**DEFAULT_SETTINGS, **{k: v for k, v in saved.items() if k in DEFAULT_SETTINGS}}
 
 
 def answer_questions(
@@ -88,7 +69,7 @@ class Answerer:
     """A trained model loaded once to answer many questions: batched, on a GPU when there is one, in bf16 where the
     hardware runs it natively (NVIDIA GPUs with bf16, CPUs with AMX or AVX512-BF16), with the window settings and
     no-answer threshold saved beside the model (`bertqa.json`). A folder written by `scripts/export.py` runs on
-    ONNX Runtime instead (`bertqa.backends`), in the precision it was exported in, with the same windows, span
+    ONNX Runtime instead (`bertqa.deploy.backends`), in the precision it was exported in, with the same windows, span
     search and threshold.
 
         answerer = Answerer("runs/quick/final_model")
@@ -104,7 +85,7 @@ class Answerer:
         batch_size: int | None = None,
         threshold: float | None = None,
     ) -> None:
-        from bertqa.backends import backend_name, is_exported, load_qa_model, precision_for
+        from bertqa.deploy.backends import backend_name, is_exported, load_qa_model, precision_for
         from bertqa.model import build_tokenizer
 
         self.model_dir = str(model_dir)

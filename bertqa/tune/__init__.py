@@ -1,0 +1,2 @@
+"""Hyperparameter sweeps (`sweep`): many `fit` runs over a search space, with Optuna. The core library never imports
+them."""
