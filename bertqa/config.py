@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,18 +21,54 @@ from typing import Any
 from bertqa.data import Window
 from bertqa.examples import parse_column_map
 from bertqa.sources import eval_source
-from bertqa.training.budget import parse_duration
 
 __all__ = [
     "BOOKKEEPING",
     "PRESETS",
     "TrainConfig",
     "computation_changes",
+    "format_duration",
     "kept_on_resume",
     "load_config",
+    "parse_duration",
     "preset",
     "read_json_object",
 ]
+
+# A duration setting (`time_budget`): hours, minutes and seconds, or a number of seconds.
+_UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0}
+_DURATION = re.compile(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m(?:in)?)?(?:(\d+(?:\.\d+)?)s)?")
+
+
+def parse_duration(value: str | float, *, name: str = "time_budget") -> float:
+    """Seconds in a duration: a number of seconds (600, "600", "90s") or hours/minutes/seconds ("10m", "1h30m",
+    "1h 30m 15s", "2.5m"). Refused naming the setting and the accepted forms."""
+    seconds: float | None = None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        seconds = float(value)
+    elif isinstance(value, str):
+        text = value.strip().lower().replace(" ", "")
+        if re.fullmatch(r"\d+(?:\.\d+)?", text):
+            seconds = float(text)
+        elif text and (match := _DURATION.fullmatch(text)):
+            seconds = sum(float(part) * unit for part, unit in zip(match.groups(), _UNITS.values()) if part)
+    if seconds is None or not math.isfinite(seconds) or seconds <= 0:
+        raise ValueError(
+            f"{name} {value!r} is not a duration: give seconds (600) or hours, minutes and seconds such as 90s, "
+            "10m, 1h30m"
+        )
+    return seconds
+
+
+def format_duration(seconds: float) -> str:
+    """'8 min 5 s', '1 h 2 min', '45 s', '0.4 s': how a person reads a length of time."""
+    if seconds < 10:
+        return f"{max(0.0, seconds):.1f} s"
+    s = round(seconds)
+    h, m, s = s // 3600, s % 3600 // 60, s % 60
+    if h:
+        return f"{h} h {m} min"
+    return f"{m} min {s} s" if m else f"{s} s"
 
 
 def _f(default: Any, help: str, **kwargs: Any) -> Any:

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from bertqa.batching import model_inputs
-from bertqa.engine import qa_loss
+from bertqa.training.loss import qa_loss
 
 __all__ = [
     "Distillation",

@@ -217,7 +217,7 @@ def test_a_resumed_run_keeps_its_plan_instead_of_measuring_again(tmp_path, tiny,
     def measure_again(*args, **kwargs):
         raise AssertionError("a resumed budget run measured again")
 
-    monkeypatch.setattr(engine, "plan_run", measure_again)
+    monkeypatch.setattr(budget, "plan_run", measure_again)
     resumed = engine.fit(config.replace(resume="latest"), model=tiny(seed=1), compute_loss=sleepy(0.04))
     assert resumed["stopped_early"] is None, resumed["stopped_early"]
     assert resumed["budget_plan"] == plan and resumed["steps"] == plan["total_steps"]

@@ -432,7 +432,7 @@ def test_a_library_user_who_set_up_no_logging_sees_what_the_run_does(tmp_path, t
 def test_only_the_main_process_prints_and_all_log_the_runs_mean_loss(monkeypatch):
     import logging
 
-    from bertqa.training import reporting
+    from bertqa.training import reporting, state
 
     only_main = reporting.MainProcessOnly()
 
@@ -443,7 +443,7 @@ def test_only_the_main_process_prints_and_all_log_the_runs_mean_loss(monkeypatch
     assert not passes(logging.INFO) and not passes(logging.WARNING) and passes(logging.ERROR)
     monkeypatch.setenv("RANK", "0")
     assert passes(logging.INFO)
-    meter = reporting.LogMeter("cpu")
+    meter = state.LogMeter("cpu")
     meter.add_batch({"input_ids": torch.zeros(2, 3), "attention_mask": torch.ones(2, 3)})
     meter.add_update(torch.tensor(2.0))
     record = meter.read(step=1, epoch=0, lr=1.0, num_processes=2, reduce=lambda loss: (loss + 4.0) / 2)

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 from bertqa import engine
 
-from bertqa.training import checkpoint, interrupt
+from bertqa.training import checkpoint, evaluation, interrupt
 from bertqa.training.interrupt import Interrupted
 from tests.conftest import tiny_config
 from tests.test_scripts import ENV, ROOT, SMALL, two_processes
@@ -103,7 +103,7 @@ def test_a_signal_during_a_checkpoint_write_lets_it_finish_and_stops_there(tmp_p
 
 
 def test_a_signal_during_an_evaluation_drops_it_and_saves_the_update(tmp_path, tiny, monkeypatch):
-    evaluate = engine.evaluate
+    evaluate = evaluation.evaluate
 
     def signal_then_evaluate(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGINT)
@@ -111,7 +111,7 @@ def test_a_signal_during_an_evaluation_drops_it_and_saves_the_update(tmp_path, t
 
     config = tiny_config(tmp_path, epochs=2.0, eval_every_steps=3)
     with monkeypatch.context() as m:
-        m.setattr(engine, "evaluate", signal_then_evaluate)
+        m.setattr(evaluation, "evaluate", signal_then_evaluate)
         with pytest.raises(Interrupted) as caught:
             engine.fit(config, model=tiny())
     out = Path(config.output_dir)
@@ -122,7 +122,7 @@ def test_a_signal_during_an_evaluation_drops_it_and_saves_the_update(tmp_path, t
 
 
 def test_an_epoch_end_evaluation_dropped_at_a_signal_comes_first_when_resumed(tmp_path, tiny, monkeypatch):
-    evaluate = engine.evaluate
+    evaluate = evaluation.evaluate
 
     def signal_then_evaluate(*args, **kwargs):  # the first evaluation of this run is its first epoch's end
         os.kill(os.getpid(), signal.SIGINT)
@@ -131,7 +131,7 @@ def test_an_epoch_end_evaluation_dropped_at_a_signal_comes_first_when_resumed(tm
     config = tiny_config(tmp_path, epochs=2.0, save_model=True)
     straight = engine.fit(config.replace(output_dir=str(tmp_path / "straight")), model=tiny())
     with monkeypatch.context() as m:
-        m.setattr(engine, "evaluate", signal_then_evaluate)
+        m.setattr(evaluation, "evaluate", signal_then_evaluate)
         with pytest.raises(Interrupted) as caught:
             engine.fit(config, model=tiny())
     out = Path(config.output_dir)

@@ -8,7 +8,8 @@ import pytest
 
 from bertqa import engine
 from bertqa.config import TrainConfig
-from bertqa.training.state import EarlyStopping, StopTraining, TrainState
+from bertqa.training.hooks import EarlyStopping
+from bertqa.training.state import StopTraining, TrainState
 from tests.conftest import tiny_config
 
 

@@ -5,8 +5,9 @@ transformers' shape-dependent attention masks and gives wrong logits) and int8 f
 quantization. Optimum's exporter would do the same but pins transformers below 5, which bertqa needs.
 
 The exported folder holds `model.onnx`, the tokenizer, the model's `config.json` and `bertqa.json` (window
-settings, v2 flag, no-answer threshold, and what the export was and how it checked), so `bertqa.deploy.serving.Answerer`,
-`scripts/predict.py`, `scripts/evaluate.py` and `scripts/serve.py` take it like any model folder.
+settings, v2 flag, no-answer threshold, and what the export was and how it checked), so
+`bertqa.deploy.serving.Answerer`, `scripts/predict.py`, `scripts/evaluate.py` and `scripts/serve.py` take it like any
+model folder.
 
 The check runs both models on real windows (SQuAD dev questions by default) and compares logits and answers:
 an fp32 export whose logits differ from PyTorch's by more than `FP32_TOLERANCE` is refused; int8 changes the logits

@@ -15,9 +15,9 @@ The arithmetic is pure; `time_forward` and `evaluation_seconds` run a model, `De
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import math
-import re
 import statistics
 import time
 from collections.abc import Sequence
@@ -25,6 +25,11 @@ from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from bertqa.config import format_duration, parse_duration
+from bertqa.training.hooks import Hook
+from bertqa.training.optim import evaluations_between, reschedule
+from bertqa.training.state import StopTraining
 
 if TYPE_CHECKING:
     import torch
@@ -36,6 +41,7 @@ __all__ = [
     "BudgetSpec",
     "BudgetTooSmall",
     "Deadline",
+    "TimeBudget",
     "evaluation_seconds",
     "evaluations_between",
     "format_duration",
@@ -57,53 +63,9 @@ RECENT = 20
 # The plan spends this share of the time left, so that a stretch a little slower than the probe still ends in time.
 SAFETY = 0.97
 
-_UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0}
-_DURATION = re.compile(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m(?:in)?)?(?:(\d+(?:\.\d+)?)s)?")
-
 
 class BudgetTooSmall(ValueError):
     """The time budget cannot hold the measured warm-up and the evaluations the run must make."""
-
-
-def parse_duration(value: str | float, *, name: str = "time_budget") -> float:
-    """Seconds in a duration: a number of seconds (600, "600", "90s") or hours/minutes/seconds ("10m", "1h30m",
-    "1h 30m 15s", "2.5m"). Refused naming the setting and the accepted forms."""
-    seconds: float | None = None
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        seconds = float(value)
-    elif isinstance(value, str):
-        text = value.strip().lower().replace(" ", "")
-        if re.fullmatch(r"\d+(?:\.\d+)?", text):
-            seconds = float(text)
-        elif text and (match := _DURATION.fullmatch(text)):
-            seconds = sum(float(part) * unit for part, unit in zip(match.groups(), _UNITS.values()) if part)
-    if seconds is None or not math.isfinite(seconds) or seconds <= 0:
-        raise ValueError(
-            f"{name} {value!r} is not a duration: give seconds (600) or hours, minutes and seconds such as 90s, "
-            "10m, 1h30m"
-        )
-    return seconds
-
-
-def format_duration(seconds: float) -> str:
-    """'8 min 5 s', '1 h 2 min', '45 s', '0.4 s': how a person reads a length of time."""
-    if seconds < 10:
-        return f"{max(0.0, seconds):.1f} s"
-    s = round(seconds)
-    h, m, s = s // 3600, s % 3600 // 60, s % 60
-    if h:
-        return f"{h} h {m} min"
-    return f"{m} min {s} s" if m else f"{s} s"
-
-
-def evaluations_between(done: int, total: int, *, per_epoch: int, eval_every: int | None) -> int:
-    """Evaluations a run makes after update `done` up to its end at `total`: one at each epoch end, every
-    `eval_every` updates, and the final one (an update that is due for several counts once)."""
-    points = {total}
-    points |= set(range((done // per_epoch + 1) * per_epoch, total, per_epoch))
-    if eval_every:
-        points |= set(range((done // eval_every + 1) * eval_every, total, eval_every))
-    return len(points)
 
 
 def plan_steps(
@@ -406,8 +368,6 @@ class Deadline:
         return self.state.budget_used_s
 
     def __call__(self, update: Any) -> None:
-        from bertqa.training.state import StopTraining
-
         used, plan = self.used(), self.state.budget_plan
         if plan is None:
             self.stamps.append(self.mark)
@@ -437,3 +397,151 @@ class Deadline:
                 f"{step} of {total}, so only the final evaluation still fits (this machine ran slower than "
                 f"the {plan['s_per_update']:.2f} s per update measured at the start)"
             )
+
+
+class TimeBudget(Hook):
+    """A time-budget run, as a hook: it times the first updates and an evaluation, plans the run to end within the
+    budget (`plan_run`), keeps it there (`Deadline`: shortened, or stopped, on a machine that turns slower), and
+    on resume keeps the plan it made, or plans again from where it stands when the budget was changed.
+
+    The plan goes into the run's state and into `run.record` (config.json and every checkpoint), so a resumed run
+    has the same length, questions and schedule. The budget's seconds are counted into `TrainState` as each
+    checkpoint is written."""
+
+    def __init__(
+        self,
+        state: Any,
+        spec: BudgetSpec,
+        *,
+        slowest: Any,
+        check_every: int,
+        patience: int | None,
+        eval_first: bool,
+    ) -> None:
+        self.spec, self.patience, self.eval_first = spec, patience, eval_first
+        self.deadline = Deadline(
+            state, budget_s=spec.budget_s, eval_every=spec.eval_every, slowest=slowest, check_every=check_every
+        )
+        self.run: Any = None
+
+    def on_resume(self, run: Any, checkpoint: Any) -> None:
+        saved = run.state.budget_plan
+        if saved is not None and self.spec.budget_s == saved["budget_s"]:
+            self._apply(run, BudgetPlan.from_dict(saved))
+        elif saved is not None:
+            logger.info(
+                "the plan made for a time budget of %s is dropped (the budget is now %s): planning again from "
+                "update %d",
+                format_duration(saved["budget_s"]),
+                format_duration(self.spec.budget_s),
+                run.state.step,
+            )
+            run.state.budget_plan = run.state.end_step = None
+        self.deadline.mark = time.perf_counter()  # loading the checkpoint is not the run's time
+
+    def on_start(self, run: Any) -> None:
+        state = run.state
+        self.deadline.on_shorten = lambda at, total: self._shorten(run, at, total)
+        if state.budget_plan is not None:
+            logger.info(
+                "the time budget's plan goes on: %d updates in all, %s of %s used",
+                run.total_steps,
+                format_duration(state.budget_used_s),
+                format_duration(self.spec.budget_s),
+            )
+            return
+        if state.stop_reason is not None or state.step >= run.total_steps:
+            return
+        ends = time.strftime("%H:%M:%S", time.localtime(time.time() + self.spec.budget_s - state.budget_used_s))
+        logger.info(
+            "time budget %s: the first %d updates are timed, then the run is planned so that its training and "
+            "evaluations end by about %s",
+            format_duration(self.spec.budget_s),
+            PROBE_UPDATES,
+            ends,
+        )
+        run.timing = True  # the warm-up's updates are trained here, with nothing else between them
+        try:
+            plan = self._plan(run)
+        finally:
+            run.timing = False
+        self._apply(run, plan)
+        ends = time.strftime("%H:%M:%S", time.localtime(time.time() + plan.expected_s - plan.spent_s))
+        logger.info("%s (at about %s)", plan.describe(), ends)
+        self._warn_patience(plan)
+        run.recorder.replan(run.record, total_steps=plan.total_steps)
+
+    def on_update(self, run: Any, update: Any) -> None:
+        self.deadline(update)
+
+    def state_dict(self) -> None:
+        # The count lives in TrainState (budget_used_s, beside the plan): brought up to date as a checkpoint is written.
+        self.deadline.used()
+
+    def _plan(self, run: Any) -> BudgetPlan:
+        try:
+            return plan_run(
+                run.accelerator,
+                run.order,
+                run.state,
+                run.model,
+                run.train_pass,
+                self.spec,
+                self.deadline,
+                total_steps=run.total_steps,
+                per_epoch=run.per_epoch,
+                eval_s=run.evaluator.seconds,
+                eval_loaders=run.evaluator.loaders,
+            )
+        except BudgetTooSmall as err:  # the folder holds only this attempt's records: say how to try again there
+            raise BudgetTooSmall(f"{err}; to try again in {run.output_dir}, add --overwrite true") from err
+
+    def _warn_patience(self, plan: BudgetPlan) -> None:
+        if self.patience is None:
+            return
+        evaluations = evaluations_between(
+            0, plan.total_steps, per_epoch=plan.per_epoch, eval_every=self.spec.eval_every
+        )
+        if evaluations - 1 + self.eval_first < self.patience + 1:  # the evaluations that can end it: not the final
+            logger.warning(
+                "early_stopping_patience=%d cannot end this run as planned: it evaluates too seldom before its last "
+                "update (evaluate more often: eval_every_steps)",
+                self.patience,
+            )
+
+    def _apply(self, run: Any, plan: BudgetPlan) -> None:
+        """Cut the run to its plan: its questions, its length, and a schedule that ends at its last update (with the
+        times it was shortened, on resume)."""
+        run.state.budget_plan = run.record["_budget_plan"] = plan.to_dict()
+        run.order.sampler.limit = plan.questions if plan.questions < plan.pool_questions else None
+        run.total_steps, run.per_epoch, run.warmup_steps = plan.total_steps, plan.per_epoch, plan.warmup_steps
+        # planned again mid-run: from the LR where it stood down to 0, as a shortening does
+        self._reschedule(run, plan.planned_steps, plan.warmup_steps, shortened_at=plan.from_step or None)
+        for at, total in plan.shortened:
+            self._reschedule(run, total, plan.warmup_steps, shortened_at=at)
+
+    def _reschedule(self, run: Any, total: int, warmup: int, *, shortened_at: int | None) -> None:
+        reschedule(
+            run.scheduler,
+            total_steps=total,
+            warmup_steps=warmup,
+            schedule=self.spec.schedule,
+            shortened_at=shortened_at,
+        )
+
+    def _shorten(self, run: Any, at: int, total: int) -> None:
+        """The run fell behind its plan: it ends at update `total` instead, its LR decaying from where it is at
+        update `at` to 0 there; recorded in the plan, so a resumed run has the same schedule."""
+        plan = BudgetPlan.from_dict(run.state.budget_plan)
+        logger.warning(
+            "behind the time budget's plan at update %d: the run now ends at update %d instead of %d, its LR "
+            "decaying to 0 there",
+            at,
+            total,
+            plan.total_steps,
+        )
+        plan = dataclasses.replace(plan, total_steps=total, shortened=(*plan.shortened, (at, total)))
+        run.state.budget_plan = run.record["_budget_plan"] = plan.to_dict()
+        run.total_steps = run.state.end_step = total
+        self._reschedule(run, total, plan.warmup_steps, shortened_at=at)
+        run.recorder.replan(run.record, total_steps=total)

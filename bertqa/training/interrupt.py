@@ -30,9 +30,10 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
+
+from bertqa.training.state import Interrupted, signal_name
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -46,53 +47,6 @@ REPEAT_S = 1.0
 # With several processes, a stop is agreed every this many updates, not after each: each agreement is a collective
 # whose answer the host must wait for, which on a GPU would stall the queue of work every update.
 AGREE_EVERY = 5
-
-
-def signal_name(signum: int) -> str:
-    try:
-        return signal.Signals(signum).name
-    except ValueError:
-        return f"signal {signum}"
-
-
-class Interrupted(KeyboardInterrupt):
-    """A run stopped by a signal. Raised by `fit` after it saved a checkpoint of the update it had finished
-    (`checkpoint`), or with `checkpoint=None` when nothing new was there to save (the signal came before training,
-    or a second signal stopped it at once).
-
-    A KeyboardInterrupt, so a script or notebook that does not catch it stops as it would at Ctrl-C, and a broad
-    `except Exception` does not swallow it. `exit_code` is the shell's convention: 128 + the signal's number.
-    """
-
-    def __init__(
-        self,
-        signum: int,
-        *,
-        step: int | None = None,
-        total_steps: int | None = None,
-        checkpoint: Path | None = None,
-        at_once: bool = False,
-        resume_hint: str = "run the same command with --resume latest to continue",
-    ) -> None:
-        self.signum, self.step, self.total_steps, self.checkpoint = signum, step, total_steps, checkpoint
-        self.at_once = at_once  # a second signal: stopped where it was, without saving
-        self.resume_hint = resume_hint
-        super().__init__(self.describe())
-
-    @property
-    def exit_code(self) -> int:
-        return 128 + self.signum
-
-    def describe(self) -> str:
-        name = signal_name(self.signum)
-        if self.checkpoint is not None:
-            return (f"interrupted by {name} at update {self.step} of {self.total_steps}; saved {self.checkpoint}; "
-                    f"{self.resume_hint}")  # fmt: skip
-        if self.at_once:
-            return (
-                f"stopped at once by a second {name}; nothing new was saved, and any checkpoint saved before is intact"
-            )
-        return f"stopped by {name} before training began; nothing was saved"
 
 
 class SignalCatcher:

@@ -19,6 +19,7 @@ __all__ = [
     "build_scheduler",
     "count_updates",
     "describe_groups",
+    "evaluations_between",
     "fused_adamw_applies",
     "hyperparameters",
     "layer_depths",
@@ -214,3 +215,13 @@ def count_updates(batches_per_epoch: int, *, grad_accum: int, epochs: float, max
     """
     per_epoch = math.ceil(batches_per_epoch / grad_accum)
     return per_epoch, max_steps or math.ceil(epochs * per_epoch)
+
+
+def evaluations_between(done: int, total: int, *, per_epoch: int, eval_every: int | None) -> int:
+    """Evaluations a run makes after update `done` up to its end at `total`: one at each epoch end, every
+    `eval_every` updates, and the final one (an update that is due for several counts once)."""
+    points = {total}
+    points |= set(range((done // per_epoch + 1) * per_epoch, total, per_epoch))
+    if eval_every:
+        points |= set(range((done // eval_every + 1) * eval_every, total, eval_every))
+    return len(points)

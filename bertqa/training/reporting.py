@@ -12,7 +12,6 @@ import logging
 import math
 import os
 import sys
-import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,6 @@ from typing import Any
 from bertqa.examples import LoadReport, is_v2
 
 __all__ = [
-    "LogMeter",
     "MainProcessOnly",
     "RunRecorder",
     "append_jsonl",
@@ -102,54 +100,6 @@ def console_logging() -> Iterator[None]:
         hf_logging.set_verbosity(verbosity)
         if bars:
             hf_logging.enable_progress_bar()
-
-
-class LogMeter:
-    """Training loss and throughput between two log points, summed on the device so no update waits for the host.
-
-    Like torchvision's MetricLogger, but `read` is the only place a value leaves the device (`.item()` syncs).
-    """
-
-    def __init__(self, device: Any) -> None:
-        import torch
-
-        self.loss = torch.zeros((), device=device)
-        self.pass_loss, self.pass_updates = 0.0, 0  # over every read so far: the mean loss of the pass
-        self.reset()
-
-    def reset(self) -> None:
-        self.loss.zero_()
-        self.updates, self.windows, self.tokens, self.t0 = 0, 0, 0, time.perf_counter()
-
-    def add_batch(self, batch: Mapping[str, Any]) -> None:
-        self.windows += batch["input_ids"].shape[0]
-        self.tokens += batch["attention_mask"].sum()
-
-    def add_update(self, loss: Any) -> None:
-        self.loss += loss
-        self.updates += 1
-
-    def read(
-        self, *, step: int, epoch: int, lr: float, num_processes: int, reduce: Callable[[Any], Any] | None = None
-    ) -> dict[str, Any]:
-        """The log record since the last read, then start a new interval. `reduce` (every process calls `read` at the
-        same update) averages the loss over the processes, so each logs the same value: the run's, not its own."""
-        loss = (self.loss if reduce is None else reduce(self.loss)).item() / self.updates
-        elapsed = time.perf_counter() - self.t0
-        record = {
-            "step": step,
-            "epoch": epoch,
-            "loss": loss,
-            "lr": lr,
-            "windows_per_s": self.windows * num_processes / elapsed,
-            "tokens_per_s": float(self.tokens) * num_processes / elapsed,
-        }
-        self.pass_loss, self.pass_updates = self.pass_loss + loss * self.updates, self.pass_updates + self.updates
-        self.reset()
-        return record
-
-    def pass_mean(self) -> float:
-        return self.pass_loss / self.pass_updates if self.pass_updates else float("nan")
 
 
 class RunRecorder:

@@ -1,8 +1,8 @@
 """Where a run executes and in what precision: the precision choice, CPU feature detection, the C allocator setting,
 and the Accelerator that training, evaluation and serving all build on.
 
-Training (`bertqa.engine`), the evaluation script and serving (`bertqa.deploy.serving`) take their runtime from here, so a
-CPU with native bf16 is detected once, in one way, and a custom loop gets the same Accelerator `fit` uses.
+Training (`bertqa.engine`), the evaluation script and serving (`bertqa.deploy.serving`) take their runtime from here,
+so a CPU with native bf16 is detected once, in one way, and a custom loop gets the same Accelerator `fit` uses.
 """
 
 from __future__ import annotations

@@ -1,28 +1,35 @@
-"""Where a training loop stands and how it ends: `TrainState` (saved in every checkpoint), the `Update` callbacks
-see, `StopTraining` (the one stop signal), `notify` (calls observers, keeps a stop) and `EarlyStopping`.
+"""Where a training loop stands and how it ends: `TrainState` (saved in every checkpoint), the `Update` hooks see,
+`LogMeter` (the loss and throughput between log points), and the ways a run ends early: `StopTraining` (a decision),
+`Interrupted` (a signal), `NonFiniteLossError` (a diverged loss). `notify` calls observers and keeps a stop.
 
-`bertqa.engine` re-exports all of them; they live here so a loop of your own, and `bertqa.batching`, can use them
-without the engine.
+`bertqa.engine` re-exports them; they live here, importing nothing of bertqa, so a loop of your own,
+`bertqa.batching` and every hook can use them without the engine.
 """
 
 from __future__ import annotations
 
 import logging
-import math
+import signal
+import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["EarlyStopping", "StopTraining", "TrainState", "Update", "count_evaluations", "notify"]
+__all__ = ["Interrupted", "LogMeter", "NonFiniteLossError", "StopTraining", "TrainState", "Update", "notify"]
 
 logger = logging.getLogger("bertqa")
 
 
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or infinite."""
+
+
 class StopTraining(Exception):
-    """Raise it from an update callback or an evaluation observer to end the run after the current update (not from
-    a loss: that is mid-update, and it propagates like any other error).
+    """Raise it from a hook (`bertqa.training.hooks.Hook`), an update callback or an evaluation observer to end the
+    run after the current update (not from a loss: that is mid-update, and it propagates like any other error).
 
     `fit` then evaluates, checkpoints and saves the final model as at a normal end, and its summary says why
     (`stopped_early`). The reason is kept in `TrainState`, which every checkpoint saves, so a resumed run that was
@@ -33,12 +40,15 @@ class StopTraining(Exception):
 
 @dataclass
 class Update:
-    """What callbacks see after each optimizer update. `loss` stays on the device: reading it is a sync point."""
+    """What hooks and callbacks see after each optimizer update. `loss` (this process's mean over the update's
+    micro-batches) and `grad_norm` (the gradients' total norm before clipping, as clipping returned it; None when
+    `max_grad_norm` is 0) stay on the device: reading one is a sync point."""
 
     step: int
     epoch: int
     lr: float
     loss: torch.Tensor
+    grad_norm: torch.Tensor | None = None
 
 
 @dataclass
@@ -56,20 +66,32 @@ class TrainState:
     evals_without_gain: int = 0
     patience_best: float | None = None
     patience_best_step: int | None = None
-    # A time-budget run's plan (`bertqa.training.budget.BudgetPlan.to_dict()`, kept so a resumed run does not measure again)
-    # and the seconds of the budget spent so far
+    # A time-budget run's plan (`bertqa.training.budget.BudgetPlan.to_dict()`, kept so a resumed run does not
+    # measure again) and the seconds of the budget spent so far
     budget_plan: dict[str, Any] | None = None
     budget_used_s: float = 0.0
     # The update the run ends at, when a callback moved it earlier than the loop was told (a time budget's run that
     # fell behind); `train_one_epoch` stops there
     end_step: int | None = None
+    # The hooks' own states (`Hook.state_dict()`, by hook), read as each checkpoint is written
+    hooks: dict[str, Any] = field(default_factory=dict)
+    _hooks: Any = field(default=None, repr=False, compare=False)  # what `attach` gave: not saved
+
+    def attach(self, hooks: Any) -> None:
+        """Save `hooks`' states with this state (`hooks.state_dict()`, called as each checkpoint is written) and
+        give them back when a checkpoint is loaded (`hooks.load_state_dict(...)`)."""
+        self._hooks = hooks
 
     def state_dict(self) -> dict[str, Any]:
-        return dict(vars(self))
+        if self._hooks is not None:
+            self.hooks = self._hooks.state_dict()
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "_hooks"}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for key, value in state.items():  # a checkpoint from before a field existed keeps that field's default
             setattr(self, key, value)
+        if self._hooks is not None:
+            self._hooks.load_state_dict(self.hooks)
 
 
 def notify(observers: Iterable[Callable[[Any], None]], event: Any, state: TrainState) -> None:
@@ -85,62 +107,96 @@ def notify(observers: Iterable[Callable[[Any], None]], event: Any, state: TrainS
                 logger.info("stopping after update %d: %s", state.step, state.stop_reason)
 
 
-@dataclass
-class EarlyStopping:
-    """An evaluation observer that ends the run after `patience` evaluations in a row without a gain of at least
-    `min_delta` (and more than 0) in `metric` over the best value so far.
+class LogMeter:
+    """Training loss and throughput between two log points, summed on the device so no update waits for the host.
 
-    Give it to `fit(on_evaluate=[...])` (what `early_stopping_patience` does), or call it with each evaluation
-    record in a loop of your own. Its count lives in `state`, the run's `TrainState`, which every checkpoint saves:
-    a resumed run goes on counting where its checkpoint was. `fit` keeps the best model by F1 in `best_model/`.
+    Like torchvision's MetricLogger, but `read` is the only place a value leaves the device (`.item()` syncs).
     """
 
-    state: TrainState
-    patience: int
-    min_delta: float = 0.0
-    metric: str = "f1"
+    def __init__(self, device: Any) -> None:
+        import torch
 
-    def __post_init__(self) -> None:
-        if self.patience < 1:
-            raise ValueError(f"early stopping patience must be at least 1 evaluation, got {self.patience}")
-        if not self.min_delta >= 0:  # `not`: NaN is refused too
-            raise ValueError(f"early stopping min_delta must be >= 0, got {self.min_delta}")
+        self.loss = torch.zeros((), device=device)
+        self.pass_loss, self.pass_updates = 0.0, 0  # over every read so far: the mean loss of the pass
+        self.reset()
 
-    @classmethod
-    def for_run(cls, state: TrainState, *, patience: int, min_delta: float, evaluations: int) -> EarlyStopping:
-        """Early stopping for a run that evaluates `evaluations` times before its last update (`count_evaluations`),
-        refused when the patience can never be used up."""
-        if evaluations < patience + 1:  # one evaluation sets the best F1, `patience` more without a gain end the run
-            raise ValueError(
-                f"early_stopping_patience={patience} can never end this run: it evaluates {evaluations} time"
-                f"{'' if evaluations == 1 else 's'} before its last update and needs {patience + 1}; evaluate more "
-                f"often (eval_every_steps) or train longer{', or lower the patience' if patience > 1 else ''}"
+    def reset(self) -> None:
+        self.loss.zero_()
+        self.updates, self.windows, self.tokens, self.t0 = 0, 0, 0, time.perf_counter()
+
+    def add_batch(self, batch: Mapping[str, Any]) -> None:
+        self.windows += batch["input_ids"].shape[0]
+        self.tokens += batch["attention_mask"].sum()
+
+    def add_update(self, loss: Any) -> None:
+        self.loss += loss
+        self.updates += 1
+
+    def read(
+        self, *, step: int, epoch: int, lr: float, num_processes: int, reduce: Callable[[Any], Any] | None = None
+    ) -> dict[str, Any]:
+        """The log record since the last read, then start a new interval. `reduce` (every process calls `read` at the
+        same update) averages the loss over the processes, so each logs the same value: the run's, not its own."""
+        loss = (self.loss if reduce is None else reduce(self.loss)).item() / self.updates
+        elapsed = time.perf_counter() - self.t0
+        record = {
+            "step": step,
+            "epoch": epoch,
+            "loss": loss,
+            "lr": lr,
+            "windows_per_s": self.windows * num_processes / elapsed,
+            "tokens_per_s": float(self.tokens) * num_processes / elapsed,
+        }
+        self.pass_loss, self.pass_updates = self.pass_loss + loss * self.updates, self.pass_updates + self.updates
+        self.reset()
+        return record
+
+    def pass_mean(self) -> float:
+        return self.pass_loss / self.pass_updates if self.pass_updates else float("nan")
+
+
+def signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
+class Interrupted(KeyboardInterrupt):
+    """A run stopped by a signal. Raised by `fit` after it saved a checkpoint of the update it had finished
+    (`checkpoint`), or with `checkpoint=None` when nothing new was there to save (the signal came before training,
+    or a second signal stopped it at once).
+
+    A KeyboardInterrupt, so a script or notebook that does not catch it stops as it would at Ctrl-C, and a broad
+    `except Exception` does not swallow it. `exit_code` is the shell's convention: 128 + the signal's number.
+    """
+
+    def __init__(
+        self,
+        signum: int,
+        *,
+        step: int | None = None,
+        total_steps: int | None = None,
+        checkpoint: Path | None = None,
+        at_once: bool = False,
+        resume_hint: str = "run the same command with --resume latest to continue",
+    ) -> None:
+        self.signum, self.step, self.total_steps, self.checkpoint = signum, step, total_steps, checkpoint
+        self.at_once = at_once  # a second signal: stopped where it was, without saving
+        self.resume_hint = resume_hint
+        super().__init__(self.describe())
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+    def describe(self) -> str:
+        name = signal_name(self.signum)
+        if self.checkpoint is not None:
+            return (f"interrupted by {name} at update {self.step} of {self.total_steps}; saved {self.checkpoint}; "
+                    f"{self.resume_hint}")  # fmt: skip
+        if self.at_once:
+            return (
+                f"stopped at once by a second {name}; nothing new was saved, and any checkpoint saved before is intact"
             )
-        return cls(state, patience=patience, min_delta=min_delta)
-
-    def __call__(self, record: Mapping[str, Any]) -> None:
-        if self.metric not in record:
-            raise KeyError(f"early stopping watches {self.metric!r}, which this evaluation record lacks")
-        value, s = float(record[self.metric]), self.state
-        best = s.patience_best
-        gained = math.isfinite(value) and (best is None or (value > best and value - best >= self.min_delta))
-        if gained:
-            s.patience_best, s.patience_best_step, s.evals_without_gain = value, record.get("step"), 0
-            return
-        s.evals_without_gain += 1
-        if s.evals_without_gain >= self.patience:
-            gain = f"a gain of at least {self.min_delta:g}" if self.min_delta else "any gain"
-            over = f" over the best {best:.2f} (step {s.patience_best_step})" if best is not None else ""
-            raise StopTraining(
-                f"early stopping: {self.metric} {value:.2f} at step {record.get('step')}, {s.evals_without_gain} "
-                f"evaluation{'s in a row' if s.evals_without_gain > 1 else ''} without {gain}{over}"
-            )
-
-
-def count_evaluations(*, total: int, per_epoch: int, eval_every: int | None, eval_first: bool) -> int:
-    """How many evaluations a run of `total` updates makes before its last update (the ones that can end it early):
-    one at each epoch end, every `eval_every` updates, and one before training if `eval_first`."""
-    from bertqa.training.budget import evaluations_between
-
-    # the same points as a budget plans with, less the final evaluation (after the last update: it cannot stop it)
-    return evaluations_between(0, total, per_epoch=per_epoch, eval_every=eval_every) - 1 + eval_first
+        return f"stopped by {name} before training began; nothing was saved"
