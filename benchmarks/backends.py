@@ -66,11 +66,11 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     import torch
 
-    from bertqa.examples import is_v2
     from bertqa.deploy.export import export_onnx
-    from bertqa.training.runtime import resolve_precision
     from bertqa.deploy.serving import Answerer, load_settings
+    from bertqa.examples import is_v2
     from bertqa.sources import load_examples
+    from bertqa.training.runtime import resolve_precision
 
     settings = load_settings(args.model)
     data = args.data or settings["eval_data"] or ("dev-v2.0" if settings["v2"] else "dev-v1.1")
@@ -93,8 +93,15 @@ def main(argv: list[str] | None = None) -> int:
         reference = reference or answers
         same = sum(answers[q] == reference[q] for q in reference) / len(reference)
         scores = score(examples, answers, v2)
-        row = {"model": args.model, "backend": name, "data": data, "questions": len(examples), **timing,
-               "same_as_torch_fp32": same, **{k: v for k, v in scores.items() if k != "total"}}  # fmt: skip
+        row = {
+            "model": args.model,
+            "backend": name,
+            "data": data,
+            "questions": len(examples),
+            **timing,
+            "same_as_torch_fp32": same,
+            **{k: v for k, v in scores.items() if k != "total"},
+        }
         rows.append(row)
         print(json.dumps(row), flush=True)
         if args.out:

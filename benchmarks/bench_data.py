@@ -78,12 +78,17 @@ def datasets_map(cache_dir: Path) -> dict[str, float]:
             [o if s == 1 else (-1, -1) for o, s in zip(offs, enc.sequence_ids(i))]
             for i, offs in enumerate(enc["offset_mapping"])
         ]
-        return {"input_ids": enc["input_ids"], "token_type_ids": enc["token_type_ids"], "offsets": offsets,
-                "example": enc["overflow_to_sample_mapping"]}  # fmt: skip
+        return {
+            "input_ids": enc["input_ids"],
+            "token_type_ids": enc["token_type_ids"],
+            "offsets": offsets,
+            "example": enc["overflow_to_sample_mapping"],
+        }
 
     t0 = time.perf_counter()
-    rows = datasets.Dataset.from_dict({"question": [ex.question for ex in examples],
-                                       "context": [ex.context for ex in examples]})  # fmt: skip
+    rows = datasets.Dataset.from_dict(
+        {"question": [ex.question for ex in examples], "context": [ex.context for ex in examples]}
+    )
     arrow = str(cache_dir / "map.arrow")
     rows.map(windows, batched=True, batch_size=1000, remove_columns=rows.column_names, cache_file_name=arrow)
     t1 = time.perf_counter()
@@ -91,8 +96,12 @@ def datasets_map(cache_dir: Path) -> dict[str, float]:
     ids = np.asarray(table.column("input_ids").combine_chunks().values)
     bounds = np.asarray(table.column("input_ids").combine_chunks().offsets)
     t2 = time.perf_counter()
-    return {"datasets_map_tokenize_s": round(t1 - t0, 2), "datasets_map_read_s": round(t2 - t1, 3),
-            "datasets_map_windows": len(bounds) - 1, "datasets_map_tokens": len(ids)}  # fmt: skip
+    return {
+        "datasets_map_tokenize_s": round(t1 - t0, 2),
+        "datasets_map_read_s": round(t2 - t1, 3),
+        "datasets_map_windows": len(bounds) - 1,
+        "datasets_map_tokens": len(ids),
+    }
 
 
 def peak_rss_mb(args: list[str]) -> float:
@@ -112,8 +121,22 @@ def peak_rss_mb(args: list[str]) -> float:
 def memory(cache_dir: Path, work: Path) -> dict[str, float]:
     # Batch size 1: the activations of one step depend on the drawn windows' lengths (a 32 x 384 batch of MiniLM
     # holds over 1 GB for the backward pass), which would swamp what the data itself costs.
-    common = ["--max-steps", "1", "--max-eval-examples", "20", "--eval-before-training", "false", "--save-model",
-              "false", "--batch-size", "1", "--eval-batch-size", "8", "--cache-dir", str(cache_dir)]  # fmt: skip
+    common = [
+        "--max-steps",
+        "1",
+        "--max-eval-examples",
+        "20",
+        "--eval-before-training",
+        "false",
+        "--save-model",
+        "false",
+        "--batch-size",
+        "1",
+        "--eval-batch-size",
+        "8",
+        "--cache-dir",
+        str(cache_dir),
+    ]
     result = {}
     for name, extra in (("all", []), ("500", ["--max-train-examples", "500"])):
         for attempt in range(2):  # the first run fills the cache, the second is measured

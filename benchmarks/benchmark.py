@@ -132,8 +132,9 @@ def fresh_model(args: argparse.Namespace) -> Any:
 
     torch.manual_seed(args.seed)
     if args.shape == "bert-base":
-        return build_model(args.model, pretrained=False, config_overrides=BERT_BASE,
-                           attention_dropout=args.attention_dropout)  # fmt: skip
+        return build_model(
+            args.model, pretrained=False, config_overrides=BERT_BASE, attention_dropout=args.attention_dropout
+        )
     return build_model(args.model, attention_dropout=args.attention_dropout)
 
 
@@ -189,8 +190,15 @@ def bench_bertqa(args, features, precision: str) -> dict[str, Any]:
     # Length groups as large as the Trainer's: it sorts pools of min(windows / (4 x batch), 50) batches, and
     # bertqa's default pool of 50 batches would sort more finely than that on a benchmark-sized sample.
     pool = max(1, min(len(features) // (4 * args.batch_size), 50))
-    loader, sampler = train_loader(features, batch_size=args.batch_size, seed=args.seed, group_by_length=True,
-                                   pad_token_id=0, pin_memory=torch.cuda.is_available(), pool_batches=pool)  # fmt: skip
+    loader, sampler = train_loader(
+        features,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        group_by_length=True,
+        pad_token_id=0,
+        pin_memory=torch.cuda.is_available(),
+        pool_batches=pool,
+    )
     steps = len(sampler)
     fused = fused_adamw_applies(accelerator.device.type)
     optimizer = build_optimizer(model, lr=3e-5, weight_decay=0.01, eps=1e-8, fused=fused)
@@ -211,9 +219,16 @@ def bench_bertqa(args, features, precision: str) -> dict[str, Any]:
     state, order = engine.TrainState(), engine.DataOrder(loader, sampler)
     for _ in range(args.passes):
         engine.train_one_epoch(
-            accelerator, model, optimizer, scheduler, order.batches(accelerator, state), state=state, max_steps=last,
-            log_every=steps, callbacks=[mark],
-        )  # fmt: skip
+            accelerator,
+            model,
+            optimizer,
+            scheduler,
+            order.batches(accelerator, state),
+            state=state,
+            max_steps=last,
+            log_every=steps,
+            callbacks=[mark],
+        )
         order.end_pass(state)
     timed = sampler.batches()  # the last pass's batches
     padded = [math.ceil(max(features.lengths[b]) / 8) * 8 * len(b) for b in timed]
@@ -309,9 +324,12 @@ def bench_trainer(args, features, precision: str, *, tuned: bool = False) -> dic
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         trainer = Trainer(
-            model=fresh_model(args), args=training_args, train_dataset=dataset, data_collator=collate,
+            model=fresh_model(args),
+            args=training_args,
+            train_dataset=dataset,
+            data_collator=collate,
             callbacks=[Timer()],
-        )  # fmt: skip
+        )
         trainer.train()
     # The tokens of the batches actually timed, in the loop's own order (the collator sees every batch once).
     timed = seen[first:last]
@@ -358,8 +376,16 @@ def postprocess_seconds(args) -> float:
     return time.perf_counter() - t0
 
 
-def summarise(name: str, r: dict[str, Any], *, n_params: int, layers: int, hidden: int, peak: float | None,
-              tokens_per_example: float) -> dict[str, Any]:  # fmt: skip
+def summarise(
+    name: str,
+    r: dict[str, Any],
+    *,
+    n_params: int,
+    layers: int,
+    hidden: int,
+    peak: float | None,
+    tokens_per_example: float,
+) -> dict[str, Any]:
     """One loop's figures. examples/s is counted in work, not windows: real tokens/s over the data's mean real tokens
     per example, so a loop whose timed batches happen to be shorter (or longer) than average is not favoured."""
     flops = sum(flops_per_window(n_params, layers, hidden, n) for batch in r.pop("lengths") for n in batch)
@@ -405,8 +431,13 @@ def main(argv: list[str] | None = None) -> int:
     n_params = sum(p.numel() for n, p in probe.named_parameters() if "embeddings" not in n)
     del probe
     peak = device_peak(args)
-    shape = dict(n_params=n_params, layers=cfg.num_hidden_layers, hidden=cfg.hidden_size, peak=peak,
-                 tokens_per_example=tokens_per_example)  # fmt: skip
+    shape = dict(
+        n_params=n_params,
+        layers=cfg.num_hidden_layers,
+        hidden=cfg.hidden_size,
+        peak=peak,
+        tokens_per_example=tokens_per_example,
+    )
     loops = {"both": LOOPS, "tuned": LOOPS[::2], "none": LOOPS[:1]}[args.trainers]
     results = [summarise(name, in_fresh_process(name, args, precision), **shape) for name in loops]
     report = {
@@ -439,18 +470,22 @@ def main(argv: list[str] | None = None) -> int:
 def print_report(report: dict[str, Any]) -> None:
     print(f"device {report['device']} | torch {report['torch']} | transformers {report['transformers']}")
     dropout = report["attention_dropout"]
-    print(f"model {report['model']} ({report['non_embedding_params'] / 1e6:.1f}M non-embedding params), "
-          f"batch {report['batch_size']}, precision {report['precision']}, compile {report['compile']}, "
-          f"attention dropout {'as the model' if dropout is None else dropout}, "
-          f"{report['windows']} real SQuAD train windows")  # fmt: skip
+    print(
+        f"model {report['model']} ({report['non_embedding_params'] / 1e6:.1f}M non-embedding params), "
+        f"batch {report['batch_size']}, precision {report['precision']}, compile {report['compile']}, "
+        f"attention dropout {'as the model' if dropout is None else dropout}, "
+        f"{report['windows']} real SQuAD train windows"
+    )
     columns = ("windows/s", "examples/s", "tokens/s", "pad eff", "TFLOP/s", "MFU", "peak GiB")
     widths = (10, 10, 10, 8, 8, 6, 8)
     print(f"{'loop':28} " + " ".join(f"{c:>{w}}" for c, w in zip(columns, widths)))
     for r in report["results"]:
         mfu = f"{100 * r['mfu_real']:.1f}%" if r["mfu_real"] is not None else "n/a"
         mem = f"{r['peak_memory_gib']:.1f}" if r["peak_memory_gib"] is not None else "n/a"
-        print(f"{r['loop']:28} {r['windows_per_s']:10.1f} {r['examples_per_s']:10.1f} {r['real_tokens_per_s']:10.0f} "
-              f"{100 * r['padding_efficiency']:7.1f}% {r['tflops_real']:8.2f} {mfu:>6} {mem:>8}")  # fmt: skip
+        print(
+            f"{r['loop']:28} {r['windows_per_s']:10.1f} {r['examples_per_s']:10.1f} {r['real_tokens_per_s']:10.0f} "
+            f"{100 * r['padding_efficiency']:7.1f}% {r['tflops_real']:8.2f} {mfu:>6} {mem:>8}"
+        )
     for r in report["results"]:
         print(f"{r['loop']}: seconds per pass " + ", ".join(f"{t:.2f}" for t in r["pass_seconds"]) + " (last timed)")
     print(f"bertqa eval: {report['results'][0]['eval_windows_per_s']:.1f} windows/s (length-sorted batches)")

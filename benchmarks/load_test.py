@@ -99,8 +99,9 @@ def rss_mib(pid: int) -> float:
     return float("nan")
 
 
-def client_loop(port: int, seed: int, pool: list[dict], reference: dict, args: argparse.Namespace, stop: float,
-                out: dict[str, list]) -> None:  # fmt: skip
+def client_loop(
+    port: int, seed: int, pool: list[dict], reference: dict, args: argparse.Namespace, stop: float, out: dict[str, list]
+) -> None:
     rng, client = random.Random(seed), Client(port)
     while time.monotonic() < stop:
         if rng.random() < args.invalid_share:
@@ -153,17 +154,26 @@ def main(argv: list[str] | None = None) -> int:
         server.wait(timeout=30)
     latency = np.array(out["latency"]) * 1000
     summary = {
-        "model": args.model, "clients": args.clients, "seconds": round(elapsed, 1),
-        "valid_requests": len(latency), "questions": int(sum(out["questions"])),
-        "requests_per_s": len(latency) / elapsed, "questions_per_s": sum(out["questions"]) / elapsed,
-        "p50_ms": float(np.percentile(latency, 50)), "p95_ms": float(np.percentile(latency, 95)),
-        "max_ms": float(latency.max()), "errors_on_valid": len(out["errors"]),
+        "model": args.model,
+        "clients": args.clients,
+        "seconds": round(elapsed, 1),
+        "valid_requests": len(latency),
+        "questions": int(sum(out["questions"])),
+        "requests_per_s": len(latency) / elapsed,
+        "questions_per_s": sum(out["questions"]) / elapsed,
+        "p50_ms": float(np.percentile(latency, 50)),
+        "p95_ms": float(np.percentile(latency, 95)),
+        "max_ms": float(latency.max()),
+        "errors_on_valid": len(out["errors"]),
         "invalid_requests": len(out["invalid"]),
         "invalid_not_refused": sum(not 400 <= s < 500 for s in out["invalid"]),
-        "mismatched_answers": len(out["mismatched"]), "same_as_alone": float(np.mean(out["same"])),
-        "rss_mib_start": rss_start, "rss_mib_end": rss[-1], "rss_mib_max": max(rss),
+        "mismatched_answers": len(out["mismatched"]),
+        "same_as_alone": float(np.mean(out["same"])),
+        "rss_mib_start": rss_start,
+        "rss_mib_end": rss[-1],
+        "rss_mib_max": max(rss),
         "rss_mib_every_5s": [round(r) for r in rss[::10]],
-    }  # fmt: skip
+    }
     print(json.dumps(summary))
     if args.out:
         with args.out.open("a") as f:

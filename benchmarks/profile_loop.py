@@ -50,8 +50,14 @@ def main(argv: list[str] | None = None) -> int:
     features = train_windows(args)
     accelerator = engine.make_accelerator(mixed_precision=resolve_precision(args.precision))
     device = accelerator.device
-    loader, sampler = train_loader(features, batch_size=args.batch_size, seed=args.seed, group_by_length=True,
-                                   pad_token_id=tokenizer.pad_token_id, pin_memory=device.type == "cuda")  # fmt: skip
+    loader, sampler = train_loader(
+        features,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        group_by_length=True,
+        pad_token_id=tokenizer.pad_token_id,
+        pin_memory=device.type == "cuda",
+    )
     model = fresh_model(args)
     optimizer = build_optimizer(model, lr=3e-5, weight_decay=0.01, eps=1e-8, fused=fused_adamw_applies(device.type))
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
@@ -111,8 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     sync(device)
     loop_ms = (time.perf_counter() - t0) / args.steps * 1e3 + statistics.mean(phases["data"]) * 1e3
 
-    print(f"device {device}, precision {accelerator.mixed_precision}, batch {args.batch_size}, "
-          f"{args.steps} updates each")  # fmt: skip
+    print(
+        f"device {device}, precision {accelerator.mixed_precision}, batch {args.batch_size}, {args.steps} updates each"
+    )
     total = sum(statistics.mean(v) for v in phases.values()) * 1e3
     for name, values in phases.items():
         ms = statistics.mean(values) * 1e3

@@ -37,11 +37,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging()
     from bertqa.data import Window, tokenize_examples
+    from bertqa.deploy.serving import load_settings
     from bertqa.inference import eval_batches, predict_logits
     from bertqa.model import build_model, build_tokenizer
-    from bertqa.training.runtime import make_accelerator, resolve_precision
-    from bertqa.deploy.serving import load_settings
     from bertqa.sources import load_examples
+    from bertqa.training.runtime import make_accelerator, resolve_precision
 
     accelerator = make_accelerator(mixed_precision=resolve_precision(args.precision))
     tokenizer = build_tokenizer(args.models[0])
@@ -56,12 +56,20 @@ def main(argv: list[str] | None = None) -> int:
             predict_logits(model, loader, accelerator=accelerator)
             best[i] = min(best[i], time.perf_counter() - start)
     for path, model, seconds in zip(args.models, models, best):
-        print(json.dumps({
-            "model": str(path), "layers": model.config.num_hidden_layers,
-            "parameters": sum(p.numel() for p in model.parameters()), "windows": len(features),
-            "seconds": round(seconds, 2), "windows_per_s": round(len(features) / seconds, 1),
-            "speedup_over_first": round(best[0] / seconds, 2), "precision": accelerator.mixed_precision,
-        }))  # fmt: skip
+        print(
+            json.dumps(
+                {
+                    "model": str(path),
+                    "layers": model.config.num_hidden_layers,
+                    "parameters": sum(p.numel() for p in model.parameters()),
+                    "windows": len(features),
+                    "seconds": round(seconds, 2),
+                    "windows_per_s": round(len(features) / seconds, 1),
+                    "speedup_over_first": round(best[0] / seconds, 2),
+                    "precision": accelerator.mixed_precision,
+                }
+            )
+        )
     return 0
 
 

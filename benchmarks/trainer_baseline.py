@@ -37,10 +37,10 @@ def train_and_score(c: TrainConfig) -> dict[str, Any]:
     from bertqa.cache import prepare_data
     from bertqa.examples import is_v2
     from bertqa.model import build_model, build_tokenizer
-    from bertqa.training.optim import count_updates
     from bertqa.postprocess import postprocess, score
-    from bertqa.training.runtime import resolve_precision
     from bertqa.sources import run_examples
+    from bertqa.training.optim import count_updates
+    from bertqa.training.runtime import resolve_precision
 
     t_start = time.perf_counter()
     tokenizer = build_tokenizer(c.model)
@@ -102,8 +102,10 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     config = config_from_args(args)
     if config.time_budget is not None:
-        raise ValueError("the Trainer has no time budget: give the run a fixed length (--time-budget none, with "
-                         "--epochs or --max-steps), and the same to scripts/train.py for the comparison")  # fmt: skip
+        raise ValueError(
+            "the Trainer has no time budget: give the run a fixed length (--time-budget none, with "
+            "--epochs or --max-steps), and the same to scripts/train.py for the comparison"
+        )
     result = train_and_score(config)
     print(json.dumps(result))
     if args.json:

@@ -16,11 +16,11 @@ import json
 from pathlib import Path
 
 from bertqa.config import load_config
+from bertqa.deploy.serving import answer_questions
 from bertqa.metrics import squad_v2_scores
 from bertqa.model import build_model, build_tokenizer
-from bertqa.training.runtime import resolve_precision
-from bertqa.deploy.serving import answer_questions
 from bertqa.sources import run_examples
+from bertqa.training.runtime import resolve_precision
 
 
 def predictions(model, tokenizer, examples, config):
@@ -67,8 +67,15 @@ def main() -> None:
     rows = []
     for way, threshold in ways.items():
         s = squad_v2_scores(text, golds, na, threshold=threshold)
-        rows.append({"threshold chosen on": way, "threshold": round(threshold, 3), "F1": round(s["f1"], 2),
-                     "HasAns F1": round(s["HasAns_f1"], 2), "NoAns F1": round(s.get("NoAns_f1", 0.0), 2)})  # fmt: skip
+        rows.append(
+            {
+                "threshold chosen on": way,
+                "threshold": round(threshold, 3),
+                "F1": round(s["f1"], 2),
+                "HasAns F1": round(s["HasAns_f1"], 2),
+                "NoAns F1": round(s.get("NoAns_f1", 0.0), 2),
+            }
+        )
     no_answer = squad_v2_scores(dict.fromkeys(golds, ""), golds)["f1"]
     print("| threshold chosen on | threshold | F1 | HasAns F1 | NoAns F1 |\n|---|---|---|---|---|")
     for row in rows:

@@ -291,9 +291,15 @@ def train_loader(
     """
     sampler: LengthGroupedBatchSampler
     if question_order_first_pool is not None:
-        sampler = QuestionOrderBatchSampler(features.lengths, features.example_index, batch_size, seed=seed,
-                                            first_pool=question_order_first_pool, group_by_length=group_by_length,
-                                            pool_batches=pool_batches)  # fmt: skip
+        sampler = QuestionOrderBatchSampler(
+            features.lengths,
+            features.example_index,
+            batch_size,
+            seed=seed,
+            first_pool=question_order_first_pool,
+            group_by_length=group_by_length,
+            pool_batches=pool_batches,
+        )
     else:
         sampler = LengthGroupedBatchSampler(
             features.lengths, batch_size, seed=seed, group_by_length=group_by_length, pool_batches=pool_batches

@@ -98,8 +98,11 @@ def cached_features(
             logger.info("waiting for another process that is writing window cache entry %s", folder)
             lock.acquire()
     except OSError as err:  # the lock file cannot be made: nobody can have written the entry here either
-        logger.warning("window cache %s cannot be written (%s): the windows are kept in memory for this run",
-                       folder.parent, err.strerror or err)  # fmt: skip
+        logger.warning(
+            "window cache %s cannot be written (%s): the windows are kept in memory for this run",
+            folder.parent,
+            err.strerror or err,
+        )
         return build()
     try:
         features = read_entry(folder)  # the process this one waited for may have written it
@@ -135,8 +138,12 @@ def write_entry(folder: Path, features: Features) -> bool:
     except OSError as err:
         shutil.rmtree(tmp, ignore_errors=True)
         free = shutil.disk_usage(folder.parent).free / 2**20
-        logger.warning("window cache entry %s could not be written (%s; %.1f MiB free there): going on without it",
-                       folder, err.strerror or err, free)  # fmt: skip
+        logger.warning(
+            "window cache entry %s could not be written (%s; %.1f MiB free there): going on without it",
+            folder,
+            err.strerror or err,
+            free,
+        )
         return False
     except BaseException:  # Ctrl-C or SIGTERM mid-write: leave no half entry behind
         shutil.rmtree(tmp, ignore_errors=True)
@@ -208,7 +215,10 @@ def _writable(folder: Path) -> bool:
         probe.unlink()
         return True
     except OSError as err:
-        logger.warning("window cache %s cannot be written (%s): entries already there are read, and windows not "
-                       "there are kept in memory for this run only (--cache-dir elsewhere, or none)", folder,
-                       err.strerror or err)  # fmt: skip
+        logger.warning(
+            "window cache %s cannot be written (%s): entries already there are read, and windows not "
+            "there are kept in memory for this run only (--cache-dir elsewhere, or none)",
+            folder,
+            err.strerror or err,
+        )
         return False

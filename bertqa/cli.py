@@ -176,10 +176,16 @@ class ScriptParser(argparse.ArgumentParser):
 
     def add_precision(self, *, choices: tuple[str, ...] = ("auto", "no", "bf16"), help: str) -> None:
         """`--mixed-precision` (train.py's name), and `--precision`, the name these scripts had first."""
-        self.add_argument("--mixed-precision", default="auto", choices=choices, type=precision_name,
-                          help=f"{help}; no = fp32 (fp32 is taken too); --precision is the same flag")  # fmt: skip
-        self.add_argument("--precision", dest="mixed_precision", choices=choices, type=precision_name,
-                          help=argparse.SUPPRESS)  # fmt: skip
+        self.add_argument(
+            "--mixed-precision",
+            default="auto",
+            choices=choices,
+            type=precision_name,
+            help=f"{help}; no = fp32 (fp32 is taken too); --precision is the same flag",
+        )
+        self.add_argument(
+            "--precision", dest="mixed_precision", choices=choices, type=precision_name, help=argparse.SUPPRESS
+        )
 
     def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
         return super().parse_known_args(self._spelled_out(sys.argv[1:] if args is None else args), namespace)

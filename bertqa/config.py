@@ -241,19 +241,24 @@ class TrainConfig:
 
     def unused_settings(self) -> list[tuple[str, str]]:
         """(setting, the one it needs) for settings changed from their default that do nothing without another."""
-        return [(name, needs) for name, needs in _NEEDS
-                if getattr(self, name) != _DEFAULTS[name] and getattr(self, needs) is None]  # fmt: skip
+        return [
+            (name, needs)
+            for name, needs in _NEEDS
+            if getattr(self, name) != _DEFAULTS[name] and getattr(self, needs) is None
+        ]
 
     def replace(self, **changes: Any) -> TrainConfig:
         """A copy with `changes`. A length given here wins over the other kind already set: `max_steps` replaces a
         time budget (a preset's, say) and `time_budget` replaces `max_steps`; the one replaced is logged."""
         if "time_budget" in changes and changes["time_budget"] is None and self.time_budget is not None:
-            logging.getLogger("bertqa").info("time_budget %s is off: the run's length is max_steps or epochs (%g)",
-                                             self.time_budget, self.epochs)  # fmt: skip
+            logging.getLogger("bertqa").info(
+                "time_budget %s is off: the run's length is max_steps or epochs (%g)", self.time_budget, self.epochs
+            )
         for given, other in (("max_steps", "time_budget"), ("time_budget", "max_steps")):
             if changes.get(given) is not None and other not in changes and getattr(self, other) is not None:
-                logging.getLogger("bertqa").info("%s %s replaces %s %s", given, changes[given], other,
-                                                 getattr(self, other))  # fmt: skip
+                logging.getLogger("bertqa").info(
+                    "%s %s replaces %s %s", given, changes[given], other, getattr(self, other)
+                )
                 changes[other] = None
         return dataclasses.replace(self, **changes)
 
@@ -265,8 +270,12 @@ class TrainConfig:
 
 
 # Settings that only mean something beside another: (setting, the one it needs).
-_NEEDS = (("early_stopping_min_delta", "early_stopping_patience"), ("layer_pick", "num_layers"),
-          ("distill_alpha", "teacher"), ("distill_temperature", "teacher"))  # fmt: skip
+_NEEDS = (
+    ("early_stopping_min_delta", "early_stopping_patience"),
+    ("layer_pick", "num_layers"),
+    ("distill_alpha", "teacher"),
+    ("distill_temperature", "teacher"),
+)
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
 
 
@@ -302,12 +311,28 @@ def load_config(path: str | Path) -> TrainConfig:
 
 # Settings that only change what is recorded or how fast: a resumed run may change them. Every other field changes
 # the computation (data, windows, model, optimiser, schedule, batch, seed, precision, length).
-BOOKKEEPING = frozenset({
-    "eval_every_steps", "eval_before_training", "log_every", "save_every_steps", "keep_checkpoints", "output_dir",
-    "save_optimizer_state",
-    "resume", "report_to", "save_model", "eval_batch_size", "num_workers", "tokenize_workers", "cache_dir",
-    "label_check_min", "overwrite", "accept_changes", "collective_timeout_s",
-})  # fmt: skip
+BOOKKEEPING = frozenset(
+    {
+        "eval_every_steps",
+        "eval_before_training",
+        "log_every",
+        "save_every_steps",
+        "keep_checkpoints",
+        "output_dir",
+        "save_optimizer_state",
+        "resume",
+        "report_to",
+        "save_model",
+        "eval_batch_size",
+        "num_workers",
+        "tokenize_workers",
+        "cache_dir",
+        "label_check_min",
+        "overwrite",
+        "accept_changes",
+        "collective_timeout_s",
+    }
+)
 
 
 def computation_changes(old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
@@ -346,9 +371,18 @@ def kept_on_resume(old: dict[str, Any], new: dict[str, Any]) -> str | None:
 
 
 _POSITIVE = (
-    "max_seq_length", "max_query_length", "max_answer_length", "batch_size", "grad_accum", "eval_batch_size",
-    "log_every", "pad_to_multiple_of", "tokenize_workers", "keep_checkpoints", "collective_timeout_s",
-)  # fmt: skip
+    "max_seq_length",
+    "max_query_length",
+    "max_answer_length",
+    "batch_size",
+    "grad_accum",
+    "eval_batch_size",
+    "log_every",
+    "pad_to_multiple_of",
+    "tokenize_workers",
+    "keep_checkpoints",
+    "collective_timeout_s",
+)
 _POSITIVE_WHEN_SET = ("max_train_examples", "max_eval_examples", "max_steps", "eval_every_steps", "save_every_steps")
 
 

@@ -155,6 +155,10 @@ class Distillation:
             return gold
         with torch.no_grad(), self.autocast():
             theirs = self.teacher(**inputs)
-        soft = soft_span_loss((out.start_logits, out.end_logits), (theirs.start_logits, theirs.end_logits),
-                              batch["attention_mask"], temperature=self.temperature)  # fmt: skip
+        soft = soft_span_loss(
+            (out.start_logits, out.end_logits),
+            (theirs.start_logits, theirs.end_logits),
+            batch["attention_mask"],
+            temperature=self.temperature,
+        )
         return (1 - self.alpha) * gold + self.alpha * soft

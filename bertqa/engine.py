@@ -40,8 +40,6 @@ if TYPE_CHECKING:
     from accelerate import Accelerator
 
     from bertqa.config import TrainConfig
-    from bertqa.data import Example
-    from bertqa.training.optim import OptimizerFactory
 
 __all__ = [
     "DataOrder",
@@ -65,6 +63,7 @@ __all__ = [
 
 Callback = Callable[[Update], None]
 EvalObserver = Callable[[Mapping[str, Any]], None]
+OptimizerFactory = Callable[[torch.nn.Module], torch.optim.Optimizer]  # as `bertqa.training.optim` names it
 
 
 def train_one_epoch(
@@ -152,6 +151,8 @@ def train(run: Run) -> dict[str, Any]:
         run.order.end_pass(state)
         run.hooks.pass_end(run, stats)
     run.finished = True
+    if state.stop_reason is not None:  # also a stop before training: the checkpoint keeps it, so a resume stays stopped
+        run.save()
     summary = {
         "steps": state.step,
         "epochs_done": state.epoch,
@@ -171,8 +172,8 @@ def fit(
     *,
     model: torch.nn.Module | None = None,
     tokenizer: Any = None,
-    train_examples: Sequence[Example] | Any | None = None,
-    eval_examples: Sequence[Example] | Any | None = None,
+    train_examples: Sequence[Any] | Any | None = None,
+    eval_examples: Sequence[Any] | Any | None = None,
     compute_loss: LossFn = default_loss,
     hooks: Sequence[Hook] = (),
     callbacks: Sequence[Callback] = (),
@@ -187,10 +188,8 @@ def fit(
     still bertqa's, counted in updates). `hooks` are told each event of the run (`Hook`) and keep their state across
     a resume; `callbacks` get an `Update` after every optimizer update, `on_evaluate` observers every evaluation
     record (a line of `metrics.jsonl`); any of them may end the run by raising `StopTraining`. A `config.teacher`
-    makes the loss `bertqa.distill.Distillation` (give it or your own loss).
-
-    Its log lines (logger "bertqa": what was loaded, the plan, each evaluation) are shown on stderr when the program
-    has set up no logging of its own.
+    makes the loss `bertqa.distill.Distillation` (give it or your own loss). Its log lines (logger "bertqa": what
+    was loaded, the plan, each evaluation) are shown on stderr when the program has set up no logging of its own.
 
     Ctrl-C or SIGTERM (to any process) stops the run after the update in progress with a checkpoint of it, and
     raises `Interrupted` (a KeyboardInterrupt) naming that checkpoint; `resume="latest"` continues from it exactly.

@@ -155,11 +155,19 @@ def examples_from_records(
             raise SquadFormatError(f"{place}: column {names['id']!r}: an id must be text or a number, got {qid!r}")
         place = _Place(source, where, i, qid)
         texts, starts = _answers_of(get, i, names, place)
-        examples.append(_example(
-            None if qid is None else str(qid), _text_or_empty(get("title", i), "title", names, place),
-            get("context", i), get("question", i), texts, starts,
-            is_impossible=_flag(get("is_impossible", i), names, place), where=place, names=names,
-        ))  # fmt: skip
+        examples.append(
+            _example(
+                None if qid is None else str(qid),
+                _text_or_empty(get("title", i), "title", names, place),
+                get("context", i),
+                get("question", i),
+                texts,
+                starts,
+                is_impossible=_flag(get("is_impossible", i), names, place),
+                where=place,
+                names=names,
+            )
+        )
         places.append(place)
     given = [ex.id is not None for ex in examples]
     examples = _with_generated_ids(examples)
@@ -325,10 +333,18 @@ def parse_squad(
                 answers = _get(qa, "answers", list, where)
                 texts = [_get(ans, "text", str, f"{where}.answers[{i}]") for i, ans in enumerate(answers)]
                 starts = [_get(ans, "answer_start", int, f"{where}.answers[{i}]") for i, ans in enumerate(answers)]
-                examples.append(_example(
-                    _get(qa, "id", str, where), title, context, _get(qa, "question", str, where), texts, starts,
-                    is_impossible=bool(qa.get("is_impossible", False)), where=where,
-                ))  # fmt: skip
+                examples.append(
+                    _example(
+                        _get(qa, "id", str, where),
+                        title,
+                        context,
+                        _get(qa, "question", str, where),
+                        texts,
+                        starts,
+                        is_impossible=bool(qa.get("is_impossible", False)),
+                        where=where,
+                    )
+                )
                 places.append(where)
     return _checked(examples, source=source, version=version, on_mismatch=on_mismatch, places=places)
 
@@ -410,18 +426,7 @@ def _checked(
             n_given += start is not None
             if start is not None and ex.context[start : start + len(text)] == text:
                 continue
-            found = _nearest_occurrence(ex.context, text, start or 0)
-            problem = f"{place}: question {ex.id!r} answer {i} {text!r}"
-            if start is not None:
-                problem += (
-                    f": answer_start {start} points at {ex.context[start : start + len(text)]!r}, not at the text"
-                )
-            if found is None:
-                same = unicodedata.normalize("NFC", text) in unicodedata.normalize("NFC", ex.context)
-                hint = " (it does once both are Unicode-normalised: write them in one form, NFC)" if same else ""
-                raise SquadFormatError(problem + "; the text does not occur in the context at all" + hint)
-            if start is not None and on_mismatch == "error":
-                raise SquadFormatError(problem + f" (it occurs at {found}; on_mismatch='repair' would move it there)")
+            found, problem = _locate(ex, i, text, start, place=place, on_mismatch=on_mismatch)
             starts[i] = found
             n_repaired, n_located = n_repaired + (start is not None), n_located + (start is None)
             (repaired if start is not None else located).append(ex.id)
@@ -431,11 +436,9 @@ def _checked(
     if not out:
         raise SquadFormatError(f"{source}: holds no questions")
     notes += _repair_totals(source, n_repaired, n_given)
-    v2 = is_v2(out)
-    version = "v2.0" if v2 else "v1.1"
     report = LoadReport(
         source=source,
-        version=version,
+        version="v2.0" if is_v2(out) else "v1.1",
         n_examples=len(out),
         n_impossible=sum(ex.is_impossible for ex in out),
         n_answers=sum(len(ex.answer_texts) for ex in out),
@@ -450,17 +453,36 @@ def _checked(
     return out, report
 
 
+def _locate(
+    ex: Example, i: int, text: str, start: int | None, *, place: str, on_mismatch: MismatchPolicy
+) -> tuple[int, str]:
+    """Where answer `i`'s text is in the context (the occurrence nearest `start`), and the problem as a message
+    names it; raised when the text is nowhere in the context, or when `on_mismatch` says a wrong offset is an error."""
+    found = _nearest_occurrence(ex.context, text, start or 0)
+    problem = f"{place}: question {ex.id!r} answer {i} {text!r}"
+    if start is not None:
+        problem += f": answer_start {start} points at {ex.context[start : start + len(text)]!r}, not at the text"
+    if found is None:
+        same = unicodedata.normalize("NFC", text) in unicodedata.normalize("NFC", ex.context)
+        hint = " (it does once both are Unicode-normalised: write them in one form, NFC)" if same else ""
+        raise SquadFormatError(problem + "; the text does not occur in the context at all" + hint)
+    if start is not None and on_mismatch == "error":
+        raise SquadFormatError(problem + f" (it occurs at {found}; on_mismatch='repair' would move it there)")
+    return found, problem
+
+
 def _repair_totals(source: str, n_repaired: int, n_given: int) -> list[tuple[str | None, str]]:
     """Notes on a source's repairs past the ones named one by one, and on a source where most needed one."""
     notes: list[tuple[str | None, str]] = []
     if n_repaired > _NOTED_REPAIRS:
         notes.append((None, f"{source}: {n_repaired - _NOTED_REPAIRS:,} more answer offsets repaired"))
     if n_repaired >= 2 and n_repaired > n_given / 2:
-        notes.append((None, (
-            f"{source}: {n_repaired:,} of the {n_given:,} answer offsets given ({n_repaired / n_given:.0%}) did not "
-            "point at their answer text and were moved: is answer_start read from the right column (--column-map "
-            "answer_start=COLUMN), and are the offsets counted in characters?"
-        )))  # fmt: skip
+        share = f"{n_repaired:,} of the {n_given:,} answer offsets given ({n_repaired / n_given:.0%})"
+        question = (
+            "is answer_start read from the right column (--column-map answer_start=COLUMN), and are the offsets "
+            "counted in characters?"
+        )
+        notes.append((None, f"{source}: {share} did not point at their answer text and were moved: {question}"))
     return notes
 
 

@@ -121,8 +121,9 @@ def given_examples(
     if all(isinstance(item, Mapping) for item in items):
         keys = list(dict.fromkeys(key for item in items for key in item))
         columns = {key: [item.get(key) for item in items] for key in keys}
-        return examples_from_records(columns, source=name, where=lambda i: f"record {i}",
-                                     column_map=parse_column_map(column_map))  # fmt: skip
+        return examples_from_records(
+            columns, source=name, where=lambda i: f"record {i}", column_map=parse_column_map(column_map)
+        )
     kinds = (Example, Mapping)
     first = next((i for i, item in enumerate(items) if not isinstance(item, kinds)), None)
     if first is not None:
@@ -158,8 +159,9 @@ def _read_file(
                 f"{path}: expected the official SQuAD layout (an object with a 'data' list) or a list of records"
             )
         columns = {name: [row.get(name) for row in raw] for name in dict.fromkeys(k for row in raw for k in row)}
-        return examples_from_records(columns, source=str(path), where=lambda i: f"record {i}",
-                                     column_map=column_map, on_mismatch=on_mismatch)  # fmt: skip
+        return examples_from_records(
+            columns, source=str(path), where=lambda i: f"record {i}", column_map=column_map, on_mismatch=on_mismatch
+        )
     columns = _read_with_datasets(path, kind)
     where = (lambda i: f"line {_record_line(path, kind, i)}") if kind in ("jsonl", "csv") else (lambda i: f"row {i}")
     return examples_from_records(columns, source=str(path), where=where, column_map=column_map, on_mismatch=on_mismatch)
@@ -347,5 +349,6 @@ def _hub_unusable(name: str, reason: str) -> FileNotFoundError:
 def _from_dataset(
     dataset: Any, *, source: str, column_map: dict[str, str], on_mismatch: MismatchPolicy
 ) -> tuple[list[Example], LoadReport]:
-    return examples_from_records(dataset.to_dict(), source=source, where=lambda i: f"row {i}",
-                                 column_map=column_map, on_mismatch=on_mismatch)  # fmt: skip
+    return examples_from_records(
+        dataset.to_dict(), source=source, where=lambda i: f"row {i}", column_map=column_map, on_mismatch=on_mismatch
+    )

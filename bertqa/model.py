@@ -253,8 +253,9 @@ def build_model(
     if not pretrained:
         model = AutoModelForQuestionAnswering.from_config(config, **kwargs).to(dtype)
     else:
-        model = load_pretrained("model", AutoModelForQuestionAnswering.from_pretrained, name, config=config,
-                                dtype=dtype, **kwargs)  # fmt: skip
+        model = load_pretrained(
+            "model", AutoModelForQuestionAnswering.from_pretrained, name, config=config, dtype=dtype, **kwargs
+        )
     if num_layers is not None:
         keep_layers(model, pick_layers(model_depth(config, name), num_layers, layer_pick, name=name))
     return model
@@ -288,8 +289,11 @@ def keep_layers(model: torch.nn.Module, indices: list[int]) -> torch.nn.Module:
     """Keep only the encoder layers at `indices` (in that order), in place, and say so in the model's config, so
     that `save_pretrained` writes a model that loads back as the smaller one."""
     depth = model_depth(model.config, type(model).__name__)
-    found = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.ModuleList) and len(m) == depth
-             and n.rsplit(".", 1)[-1] in ("layer", "layers")]  # fmt: skip
+    found = [
+        (n, m)
+        for n, m in model.named_modules()
+        if isinstance(m, torch.nn.ModuleList) and len(m) == depth and n.rsplit(".", 1)[-1] in ("layer", "layers")
+    ]
     if len(found) != 1:
         raise ValueError(f"{type(model).__name__}: cannot find its one list of {depth} encoder layers to shorten")
     path, layers = found[0]

@@ -114,46 +114,89 @@ def run_examples(
     """
     options = {"answerable": answerable, "seed": seed, "column_map": column_map}
     reports: list[LoadReport | NegativesReport] = []
-    if train_examples is None:
-        train, report = load_examples(train_data, **options)
-    else:
-        train, report = given_examples(train_examples, column_map=column_map, name="train_examples")
+    train, report = (
+        load_examples(train_data, **options)
+        if train_examples is None
+        else given_examples(train_examples, column_map=column_map, name="train_examples")
+    )
     reports += [report] if report is not None else []
-    source = eval_source(train_data, eval_data, eval_split)
-    if train_examples is not None and eval_examples is None and eval_data is None and eval_split is None:
-        source = DEFAULT_EVAL_SPLIT  # not the bundled dev set that train_data's default would name
-        logger.warning("no evaluation data was given with the training examples: %.0f%% of them is held out to "
-                       "evaluate on (give eval_examples, or set eval_data or eval_split)", 100 * source)  # fmt: skip
-    named = None
-    if eval_examples is not None:
-        evaluation, report = given_examples(eval_examples, column_map=column_map, name="eval_examples")
-        reports += [report] if report is not None else []
-        described = "given examples"
-    elif isinstance(source, float):
-        train, evaluation = hold_out(train, source, seed=seed)
-        share = len(evaluation) / (len(evaluation) + len(train))
-        described = f"{len(evaluation):,} of the training questions held out ({share:.0%}; {source:.0%} asked)"
-    else:
-        evaluation, report = load_examples(source, **options)
-        reports.append(report)
-        described, named = str(source), _findable(source)
-    calibration: list[Example] = []
-    pools = {"train": train, "eval": evaluation, "calibration": calibration}  # each side before subsets
-    calibration_off = None
-    if is_v2(train) or negatives:  # a v2 model: its no-answer threshold is chosen on questions of its own
-        train, pools["calibration"], calibration_off = _calibration(train, calibration_split, seed=seed + 1)
-        pools["train"] = train
-        calibration = subsample(pools["calibration"], max_eval_examples, seed=seed)
-    if train_examples is None:
-        train = subsample(train, max_train_examples, seed=seed)
-    if eval_examples is None:
-        evaluation = subsample(evaluation, max_eval_examples, seed=seed)
-    sides = {"train": train, "calibration": calibration, "eval": evaluation}
+    nothing_named = eval_examples is None and eval_data is None and eval_split is None
+    source = (
+        _given_share()
+        if train_examples is not None and nothing_named
+        else eval_source(train_data, eval_data, eval_split)
+    )
+    train, evaluation, report, described, named = _evaluation_side(train, source, eval_examples, options)
+    reports += [report] if report is not None else []
+    sides, pools, calibration_off = _draw_sides(
+        train,
+        evaluation,
+        v2=is_v2(train) or bool(negatives),
+        calibration_split=calibration_split,
+        max_train=None if train_examples is not None else max_train_examples,
+        max_eval=max_eval_examples,
+        eval_given=eval_examples is not None,
+        seed=seed,
+    )
     if negatives:  # a held-out evaluation share is of the same data: it is scored on saying "no answer" too
         held_out_eval = isinstance(source, float) and eval_examples is None
         reports += _add_negatives(sides, pools, negatives, seed=seed, eval_too=held_out_eval)
-    return RunExamples(sides["train"], sides["eval"], sides["calibration"], calibration_split, tuple(reports),
-                       described, named, calibration_off)  # fmt: skip
+    found = {"reports": tuple(reports), "eval_described": described, "eval_data": named}
+    return RunExamples(**sides, calibration_split=calibration_split, calibration_off=calibration_off, **found)
+
+
+def _draw_sides(
+    train: list[Example],
+    evaluation: list[Example],
+    *,
+    v2: bool,
+    calibration_split: float,
+    max_train: int | None,
+    max_eval: int | None,
+    eval_given: bool,
+    seed: int,
+) -> tuple[dict[str, list[Example]], dict[str, list[Example]], str | None]:
+    """The run's sides (train, calibration, eval) after a v2 run's threshold questions are held out of training and
+    the seeded subsets drawn; the pools each side was drawn from (for negatives); why calibration is off, if it is."""
+    calibration: list[Example] = []
+    pools = {"train": train, "eval": evaluation, "calibration": calibration}  # each side before subsets
+    calibration_off = None
+    if v2:  # a v2 model: its no-answer threshold is chosen on questions of its own
+        train, pools["calibration"], calibration_off = _calibration(train, calibration_split, seed=seed + 1)
+        pools["train"] = train
+        calibration = subsample(pools["calibration"], max_eval, seed=seed)
+    train = subsample(train, max_train, seed=seed)
+    if not eval_given:
+        evaluation = subsample(evaluation, max_eval, seed=seed)
+    return {"train": train, "calibration": calibration, "eval": evaluation}, pools, calibration_off
+
+
+def _given_share() -> float:
+    """The evaluation share of training examples passed in alone: not the bundled dev set that `train_data`'s
+    default would name."""
+    logger.warning(
+        "no evaluation data was given with the training examples: %.0f%% of them is held out to evaluate on (give "
+        "eval_examples, or set eval_data or eval_split)",
+        100 * DEFAULT_EVAL_SPLIT,
+    )
+    return DEFAULT_EVAL_SPLIT
+
+
+def _evaluation_side(
+    train: list[Example], source: str | float, eval_examples: Any, options: dict[str, Any]
+) -> tuple[list[Example], list[Example], LoadReport | None, str, str | None]:
+    """(training, evaluation examples, the evaluation source's load report, how the evaluation data is described,
+    and where it can be found again): the examples given, a share held out of training, or a source loaded."""
+    if eval_examples is not None:
+        evaluation, report = given_examples(eval_examples, column_map=options["column_map"], name="eval_examples")
+        return train, evaluation, report, "given examples", None
+    if isinstance(source, float):
+        train, evaluation = hold_out(train, source, seed=options["seed"])
+        share = len(evaluation) / (len(evaluation) + len(train))
+        described = f"{len(evaluation):,} of the training questions held out ({share:.0%}; {source:.0%} asked)"
+        return train, evaluation, None, described, None
+    evaluation, report = load_examples(source, **options)
+    return train, evaluation, report, str(source), _findable(source)
 
 
 def _calibration(train: list[Example], share: float, *, seed: int) -> tuple[list[Example], list[Example], str | None]:
@@ -164,8 +207,9 @@ def _calibration(train: list[Example], share: float, *, seed: int) -> tuple[list
             return (*hold_out(train, share, seed=seed, purpose="calibration"), None)
         except HoldOutError:
             off = "the training data is one passage: none can be held out"
-    logger.warning("the no-answer threshold is not calibrated (%s): the default %g is used", off,
-                   DEFAULT_NO_ANSWER_THRESHOLD)  # fmt: skip
+    logger.warning(
+        "the no-answer threshold is not calibrated (%s): the default %g is used", off, DEFAULT_NO_ANSWER_THRESHOLD
+    )
     return train, [], off
 
 
@@ -184,10 +228,15 @@ def _add_negatives(
     for side in ("train", "calibration", "eval") if eval_too else ("train", "calibration"):
         sides[side], report = add_negatives(sides[side], negatives, seed=seed, pool=pools[side], side=_SIDES[side])
         if side == "train" and not report.added:
-            why = (f"every other passage held the answer of each of its {report.questions:,} answerable questions"
-                   if report.questions else "it has no answerable question")  # fmt: skip
-            raise ValueError(f"negatives={negatives} added no unanswerable example to the training data ({why}): "
-                             "there is nothing to learn 'no answer' from")  # fmt: skip
+            why = (
+                f"every other passage held the answer of each of its {report.questions:,} answerable questions"
+                if report.questions
+                else "it has no answerable question"
+            )
+            raise ValueError(
+                f"negatives={negatives} added no unanswerable example to the training data ({why}): "
+                "there is nothing to learn 'no answer' from"
+            )
         reports.append(report)
     return reports
 
@@ -220,8 +269,9 @@ def load_examples(
         try:
             loaded = [load_examples(part, answerable=answerable, column_map=column_map) for part in parts]
         except FileNotFoundError as err:
-            raise FileNotFoundError(f"{err} ('+' joins sources: {source!r} was read as {len(parts)}: "
-                                    f"{', '.join(map(repr, parts))})") from err  # fmt: skip
+            raise FileNotFoundError(
+                f"{err} ('+' joins sources: {source!r} was read as {len(parts)}: {', '.join(map(repr, parts))})"
+            ) from err
         examples = _joined([exs for exs, _ in loaded], parts)
         return subsample(examples, max_examples, seed=seed), _joined_report([r for _, r in loaded], str(source))
     named, (source, articles) = source, split_article_range(source)
@@ -249,8 +299,10 @@ def _joined(sides: list[list[Example]], parts: list[str]) -> list[Example]:
     for k, examples in enumerate(sides):
         for ex in examples:
             if seen.setdefault(ex.id, k) != k:
-                raise ValueError(f"question id {ex.id!r} is in both {parts[seen[ex.id]]} and {parts[k]}: joined "
-                                 "sources must not share questions")  # fmt: skip
+                raise ValueError(
+                    f"question id {ex.id!r} is in both {parts[seen[ex.id]]} and {parts[k]}: joined "
+                    "sources must not share questions"
+                )
     return [ex for examples in sides for ex in examples]
 
 
@@ -326,16 +378,23 @@ def hold_out(
         )
     n_articles = len(set(articles))
     why = "one article" if n_articles == 1 else f"each of its {n_articles} articles alone is far more than the share"
-    logger.warning("the %s share is held out by passage, not by article (%s): no passage is on both sides, but an "
-                   "article may be", purpose, why)  # fmt: skip
+    logger.warning(
+        "the %s share is held out by passage, not by article (%s): no passage is on both sides, but an article may be",
+        purpose,
+        why,
+    )
     if not held:  # every passage alone is too big as well: the smallest, rather than none
         sizes = Counter(passages)
         held = {min(random.Random(seed).sample(list(sizes), len(sizes)), key=sizes.__getitem__)}
         logger.warning(
             "the %s share holds %d of %d examples (%.0f%%, %.0f%% asked): the smallest passage, since no passage "
-            "can be on both sides", purpose, sizes[next(iter(held))], len(examples),
-            100 * sizes[next(iter(held))] / len(examples), 100 * share,
-        )  # fmt: skip
+            "can be on both sides",
+            purpose,
+            sizes[next(iter(held))],
+            len(examples),
+            100 * sizes[next(iter(held))] / len(examples),
+            100 * share,
+        )
     return _split(examples, held, passages)
 
 

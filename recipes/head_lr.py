@@ -3,8 +3,8 @@
 The head is the one part of the model that starts from random weights, so it can take larger steps than the
 pretrained encoder below it. `fit(config, optimizer=factory)` calls `factory(model)` once for the optimizer; the
 warmup and decay stay bertqa's, counted in updates and applied to each group's own peak, and a resumed run gets this
-run's peaks back (not the checkpoint's). `bertqa.training.optim.layer_depths` tells which parameters are the head for BERT,
-RoBERTa, ELECTRA, DeBERTa and DistilBERT. Every flag of train.py works here.
+run's peaks back (not the checkpoint's). `bertqa.training.optim.layer_depths` tells which parameters are the head
+for BERT, RoBERTa, ELECTRA, DeBERTa and DistilBERT. Every flag of train.py works here.
 
   python recipes/head_lr.py --preset quick --head-lr-multiplier 10 --output-dir runs/quick-head-lr
 """
@@ -17,9 +17,8 @@ from functools import partial
 import torch
 
 from bertqa import engine
-
-from bertqa.training import optim
 from bertqa.cli import config_from_args, config_parser, positive_float, run, setup_logging
+from bertqa.training import optim
 
 
 def head_boosted_adamw(
@@ -34,8 +33,9 @@ def head_boosted_adamw(
         params = [(n, p) for n, p in model.named_parameters() if p.requires_grad and in_group(depths[n])]
         for decay in (True, False):
             chosen = [p for _, p in params if (p.dim() >= 2) == decay]
-            groups.append({"params": chosen, "lr": lr * scale, "name": name,
-                           "weight_decay": weight_decay if decay else 0.0})  # fmt: skip
+            groups.append(
+                {"params": chosen, "lr": lr * scale, "name": name, "weight_decay": weight_decay if decay else 0.0}
+            )
     return torch.optim.AdamW(groups, lr=lr)
 
 
@@ -45,12 +45,20 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     setup_logging()
     config = config_from_args(args)
-    factory = partial(head_boosted_adamw, lr=config.lr, weight_decay=config.weight_decay,
-                      multiplier=args.head_lr_multiplier)  # fmt: skip
+    factory = partial(
+        head_boosted_adamw, lr=config.lr, weight_decay=config.weight_decay, multiplier=args.head_lr_multiplier
+    )
     summary = engine.fit(config, optimizer=factory)
     if summary["final"]:
-        print(json.dumps({"f1": summary["final"]["f1"], "steps": summary["steps"], "head_lr": config.lr
-                          * args.head_lr_multiplier}))  # fmt: skip
+        print(
+            json.dumps(
+                {
+                    "f1": summary["final"]["f1"],
+                    "steps": summary["steps"],
+                    "head_lr": config.lr * args.head_lr_multiplier,
+                }
+            )
+        )
     return 0
 
 

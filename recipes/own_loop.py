@@ -18,12 +18,11 @@ from functools import partial
 from accelerate.utils import set_seed
 
 from bertqa import batching, cache, engine, inference, sources
-
-from bertqa.training import checkpoint, optim, runtime
 from bertqa.cli import run, script_parser, setup_logging
 from bertqa.data import Window, check_labels
-from bertqa.training.interrupt import Interrupted, SignalCatcher
 from bertqa.model import build_model, build_tokenizer
+from bertqa.training import checkpoint, optim, runtime
+from bertqa.training.interrupt import Interrupted, SignalCatcher
 
 
 def train(a: argparse.Namespace) -> list[dict]:
@@ -33,13 +32,23 @@ def train(a: argparse.Namespace) -> list[dict]:
     tokenizer = build_tokenizer(a.model)
     window = Window(a.max_seq_length, a.doc_stride, a.max_query_length)
     with accelerator.main_process_first():  # the main process fills the window cache, the others read it
-        examples = sources.run_examples(a.train_data, eval_data=a.eval_data, max_train_examples=a.max_train_examples,
-                                        max_eval_examples=a.max_eval_examples, seed=a.seed)  # fmt: skip
+        examples = sources.run_examples(
+            a.train_data,
+            eval_data=a.eval_data,
+            max_train_examples=a.max_train_examples,
+            max_eval_examples=a.max_eval_examples,
+            seed=a.seed,
+        )
         data = cache.prepare_data(examples, tokenizer, window=window, cache_dir=a.cache_dir)
     check_labels(data.train_features, examples.train)  # labels that do not decode to the answers stop the run here
     model = build_model(a.model)
-    loader, sampler = batching.train_loader(data.train_features, batch_size=a.batch_size, seed=a.seed,
-                                            group_by_length=True, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    loader, sampler = batching.train_loader(
+        data.train_features,
+        batch_size=a.batch_size,
+        seed=a.seed,
+        group_by_length=True,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     fused = optim.fused_adamw_applies(accelerator.device.type)
     optimizer = optim.build_optimizer(model, lr=a.lr, weight_decay=0.01, eps=1e-8, fused=fused)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
@@ -51,15 +60,25 @@ def train(a: argparse.Namespace) -> list[dict]:
     if a.resume and (last := checkpoint.latest_checkpoint(a.output_dir)) is not None:
         accelerator.load_state(str(last))  # the checkpoint's schedule and data order; change neither when resuming
         print(f"resumed from {last} at update {state.step} of {total}", flush=True)
-    eval_loader = inference.eval_batches(data.eval_features, batch_size=64, pad_token_id=tokenizer.pad_token_id,
-                                         accelerator=accelerator)  # fmt: skip
+    eval_loader = inference.eval_batches(
+        data.eval_features, batch_size=64, pad_token_id=tokenizer.pad_token_id, accelerator=accelerator
+    )
     log: list[dict] = []
     with SignalCatcher() as signals:  # Ctrl-C or SIGTERM: finish the update, save it, stop (a second: stop now)
         try:
             while state.step < total and state.stop_reason is None:  # a callback may raise engine.StopTraining
-                engine.train_one_epoch(accelerator, model, optimizer, scheduler, order.batches(accelerator, state),
-                                       state=state, max_steps=total, log_every=a.log_every, on_log=log.append,
-                                       callbacks=[partial(signals.check, accelerator)])  # fmt: skip
+                engine.train_one_epoch(
+                    accelerator,
+                    model,
+                    optimizer,
+                    scheduler,
+                    order.batches(accelerator, state),
+                    state=state,
+                    max_steps=total,
+                    log_every=a.log_every,
+                    on_log=log.append,
+                    callbacks=[partial(signals.check, accelerator)],
+                )
                 order.end_pass(state)
                 metrics, _ = inference.evaluate(accelerator, model, eval_loader, examples.eval, v2=examples.v2)
                 checkpoint.save_checkpoint(accelerator, a.output_dir, state.step, keep=1)

@@ -39,15 +39,25 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     config = config_from_args(args)
     if config.time_budget is not None and "time_budget" in vars(args):
-        logging.getLogger("bertqa").warning("--time-budget %s is ignored: this recipe runs a fixed length, stopped "
-                                            "by --train-seconds", config.time_budget)  # fmt: skip
+        logging.getLogger("bertqa").warning(
+            "--time-budget %s is ignored: this recipe runs a fixed length, stopped by --train-seconds",
+            config.time_budget,
+        )
     config = config.replace(time_budget=None)
     summary = engine.fit(config, callbacks=[StopAfter(args.train_seconds)])
     if summary["final"]:
-        print(json.dumps({"f1": round(summary["final"]["f1"], 2), "exact": round(summary["final"]["exact"], 2),
-                          "steps": summary["steps"], "stopped_early": summary["stopped_early"],
-                          "train_time_s": round(summary["train_time_s"], 1),
-                          "wall_time_s": round(summary["wall_time_s"], 1)}))  # fmt: skip
+        print(
+            json.dumps(
+                {
+                    "f1": round(summary["final"]["f1"], 2),
+                    "exact": round(summary["final"]["exact"], 2),
+                    "steps": summary["steps"],
+                    "stopped_early": summary["stopped_early"],
+                    "train_time_s": round(summary["train_time_s"], 1),
+                    "wall_time_s": round(summary["wall_time_s"], 1),
+                }
+            )
+        )
     return 0
 
 

@@ -45,8 +45,10 @@ def main(argv: list[str] | None = None) -> int:
     t3 = time.perf_counter()
     labels = data.check_labels(features, examples, min_match_rate=args.min_match_rate)
     t4 = time.perf_counter()
-    print(f"{report.source}: version {report.version}, {report.n_examples:,} examples "
-          f"({report.n_impossible:,} unanswerable), {report.n_repaired} answer offsets repaired")  # fmt: skip
+    print(
+        f"{report.source}: version {report.version}, {report.n_examples:,} examples "
+        f"({report.n_impossible:,} unanswerable), {report.n_repaired} answer offsets repaired"
+    )
     print(labels.format())
     print(
         f"time: load {t1 - t0:.1f} s, tokenize {t2 - t1:.1f} s ({len(examples) / (t2 - t1):,.0f} examples/s), "

@@ -85,14 +85,14 @@ def evaluate_model(
     A model trained for the other SQuAD version than the data's is scored all the same, with a loud warning.
     Returns (metrics, predictions, examples); metrics on every process, predictions on the main one.
     """
-    from bertqa.deploy.backends import is_exported, load_qa_model, precision_for
     from bertqa.data import Window, tokenize_examples
+    from bertqa.deploy.backends import is_exported, load_qa_model, precision_for
+    from bertqa.deploy.serving import load_settings
     from bertqa.examples import is_v2
     from bertqa.inference import eval_batches, evaluate
     from bertqa.model import build_tokenizer
-    from bertqa.training.runtime import make_accelerator, resolve_precision
-    from bertqa.deploy.serving import load_settings
     from bertqa.sources import load_examples
+    from bertqa.training.runtime import make_accelerator, resolve_precision
 
     settings = load_settings(model_dir)
     eval_data = eval_data or recorded_eval_data(model_dir, settings)
@@ -117,9 +117,10 @@ def evaluate_model(
             "VERSION MISMATCH: %s was trained on SQuAD %s data but %s is SQuAD %s: %s",
             *(model_dir, "v2.0" if model_v2 else "v1.1", eval_data, "v2.0" if data_v2 else "v1.1"),
             "its unanswerable questions count against a model that never learned to say 'no answer'"
-            if data_v2 else "it is scored as v2.0 with the model's no-answer threshold, as in training, so each "
+            if data_v2
+            else "it is scored as v2.0 with the model's no-answer threshold, as in training, so each "
             "'no answer' counts as wrong here (every question has an answer)",
-        )  # fmt: skip
+        )
     logger.info(
         "evaluating %d examples (%d windows, %s) on %d processes",
         *(len(examples), len(features), "v2.0" if v2 else "v1.1", accelerator.num_processes),
@@ -130,9 +131,15 @@ def evaluate_model(
             _warn_if_tuned_on_eval_data(model_dir, settings, eval_data)
     loader = eval_batches(features, batch_size=batch_size, pad_token_id=tokenizer.pad_token_id, accelerator=accelerator)
     metrics, predictions = evaluate(
-        accelerator, model, loader, examples, v2=v2, max_answer_length=settings["max_answer_length"],
-        threshold=threshold, progress=True,
-    )  # fmt: skip
+        accelerator,
+        model,
+        loader,
+        examples,
+        v2=v2,
+        max_answer_length=settings["max_answer_length"],
+        threshold=threshold,
+        progress=True,
+    )
     metrics["no_answer_threshold"] = threshold if v2 else None
     return metrics, predictions, examples
 

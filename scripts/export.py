@@ -64,9 +64,14 @@ def main(argv: list[str] | None = None) -> int:
     from bertqa.deploy.export import export_onnx
 
     report = export_onnx(
-        args.model, args.out, quantize=args.quantize, check_data=args.check_data,
-        check_questions=args.check_questions, fuse=args.fuse, overwrite=args.overwrite,
-    )  # fmt: skip
+        args.model,
+        args.out,
+        quantize=args.quantize,
+        check_data=args.check_data,
+        check_questions=args.check_questions,
+        fuse=args.fuse,
+        overwrite=args.overwrite,
+    )
     print(report.format())
     return 0
 

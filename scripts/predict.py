@@ -50,8 +50,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def read_items(path: Path) -> tuple[list[dict], list[str]]:
     """The questions of a JSONL file or JSON list, each with its place (file and line) for error messages; each
     must have a non-empty question and context (text)."""
-    from bertqa.loading import read_records
     from bertqa.deploy.serving import question_pairs
+    from bertqa.loading import read_records
 
     records = read_records(path)
     items, places = [item for _, item in records], [f"{path}: {place}" for place, _ in records]
@@ -62,15 +62,18 @@ def read_items(path: Path) -> tuple[list[dict], list[str]]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging()
-    from bertqa.training.reporting import check_writable, dumps
     from bertqa.deploy.serving import Answerer
+    from bertqa.training.reporting import check_writable, dumps
 
     if args.out is not None:  # before any work: results that cannot be written are lost
         if args.out.exists() and not args.overwrite:
             raise ValueError(f"{args.out} already exists; pass --overwrite to replace it")
         check_writable(args.out.resolve().parent)
-    items, places = read_items(args.file) if args.file else ([{"question": args.question, "context": args.context}],
-                                                             ["--question/--context"])  # fmt: skip
+    items, places = (
+        read_items(args.file)
+        if args.file
+        else ([{"question": args.question, "context": args.context}], ["--question/--context"])
+    )
     answerer = Answerer(
         args.model, batch_size=args.batch_size, threshold=args.threshold, precision=args.mixed_precision
     )

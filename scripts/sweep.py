@@ -68,19 +68,39 @@ NOT_FOR_SWEEPS = {
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = config_parser(__doc__)
     group = parser.add_argument_group("sweep")
-    group.add_argument("--trials", type=positive_int, default=20,
-                       help="finished trials wanted in the study, counting earlier runs' (default: 20)")  # fmt: skip
-    group.add_argument("--param", action="append", default=[], metavar="NAME=SPEC",
-                       help="a searched setting: LOW..HIGH, LOW..HIGH:log or a,b,c (repeatable)")  # fmt: skip
+    group.add_argument(
+        "--trials",
+        type=positive_int,
+        default=20,
+        help="finished trials wanted in the study, counting earlier runs' (default: 20)",
+    )
+    group.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="NAME=SPEC",
+        help="a searched setting: LOW..HIGH, LOW..HIGH:log or a,b,c (repeatable)",
+    )
     group.add_argument("--space", type=Path, metavar="FILE", help="JSON object NAME -> SPEC or list of choices")
     group.add_argument("--sweep-dir", type=Path, help="where trials and results go (default: the config's output_dir)")
-    group.add_argument("--storage", metavar="FILE.db", help="the study's SQLite file (default: "
-                       "SWEEP_DIR/study.db); an existing file must be an Optuna study")  # fmt: skip
+    group.add_argument(
+        "--storage",
+        metavar="FILE.db",
+        help="the study's SQLite file (default: SWEEP_DIR/study.db); an existing file must be an Optuna study",
+    )
     group.add_argument("--study-name", help="the study in --storage (default: the sweep dir's name)")
-    group.add_argument("--pruner", choices=("median", "none"), default="median",
-                       help="stop trials that fall behind the median at an evaluation (default: median)")  # fmt: skip
-    group.add_argument("--allow-changed-base", action=BoolFlag, default=False,
-                       help="add to a study made with another base config or search space (warned)")  # fmt: skip
+    group.add_argument(
+        "--pruner",
+        choices=("median", "none"),
+        default="median",
+        help="stop trials that fall behind the median at an evaluation (default: median)",
+    )
+    group.add_argument(
+        "--allow-changed-base",
+        action=BoolFlag,
+        default=False,
+        help="add to a study made with another base config or search space (warned)",
+    )
     for action in parser._actions:  # argparse has no public way to hide an inherited flag
         if action.dest in NOT_FOR_SWEEPS:
             action.help = argparse.SUPPRESS
@@ -112,11 +132,15 @@ def check_sweep_dir(sweep_dir: Path, study_name: str | None, storage: Path | Non
     if held is None:
         return study_name or sweep_dir.resolve().name, storage or sweep_dir / "study.db", True
     if study_name is not None and held["study_name"] != study_name:
-        raise ValueError(f"{sweep_dir} holds the trials of study {held['study_name']!r} ({held['storage']}); "
-                         "give another --sweep-dir, or that --study-name to add to it")  # fmt: skip
+        raise ValueError(
+            f"{sweep_dir} holds the trials of study {held['study_name']!r} ({held['storage']}); "
+            "give another --sweep-dir, or that --study-name to add to it"
+        )
     if storage is not None and str(storage.resolve()) != held["storage"]:
-        raise ValueError(f"{sweep_dir} holds the trials of a study in {held['storage']}, not in {storage.resolve()}; "
-                         "give another --sweep-dir, or that --storage to add to it")  # fmt: skip
+        raise ValueError(
+            f"{sweep_dir} holds the trials of a study in {held['storage']}, not in {storage.resolve()}; "
+            "give another --sweep-dir, or that --storage to add to it"
+        )
     return held["study_name"], Path(held["storage"]), False
 
 
@@ -133,12 +157,18 @@ def trial_rows(study: Any) -> list[dict[str, Any]]:
         error = t.user_attrs.get("error", "")
         if t.number in retried_as and not error:
             error = f"killed or interrupted; run again as trial {retried_as[t.number]}"
-        rows.append({
-            "trial": t.number, "state": t.state.name, "f1": None if f1 is None else round(f1, 2),
-            "steps": t.user_attrs.get("steps"),
-            "minutes": round(t.duration.total_seconds() / 60, 2) if t.duration else None,
-            **{name: t.params.get(name) for name in names}, "stopped": stopped[t.number], "error": error,
-        })  # fmt: skip
+        rows.append(
+            {
+                "trial": t.number,
+                "state": t.state.name,
+                "f1": None if f1 is None else round(f1, 2),
+                "steps": t.user_attrs.get("steps"),
+                "minutes": round(t.duration.total_seconds() / 60, 2) if t.duration else None,
+                **{name: t.params.get(name) for name in names},
+                "stopped": stopped[t.number],
+                "error": error,
+            }
+        )
     return rows
 
 
@@ -163,8 +193,10 @@ def plot_trials(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(8, 4))
-    for state, marker, color, label in (("COMPLETE", "o", "tab:blue", "complete"),
-                                        ("PRUNED", "x", "tab:orange", "pruned (F1 before it)")):  # fmt: skip
+    for state, marker, color, label in (
+        ("COMPLETE", "o", "tab:blue", "complete"),
+        ("PRUNED", "x", "tab:orange", "pruned (F1 before it)"),
+    ):
         points = [(r["trial"], r["f1"]) for r in rows if r["state"] == state and r["f1"] is not None]
         if points:
             ax.scatter(*zip(*points), marker=marker, color=color, label=label, zorder=3)

@@ -49,8 +49,12 @@ def _budget(plan: dict | None) -> dict:
     """What a time-budget run planned, beside what it did."""
     if plan is None:
         return {}
-    return {"time_budget_s": plan["budget_s"], "planned_steps": plan["total_steps"], "questions": plan["questions"],
-            "precision": plan["precision"]}  # fmt: skip
+    return {
+        "time_budget_s": plan["budget_s"],
+        "planned_steps": plan["total_steps"],
+        "questions": plan["questions"],
+        "precision": plan["precision"],
+    }
 
 
 def _is_main() -> bool:

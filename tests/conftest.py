@@ -54,14 +54,33 @@ def tiny_config(tmp_path, **changes) -> TrainConfig:
     return TrainConfig(**{**base, **changes})
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """Each test starts without Accelerate's process-wide state: a run keeps the precision of the first Accelerator
-    in its process (bf16 on CPUs that have it), which would otherwise leak into later tests' fp32 comparisons."""
-    yield
-    from accelerate.state import AcceleratorState
+def reset_accelerate() -> None:
+    """Forget Accelerate's process-wide singletons: the process state, the accelerator's (its precision: bf16 on
+    CPUs that have it) and the gradient state (the accumulation steps and the loaders of the last `prepare`)."""
+    from accelerate.state import AcceleratorState, GradientState
 
     AcceleratorState._reset_state(reset_partial_state=True)  # what Accelerate's own test cases do between tests
+    GradientState._reset_state()
+
+
+@pytest.fixture(autouse=True)
+def fresh_process_state():
+    """Each test starts, and leaves, the process as a new one would have it: Accelerate's singletons reset (a run
+    keeps the precision of the first Accelerator in its process), the settings a run changes put back, and the
+    "bertqa" logger as it was. So any order of tests passes (checked with pytest-randomly, see docs/BENCHMARKS.md)."""
+    import logging
+
+    reset_accelerate()
+    logger = logging.getLogger("bertqa")
+    handlers, level = list(logger.handlers), logger.level
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    threads = torch.get_num_threads()
+    yield
+    reset_accelerate()
+    logger.handlers[:] = handlers
+    logger.setLevel(level)
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

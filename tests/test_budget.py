@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from bertqa import engine
-
-from bertqa.training import budget
 from bertqa.batching import QuestionOrderBatchSampler
+from bertqa.config import TrainConfig, computation_changes, preset
+from bertqa.training import budget
 from bertqa.training.budget import (
     BudgetTooSmall,
     evaluations_between,
@@ -22,7 +22,6 @@ from bertqa.training.budget import (
     parse_duration,
     plan_steps,
 )
-from bertqa.config import TrainConfig, computation_changes, preset
 from bertqa.training.optim import build_scheduler, reschedule
 from bertqa.training.runtime import cpu_has_native_bf16, precision_reason, resolve_precision
 from tests.conftest import tiny_config
@@ -30,9 +29,18 @@ from tests.conftest import tiny_config
 
 @pytest.mark.parametrize(
     ("text", "seconds"),
-    [("600", 600), (90, 90), ("90s", 90), ("10m", 600), ("1h30m", 5400), ("1h 30m 15s", 5415), ("2.5m", 150),
-     ("10min", 600), ("1H", 3600)],
-)  # fmt: skip
+    [
+        ("600", 600),
+        (90, 90),
+        ("90s", 90),
+        ("10m", 600),
+        ("1h30m", 5400),
+        ("1h 30m 15s", 5415),
+        ("2.5m", 150),
+        ("10min", 600),
+        ("1H", 3600),
+    ],
+)
 def test_durations_in_the_forms_people_write(text, seconds):
     assert parse_duration(text) == seconds
 
@@ -72,8 +80,11 @@ def test_plan_steps_is_the_largest_length_that_fits():
     # an evaluation every 10 updates costs its time too: 6 + n updates with n * 2 + evaluations * 10 <= 100
     with_evals = plan_steps(remaining_s=100.0, cap=1000, **{**plan, "eval_every": 10})
     cost = (with_evals - 6) * 2 + evaluations_between(6, with_evals, per_epoch=1000, eval_every=10) * 10
-    assert cost <= 100 < (with_evals + 1 - 6) * 2 + evaluations_between(6, with_evals + 1, per_epoch=1000,
-                                                                         eval_every=10) * 10  # fmt: skip
+    assert (
+        cost
+        <= 100
+        < (with_evals + 1 - 6) * 2 + evaluations_between(6, with_evals + 1, per_epoch=1000, eval_every=10) * 10
+    )
 
 
 def sampler_data(questions=200, seed=0):
@@ -188,8 +199,15 @@ def test_the_plan_comes_from_the_measured_rate_and_the_schedule_ends_at_its_last
     summary = engine.fit(budget_config(tmp_path), model=tiny(), compute_loss=sleepy(0.04))
     plan = summary["budget_plan"]
     assert 0.04 <= plan["s_per_update"] < 0.2  # the sleep, and what the tiny model adds (more on a busy machine)
-    fits = plan_steps(remaining_s=(4 - plan["spent_s"]) * roomy, s_per_update=plan["s_per_update"],
-                      eval_s=plan["eval_s"], done=6, cap=10_000, per_epoch=10_000, eval_every=None)  # fmt: skip
+    fits = plan_steps(
+        remaining_s=(4 - plan["spent_s"]) * roomy,
+        s_per_update=plan["s_per_update"],
+        eval_s=plan["eval_s"],
+        done=6,
+        cap=10_000,
+        per_epoch=10_000,
+        eval_every=None,
+    )
     assert plan["questions"] < plan["pool_questions"] == 400  # less than a pass: a draw of whole questions
     assert fits - 2 <= plan["total_steps"] <= fits  # whole questions fill at most the updates that fit
     assert summary["steps"] == plan["total_steps"] and summary["stopped_early"] is None
@@ -210,8 +228,18 @@ def test_a_resumed_run_keeps_its_plan_instead_of_measuring_again(tmp_path, tiny,
             raise RuntimeError("killed")
 
     config = budget_config(tmp_path, save_every_steps=25)
-    with pytest.raises(RuntimeError, match="killed"):
-        engine.fit(config, model=tiny(), compute_loss=sleepy(0.04), callbacks=[crash])
+    planned = []
+    measure = budget.plan_run
+
+    def counted(*args, **kwargs):
+        planned.append(True)
+        return measure(*args, **kwargs)
+
+    with monkeypatch.context() as m:  # where the plan is made: the patch below intercepts it
+        m.setattr(budget, "plan_run", counted)
+        with pytest.raises(RuntimeError, match="killed"):
+            engine.fit(config, model=tiny(), compute_loss=sleepy(0.04), callbacks=[crash])
+    assert planned == [True]
     plan = json.loads((tmp_path / "run" / "config.json").read_text())["_budget_plan"]
 
     def measure_again(*args, **kwargs):
@@ -240,8 +268,9 @@ def test_a_changed_budget_on_resume_plans_again_and_a_budget_cannot_come_or_go(t
         ):
             engine.fit(other.replace(resume="latest", accept_changes=True), model=tiny())
     same = config.replace(resume="latest", time_budget="4")  # "4s" and "4" are one budget: no change to accept
-    longer = engine.fit(config.replace(resume="latest", time_budget="6s", accept_changes=True), model=tiny(),
-                        compute_loss=sleepy(0.04))  # fmt: skip
+    longer = engine.fit(
+        config.replace(resume="latest", time_budget="6s", accept_changes=True), model=tiny(), compute_loss=sleepy(0.04)
+    )
     plan = longer["budget_plan"]
     assert plan["budget_s"] == 6 and 10 <= plan["from_step"] < 12 and plan["total_steps"] > 40  # from its checkpoint
     assert 0.04 <= plan["s_per_update"] < 0.2  # timed where it stood, in a later pass
@@ -306,8 +335,15 @@ def test_the_deadline_shortens_a_run_that_falls_behind_and_stops_one_out_of_time
     at, total = shortened[0]
     assert at == 16  # decided once 10 updates gave a steady median
     used = 10.0 + 2.0 * (at - 6)
-    assert total == plan_steps(remaining_s=(120 - used) * budget.SAFETY, s_per_update=2.0, eval_s=5.0, done=at,
-                               cap=100, per_epoch=100, eval_every=None)  # fmt: skip
+    assert total == plan_steps(
+        remaining_s=(120 - used) * budget.SAFETY,
+        s_per_update=2.0,
+        eval_s=5.0,
+        done=at,
+        cap=100,
+        per_epoch=100,
+        eval_every=None,
+    )
     late = TrainState(step=6)
     late.budget_plan = dict(state.budget_plan)
     stop = budget.Deadline(late, budget_s=20.0)  # no way to shorten: only the stop is left
@@ -355,8 +391,19 @@ def test_two_processes_agree_on_one_plan_and_end_together(tmp_path, tiny_dir):
     from tests.test_recipes import SETTINGS
     from tests.test_scripts import script, two_processes
 
-    args = ["--model", tiny_dir, *SETTINGS, "--max-train-examples", "400", "--epochs", "3", "--time-budget", "6s",
-            "--output-dir", tmp_path]  # fmt: skip
+    args = [
+        "--model",
+        tiny_dir,
+        *SETTINGS,
+        "--max-train-examples",
+        "400",
+        "--epochs",
+        "3",
+        "--time-budget",
+        "6s",
+        "--output-dir",
+        tmp_path,
+    ]
     out = json.loads(script("train.py", *map(str, args), launch=two_processes()).stdout.splitlines()[-1])
     plan = json.loads((tmp_path / "config.json").read_text())["_budget_plan"]
     assert out["planned_steps"] == plan["total_steps"] and out["time_budget_s"] == 6

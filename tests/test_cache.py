@@ -106,8 +106,17 @@ def test_two_runs_started_together_on_a_cold_cache_both_finish_and_share_its_ent
     from tests.test_scripts import ENV, ROOT, SMALL
 
     cache = tmp_path / "cache"
-    args = ["--model", str(tiny_dir), *[a for a in SMALL if a not in ("--cache-dir", "none")], "--epochs", "1",
-            "--max-train-examples", "400", "--cache-dir", str(cache)]  # fmt: skip
+    args = [
+        "--model",
+        str(tiny_dir),
+        *[a for a in SMALL if a not in ("--cache-dir", "none")],
+        "--epochs",
+        "1",
+        "--max-train-examples",
+        "400",
+        "--cache-dir",
+        str(cache),
+    ]
     logs = {name: (tmp_path / f"{name}.out", tmp_path / f"{name}.err") for name in ("a", "b")}
     runs = []
     for name, (out, err) in logs.items():  # files, not pipes: a run blocked on a full pipe would hold the lock
@@ -133,17 +142,24 @@ def test_a_run_that_finds_the_entry_being_written_waits_for_it(tmp_path, tokeniz
     examples, _ = sources.load_examples("dev-v1.1", max_examples=12, seed=0)
     key = features_key(examples, tokenizer, WINDOW, labelled=True)
     holder = subprocess.Popen(  # another process, busy writing that entry for a second
-        [sys.executable, "-c", "import sys, time; from filelock import FileLock; lock = FileLock(sys.argv[1]); "
-         "lock.acquire(); print('held', flush=True); time.sleep(1.5)", str(tmp_path / f".windows-{key}.lock")],
-        stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from filelock import FileLock; lock = FileLock(sys.argv[1]); "
+            "lock.acquire(); print('held', flush=True); time.sleep(1.5)",
+            str(tmp_path / f".windows-{key}.lock"),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert holder.stdout.readline().strip() == "held"
     t0 = time.perf_counter()
     with caplog.at_level("INFO", logger="bertqa"):
         got = cached_features(examples, tokenizer, WINDOW, cache_dir=tmp_path, labelled=True)
     assert time.perf_counter() - t0 > 0.5 and holder.wait() == 0
-    assert any("waiting for another process that is writing window cache entry" in r.getMessage()
-               for r in caplog.records)  # fmt: skip
+    assert any(
+        "waiting for another process that is writing window cache entry" in r.getMessage() for r in caplog.records
+    )
     assert same(got, cached_features(examples, tokenizer, WINDOW, cache_dir=None, labelled=True))
 
 
@@ -163,8 +179,9 @@ def read_only_dir(tmp_path):
 
 
 def test_a_cache_that_cannot_be_written_warns_once_and_the_run_goes_on(read_only_dir, tokenizer, caplog):
-    examples = sources.run_examples(train_data="dev-v1.1", eval_data="dev-v1.1", max_train_examples=12,
-                                    max_eval_examples=6, seed=0)  # fmt: skip
+    examples = sources.run_examples(
+        train_data="dev-v1.1", eval_data="dev-v1.1", max_train_examples=12, max_eval_examples=6, seed=0
+    )
     for cache_dir in (read_only_dir, read_only_dir / "below"):  # the folder, or one that cannot be made in it
         caplog.clear()
         with caplog.at_level("WARNING", logger="bertqa"):

@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 
 from bertqa import cli
-
 from bertqa.training import runtime
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -237,8 +236,19 @@ def test_a_real_accelerate_launch_failure_is_followed_by_the_note_and_quiet_drop
     accelerate = Path(sys.executable).parent / "accelerate"
     if not accelerate.exists():
         pytest.skip("accelerate's launcher is not installed beside this Python")
-    launch = [str(accelerate), "launch", "--cpu", "--num_processes", "1", "--num_machines", "1",
-              "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
+    launch = [
+        str(accelerate),
+        "launch",
+        "--cpu",
+        "--num_processes",
+        "1",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+    ]
     missing = tmp_path / "runs" / "final_modle"
     (tmp_path / "runs" / "final_model").mkdir(parents=True)
     result = run_script("train.py", "--model", missing, "--output-dir", tmp_path / "r", launch=launch)

@@ -45,8 +45,12 @@ def test_the_distilled_loss_mixes_gold_and_soft_and_never_trains_the_teacher(sma
     loss = Distillation(teacher, alpha=0.7, temperature=3.0)(student, batch)
     gold = engine.default_loss(student, batch)
     out, theirs = student(**engine.model_inputs(batch)), teacher(**engine.model_inputs(batch))
-    soft = soft_span_loss((out.start_logits, out.end_logits), (theirs.start_logits, theirs.end_logits),
-                          batch["attention_mask"], temperature=3.0)  # fmt: skip
+    soft = soft_span_loss(
+        (out.start_logits, out.end_logits),
+        (theirs.start_logits, theirs.end_logits),
+        batch["attention_mask"],
+        temperature=3.0,
+    )
     assert loss.item() == pytest.approx((0.3 * gold + 0.7 * soft).item(), rel=1e-5)
     loss.backward()
     assert all(p.grad is None for p in teacher.parameters())
@@ -69,15 +73,21 @@ def swapped_vocabulary_folder(tmp_path, tiny_dir):
 
 def test_a_teacher_with_another_vocabulary_is_refused_by_name(tmp_path, tokenizer, tiny_dir):
     folder = swapped_vocabulary_folder(tmp_path, tiny_dir)
-    with pytest.raises(ValueError, match=r"teacher .*other-teacher: its tokenizer's vocabulary \(30,522 tokens\) "
-                                         r"differs from the student's \(30,522 tokens\); e.g. '(the|of)'"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=r"teacher .*other-teacher: its tokenizer's vocabulary \(30,522 tokens\) "
+        r"differs from the student's \(30,522 tokens\); e.g. '(the|of)'",
+    ):
         load_teacher(folder, student_tokenizer=tokenizer)
     check_same_vocabulary(tokenizer, build_tokenizer("minilm-l6"), teacher="same")  # the same one passes
 
 
 def test_config_refuses_bad_distillation_settings():
-    for changes, message in (({"distill_alpha": 1.5}, "distill_alpha"), ({"distill_temperature": 0.0}, "temperature"),
-                             ({"num_layers": 0}, "num_layers must be at least 1")):  # fmt: skip
+    for changes, message in (
+        ({"distill_alpha": 1.5}, "distill_alpha"),
+        ({"distill_temperature": 0.0}, "temperature"),
+        ({"num_layers": 0}, "num_layers must be at least 1"),
+    ):
         with pytest.raises(ValueError, match=message):
             TrainConfig(**changes)
 
@@ -92,8 +102,10 @@ def test_fit_distils_a_one_layer_student_from_a_saved_teacher(tmp_path, tiny_dir
     assert distilled["steps"] == plain["steps"] == 3
     saved = json.loads((tmp_path / "run" / "final_model" / "config.json").read_text())
     assert saved["num_hidden_layers"] == 1
-    logs = [[json.loads(x) for x in (tmp_path / run / "train_log.jsonl").read_text().splitlines()]
-            for run in ("plain", "run")]  # fmt: skip
+    logs = [
+        [json.loads(x) for x in (tmp_path / run / "train_log.jsonl").read_text().splitlines()]
+        for run in ("plain", "run")
+    ]
     assert logs[0][1]["step"] == 1 and logs[0][1]["loss"] != pytest.approx(logs[1][1]["loss"])  # the teacher counts
     with pytest.raises(ValueError, match="teacher or your own compute_loss, not both"):
         engine.fit(config.replace(output_dir=str(tmp_path / "x")), compute_loss=lambda m, b: engine.default_loss(m, b))
@@ -154,9 +166,12 @@ def test_teachers_that_cannot_teach_are_refused_by_name_and_overwrite_clears_not
     shutil.copytree(tiny_dir, run / "final_model")
     from bertqa.data import Window
 
-    for folder, message in ((encoder, "is not a question-answering model (its config names ['BertModel'])"),
-                            (short, "max_seq_length=128 is longer than"), (tmp_path / "nowhere", "does not exist"),
-                            (run, "no model there (no config.json); did you mean")):  # fmt: skip
+    for folder, message in (
+        (encoder, "is not a question-answering model (its config names ['BertModel'])"),
+        (short, "max_seq_length=128 is longer than"),
+        (tmp_path / "nowhere", "does not exist"),
+        (run, "no model there (no config.json); did you mean"),
+    ):
         with pytest.raises(ValueError, match=rf"teacher .*{folder.name}.*{re.escape(message)}"):
             check_teacher(folder, student_tokenizer=student, window=Window(128, 32, 32))
     config = tiny_config(tmp_path, model=str(tiny_dir), max_steps=2, save_model=True)

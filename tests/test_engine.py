@@ -12,13 +12,12 @@ import pytest
 import torch
 
 from bertqa import batching, data, engine, sources
-
-from bertqa.training import optim
-from bertqa.training.checkpoint import latest_checkpoint, list_checkpoints
 from bertqa.data import Window
 from bertqa.examples import SquadFormatError
 from bertqa.inference import eval_batches, predict_logits
 from bertqa.model import build_model
+from bertqa.training import optim
+from bertqa.training.checkpoint import latest_checkpoint, list_checkpoints
 from tests.conftest import TINY, tiny_config
 
 
@@ -310,9 +309,16 @@ def test_fit_takes_a_datasets_object_and_holds_out_evaluation_data(tmp_path, tin
 
     examples, _ = sources.load_examples("dev-v1.1", max_examples=60, seed=5)
     records = datasets.Dataset.from_list(
-        [{"title": ex.title, "context": ex.context, "question": ex.question,
-          "answers": {"text": list(ex.answer_texts), "answer_start": list(ex.answer_starts)}} for ex in examples]
-    )  # fmt: skip
+        [
+            {
+                "title": ex.title,
+                "context": ex.context,
+                "question": ex.question,
+                "answers": {"text": list(ex.answer_texts), "answer_start": list(ex.answer_starts)},
+            }
+            for ex in examples
+        ]
+    )
     summary = engine.fit(
         tiny_config(tmp_path, eval_split=0.25, eval_data=None, max_eval_examples=None),
         model=tiny(),
@@ -323,8 +329,14 @@ def test_fit_takes_a_datasets_object_and_holds_out_evaluation_data(tmp_path, tin
 
 
 def test_v2_threshold_is_calibrated_on_held_out_training_questions(tmp_path, tiny):
-    config = tiny_config(tmp_path, train_data="dev-v2.0[:20]", eval_data="dev-v2.0[20:]", save_model=True,
-                         max_train_examples=60, max_eval_examples=20)  # fmt: skip
+    config = tiny_config(
+        tmp_path,
+        train_data="dev-v2.0[:20]",
+        eval_data="dev-v2.0[20:]",
+        save_model=True,
+        max_train_examples=60,
+        max_eval_examples=20,
+    )
     summary = engine.fit(config, model=tiny())
     record = summary["final"]
     meta = json.loads((tmp_path / "run" / "final_model" / "bertqa.json").read_text())
@@ -399,8 +411,9 @@ def test_a_stop_without_a_message_names_who_raised_it_and_every_observer_still_s
     def patience(record):
         raise engine.StopTraining()
 
-    engine.notify([patience, seen.append, lambda r: (_ for _ in ()).throw(engine.StopTraining("second"))], {"f1": 1.0},
-                  state)  # fmt: skip
+    engine.notify(
+        [patience, seen.append, lambda r: (_ for _ in ()).throw(engine.StopTraining("second"))], {"f1": 1.0}, state
+    )
     assert state.stop_reason == "StopTraining from patience" and seen == [{"f1": 1.0}]  # the first reason wins
 
 
@@ -452,11 +465,18 @@ def test_only_the_main_process_prints_and_all_log_the_runs_mean_loss(monkeypatch
 
 def test_fit_takes_records_in_the_file_schema_and_holds_out_evaluation_data(tmp_path, tiny, caplog):
     examples, _ = sources.load_examples("dev-v1.1", max_examples=30, seed=5)
-    records = [{"title": ex.title, "context": ex.context, "question": ex.question,
-                "answers": {"text": list(ex.answer_texts), "answer_start": list(ex.answer_starts)}}
-               for ex in examples]  # fmt: skip
-    summary = engine.fit(tiny_config(tmp_path, eval_data=None, max_eval_examples=None), model=tiny(),
-                         train_examples=records)  # fmt: skip
+    records = [
+        {
+            "title": ex.title,
+            "context": ex.context,
+            "question": ex.question,
+            "answers": {"text": list(ex.answer_texts), "answer_start": list(ex.answer_starts)},
+        }
+        for ex in examples
+    ]
+    summary = engine.fit(
+        tiny_config(tmp_path, eval_data=None, max_eval_examples=None), model=tiny(), train_examples=records
+    )
     held = summary["final"]["total"]
     assert 0 < held < 30 and summary["label_report"].n_examples == 30 - held
     assert "no evaluation data was given with the training examples" in caplog.text
@@ -468,14 +488,23 @@ def test_fit_takes_records_in_the_file_schema_and_holds_out_evaluation_data(tmp_
 def test_a_v2_run_without_calibration_ships_the_default_threshold(tmp_path, tiny, caplog):
     import logging
 
-    config = tiny_config(tmp_path, train_data="dev-v2.0[:20]", eval_data="dev-v2.0[20:]", save_model=True,
-                         max_train_examples=60, max_eval_examples=20, calibration_split=0)  # fmt: skip
+    config = tiny_config(
+        tmp_path,
+        train_data="dev-v2.0[:20]",
+        eval_data="dev-v2.0[20:]",
+        save_model=True,
+        max_train_examples=60,
+        max_eval_examples=20,
+        calibration_split=0,
+    )
     with caplog.at_level(logging.INFO, logger="bertqa"):
         summary = engine.fit(config, model=tiny())
     meta = json.loads((tmp_path / "run" / "final_model" / "bertqa.json").read_text())
     assert meta["no_answer_threshold"] == summary["final"]["no_answer_threshold"] == 0.0
     assert meta["threshold_calibrated_on"] == {
-        "source": "none (calibration_split is 0): the default threshold 0", "questions": 0}  # fmt: skip
+        "source": "none (calibration_split is 0): the default threshold 0",
+        "questions": 0,
+    }
     assert (
         "calibration_best_f1" not in summary["final"]
         and "not calibrated (calibration_split is 0): the default 0" in caplog.text
@@ -493,12 +522,14 @@ def test_checkpoints_without_the_optimizer_state_are_smaller_and_still_resume(tm
 
     for name, keep in (("full", True), ("light", False)):
         with pytest.raises(Crash):
-            engine.fit(tiny_config(tmp_path / name, save_optimizer_state=keep, **kwargs), model=tiny(),
-                       callbacks=[crash])  # fmt: skip
+            engine.fit(
+                tiny_config(tmp_path / name, save_optimizer_state=keep, **kwargs), model=tiny(), callbacks=[crash]
+            )
     full, light = (latest_checkpoint(tmp_path / name / "run") for name in ("full", "light"))
     assert has_optimizer_state(full) and not has_optimizer_state(light)
     size = {folder: sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) for folder in (full, light)}
     assert size[light] < 0.6 * size[full]
-    summary = engine.fit(tiny_config(tmp_path / "light", resume="latest", save_optimizer_state=False, **kwargs),
-                         model=tiny())  # fmt: skip
+    summary = engine.fit(
+        tiny_config(tmp_path / "light", resume="latest", save_optimizer_state=False, **kwargs), model=tiny()
+    )
     assert summary["steps"] > 5 and "holds no optimizer state" in caplog.text

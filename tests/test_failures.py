@@ -14,10 +14,9 @@ import re
 import pytest
 
 from bertqa import engine
-
-from bertqa.training import checkpoint
 from bertqa.config import TrainConfig, load_config
 from bertqa.model import ModelNotFoundError, build_tokenizer
+from bertqa.training import checkpoint
 from bertqa.training.reporting import dumps
 from tests.conftest import tiny_config
 
@@ -108,8 +107,12 @@ def test_resuming_a_finished_run_adds_no_duplicate_evaluation(tmp_path, tiny, ca
 def test_a_damaged_newest_checkpoint_falls_back_to_the_newest_intact_one(tmp_path, tiny, caplog, damage):
     finished_run(tmp_path, tiny)
     newest, older = checkpoint.list_checkpoints(tmp_path / "run")[::-1][:2]
-    target = {"truncate weights": "model.safetensors", "truncate optimizer": "optimizer.bin",
-              "truncate rng": "random_states_0.pkl", "flip a byte": "model.safetensors"}[damage]  # fmt: skip
+    target = {
+        "truncate weights": "model.safetensors",
+        "truncate optimizer": "optimizer.bin",
+        "truncate rng": "random_states_0.pkl",
+        "flip a byte": "model.safetensors",
+    }[damage]
     path = newest / target
     raw = bytearray(path.read_bytes())
     if damage == "flip a byte":
@@ -193,8 +196,11 @@ def test_an_accepted_learning_rate_change_is_the_one_used_after_resuming(tmp_pat
     config = tiny_config(tmp_path, batch_size=4, save_every_steps=2, schedule="constant", warmup_ratio=0.0)
     engine.fit(config.replace(max_steps=4), model=tiny())
     lrs = []
-    engine.fit(config.replace(max_steps=6, lr=5e-3, resume="latest", accept_changes=True), model=tiny(),
-               callbacks=[lambda u: lrs.append(u.lr)])  # fmt: skip
+    engine.fit(
+        config.replace(max_steps=6, lr=5e-3, resume="latest", accept_changes=True),
+        model=tiny(),
+        callbacks=[lambda u: lrs.append(u.lr)],
+    )
     assert lrs == [pytest.approx(5e-3)] * 2  # not the checkpoint's 1e-3
 
 
@@ -204,8 +210,15 @@ def test_a_model_trained_on_v2_data_stays_v2_whatever_its_evaluation_share_holds
 
     answered = Example("a", "T", "a b", "q", ("a",), (0,))
     unanswerable = Example("b", "T", "a b", "q", (), (), True)
-    examples = RunExamples(train=[answered, unanswerable], eval=[answered], calibration=[unanswerable],
-                           calibration_split=0.05, reports=(), eval_described="held out", eval_data=None)  # fmt: skip
+    examples = RunExamples(
+        train=[answered, unanswerable],
+        eval=[answered],
+        calibration=[unanswerable],
+        calibration_split=0.05,
+        reports=(),
+        eval_described="held out",
+        eval_data=None,
+    )
     meta = checkpoint.model_meta(examples, window=Window(), max_answer_length=30, column_map=None)
     assert meta["v2"] is True and meta["threshold_calibrated_on"]["questions"] == 1 and meta["eval_data"] is None
 
@@ -254,9 +267,22 @@ def test_a_hub_id_without_the_hub_fails_in_seconds_naming_it_and_the_ways_forwar
     environ = {k: v for k, v in ENV.items() if not k.endswith("_OFFLINE")} | env
     hub_id = {"--model": "bert-base-uncased", "--train-data": "someone/squad-like"}[flag]
     t0 = time.perf_counter()
-    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "train.py"), *SMALL, flag, hub_id, "--output-dir",
-                             str(tmp_path / "run")], cwd=ROOT, env=environ, capture_output=True, text=True,
-                            timeout=300)  # fmt: skip
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "train.py"),
+            *SMALL,
+            flag,
+            hub_id,
+            "--output-dir",
+            str(tmp_path / "run"),
+        ],
+        cwd=ROOT,
+        env=environ,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     seconds = time.perf_counter() - t0
     last = result.stderr.strip().splitlines()[-1]
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]

@@ -20,7 +20,6 @@ import torch
 from safetensors.torch import load_file
 
 from bertqa import engine
-
 from bertqa.training import checkpoint, evaluation, interrupt
 from bertqa.training.interrupt import Interrupted
 from tests.conftest import tiny_config
@@ -164,8 +163,16 @@ LONG = ["--epochs", "30", "--log-every", "1"]  # far longer than the signal take
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_the_script_saves_and_exits_with_one_line_at_a_signal(tmp_path, tiny_dir, signum):
     run = tmp_path / "run"
-    cmd = [sys.executable, str(ROOT / "scripts" / "train.py"), "--model", str(tiny_dir), *SMALL, *LONG,
-           "--output-dir", str(run)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        str(ROOT / "scripts" / "train.py"),
+        "--model",
+        str(tiny_dir),
+        *SMALL,
+        *LONG,
+        "--output-dir",
+        str(run),
+    ]
     proc = train_until(cmd, run, step=2)
     proc.send_signal(signum)
     out, err = proc.communicate(timeout=120)
@@ -181,8 +188,14 @@ def test_the_script_saves_and_exits_with_one_line_at_a_signal(tmp_path, tiny_dir
 def test_a_signal_to_one_of_two_processes_stops_both_at_one_update(tmp_path, tiny_dir):
     args = ["--model", str(tiny_dir), *SMALL, "--epochs", "8", "--log-every", "1", "--mixed-precision", "no"]
     train = [*two_processes(), str(ROOT / "scripts" / "train.py"), *args]
-    subprocess.run([*train, "--output-dir", str(tmp_path / "straight")], cwd=ROOT, env=ENV, check=True,
-                   capture_output=True, timeout=600)  # fmt: skip
+    subprocess.run(
+        [*train, "--output-dir", str(tmp_path / "straight")],
+        cwd=ROOT,
+        env=ENV,
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
 
     run = tmp_path / "run"
     proc = train_until([*train, "--output-dir", str(run)], run, step=2)
@@ -195,8 +208,14 @@ def test_a_signal_to_one_of_two_processes_stops_both_at_one_update(tmp_path, tin
     assert len(saved) == 1 and checkpoint.verify(saved[0]) is None
     assert {"random_states_0.pkl", "random_states_1.pkl"} <= {p.name for p in saved[0].iterdir()}  # both saved it
 
-    result = subprocess.run([*train, "--output-dir", str(run), "--resume", "latest"], cwd=ROOT, env=ENV,
-                            capture_output=True, text=True, timeout=600)  # fmt: skip
+    result = subprocess.run(
+        [*train, "--output-dir", str(run), "--resume", "latest"],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     a, b = records(tmp_path / "straight")[-1], records(run)[-1]
     assert (a["step"], a["exact"], a["f1"]) == (b["step"], b["exact"], b["f1"])
@@ -209,8 +228,16 @@ def test_a_real_write_past_a_file_size_limit_stops_with_one_line_and_keeps_the_c
     import resource
 
     run = tmp_path / "run"
-    cmd = [sys.executable, str(ROOT / "scripts" / "train.py"), "--model", str(tiny_dir), *SMALL, *LONG,
-           "--output-dir", str(run)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        str(ROOT / "scripts" / "train.py"),
+        "--model",
+        str(tiny_dir),
+        *SMALL,
+        *LONG,
+        "--output-dir",
+        str(run),
+    ]
     proc = train_until(cmd, run, step=2)
     proc.send_signal(signal.SIGINT)
     proc.communicate(timeout=120)
@@ -221,8 +248,15 @@ def test_a_real_write_past_a_file_size_limit_stops_with_one_line_and_keeps_the_c
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (2**20, 2**20))
 
-    resumed = subprocess.run([*cmd, "--resume", "latest", "--save-every-steps", "1"], cwd=ROOT, env=ENV, text=True,
-                             capture_output=True, timeout=300, preexec_fn=small_files)  # fmt: skip
+    resumed = subprocess.run(
+        [*cmd, "--resume", "latest", "--save-every-steps", "1"],
+        cwd=ROOT,
+        env=ENV,
+        text=True,
+        capture_output=True,
+        timeout=300,
+        preexec_fn=small_files,
+    )
     lines = resumed.stderr.strip().splitlines()
     assert resumed.returncode == 2 and "Traceback" not in resumed.stderr, resumed.stderr[-3000:]
     assert lines[-1].startswith("error: could not write checkpoint ") and "File too large" in lines[-1]
@@ -256,8 +290,18 @@ def test_a_sigterm_to_a_one_process_launcher_reaches_the_run(tmp_path, tiny_dir)
     import shutil
 
     accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or "accelerate"
-    launch = [accelerate, "launch", "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no",
-              "--dynamo_backend", "no"]  # fmt: skip
+    launch = [
+        accelerate,
+        "launch",
+        "--num_processes",
+        "1",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+    ]
     run = tmp_path / "run"
     cmd = [
         *launch,

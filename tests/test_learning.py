@@ -38,6 +38,8 @@ def test_short_finetune_raises_dev_f1_far_above_the_untrained_model(tmp_path):
     losses = [r["loss"] for r in records if "loss" in r]  # the first record is the learning rate at step 0
     # Chance is about ln(window length) ~ 5; the notebook that never learned stayed there.
     assert losses[0] > 4.5 and losses[-1] < 0.8 * math.log(170)
-    print(f"dev F1 untrained {before['f1']:.1f} -> fine-tuned {after['f1']:.1f} (EM {before['exact']:.1f} -> "
-          f"{after['exact']:.1f}); loss {losses[0]:.2f} -> {losses[-1]:.2f}")  # fmt: skip
+    print(
+        f"dev F1 untrained {before['f1']:.1f} -> fine-tuned {after['f1']:.1f} (EM {before['exact']:.1f} -> "
+        f"{after['exact']:.1f}); loss {losses[0]:.2f} -> {losses[-1]:.2f}"
+    )
     assert after["f1"] > before["f1"] + 15 and after["exact"] > before["exact"] + 10

@@ -34,8 +34,13 @@ def flat_records(path):
                     "text": [a["text"] for a in qa["answers"]],
                     "answer_start": [a["answer_start"] for a in qa["answers"]],
                 }
-                yield {"id": qa["id"], "title": article["title"], "context": paragraph["context"],
-                       "question": qa["question"], "answers": answers}  # fmt: skip
+                yield {
+                    "id": qa["id"],
+                    "title": article["title"],
+                    "context": paragraph["context"],
+                    "question": qa["question"],
+                    "answers": answers,
+                }
 
 
 def test_every_format_gives_the_same_examples(nested, tmp_path):
@@ -63,9 +68,17 @@ def test_a_datasets_object_and_the_single_answer_layout(nested):
     expected, _ = load_squad(nested)
     records = list(flat_records(nested))
     assert load_squad(datasets.Dataset.from_list(records))[0] == expected
-    single = [{"qid": r["id"], "title": r["title"], "passage": r["context"], "query": r["question"],
-               "gold": (r["answers"]["text"] or [""])[0], "gold_start": (r["answers"]["answer_start"] or [None])[0]}
-              for r in records]  # fmt: skip
+    single = [
+        {
+            "qid": r["id"],
+            "title": r["title"],
+            "passage": r["context"],
+            "query": r["question"],
+            "gold": (r["answers"]["text"] or [""])[0],
+            "gold_start": (r["answers"]["answer_start"] or [None])[0],
+        }
+        for r in records
+    ]
     mapping = "id=qid,context=passage,question=query,answer_text=gold,answer_start=gold_start"
     examples, _ = load_squad(datasets.Dataset.from_list(single), column_map=mapping)
     assert [ex.answer_texts[:1] for ex in examples] == [ex.answer_texts[:1] for ex in expected]
@@ -229,13 +242,24 @@ def test_a_spreadsheet_csv_with_a_byte_order_mark_loads(tmp_path):
 # ------------------------------------------------------------------------------------------- small data, records
 
 README_RECORDS = [
-    {"id": "q1", "title": "Paris", "context": "Paris is the capital of France.",
-     "question": "What is the capital of France?", "answers": {"text": ["Paris"], "answer_start": [0]}},
-    {"context": "The book was written by Ann Lee in 1990.", "question": "Who wrote the book?",
-     "answers": {"text": ["Ann Lee"], "answer_start": [24]}},
-    {"context": "The book was written by Ann Lee in 1990.", "question": "Who published it?",
-     "answers": {"text": [], "answer_start": []}},
-]  # fmt: skip
+    {
+        "id": "q1",
+        "title": "Paris",
+        "context": "Paris is the capital of France.",
+        "question": "What is the capital of France?",
+        "answers": {"text": ["Paris"], "answer_start": [0]},
+    },
+    {
+        "context": "The book was written by Ann Lee in 1990.",
+        "question": "Who wrote the book?",
+        "answers": {"text": ["Ann Lee"], "answer_start": [24]},
+    },
+    {
+        "context": "The book was written by Ann Lee in 1990.",
+        "question": "Who published it?",
+        "answers": {"text": [], "answer_start": []},
+    },
+]
 
 
 def test_records_given_from_python_are_checked_as_a_files_records_are():
@@ -245,8 +269,10 @@ def test_records_given_from_python_are_checked_as_a_files_records_are():
     flat = [{"context": "It was written by Ann Lee.", "question": "Who?", "answer_text": "Ann Lee"}]
     assert given_examples(flat)[0][0].answer_starts == (18,)  # located by its text
     with pytest.raises(SquadFormatError, match=r"train_examples: record 1 \(id 'b'\).*'question' is missing"):
-        given_examples([{**README_RECORDS[0], "id": "a"}, {"id": "b", "context": "x", "answers": {"text": []}}],
-                       name="train_examples")  # fmt: skip
+        given_examples(
+            [{**README_RECORDS[0], "id": "a"}, {"id": "b", "context": "x", "answers": {"text": []}}],
+            name="train_examples",
+        )
     with pytest.raises(TypeError, match=r"train_examples\[1\] is a str; give bertqa.examples.Example"):
         given_examples([README_RECORDS[0], "What is it?"], name="train_examples")
     with pytest.raises(TypeError, match=r"a path or source name goes in TrainConfig\.train_data"):
@@ -313,10 +339,14 @@ def test_an_article_range_is_reported_on_its_own(tmp_path):
 
 def test_repairs_are_named_and_a_column_that_looks_wrong_is_warned_about(tmp_path):
     path = tmp_path / "mine.csv"
-    rows = [("001", "Paris is the capital of France.", "What is the capital?", "Paris", 0, 5),
-            ("002", "The book was written by Ann Lee.", "Who wrote it?", "Ann Lee", 24, 3)]  # fmt: skip
-    path.write_text("qid,passage,query,gold,gold_start,other\n" + "".join(
-        ",".join(f'"{v}"' if isinstance(v, str) else str(v) for v in row) + "\n" for row in rows))  # fmt: skip
+    rows = [
+        ("001", "Paris is the capital of France.", "What is the capital?", "Paris", 0, 5),
+        ("002", "The book was written by Ann Lee.", "Who wrote it?", "Ann Lee", 24, 3),
+    ]
+    path.write_text(
+        "qid,passage,query,gold,gold_start,other\n"
+        + "".join(",".join(f'"{v}"' if isinstance(v, str) else str(v) for v in row) + "\n" for row in rows)
+    )
     mapping = "id=qid,context=passage,question=query,answer_text=gold,answer_start="
     _, good = sources.load_examples(str(path), column_map=mapping + "gold_start")
     assert good.n_repaired == 0 and not good.warnings
@@ -345,11 +375,21 @@ def test_answers_of_the_wrong_shape_are_refused_naming_the_record(answers, messa
 
 def test_a_range_counts_each_repaired_answer_as_the_whole_file_does(tmp_path):
     records = [
-        {"id": "a", "title": "One", "context": "Ann and Bo met.", "question": "Who?",
-         "answers": {"text": ["Ann", "Bo"], "answer_start": [3, 0]}},  # both offsets wrong
-        {"id": "b", "title": "Two", "context": "It was 1990.", "question": "When?",
-         "answers": {"text": ["1990"], "answer_start": [0]}},
-    ]  # fmt: skip
+        {
+            "id": "a",
+            "title": "One",
+            "context": "Ann and Bo met.",
+            "question": "Who?",
+            "answers": {"text": ["Ann", "Bo"], "answer_start": [3, 0]},
+        },  # both offsets wrong
+        {
+            "id": "b",
+            "title": "Two",
+            "context": "It was 1990.",
+            "question": "When?",
+            "answers": {"text": ["1990"], "answer_start": [0]},
+        },
+    ]
     path = tmp_path / "mine.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     _, whole = sources.load_examples(str(path))

@@ -14,8 +14,9 @@ from tests.conftest import TINY
 def _two_training_passes(attention_dropout: float) -> tuple[torch.Tensor, torch.Tensor]:
     torch.manual_seed(0)
     shape = {k: v for k, v in TINY.items() if k != "attention_probs_dropout_prob"}
-    net = model_module.build_model("minilm-l6", pretrained=False, config_overrides=shape,
-                                   attention_dropout=attention_dropout).train()  # fmt: skip
+    net = model_module.build_model(
+        "minilm-l6", pretrained=False, config_overrides=shape, attention_dropout=attention_dropout
+    ).train()
     ids = torch.randint(1000, 2000, (2, 24))
     return net(input_ids=ids).start_logits, net(input_ids=ids).start_logits
 
@@ -78,8 +79,11 @@ def test_a_mistyped_folder_is_named_with_the_nearest_one_without_asking_the_hub(
         with pytest.raises(model_module.ModelNotFoundError) as err:
             build(typed)
         assert str(err.value) == f"model folder {typed!r} does not exist; did you mean runs/quick/final_model?"
-    with pytest.raises(model_module.ModelNotFoundError, match=r"'runs/quick/zzz' does not exist \(runs/quick holds: "
-                       r"best_model, checkpoints, config.json, final_model\)"):  # fmt: skip
+    with pytest.raises(
+        model_module.ModelNotFoundError,
+        match=r"'runs/quick/zzz' does not exist \(runs/quick holds: "
+        r"best_model, checkpoints, config.json, final_model\)",
+    ):
         (tmp_path / "runs" / "quick" / "checkpoints").mkdir()
         build("runs/quick/zzz")
     absent = tmp_path / "elsewhere" / "final_model"

@@ -59,8 +59,9 @@ def test_negatives_are_seeded_per_question(dev):
     assert first == again and first != other
     # A question's negative does not depend on which other questions are loaded beside it.
     alone, _ = add_negatives(dev[5:9], 1, seed=3, pool=dev)
-    assert negatives_of(alone) == [neg for neg in negatives_of(first) if neg.id.rsplit("-neg", 1)[0] in
-                                   {ex.id for ex in dev[5:9]}]  # fmt: skip
+    assert negatives_of(alone) == [
+        neg for neg in negatives_of(first) if neg.id.rsplit("-neg", 1)[0] in {ex.id for ex in dev[5:9]}
+    ]
 
 
 def test_without_titles_the_lexically_closest_passage_is_chosen():

@@ -9,9 +9,8 @@ import pytest
 import torch
 
 from bertqa import engine
-
-from bertqa.training import optim
 from bertqa.config import TrainConfig
+from bertqa.training import optim
 from tests.conftest import tiny_config
 
 SMALL = dict(vocab_size=100, hidden_size=16, num_hidden_layers=3, num_attention_heads=2, intermediate_size=32)

@@ -104,8 +104,10 @@ def shell_commands(block: str) -> list[list[str]]:
 
     lines = block.replace("\\\n", " ").splitlines()
     commands = [shlex.split(line, comments=True) for line in lines if line.strip()]
-    return [[sys.executable if w == "python" else str(ROOT / w) if w.startswith("scripts/") else w for w in command]
-            for command in commands]  # fmt: skip
+    return [
+        [sys.executable if w == "python" else str(ROOT / w) if w.startswith("scripts/") else w for w in command]
+        for command in commands
+    ]
 
 
 @pytest.mark.slow
@@ -117,8 +119,12 @@ def test_the_training_guide_data_examples_run_as_written(tmp_path):
 
     text = TRAINING.read_text()
     files = {kind: re.search(rf"```{kind}\n(.*?)```", text, re.S).group(1) for kind in ("jsonl", "csv")}
-    given = {"mine.jsonl": files["jsonl"], "dev.jsonl": files["jsonl"], "mine.csv": files["csv"],
-             "test.csv": files["csv"]}  # fmt: skip
+    given = {
+        "mine.jsonl": files["jsonl"],
+        "dev.jsonl": files["jsonl"],
+        "mine.csv": files["csv"],
+        "test.csv": files["csv"],
+    }
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     for kind in ("jsonl", "csv"):
         block = re.search(rf"```{kind}\n.*?```\n\n[^`]*?```bash\n(.*?)```", text, re.S).group(1)

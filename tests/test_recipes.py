@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from bertqa import engine
-
 from bertqa.training import optim
 from tests.test_scripts import ROOT, script, two_processes
 
@@ -19,10 +18,31 @@ from tests.test_scripts import ROOT, script, two_processes
 pytestmark = pytest.mark.e2e
 
 SETTINGS = [
-    "--train-data", "dev-v1.1", "--eval-data", "dev-v1.1", "--max-train-examples", "40", "--max-eval-examples", "12",
-    "--max-seq-length", "128", "--doc-stride", "32", "--max-query-length", "32", "--batch-size", "4", "--lr", "1e-3",
-    "--epochs", "2", "--log-every", "1", "--cache-dir", "none",
-]  # fmt: skip
+    "--train-data",
+    "dev-v1.1",
+    "--eval-data",
+    "dev-v1.1",
+    "--max-train-examples",
+    "40",
+    "--max-eval-examples",
+    "12",
+    "--max-seq-length",
+    "128",
+    "--doc-stride",
+    "32",
+    "--max-query-length",
+    "32",
+    "--batch-size",
+    "4",
+    "--lr",
+    "1e-3",
+    "--epochs",
+    "2",
+    "--log-every",
+    "1",
+    "--cache-dir",
+    "none",
+]
 
 
 def recipe(name: str):
@@ -110,8 +130,9 @@ def test_an_optimizer_of_ones_own_gives_the_head_its_own_lr(tmp_path, tiny_dir, 
     model = tiny()
     opt = head_lr.head_boosted_adamw(model, lr=1e-4, weight_decay=0.01, multiplier=10)
     lrs = {(g["name"], g["weight_decay"]): g["lr"] for g in opt.param_groups}
-    assert lrs == pytest.approx({("encoder", 0.01): 1e-4, ("encoder", 0.0): 1e-4, ("head", 0.01): 1e-3,
-                                 ("head", 0.0): 1e-3})  # fmt: skip
+    assert lrs == pytest.approx(
+        {("encoder", 0.01): 1e-4, ("encoder", 0.0): 1e-4, ("head", 0.01): 1e-3, ("head", 0.0): 1e-3}
+    )
     heads = {id(p) for g in opt.param_groups if g["name"] == "head" for p in g["params"]}
     assert heads == {id(p) for n, p in model.named_parameters() if n.startswith("qa_outputs")}
     args = ["--model", tiny_dir, *SETTINGS, "--max-steps", "4", "--head-lr-multiplier", "5", "--output-dir", tmp_path]
@@ -140,8 +161,17 @@ def test_a_loop_of_ones_own_saves_and_stops_at_sigterm_and_resumes(tmp_path, tin
     from tests.test_scripts import ENV
 
     long = [a if a != "2" else "40" for a in SETTINGS]  # 40 epochs: far longer than the signal takes
-    cmd = [sys.executable, str(ROOT / "recipes" / "own_loop.py"), "--model", str(tiny_dir), *long, "--precision", "no",
-           "--output-dir", str(tmp_path / "own")]  # fmt: skip
+    cmd = [
+        sys.executable,
+        str(ROOT / "recipes" / "own_loop.py"),
+        "--model",
+        str(tiny_dir),
+        *long,
+        "--precision",
+        "no",
+        "--output-dir",
+        str(tmp_path / "own"),
+    ]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     first_epoch = json.loads(proc.stdout.readline())  # printed after the first epoch's checkpoint
     proc.send_signal(signal.SIGTERM)
@@ -151,6 +181,7 @@ def test_a_loop_of_ones_own_saves_and_stops_at_sigterm_and_resumes(tmp_path, tin
     assert f"saved {saved}; run the same command with --resume to continue" in err
     assert saved is not None and int(saved.name.split("_")[1]) > first_epoch["step"]  # mid-epoch, not the epoch end
     # Resumed with 2 epochs, which it has passed already: only where it starts is checked here.
-    resumed = subprocess.run([*cmd, "--resume", "--epochs", "2"], cwd=ROOT, env=ENV, capture_output=True, text=True,
-                             timeout=300)  # fmt: skip
+    resumed = subprocess.run(
+        [*cmd, "--resume", "--epochs", "2"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300
+    )
     assert f"resumed from {saved}" in resumed.stdout

@@ -11,8 +11,8 @@ import pytest
 from bertqa import sources
 
 # Allocates and frees 64 MB (more than glibc ever serves from its heap unasked) again and again and prints how many
-
 from bertqa.training import runtime
+
 # pages the process faulted in over the last ten rounds: each fresh mapping of 64 MB is 16,384 faults of 4 KiB pages.
 # The first rounds are left out: where the heap settles after them (two or three blocks' worth) depends on what
 # else the process allocated, which is not what is being tested; so the process first imports what training imports

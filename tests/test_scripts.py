@@ -22,10 +22,27 @@ pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
 SMALL = [
-    "--train-data", "dev-v1.1", "--eval-data", "dev-v2.0", "--max-train-examples", "48", "--max-eval-examples", "24",
-    "--max-seq-length", "128", "--doc-stride", "32", "--max-query-length", "32", "--batch-size", "4", "--lr", "1e-3",
-    "--cache-dir", "none",
-]  # fmt: skip
+    "--train-data",
+    "dev-v1.1",
+    "--eval-data",
+    "dev-v2.0",
+    "--max-train-examples",
+    "48",
+    "--max-eval-examples",
+    "24",
+    "--max-seq-length",
+    "128",
+    "--doc-stride",
+    "32",
+    "--max-query-length",
+    "32",
+    "--batch-size",
+    "4",
+    "--lr",
+    "1e-3",
+    "--cache-dir",
+    "none",
+]
 
 
 def script(name: str, *args: str, launch: list[str] | None = None, check: bool = True, **kw):
@@ -41,9 +58,20 @@ def script(name: str, *args: str, launch: list[str] | None = None, check: bool =
 def two_processes() -> list[str]:
     accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or "accelerate"
     return [
-        accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517",
-    ]  # fmt: skip
+        accelerate,
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        "29517",
+    ]
 
 
 def test_help_explains_every_setting():
@@ -117,8 +145,10 @@ def test_negatives_turn_answerable_only_data_without_titles_into_a_calibrated_v2
 
     # A user's own answerable-only records: no titles, no ids, one question per passage.
     records = tmp_path / "mine.jsonl"
-    lines = [json.dumps({"context": ex.context, "question": ex.question, "answer_text": ex.answer_texts[0]})
-             for ex in load_examples("dev-v1.1", max_examples=160, seed=5)[0]]  # fmt: skip
+    lines = [
+        json.dumps({"context": ex.context, "question": ex.question, "answer_text": ex.answer_texts[0]})
+        for ex in load_examples("dev-v1.1", max_examples=160, seed=5)[0]
+    ]
     records.write_text("\n".join(lines) + "\n")
     run = tmp_path / "run"
     args = [*SMALL[4:], "--model", tiny_dir, "--train-data", records, "--negatives", "1", "--output-dir", run]
@@ -150,9 +180,16 @@ def test_two_processes_give_the_same_predictions_as_one(tmp_path, tiny_dir):
 
 def test_two_process_training_runs(tmp_path, tiny_dir):
     result = script(
-        "train.py", "--model", tiny_dir, *SMALL, "--epochs", "1", "--output-dir", tmp_path / "ddp",
+        "train.py",
+        "--model",
+        tiny_dir,
+        *SMALL,
+        "--epochs",
+        "1",
+        "--output-dir",
+        tmp_path / "ddp",
         launch=two_processes(),
-    )  # fmt: skip
+    )
     assert "2 processes" in result.stderr and "effective batch 8 windows" in result.stderr
     assert (tmp_path / "ddp" / "final_model" / "model.safetensors").exists()
     for line in ("effective batch 8 windows", "label self-check", "eval at step"):  # the main process's word only
@@ -274,8 +311,21 @@ def test_a_config_file_that_is_broken_is_named(tmp_path):
 
 
 def test_a_stalled_process_stops_its_peer_with_a_message(tmp_path, tiny_dir):
-    args = ["--model", tiny_dir, *SMALL, "--batch-size", "2", "--epochs", "5", "--save-every-steps", "2",
-            "--collective-timeout-s", "8", "--output-dir", tmp_path / "r"]  # fmt: skip
+    args = [
+        "--model",
+        tiny_dir,
+        *SMALL,
+        "--batch-size",
+        "2",
+        "--epochs",
+        "5",
+        "--save-every-steps",
+        "2",
+        "--collective-timeout-s",
+        "8",
+        "--output-dir",
+        tmp_path / "r",
+    ]
     cmd = [*two_processes(), str(ROOT / "scripts" / "train.py"), *map(str, args)]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     ranks: list[int] = []
@@ -283,8 +333,12 @@ def test_a_stalled_process_stops_its_peer_with_a_message(tmp_path, tiny_dir):
         deadline = time.time() + 240
         while not (tmp_path / "r" / "checkpoints" / "step_00000002").exists() and time.time() < deadline:
             time.sleep(0.1)
-        ranks = [int(p) for p in subprocess.run(["pgrep", "-f", "-P", str(proc.pid), "train.py"], capture_output=True,
-                                                text=True).stdout.split()]  # fmt: skip
+        ranks = [
+            int(p)
+            for p in subprocess.run(
+                ["pgrep", "-f", "-P", str(proc.pid), "train.py"], capture_output=True, text=True
+            ).stdout.split()
+        ]
         assert len(ranks) == 2, ranks
         os.kill(max(ranks), signal.SIGSTOP)  # one rank stalls; the other must not wait for ever
         _, err = proc.communicate(timeout=120)
@@ -301,8 +355,9 @@ def test_the_installed_package_is_imported_from_the_folder_above_the_checkout(tm
     # A checkout named bertqa, Python started in the folder above it: that folder must not pass for the package.
     (tmp_path / "bertqa").symlink_to(ROOT, target_is_directory=True)
     code = "import bertqa.engine, bertqa.data; print(bertqa.__file__); print(bertqa.data.Window.__name__)"
-    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=ENV, capture_output=True, text=True,
-                            timeout=120)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split() == [str(ROOT / "bertqa" / "__init__.py"), "Window"]
 

@@ -54,7 +54,7 @@ OK = {"question": "Who?", "context": "Ann wrote it."}
         (json.dumps([OK, {**OK, "id": "q7", "context": "y" * 301}]).encode(), 422, r"\(id 'q7'\): 'context' has 301"),
         (json.dumps({**OK, "question": "w" * 51}).encode(), 422, "'question' has 51 characters; .* at most 50"),
     ],
-)  # fmt: skip
+)
 def test_each_limit_and_malformed_body_is_refused_with_its_reason(body, status, message):
     import re
 
@@ -268,10 +268,23 @@ def test_a_real_server_keeps_answers_with_their_questions_under_concurrent_clien
 @pytest.mark.e2e
 def test_the_load_test_reports_no_errors_and_every_answer_matched(tiny_dir):
     result = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "load_test.py"), str(tiny_dir), "--clients", "3", "--seconds", "3",
-         "--pool", "12"],
-        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "load_test.py"),
+            str(tiny_dir),
+            "--clients",
+            "3",
+            "--seconds",
+            "3",
+            "--pool",
+            "12",
+        ],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["valid_requests"] > 0 and summary["invalid_requests"] > 0

@@ -38,8 +38,11 @@ def test_the_stop_says_why():
     stopper = EarlyStopping(state, patience=2)
     stopper({"step": 0, "f1": 41.0})
     stopper({"step": 1, "f1": 40.0})
-    with pytest.raises(StopTraining, match=r"f1 40.00 at step 2, 2 evaluations in a row without any gain over the "
-                                           r"best 41.00 \(step 0\)"):  # fmt: skip
+    with pytest.raises(
+        StopTraining,
+        match=r"f1 40.00 at step 2, 2 evaluations in a row without any gain over the "
+        r"best 41.00 \(step 0\)",
+    ):
         stopper({"step": 2, "f1": 40.0})
     with pytest.raises(ValueError, match="patience must be at least 1"):
         EarlyStopping(state, patience=0)
@@ -67,8 +70,17 @@ def test_a_patience_without_evaluations_to_count_is_refused_before_training(tmp_
 
 def plateau_config(tmp_path, **changes):
     """A learning rate too small to change any prediction: F1 stays exactly where it starts, a real plateau."""
-    return tiny_config(tmp_path, lr=1e-12, epochs=3.0, batch_size=8, eval_every_steps=1, eval_before_training=True,
-                       early_stopping_patience=3, save_model=True, **changes)  # fmt: skip
+    return tiny_config(
+        tmp_path,
+        lr=1e-12,
+        epochs=3.0,
+        batch_size=8,
+        eval_every_steps=1,
+        eval_before_training=True,
+        early_stopping_patience=3,
+        save_model=True,
+        **changes,
+    )
 
 
 def test_a_plateau_ends_the_run_keeps_the_best_model_and_says_why(tmp_path, tiny):

@@ -17,9 +17,8 @@ import pytest
 optuna = pytest.importorskip("optuna")
 
 from bertqa import engine  # noqa: E402
-
-from bertqa.tune import sweep
 from bertqa.config import TrainConfig, load_config  # noqa: E402
+from bertqa.tune import sweep  # noqa: E402
 from bertqa.tune.sweep import Param, parse_space  # noqa: E402
 from tests.conftest import tiny_config  # noqa: E402
 from tests.test_scripts import ROOT, SMALL, script  # noqa: E402
@@ -37,11 +36,19 @@ def sweep_script(monkeypatch):
 
 
 def test_space_from_params_and_a_file(tmp_path):
-    space = parse_space([
-        "lr=1e-5..1e-3:log", "warmup_ratio=0..0.2", "max_steps=100..400", "batch_size=16,32",
-        "group_by_length=true,false", "schedule=linear,cosine", "attention_dropout=none,0.0,0.1", "max-grad-norm=0.5,1",
-        "eval_every_steps=20,40",  # bookkeeping to a resumed run, but it changes what a trial scores
-    ])  # fmt: skip
+    space = parse_space(
+        [
+            "lr=1e-5..1e-3:log",
+            "warmup_ratio=0..0.2",
+            "max_steps=100..400",
+            "batch_size=16,32",
+            "group_by_length=true,false",
+            "schedule=linear,cosine",
+            "attention_dropout=none,0.0,0.1",
+            "max-grad-norm=0.5,1",
+            "eval_every_steps=20,40",  # bookkeeping to a resumed run, but it changes what a trial scores
+        ]
+    )
     assert space["lr"] == Param("lr", 1e-5, 1e-3, log=True)
     assert space["warmup_ratio"] == Param("warmup_ratio", 0.0, 0.2) and isinstance(space["warmup_ratio"].low, float)
     assert space["max_steps"] == Param("max_steps", 100, 400) and isinstance(space["max_steps"].low, int)
@@ -50,8 +57,16 @@ def test_space_from_params_and_a_file(tmp_path):
     assert space["attention_dropout"].choices == (None, 0.0, 0.1) and space["max_grad_norm"].choices == (0.5, 1.0)
 
     file = tmp_path / "space.json"
-    file.write_text(json.dumps({"lr": "1e-5..1e-3:log", "schedule": ["linear", "cosine"], "batch_size": [16, "32"],
-                                "attention_dropout": [None, 0.1]}))  # fmt: skip
+    file.write_text(
+        json.dumps(
+            {
+                "lr": "1e-5..1e-3:log",
+                "schedule": ["linear", "cosine"],
+                "batch_size": [16, "32"],
+                "attention_dropout": [None, 0.1],
+            }
+        )
+    )
     both = parse_space(["warmup_ratio=0..0.2"], file)
     assert (
         both["lr"] == space["lr"] and both["schedule"] == space["schedule"] and both["batch_size"].choices == (16, 32)
@@ -177,8 +192,12 @@ def test_failed_trials_are_reported_with_the_first_error_and_what_to_do(tmp_path
         study.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.FAIL, user_attrs={"error": error}))
     assert report(study, tmp_path, 2) == 1  # a rerun would run nothing: say so, and why they failed
     out = capsys.readouterr().out
-    assert "all 2 finished trials failed (first error, trial 0: ValueError: the model has 4 layers, num_layers 9); " \
-        "raise --trials or start a new --output-dir" in out and "no trial has completed yet" not in out  # fmt: skip
+    assert (
+        "all 2 finished trials failed (first error, trial 0: ValueError: the model has 4 layers, num_layers 9); "
+        "raise --trials or start a new --output-dir"
+        in out
+        and "no trial has completed yet" not in out
+    )
     config = TrainConfig(max_steps=2).to_dict()
     study.add_trial(optuna.trial.create_trial(value=50.0, user_attrs={"config": config}))
     assert report(study, tmp_path, 3) == 0

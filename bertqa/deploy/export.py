@@ -102,7 +102,7 @@ def export_onnx(
     check_model_folder(model_dir)  # a mistyped path or a run's folder, said so before the output is checked
     _check_out(Path(model_dir), out, overwrite=overwrite)
     _require_export_libraries()
-    from bertqa.deploy.serving import load_settings
+    from bertqa.deploy.backends import load_settings
     from bertqa.model import build_model, build_tokenizer
 
     t0 = time.perf_counter()
@@ -118,15 +118,19 @@ def export_onnx(
         _write_onnx(model, next(iter(loader)), tmp / ONNX_FILE, quantize=quantize, fuse=fuse)
         check = _compare(model, OnnxQAModel(tmp / ONNX_FILE).eval(), examples, features, loader, settings)
         if quantize is None and check["max_abs_diff"] > FP32_TOLERANCE:
-            raise ExportCheckError(
-                f"the exported model's logits differ from PyTorch's by up to {check['max_abs_diff']:.3g} on "
-                f"{check_data} (tolerance {FP32_TOLERANCE:g}); nothing was written to {out}"
-            )
+            raise _too_far(check["max_abs_diff"], check_data, out)
         report = ExportReport(
-            source=str(model_dir), out=str(out), quantize=quantize, check_data=check_data, questions=len(examples),
-            windows=len(features), max_abs_diff=check["max_abs_diff"], same_answers=check["same_answers"],
-            size_mib=(tmp / ONNX_FILE).stat().st_size / 2**20, seconds=time.perf_counter() - t0,
-        )  # fmt: skip
+            source=str(model_dir),
+            out=str(out),
+            quantize=quantize,
+            check_data=check_data,
+            questions=len(examples),
+            windows=len(features),
+            max_abs_diff=check["max_abs_diff"],
+            same_answers=check["same_answers"],
+            size_mib=(tmp / ONNX_FILE).stat().st_size / 2**20,
+            seconds=time.perf_counter() - t0,
+        )
         _write_companions(model, tokenizer, model_dir, tmp, report, fuse=fuse)
         if out.exists():
             shutil.rmtree(out)
@@ -134,6 +138,14 @@ def export_onnx(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return report
+
+
+def _too_far(diff: float, check_data: str, out: Path) -> ExportCheckError:
+    """An fp32 export whose logits are further from PyTorch's than rounding explains."""
+    return ExportCheckError(
+        f"the exported model's logits differ from PyTorch's by up to {diff:.3g} on {check_data} (tolerance "
+        f"{FP32_TOLERANCE:g}); nothing was written to {out}"
+    )
 
 
 def _check_out(model_dir: Path, out: Path, *, overwrite: bool) -> None:
@@ -199,10 +211,17 @@ def _write_onnx(
     fp32_path = path.with_name("model_fp32.onnx") if quantize else path
     with _quiet():
         torch.onnx.export(
-            model, (), str(fp32_path), kwargs=inputs, dynamo=True, external_data=False, verbose=False,
-            input_names=list(inputs), output_names=["start_logits", "end_logits"],
+            model,
+            (),
+            str(fp32_path),
+            kwargs=inputs,
+            dynamo=True,
+            external_data=False,
+            verbose=False,
+            input_names=list(inputs),
+            output_names=["start_logits", "end_logits"],
             dynamic_shapes={k: {0: batch_dim, 1: seq_dim} for k in inputs},
-        )  # fmt: skip
+        )
     if fuse:
         _fuse(fp32_path)
     if quantize is not None:
@@ -217,9 +236,14 @@ def _write_onnx(
         keep = _ffn_outputs(fp32_path) if quantize == "int8-partial" else []
         with _quiet():
             quantize_dynamic(
-                str(fp32_path), str(path), weight_type=QuantType.QInt8, per_channel=True,
-                op_types_to_quantize=["MatMul"], nodes_to_exclude=keep, extra_options={"MatMulConstBOnly": True},
-            )  # fmt: skip
+                str(fp32_path),
+                str(path),
+                weight_type=QuantType.QInt8,
+                per_channel=True,
+                op_types_to_quantize=["MatMul"],
+                nodes_to_exclude=keep,
+                extra_options={"MatMulConstBOnly": True},
+            )
         fp32_path.unlink()
 
 

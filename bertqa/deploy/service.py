@@ -29,6 +29,7 @@ from bertqa.deploy.serving import Answer
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
+    from fastapi.responses import Response
 
     from bertqa.deploy.serving import Answerer
 
@@ -93,9 +94,10 @@ def parse_questions(body: bytes, limits: ServiceLimits) -> tuple[list[dict[str, 
     total = sum(len(r["question"]) + len(r["context"]) for r in parsed)
     if total > limits.max_request_chars:
         raise RequestError(
-            422, f"the request's questions and passages have {total:,} characters; this service takes at most "
+            422,
+            f"the request's questions and passages have {total:,} characters; this service takes at most "
             f"{limits.max_request_chars:,} a request (send fewer questions at a time)",
-        )  # fmt: skip
+        )
     return parsed, many
 
 
@@ -257,21 +259,18 @@ def create_app(answerer: "Answerer", limits: ServiceLimits | None = None) -> "Fa
     import importlib.resources
 
     try:
-        from fastapi import FastAPI, Request
-        from fastapi.responses import HTMLResponse, Response
-        from starlette.exceptions import HTTPException
-        from starlette.requests import ClientDisconnect
+        from fastapi import FastAPI
     except ImportError as err:
         raise ImportError(f"serving needs FastAPI and uvicorn: {EXTRA}") from err
     from bertqa import __version__
-    from bertqa.training.reporting import dumps
 
     limits = limits or ServiceLimits()
     batcher = Batcher(
         lambda records, top_k: answerer(records, top_k=top_k),
-        max_batch=limits.max_batch, max_wait_s=limits.max_wait_ms / 1000, max_pending=limits.max_pending,
-    )  # fmt: skip
-    page = importlib.resources.files("bertqa.deploy").joinpath("page.html").read_text(encoding="utf-8")
+        max_batch=limits.max_batch,
+        max_wait_s=limits.max_wait_ms / 1000,
+        max_pending=limits.max_pending,
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:  # FastAPI is imported by now
@@ -283,23 +282,47 @@ def create_app(answerer: "Answerer", limits: ServiceLimits | None = None) -> "Fa
     # No /docs: FastAPI's docs page loads its scripts from a CDN, and this service must work offline.
     # The API's description is at /openapi.json.
     app = FastAPI(title="bertqa", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
+    _add_error_handlers(app)
+    page = importlib.resources.files("bertqa.deploy").joinpath("page.html").read_text(encoding="utf-8")
+    _add_routes(app, answerer, batcher, limits, page=page)
+    return app
 
-    def json_response(obj: Any, status: int = 200) -> Response:
-        return Response(dumps(obj, ensure_ascii=False), status, media_type="application/json")
+
+def _json(obj: Any, status: int = 200) -> "Response":
+    from fastapi.responses import Response
+
+    from bertqa.training.reporting import dumps
+
+    return Response(dumps(obj, ensure_ascii=False), status, media_type="application/json")
+
+
+def _add_error_handlers(app: "FastAPI") -> None:
+    """Every error as JSON of one shape, `{"error": message}`: refused requests, 404/405, and faults of ours."""
+    from fastapi import Request
+    from starlette.exceptions import HTTPException
 
     @app.exception_handler(RequestError)
-    async def refused(request: Request, err: RequestError) -> Response:
-        return json_response({"error": err.message}, err.status)
+    async def refused(request: Request, err: RequestError) -> "Response":
+        return _json({"error": err.message}, err.status)
 
     @app.exception_handler(Exception)
-    async def fault(request: Request, err: Exception) -> Response:  # a bug of ours: still JSON, and logged
+    async def fault(request: Request, err: Exception) -> "Response":  # a bug of ours: still JSON, and logged
         logger.exception("%s %s failed", request.method, request.url.path)
-        return json_response({"error": f"internal error: {type(err).__name__}: {err}"}, 500)
+        return _json({"error": f"internal error: {type(err).__name__}: {err}"}, 500)
 
     @app.exception_handler(HTTPException)
-    async def http_error(request: Request, err: HTTPException) -> Response:  # 404, 405: the same shape of error
+    async def http_error(request: Request, err: HTTPException) -> "Response":  # 404, 405: the same shape of error
         message = f"{err.detail}: {request.method} {request.url.path}"
-        return json_response({"error": message}, err.status_code)
+        return _json({"error": message}, err.status_code)
+
+
+def _add_routes(app: "FastAPI", answerer: "Answerer", batcher: Batcher, limits: ServiceLimits, *, page: str) -> None:
+    """The page (/), the health check (/health, GET and HEAD) and the questions' endpoint (/answer)."""
+    from fastapi import Request
+    from fastapi.responses import HTMLResponse, Response
+    from starlette.requests import ClientDisconnect
+
+    from bertqa import __version__
 
     @app.get("/", response_class=HTMLResponse)
     async def index() -> HTMLResponse:
@@ -307,11 +330,18 @@ def create_app(answerer: "Answerer", limits: ServiceLimits | None = None) -> "Fa
 
     @app.get("/health")
     async def health() -> Response:
-        return json_response({
-            "status": "ok", "model": answerer.model_dir, "backend": answerer.backend, "v2": answerer.v2,
-            "no_answer_threshold": answerer.threshold, "version": __version__, "batches": batcher.batches,
-            "pending": batcher.pending, "limits": dataclasses.asdict(limits),
-        })  # fmt: skip
+        described = {"model": answerer.model_dir, "backend": answerer.backend, "v2": answerer.v2}
+        return _json(
+            {
+                "status": "ok",
+                **described,
+                "no_answer_threshold": answerer.threshold,
+                "version": __version__,
+                "batches": batcher.batches,
+                "pending": batcher.pending,
+                "limits": dataclasses.asdict(limits),
+            }
+        )
 
     app.add_api_route("/health", health, methods=["HEAD"], include_in_schema=False)  # for uptime checks
 
@@ -336,9 +366,7 @@ def create_app(answerer: "Answerer", limits: ServiceLimits | None = None) -> "Fa
         except Exception as err:
             raise RequestError(500, f"internal error: {type(err).__name__}: {err}") from None
         out = [{"question": r["question"], **a.to_dict()} for r, a in zip(records, answers)]
-        return json_response(out if many else out[0])
-
-    return app
+        return _json(out if many else out[0])
 
 
 def _top_k(params: Mapping[str, str], most: int) -> int:

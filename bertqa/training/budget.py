@@ -214,35 +214,69 @@ def make_plan(
     fewer than a pass, the first questions of the `bertqa.batching.QuestionOrderBatchSampler`'s order that fill
     them (a seeded draw, whole), and the run's length becomes one pass over those; never fewer than the questions of
     the pools already trained from (`batches_done` micro-batches into the pass). `sampler` is left as it was."""
-    total = plan_steps(remaining_s=(spec.budget_s - spent_s) * SAFETY, s_per_update=s_per_update, eval_s=eval_s,
-                       done=done, cap=cap, per_epoch=per_epoch, eval_every=spec.eval_every)  # fmt: skip
+    total = plan_steps(
+        remaining_s=(spec.budget_s - spent_s) * SAFETY,
+        s_per_update=s_per_update,
+        eval_s=eval_s,
+        done=done,
+        cap=cap,
+        per_epoch=per_epoch,
+        eval_every=spec.eval_every,
+    )
     if total is None:
-        need = math.ceil((spent_s + eval_s) / SAFETY)
-        raise BudgetTooSmall(
-            f"time_budget {format_duration(spec.budget_s)} is too small here: the {probe} warm-up updates (and any "
-            f"evaluation before them) took {format_duration(spent_s)} and one evaluation takes about "
-            f"{format_duration(eval_s)}; the smallest budget that would finish is about {format_duration(need)} "
-            f"(time_budget {need}), and a run needs several times that to learn"
-        )
+        raise _too_small(spec, probe=probe, spent_s=spent_s, eval_s=eval_s)
     questions = sampler.questions
     if total < per_epoch and first_pass:  # less than a pass: the questions it has time for, whole
-        keep = sampler.questions_to_keep(0, batches_done)
-        questions = sampler.questions_within(0, total * windows_per_update, at_least=keep)
-        windows = sampler.questions_windows(0, questions)
-        batches = math.ceil(windows / sampler.batch_size)  # the pass, as Accelerate shares it out and accumulates
-        per_process = math.ceil(batches / max(1, windows_per_update // (sampler.batch_size * spec.grad_accum)))
-        per_epoch = total = math.ceil(per_process / spec.grad_accum)
+        questions, total = _first_questions(sampler, spec, total, windows_per_update, batches_done)
+        per_epoch = total
     evaluations = evaluations_between(done, total, per_epoch=per_epoch, eval_every=spec.eval_every)
     expected = spent_s + (total - done) * s_per_update + evaluations * eval_s
     if expected > spec.budget_s:  # the questions already trained from are kept whole, even past the budget
-        logger.warning("the plan overruns the time budget (%s of %s): the warm-up alone reached that many questions",
-                       format_duration(expected), format_duration(spec.budget_s))  # fmt: skip
+        logger.warning(
+            "the plan overruns the time budget (%s of %s): the warm-up alone reached that many questions",
+            format_duration(expected),
+            format_duration(spec.budget_s),
+        )
     return BudgetPlan(
-        budget_s=spec.budget_s, spent_s=spent_s, probe_updates=probe, s_per_update=s_per_update, eval_s=eval_s,
-        total_steps=total, warmup_steps=round(spec.warmup_ratio * total), per_epoch=per_epoch,
-        evaluations=evaluations, questions=questions, pool_questions=sampler.questions, passes=total / per_epoch,
-        expected_s=expected, precision=spec.precision, from_step=from_step,
-    )  # fmt: skip
+        budget_s=spec.budget_s,
+        spent_s=spent_s,
+        probe_updates=probe,
+        s_per_update=s_per_update,
+        eval_s=eval_s,
+        total_steps=total,
+        warmup_steps=round(spec.warmup_ratio * total),
+        per_epoch=per_epoch,
+        evaluations=evaluations,
+        questions=questions,
+        pool_questions=sampler.questions,
+        passes=total / per_epoch,
+        expected_s=expected,
+        precision=spec.precision,
+        from_step=from_step,
+    )
+
+
+def _too_small(spec: BudgetSpec, *, probe: int, spent_s: float, eval_s: float) -> BudgetTooSmall:
+    need = math.ceil((spent_s + eval_s) / SAFETY)
+    return BudgetTooSmall(
+        f"time_budget {format_duration(spec.budget_s)} is too small here: the {probe} warm-up updates (and any "
+        f"evaluation before them) took {format_duration(spent_s)} and one evaluation takes about "
+        f"{format_duration(eval_s)}; the smallest budget that would finish is about {format_duration(need)} "
+        f"(time_budget {need}), and a run needs several times that to learn"
+    )
+
+
+def _first_questions(
+    sampler: Any, spec: BudgetSpec, total: int, windows_per_update: int, batches_done: int
+) -> tuple[int, int]:
+    """A run with time for `total` updates, less than a pass: the first questions of the sampler's order that fill
+    them (never fewer than those already trained from), and the updates of one pass over those."""
+    keep = sampler.questions_to_keep(0, batches_done)
+    questions = sampler.questions_within(0, total * windows_per_update, at_least=keep)
+    windows = sampler.questions_windows(0, questions)
+    batches = math.ceil(windows / sampler.batch_size)  # the pass, as Accelerate shares it out and accumulates
+    per_process = math.ceil(batches / max(1, windows_per_update // (sampler.batch_size * spec.grad_accum)))
+    return questions, math.ceil(per_process / spec.grad_accum)
 
 
 def plan_run(
@@ -268,34 +302,63 @@ def plan_run(
     """
     import torch
 
-    from bertqa.batching import padded_tokens
-
     sampler, start = order.sampler, state.step  # a run given a new budget on resume is planned from where it is
     probe = max(1, min(PROBE_UPDATES, total_steps - start))
+    micro = spec.grad_accum * accelerator.num_processes  # micro-batches per update, all processes
+    s_per_update = _time_warmup(accelerator, order, state, one_pass, spec, deadline, probe=probe, per_epoch=per_epoch)
+    if not eval_s:
+        device, multiple = accelerator.device, spec.pad_to_multiple_of
+        eval_s = evaluation_seconds(
+            model, eval_loaders, device=device, batch_size=spec.eval_batch_size, multiple=multiple
+        )
+        eval_s /= accelerator.num_processes
+    measured = torch.tensor([[s_per_update, eval_s, deadline.used()]], device=accelerator.device)
+    s_per_update, eval_s, spent = (float(v) for v in accelerator.gather(measured).max(dim=0).values)
+    return make_plan(
+        spec,
+        sampler,
+        spent_s=spent,
+        s_per_update=s_per_update,
+        eval_s=eval_s,
+        probe=probe,
+        done=state.step,
+        cap=total_steps,
+        per_epoch=per_epoch,
+        from_step=start,
+        windows_per_update=micro * sampler.batch_size,
+        first_pass=state.epoch == 0,
+        batches_done=state.batches_done,
+    )
+
+
+def _time_warmup(
+    accelerator: Any,
+    order: Any,
+    state: Any,
+    one_pass: Any,
+    spec: BudgetSpec,
+    deadline: Deadline,
+    *,
+    probe: int,
+    per_epoch: int,
+) -> float:
+    """Train the `probe` warm-up updates and return the mean seconds of an update over a whole pass."""
+    from bertqa.batching import padded_tokens
+
     micro = spec.grad_accum * accelerator.num_processes  # micro-batches per update, all processes
     epoch, at = state.epoch, state.batches_done * accelerator.num_processes  # where in the pass's batches it starts
     deadline.stamps.clear()
     t0 = time.perf_counter()
-    one_pass(order.batches(accelerator, state), max_steps=start + probe)  # evaluations and saves wait for the plan
-    tokens = padded_tokens(sampler.batches(), sampler.lengths, spec.pad_to_multiple_of)  # the probe's pass
+    one_pass(order.batches(accelerator, state), max_steps=state.step + probe)  # evaluations and saves wait
+    tokens = padded_tokens(order.sampler.batches(), order.sampler.lengths, spec.pad_to_multiple_of)  # the probe's pass
     order.end_pass(state)
     # The first update pays one-off costs (allocations, the optimizer's state): the rate comes from the others.
     stamps, skip = [t0, *deadline.stamps], 1 if probe > 1 else 0
     seconds = stamps[-1] - stamps[skip]
     timed = tokens[at + skip * micro : at + probe * micro]
     if state.epoch == epoch and len(timed) == (probe - skip) * micro:
-        s_per_update = update_seconds(seconds, timed=timed, tokens=tokens, per_epoch=per_epoch)
-    else:  # the warm-up reached the end of a pass: its updates as they came
-        s_per_update = seconds / max(1, probe - skip)
-    if not eval_s:
-        eval_s = evaluation_seconds(model, eval_loaders, device=accelerator.device, batch_size=spec.eval_batch_size,
-                                    multiple=spec.pad_to_multiple_of) / accelerator.num_processes  # fmt: skip
-    measured = torch.tensor([[s_per_update, eval_s, deadline.used()]], device=accelerator.device)
-    s_per_update, eval_s, spent = (float(v) for v in accelerator.gather(measured).max(dim=0).values)
-    return make_plan(spec, sampler, spent_s=spent, s_per_update=s_per_update, eval_s=eval_s, probe=probe,
-                     done=state.step, cap=total_steps, per_epoch=per_epoch, from_step=start,
-                     windows_per_update=micro * sampler.batch_size, first_pass=state.epoch == 0,
-                     batches_done=state.batches_done)  # fmt: skip
+        return update_seconds(seconds, timed=timed, tokens=tokens, per_epoch=per_epoch)
+    return seconds / max(1, probe - skip)  # the warm-up reached the end of a pass: its updates as they came
 
 
 def time_forward(
@@ -381,12 +444,20 @@ class Deadline:
         per_epoch, eval_s, step = plan["per_epoch"], plan["eval_s"], update.step
 
         def cost(until: int) -> float:  # going on to update `until`, then the evaluations due by then
-            return (until - step) * rate + evaluations_between(step, until, per_epoch=per_epoch,
-                                                               eval_every=self.eval_every) * eval_s  # fmt: skip
+            return (until - step) * rate + evaluations_between(
+                step, until, per_epoch=per_epoch, eval_every=self.eval_every
+            ) * eval_s
 
         if used + cost(total) > self.budget_s + rate and len(self.recent) >= RECENT // 2 and self.on_shorten:
-            shorter = plan_steps(remaining_s=(self.budget_s - used) * SAFETY, s_per_update=rate, eval_s=eval_s,
-                                 done=step, cap=total, per_epoch=per_epoch, eval_every=self.eval_every)  # fmt: skip
+            shorter = plan_steps(
+                remaining_s=(self.budget_s - used) * SAFETY,
+                s_per_update=rate,
+                eval_s=eval_s,
+                done=step,
+                cap=total,
+                per_epoch=per_epoch,
+                eval_every=self.eval_every,
+            )
             if shorter is not None and step < shorter < total:
                 self.on_shorten(step, shorter)
                 total = shorter

@@ -320,8 +320,10 @@ def model_meta(
     elif examples.v2:
         on = examples.calibration
         where = f"{examples.calibration_split:.0%} of the training data, held out by article (or passage)"
-        meta["threshold_calibrated_on"] = {"source": where if on else "the evaluation data (optimistic)",
-                                           "questions": len(on or examples.eval)}  # fmt: skip
+        meta["threshold_calibrated_on"] = {
+            "source": where if on else "the evaluation data (optimistic)",
+            "questions": len(on or examples.eval),
+        }
     return meta
 
 
@@ -391,8 +393,11 @@ def load_checkpoint(accelerator: Accelerator, folder: Path) -> None:
     saved without the optimizer state restores everything else; the optimizer starts afresh (said)."""
     optimizer_state = has_optimizer_state(folder) or not accelerator._optimizers
     if not optimizer_state:
-        logger.warning("%s holds no optimizer state (save_optimizer_state was off): the optimizer starts afresh, so "
-                       "the run does not continue exactly as it would have", folder)  # fmt: skip
+        logger.warning(
+            "%s holds no optimizer state (save_optimizer_state was off): the optimizer starts afresh, so "
+            "the run does not continue exactly as it would have",
+            folder,
+        )
     try:
         with _optimizers(accelerator, keep=optimizer_state):
             accelerator.load_state(str(folder))

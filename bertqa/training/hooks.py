@@ -233,10 +233,11 @@ class Callbacks(Hook):
 
 class Periodic(Hook):
     """Evaluations and checkpoints on their schedule: an evaluation before training (`eval_first`), every
-    `eval_every` and `save_every` updates, and both at the end of each pass; the checkpoint of a stopped run.
+    `eval_every` and `save_every` updates, and both at the end of each pass.
 
     An update that ends a pass or the run is left to the end-of-pass evaluation, which records the pass's training
-    loss beside it; a time budget's timed warm-up is not interrupted (those updates are what it measures)."""
+    loss beside it; a time budget's timed warm-up is not interrupted (those updates are what it measures). It comes
+    after the hooks that keep state, so a checkpoint holds their states as of the update it saves."""
 
     def __init__(self, *, eval_every: int | None, save_every: int | None, eval_first: bool) -> None:
         self.eval_every, self.save_every, self.eval_first = eval_every, save_every, eval_first
@@ -267,10 +268,6 @@ class Periodic(Hook):
         if run.evaluator.last.get("step") != run.state.step:  # a stop may have come from an evaluation here
             run.evaluate(**({"train_loss": stats["train_loss"]} if stats["updates"] else {}))
         run.save()
-
-    def on_end(self, run: Run, summary: Mapping[str, Any]) -> None:
-        if run.state.stop_reason is not None:  # also a stop before training: resuming keeps it
-            run.save()
 
 
 class SaveFinalModel(Hook):

@@ -102,8 +102,11 @@ class SignalCatcher:
             if self.at_once:
                 raise Interrupted(signum)
             again = "Ctrl-C" if signum == signal.SIGINT else signal_name(signum)
-            logger.warning("%s: stopping after the update in progress and saving a checkpoint (%s again to stop at "
-                           "once)", signal_name(signum), again)  # fmt: skip
+            logger.warning(
+                "%s: stopping after the update in progress and saving a checkpoint (%s again to stop at once)",
+                signal_name(signum),
+                again,
+            )
             return
         if now - self._first_at > REPEAT_S:
             raise Interrupted(signum, at_once=True)

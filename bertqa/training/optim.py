@@ -69,8 +69,16 @@ def build_optimizer(
         for decay in (True, False):  # "decay" marks a group whose weight decay follows the setting
             chosen = [p for _, p in members if (p.dim() >= 2) == decay]
             if chosen:
-                groups.append({"params": chosen, "lr": lr * scale, "lr_scale": scale, "name": name,
-                               "weight_decay": weight_decay if decay else 0.0, "decay": decay})  # fmt: skip
+                groups.append(
+                    {
+                        "params": chosen,
+                        "lr": lr * scale,
+                        "lr_scale": scale,
+                        "name": name,
+                        "weight_decay": weight_decay if decay else 0.0,
+                        "decay": decay,
+                    }
+                )
     return torch.optim.AdamW(groups, lr=lr, eps=eps, fused=fused or None)
 
 
@@ -116,9 +124,11 @@ def describe_groups(optimizer: torch.optim.Optimizer) -> str:
     lines = []
     for i, group in enumerate(optimizer.param_groups):
         size = sum(p.numel() for p in group["params"])
-        lines.append(f"  {group.get('name', f'group {i}')}: peak lr {group.get('initial_lr', group['lr']):.3g}, "
-                     f"weight decay {group.get('weight_decay', 0):g}, {len(group['params'])} tensors, {size:,} "
-                     "values")  # fmt: skip
+        lines.append(
+            f"  {group.get('name', f'group {i}')}: peak lr {group.get('initial_lr', group['lr']):.3g}, "
+            f"weight decay {group.get('weight_decay', 0):g}, {len(group['params'])} tensors, {size:,} "
+            "values"
+        )
     return "\n".join(lines)
 
 

@@ -260,8 +260,13 @@ def plot_curves(train_log: str | Path, eval_log: str | Path, out: str | Path, *,
     axes[1].set(xlabel="optimizer update", ylabel="learning rate", title="learning rate")
     # On SQuAD v2 the overall F1 alone hides a model that answers "no answer" to everything (about 50%), so the
     # HasAns/NoAns split and the F1 at the best no-answer threshold are drawn too when they were measured.
-    curves = (("exact", "o-", "EM"), ("f1", "s-", "F1"), ("HasAns_f1", "^--", "HasAns F1"),
-              ("NoAns_f1", "v--", "NoAns F1"), ("best_f1", "d:", "F1, best threshold"))  # fmt: skip
+    curves = (
+        ("exact", "o-", "EM"),
+        ("f1", "s-", "F1"),
+        ("HasAns_f1", "^--", "HasAns F1"),
+        ("NoAns_f1", "v--", "NoAns F1"),
+        ("best_f1", "d:", "F1, best threshold"),
+    )
     for key, style, label in curves:
         points = [(r["step"], r[key]) for r in evals if key in r]
         if points:
@@ -299,19 +304,23 @@ def log_plan(
         for line in report.warnings if isinstance(report, LoadReport) else ():
             logger.warning("%s", line)
     if examples.v2 and not is_v2(examples.eval):
-        logger.info("a SQuAD v2 run (its training data holds unanswerable questions): scored as v2.0 although the "
-                    "evaluation data has none, so that answering 'no answer' counts")  # fmt: skip
+        logger.info(
+            "a SQuAD v2 run (its training data holds unanswerable questions): scored as v2.0 although the "
+            "evaluation data has none, so that answering 'no answer' counts"
+        )
     if examples.v2 and examples.calibration_off is None:  # without calibration it was said at loading
         chosen = (
             f"{len(examples.calibration):,} held-out training questions"
             if examples.calibration
             else "the evaluation data itself (optimistic: no held-out training question has no answer)"
         )
-        logger.info("the no-answer threshold is chosen at each evaluation on %s", chosen)  # fmt: skip
+        logger.info("the no-answer threshold is chosen at each evaluation on %s", chosen)
     if examples.calibration and not is_v2(examples.calibration):
-        logger.warning("the threshold's %d held-out training questions hold no unanswerable one: the threshold "
-                       "chosen on them answers everything (hold out more: --calibration-split)",
-                       len(examples.calibration))  # fmt: skip
+        logger.warning(
+            "the threshold's %d held-out training questions hold no unanswerable one: the threshold "
+            "chosen on them answers everything (hold out more: --calibration-split)",
+            len(examples.calibration),
+        )
     logger.info("label self-check:\n%s", labels.format())
     calibration = data.calibration_features
     logger.info(

@@ -209,16 +209,7 @@ def build_run(
     """The prepared model, optimizer, schedule and data order, the run's length, how it trains one pass
     (`train_one_epoch` with these pieces) and how it writes a checkpoint."""
     loader, sampler = _train_loader(c, accelerator, data, pad_token_id=tokenizer.pad_token_id)
-    if optimizer is not None and c.layer_lr_decay != 1.0:
-        logger.warning("layer_lr_decay applies to bertqa's own optimizer; the optimizer factory passed in sets its own")
-    make_optimizer = optimizer or partial(
-        optim.build_optimizer,
-        lr=c.lr,
-        weight_decay=c.weight_decay,
-        eps=c.adam_eps,
-        fused=optim.fused_adamw_applies(accelerator.device.type),
-        layer_lr_decay=c.layer_lr_decay,
-    )
+    make_optimizer = _optimizer_factory(c, accelerator, optimizer)
     model = torch.compile(model, dynamic=True) if c.compile else model
     made = make_optimizer(model)
     model, made, loader = accelerator.prepare(model, made, loader)
@@ -240,14 +231,6 @@ def build_run(
         log_every=c.log_every,
         compute_loss=loss,
     )
-    save = partial(
-        checkpoint.save_checkpoint,
-        accelerator,
-        Path(c.output_dir),
-        keep=c.keep_checkpoints,
-        config=record,
-        optimizer_state=c.save_optimizer_state,
-    )
     return Run(
         accelerator=accelerator,
         model=model,
@@ -262,7 +245,30 @@ def build_run(
         output_dir=Path(c.output_dir),
         record=record,
         one_pass=one_pass,
-        checkpoint=save,
+        checkpoint=partial(
+            checkpoint.save_checkpoint,
+            accelerator,
+            Path(c.output_dir),
+            keep=c.keep_checkpoints,
+            config=record,
+            optimizer_state=c.save_optimizer_state,
+        ),
+    )
+
+
+def _optimizer_factory(
+    c: TrainConfig, accelerator: Accelerator, optimizer: optim.OptimizerFactory | None
+) -> optim.OptimizerFactory:
+    """The optimizer factory passed in, or bertqa's AdamW as the config sets it."""
+    if optimizer is not None and c.layer_lr_decay != 1.0:
+        logger.warning("layer_lr_decay applies to bertqa's own optimizer; the optimizer factory passed in sets its own")
+    return optimizer or partial(
+        optim.build_optimizer,
+        lr=c.lr,
+        weight_decay=c.weight_decay,
+        eps=c.adam_eps,
+        fused=optim.fused_adamw_applies(accelerator.device.type),
+        layer_lr_decay=c.layer_lr_decay,
     )
 
 
@@ -291,21 +297,22 @@ def build_hooks(
     on_evaluate: Sequence[Callable[..., None]],
     hooks: Sequence[Hook],
 ) -> Hooks:
-    """The run's hooks, in the order they are told each event: records, evaluations and checkpoints, the final
-    model, the user's callbacks and hooks, early stopping, the time budget, signals. A feature that is off is not
-    there. Their states are saved with the run's `TrainState`."""
-    made: list[Hook] = [
-        Records(title=f"bertqa: {c.model}"),
-        Periodic(eval_every=c.eval_every_steps, save_every=c.save_every_steps, eval_first=c.eval_before_training),
-    ]
-    if c.save_model:
+    """The run's hooks, in the order they are told each event: records, the final model, the user's callbacks and
+    hooks, early stopping, evaluations and checkpoints, the time budget, signals. A feature that is off is not
+    there. Their states are saved with the run's `TrainState`: a checkpoint comes after every hook before it has
+    seen the update, so it holds their states as of that update."""
+    made: list[Hook] = [Records(title=f"bertqa: {c.model}")]
+    if c.save_model:  # before the user's hooks: their on_end finds the final model saved
         made.append(SaveFinalModel(run.output_dir / "final_model"))
     if callbacks or on_evaluate:
         made.append(Callbacks(callbacks, on_evaluate))
     made.extend(hooks)
     if c.early_stopping_patience is not None:
         made.append(_early_stopping(c, run))
-    if c.time_budget is not None:
+    made.append(
+        Periodic(eval_every=c.eval_every_steps, save_every=c.save_every_steps, eval_first=c.eval_before_training)
+    )
+    if c.time_budget is not None:  # after the evaluations: an update's time holds the evaluation made at it
         made.append(_time_budget(c, run))
     made.append(Signals(signals))
     run.hooks = Hooks(made)

@@ -193,8 +193,10 @@ class Interrupted(KeyboardInterrupt):
     def describe(self) -> str:
         name = signal_name(self.signum)
         if self.checkpoint is not None:
-            return (f"interrupted by {name} at update {self.step} of {self.total_steps}; saved {self.checkpoint}; "
-                    f"{self.resume_hint}")  # fmt: skip
+            return (
+                f"interrupted by {name} at update {self.step} of {self.total_steps}; saved {self.checkpoint}; "
+                f"{self.resume_hint}"
+            )
         if self.at_once:
             return (
                 f"stopped at once by a second {name}; nothing new was saved, and any checkpoint saved before is intact"

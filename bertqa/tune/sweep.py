@@ -31,9 +31,21 @@ if TYPE_CHECKING:
     import optuna
 
 __all__ = [
-    "Param", "PruningObserver", "check_space", "claim_study", "counted_trials", "describe", "load_space",
-    "make_objective", "open_study", "parse_param", "parse_space", "run_trials", "suggest", "trial_config",
-]  # fmt: skip
+    "Param",
+    "PruningObserver",
+    "check_space",
+    "claim_study",
+    "counted_trials",
+    "describe",
+    "load_space",
+    "make_objective",
+    "open_study",
+    "parse_param",
+    "parse_space",
+    "run_trials",
+    "suggest",
+    "trial_config",
+]
 
 logger = logging.getLogger("bertqa")
 
@@ -114,8 +126,10 @@ def parse_param(name: str, spec: str | list[Any]) -> Param:
     """One parameter from `LOW..HIGH`, `LOW..HIGH:log` or `a,b,c` (or a list of choices, from a space file)."""
     kind, optional = _field_kind(name)
     if isinstance(spec, list):
-        values = [_parse_value(name, v, kind, optional) if isinstance(v, str) else _checked(name, v, kind, optional)
-                  for v in spec]  # fmt: skip
+        values = [
+            _parse_value(name, v, kind, optional) if isinstance(v, str) else _checked(name, v, kind, optional)
+            for v in spec
+        ]
         return _choice(name, values)
     if not isinstance(spec, str):
         raise ValueError(f"sweep parameter {name!r}: give LOW..HIGH, LOW..HIGH:log or a,b,c (or a list), got {spec!r}")
@@ -184,8 +198,9 @@ def load_space(path: str | Path) -> dict[str, Param]:
 def describe(param: Param) -> str:
     """The parameter as `--param` spells it: `LOW..HIGH`, `LOW..HIGH:log` or `a,b,c`."""
     if param.choices:
-        return ",".join("none" if v is None else str(v).lower() if isinstance(v, bool) else str(v)
-                        for v in param.choices)  # fmt: skip
+        return ",".join(
+            "none" if v is None else str(v).lower() if isinstance(v, bool) else str(v) for v in param.choices
+        )
     return f"{param.low}..{param.high}" + (":log" if param.log else "")
 
 
@@ -270,13 +285,22 @@ def open_study(
     retry = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None)  # Optuna >= 4.9 renamed it
     with warnings.catch_warnings():  # the heartbeat is marked experimental; it is what makes a killed trial retried
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        callback = {"heartbeat_stale_trial_callback": retry(max_retry=2)} if retry else {
-            "failed_trial_callback": optuna.storages.RetryFailedTrialCallback(max_retry=2)}  # fmt: skip
+        callback = (
+            {"heartbeat_stale_trial_callback": retry(max_retry=2)}
+            if retry
+            else {"failed_trial_callback": optuna.storages.RetryFailedTrialCallback(max_retry=2)}
+        )
         storage = optuna.storages.RDBStorage(
             f"sqlite:///{path.resolve()}", heartbeat_interval=heartbeat_interval, grace_period=grace_period, **callback
         )
-    study = optuna.create_study(storage=storage, study_name=study_name, direction="maximize", load_if_exists=True,
-                                pruner=pruner, sampler=sampler)  # fmt: skip
+    study = optuna.create_study(
+        storage=storage,
+        study_name=study_name,
+        direction="maximize",
+        load_if_exists=True,
+        pruner=pruner,
+        sampler=sampler,
+    )
     if study.directions != [optuna.study.StudyDirection.MAXIMIZE]:
         raise ValueError(f"{path}: study {study_name!r} does not maximize one value; give another --study-name")
     return study
@@ -287,8 +311,15 @@ def _settings(base: TrainConfig, space: Mapping[str, Param], sweep_dir: str | Pa
     the bookkeeping settings (SCORED kept), the space, and the sweep dir whose trial-NNN folders hold its runs."""
     skip = (BOOKKEEPING - SCORED) | set(space)
     record = {k: v for k, v in base.to_dict().items() if k not in skip}
-    return json.loads(json.dumps({"sweep_dir": str(Path(sweep_dir).resolve()), "base": record,
-                                  "space": {name: describe(p) for name, p in space.items()}}))  # fmt: skip
+    return json.loads(
+        json.dumps(
+            {
+                "sweep_dir": str(Path(sweep_dir).resolve()),
+                "base": record,
+                "space": {name: describe(p) for name, p in space.items()},
+            }
+        )
+    )
 
 
 def _changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
@@ -305,26 +336,35 @@ def _changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
 
 
 def claim_study(
-    study: optuna.Study, base: TrainConfig, space: Mapping[str, Param], sweep_dir: str | Path, *,
+    study: optuna.Study,
+    base: TrainConfig,
+    space: Mapping[str, Param],
+    sweep_dir: str | Path,
+    *,
     allow_changes: bool = False,
-) -> None:  # fmt: skip
+) -> None:
     """Tie the study to `sweep_dir`, `base` and `space` (its user attributes), or check they are the ones it holds.
     A study of another sweep dir is refused: its trial numbers would name that dir's folders and results. Changed
     settings are refused once a trial has a score, since new trials would not compare with it, unless
     `allow_changes` (warned; the new settings are recorded)."""
     new, held = _settings(base, space, sweep_dir), study.user_attrs
     if held.get("sweep_dir", new["sweep_dir"]) != new["sweep_dir"]:
-        raise ValueError(f"study {study.study_name!r} holds the trials of {held['sweep_dir']}, not of "
-                         f"{new['sweep_dir']}: give another --study-name (or --storage)")  # fmt: skip
+        raise ValueError(
+            f"study {study.study_name!r} holds the trials of {held['sweep_dir']}, not of "
+            f"{new['sweep_dir']}: give another --study-name (or --storage)"
+        )
     changes = _changes(held, new) if "base" in held else []
     scored = any(t.state.name in ("COMPLETE", "PRUNED") for t in study.get_trials(deepcopy=False))
     if changes and scored and not allow_changes:
-        raise ValueError(f"study {study.study_name!r} was made with other settings ({'; '.join(changes)}): its trials "
-                         "would not compare with new ones; rerun with its settings, start a new --output-dir, or "
-                         "pass --allow-changed-base to add to it anyway")  # fmt: skip
+        raise ValueError(
+            f"study {study.study_name!r} was made with other settings ({'; '.join(changes)}): its trials "
+            "would not compare with new ones; rerun with its settings, start a new --output-dir, or "
+            "pass --allow-changed-base to add to it anyway"
+        )
     if changes:
-        logger.warning("study %r: settings changed (%s); recorded for the trials from now on",
-                       study.study_name, "; ".join(changes))  # fmt: skip
+        logger.warning(
+            "study %r: settings changed (%s); recorded for the trials from now on", study.study_name, "; ".join(changes)
+        )
     for key, value in new.items():
         study.set_user_attr(key, value)
 
