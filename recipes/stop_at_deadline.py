@@ -1,9 +1,9 @@
-"""Recipe: a fixed-length run stopped at a deadline by an update callback: what `--time-budget` is measured against.
+"""Recipe: a fixed-length run stopped at a deadline by a hook: what `--time-budget` is measured against.
 
 A run set for N updates whose time runs out first is cut off in the middle of its schedule: its learning rate never
 decays. `--time-budget` plans the run instead, so that the decay ends at the deadline. This recipe does the other
-thing, on the public API: an update callback raises `StopTraining` once `--train-seconds` have passed since the first
-update, and `fit` then evaluates and saves as at a normal end; the summary says why it stopped. Every flag of
+thing, on the public API: a hook raises `StopTraining` once `--train-seconds` of training have passed (counted
+across a resume), and `fit` then evaluates and saves as at a normal end; the summary says why it stopped. Every flag of
 train.py works here (the quick preset's own budget is turned off: this run keeps its fixed length).
 
   python recipes/stop_at_deadline.py --preset quick --max-train-examples 10000 --epochs 1 --train-seconds 420
@@ -19,17 +19,25 @@ from bertqa import engine
 from bertqa.cli import config_from_args, config_parser, positive_float, run, setup_logging
 
 
-class StopAfter:
-    """An update callback that ends the run once `seconds` have passed since the update it first saw."""
+class StopAfter(engine.Hook):
+    """A hook that ends the run once `seconds` of training have passed since the update it first saw. The seconds
+    counted are its state: a run resumed with `--resume latest` goes on counting where its checkpoint was."""
 
     def __init__(self, seconds: float) -> None:
-        self.seconds, self.start = seconds, None
+        self.seconds, self.used, self.mark = seconds, 0.0, None
 
-    def __call__(self, update: engine.Update) -> None:
+    def on_update(self, run: engine.Run, update: engine.Update) -> None:
         now = time.perf_counter()
-        self.start = self.start if self.start is not None else now
-        if now - self.start >= self.seconds:
+        self.used += now - self.mark if self.mark is not None else 0.0
+        self.mark = now
+        if self.used >= self.seconds:
             raise engine.StopTraining(f"deadline: {self.seconds:g} s of training passed at update {update.step}")
+
+    def state_dict(self) -> dict[str, float]:
+        return {"used": self.used}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.used = state["used"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
             config.time_budget,
         )
     config = config.replace(time_budget=None)
-    summary = engine.fit(config, callbacks=[StopAfter(args.train_seconds)])
+    summary = engine.fit(config, hooks=[StopAfter(args.train_seconds)])
     if summary["final"]:
         print(
             json.dumps(

@@ -143,10 +143,15 @@ def test_an_optimizer_of_ones_own_gives_the_head_its_own_lr(tmp_path, tiny_dir, 
 
 def test_a_fixed_length_run_stops_at_its_deadline(tmp_path, tiny_dir):
     stop = recipe("stop_at_deadline").StopAfter(0.2)
-    stop(engine.Update(step=1, epoch=0, lr=1e-3, loss=torch.zeros(())))  # the clock starts at the first update
-    time.sleep(0.25)
-    with pytest.raises(engine.StopTraining, match=r"deadline: 0.2 s of training passed at update 2"):
-        stop(engine.Update(step=2, epoch=0, lr=1e-3, loss=torch.zeros(())))
+    stop.on_update(None, engine.Update(step=1, epoch=0, lr=1e-3, loss=torch.zeros(())))  # the clock starts here
+    time.sleep(0.15)
+    stop.on_update(None, engine.Update(step=2, epoch=0, lr=1e-3, loss=torch.zeros(())))
+    resumed = recipe("stop_at_deadline").StopAfter(0.2)  # what a resumed run's hook is given back
+    resumed.load_state_dict(stop.state_dict())
+    resumed.on_update(None, engine.Update(step=3, epoch=0, lr=1e-3, loss=torch.zeros(())))  # its clock starts again
+    time.sleep(0.1)
+    with pytest.raises(engine.StopTraining, match=r"deadline: 0.2 s of training passed at update 4"):
+        resumed.on_update(None, engine.Update(step=4, epoch=0, lr=1e-3, loss=torch.zeros(())))
     args = ["--model", tiny_dir, *SETTINGS, "--epochs", "50", "--train-seconds", "1.5", "--output-dir", tmp_path]
     out = json.loads(script("recipes/stop_at_deadline.py", *args).stdout.splitlines()[-1])
     assert out["stopped_early"].startswith("deadline: 1.5 s") and out["steps"] > 0

@@ -19,7 +19,9 @@ a resumed run stays stopped. A hook with state returns it from `state_dict()`: i
 bertqa's own features are hooks like yours, and a feature that is off is not in the list: `Periodic` (evaluations
 and checkpoints on their schedule), `SaveFinalModel`, `Records` (the progress bar, the stop's record and the
 curves), `EarlyStopping`, `bertqa.training.budget.TimeBudget` and `Signals` (Ctrl-C and SIGTERM). `Callbacks`
-adapts plain functions (`fit(callbacks=..., on_evaluate=...)`).
+adapts plain functions (`fit(callbacks=..., on_evaluate=...)`). `fit` tells them in this order: Records,
+SaveFinalModel, the callbacks and your hooks, EarlyStopping, Periodic, TimeBudget, Signals; so a checkpoint holds the
+state your hooks had after the update it saves, and your `on_end` finds the final model written.
 """
 
 from __future__ import annotations
@@ -174,8 +176,8 @@ class Run:
     one_pass: Callable[..., dict[str, float]]  # `train_one_epoch` bound to the run's pieces
     checkpoint: Callable[[int], Path]  # writes a checkpoint of the given update and returns its folder
     hooks: Hooks = field(default_factory=Hooks)
-    recorder: RunRecorder = field(init=False)
-    evaluator: Evaluator = field(init=False)
+    recorder: RunRecorder = field(init=False, repr=False)  # set when the run begins (`setup.begin`)
+    evaluator: Evaluator = field(init=False, repr=False)
     timing: bool = False  # a time budget's warm-up is being timed: nothing else is to run between its updates
     finished: bool = False  # the loop is over: what follows is the end of the run
     train_time_s: float = 0.0
