@@ -98,8 +98,9 @@ def train(a: argparse.Namespace) -> list[dict]:
     if a.log_json and accelerator.is_main_process:
         with open(a.log_json, "w") as f:
             json.dump(log, f)
-    # As fit does: the process group is shut down here, not left to the interpreter's exit, where its threads can
-    # abort a process that has finished its work.
+    # As fit does: the process group is shut down here, not left to the interpreter's exit, where a gloo group
+    # aborts the process about half the time ("terminate called without an active exception"). On an error,
+    # `bertqa.cli.run` shuts it down.
     accelerator.end_training()
     return log
 

@@ -298,3 +298,16 @@ def test_every_script_names_a_mistyped_model_folder_and_a_runs_folder(tmp_path, 
         "runs/quick/final_model or runs/quick/best_model"
     )
     assert not (run / "eval").exists() and not (tmp_path / "out").exists()
+
+
+def test_a_script_closes_its_process_group_on_every_way_out(tmp_path):
+    import torch.distributed as dist
+
+    def failing() -> int:
+        raise ValueError("a clear error")
+
+    for i, (main, code) in enumerate(((lambda: 0, 0), (failing, 2))):
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / str(i)}", rank=0, world_size=1)
+        with pytest.raises(SystemExit) as exited:
+            cli.run(main)
+        assert exited.value.code == code and not dist.is_initialized()
