@@ -159,7 +159,7 @@ def train(run: Run) -> dict[str, Any]:
         "train_time_s": run.train_time_s,
         "wall_time_s": time.perf_counter() - t0,
         "final": run.final_evaluation(),
-        "best_f1": state.best_f1,
+        "best_f1_seen": state.best_f1,  # of every evaluation: a record's best_f1 is its best-threshold F1
         "stopped_early": state.stop_reason,
         "budget_plan": state.budget_plan,
     }
@@ -180,7 +180,8 @@ def fit(
     on_evaluate: Sequence[EvalObserver] = (),
     optimizer: OptimizerFactory | None = None,
 ) -> dict[str, Any]:
-    """Train and evaluate as `config` says; return a summary (steps, times, final and best scores, `stopped_early`).
+    """Train and evaluate as `config` says; return a summary (steps, times, the `final` evaluation record, the best F1
+    of every evaluation `best_f1_seen`, `stopped_early`).
 
     Anything passed in replaces what the config would build: your own model, tokenizer or examples (`Example`s,
     records in the schema the files use, or a `datasets.Dataset` of them; training examples without evaluation data

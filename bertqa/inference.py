@@ -6,6 +6,8 @@ Training-time evaluation (`bertqa.engine`), the evaluation script and serving (`
 
 from __future__ import annotations
 
+import os
+import sys
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -20,7 +22,7 @@ from bertqa.postprocess import Prediction, postprocess, score
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
-__all__ = ["eval_batches", "evaluate", "predict_logits"]
+__all__ = ["eval_batches", "evaluate", "predict_logits", "progress_bars"]
 
 
 def eval_batches(
@@ -55,19 +57,29 @@ def eval_batches(
     )
 
 
+def progress_bars() -> bool:
+    """Whether progress bars are drawn: on a terminal or in a notebook, unless TQDM_DISABLE is set (the usual
+    switch). Written to a file (`2> log`) a bar is a stream of carriage returns; the training log's lines say how far
+    a run is instead."""
+    if os.environ.get("TQDM_DISABLE", "").strip().lower() not in ("", "0", "false", "no"):
+        return False
+    return "ipykernel" in sys.modules or sys.stderr.isatty()
+
+
 @torch.no_grad()
 def predict_logits(
     model: torch.nn.Module,
     loader: torch.utils.data.DataLoader,
     *,
     accelerator: Accelerator | None = None,
-    progress: bool = False,
+    progress: bool | str = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Start/end logits of every window of an `eval_batches` loader, in the order of its features.
 
     Without an `accelerator` the loop runs in this process on the model's device. With one, each process runs its
     share and the rows are gathered with their feature indices and written to their index, so the duplicates that
-    uneven sharding adds fall away; every process gets the whole result. `progress` shows a bar (main process).
+    uneven sharding adds fall away; every process gets the whole result. `progress` shows a bar (main process, where
+    `progress_bars()` allows), named "eval" or the text given.
     """
     from tqdm.auto import tqdm
 
@@ -78,7 +90,9 @@ def predict_logits(
     was_training = model.training
     model.eval()
     main = accelerator is None or accelerator.is_main_process
-    for batch in tqdm(loader, desc="eval", unit="batch", leave=False, disable=not (progress and main)):
+    name = progress if isinstance(progress, str) else "eval"
+    shown = bool(progress) and main and progress_bars()
+    for batch in tqdm(loader, desc=name, unit="batch", leave=False, disable=not shown):
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         out = model(**model_inputs(batch))
         # One width for every batch so they can be gathered across processes (a negative pad crops the
@@ -112,7 +126,7 @@ def evaluate(
     v2: bool,
     max_answer_length: int = 30,
     threshold: float = 0.0,
-    progress: bool = False,
+    progress: bool | str = False,
 ) -> tuple[dict[str, float], dict[str, Prediction]]:
     """Predict every window, post-process and score once on the main process, and share the metrics with all.
 

@@ -122,6 +122,11 @@ def squad_v2_scores(
     if no_answer_scores is not None:
         out["best_exact"], out["best_exact_thresh"] = best_threshold(raw_em, no_answer_scores, has_ans)
         out["best_f1"], out["best_f1_thresh"] = best_threshold(raw_f1, no_answer_scores, has_ans)
+        for name, keep in (("HasAns", True), ("NoAns", False)):  # what the best threshold does: how many it answers
+            answered = [
+                q for q in golds if has_ans[q] == keep and no_answer_scores.get(q, 0.0) <= out["best_f1_thresh"]
+            ]
+            out[f"best_f1_{name}_answered"] = float(len(answered))
     return out
 
 
@@ -152,6 +157,9 @@ def best_threshold(
     - it starts below the lowest no-answer score, so "no answer" to everything is a reachable threshold even when
       the scores are negative (they are logit differences here, not probabilities);
     - questions sharing one no-answer score switch together, since no threshold separates them.
+    Among thresholds that score alike it returns the highest, the one that answers the most questions: where a wrong
+    span and "no answer" are worth the same (0, on a question that has an answer), the question is answered. The
+    official script keeps the lowest, so that with no unanswerable question at all its threshold answers nothing.
     """
     na = {q: na_scores.get(q, 0.0) for q in scores}
     nan = [q for q, value in na.items() if math.isnan(value)]
@@ -169,6 +177,7 @@ def best_threshold(
     for i, qid in enumerate(order):
         total += scores[qid] - float(not has_ans[qid])  # the span's score replaces what "no answer" was worth
         last_of_tie = i + 1 == len(order) or na[order[i + 1]] != na[qid]
-        if last_of_tie and total > best:
+        # A tie goes to the threshold that answers more (sums of F1 in another order may differ in the last bits).
+        if last_of_tie and total >= best - 1e-9:
             best, best_thresh = total, na[qid]
     return 100 * best / len(scores), best_thresh

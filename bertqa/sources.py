@@ -26,6 +26,7 @@ logger = logging.getLogger("bertqa")
 __all__ = [
     "DEFAULT_EVAL_SPLIT",
     "DEFAULT_NO_ANSWER_THRESHOLD",
+    "MIN_PER_KIND",
     "HoldOutError",
     "RunExamples",
     "answerable_only",
@@ -37,6 +38,7 @@ __all__ = [
     "source_parts",
     "split_article_range",
     "subsample",
+    "too_few_to_calibrate",
 ]
 
 
@@ -45,6 +47,8 @@ DEFAULT_EVAL_SPLIT = 0.1
 # A v2 run without calibration answers "no answer" when the no-answer score beats the best span's score
 # (run_qa's default null-score threshold as well).
 DEFAULT_NO_ANSWER_THRESHOLD = 0.0
+# The fewest answerable and unanswerable questions each that a no-answer threshold is chosen on.
+MIN_PER_KIND = 5
 
 
 @dataclass(frozen=True)
@@ -141,8 +145,38 @@ def run_examples(
     if negatives:  # a held-out evaluation share is of the same data: it is scored on saying "no answer" too
         held_out_eval = isinstance(source, float) and eval_examples is None
         reports += _add_negatives(sides, pools, negatives, seed=seed, eval_too=held_out_eval)
+    calibration_off = _drop_thin_calibration(sides) or calibration_off
     found = {"reports": tuple(reports), "eval_described": described, "eval_data": named}
     return RunExamples(**sides, calibration_split=calibration_split, calibration_off=calibration_off, **found)
+
+
+def _drop_thin_calibration(sides: dict[str, list[Example]]) -> str | None:
+    """Give the calibration side's questions back to training when they are too few to choose a threshold on, and
+    say why (None: they are not)."""
+    thin = too_few_to_calibrate(sides["calibration"]) if sides["calibration"] else None
+    if thin is not None:
+        sides["train"], sides["calibration"] = sides["train"] + sides["calibration"], []
+        logger.warning(
+            "the no-answer threshold is not calibrated (%s): they are trained on, and the default %g is used, which "
+            "answers when the best span scores above 'no answer' (hold out more: --calibration-split)",
+            thin,
+            DEFAULT_NO_ANSWER_THRESHOLD,
+        )
+    return thin
+
+
+def too_few_to_calibrate(calibration: Sequence[Example]) -> str | None:
+    """Why `calibration` cannot choose a no-answer threshold (None: it can): a threshold chosen on fewer than
+    `MIN_PER_KIND` answerable or unanswerable questions follows those few, and with no unanswerable one at all
+    nothing tells it where "no answer" should start."""
+    unanswerable = sum(ex.is_impossible for ex in calibration)
+    answerable = len(calibration) - unanswerable
+    if min(answerable, unanswerable) >= MIN_PER_KIND:
+        return None
+    return (
+        f"its {len(calibration):,} held-out training questions hold {answerable:,} answerable and {unanswerable:,} "
+        f"unanswerable ones; at least {MIN_PER_KIND} of each are needed"
+    )
 
 
 def _draw_sides(

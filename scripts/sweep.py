@@ -153,7 +153,9 @@ def trial_rows(study: Any) -> list[dict[str, Any]]:
     retried_as |= {t.system_attrs["failed_trial"]: t.number for t in trials if "failed_trial" in t.system_attrs}
     rows = []
     for t in trials:
-        f1 = t.value if t.state.name == "COMPLETE" else t.user_attrs.get("best_f1")  # pruned: its best before
+        f1 = (
+            t.value if t.state.name == "COMPLETE" else t.user_attrs.get("best_f1_seen", t.user_attrs.get("best_f1"))
+        )  # pruned: its best
         error = t.user_attrs.get("error", "")
         if t.number in retried_as and not error:
             error = f"killed or interrupted; run again as trial {retried_as[t.number]}"

@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
                     "exact": round(final["exact"], 2),
                     "f1": round(final["f1"], 2),
                     **{k: round(final[k], 2) for k in ("HasAns_f1", "NoAns_f1", "best_f1") if k in final},
-                    "best_f1_seen": round(summary["best_f1"], 2),
+                    "best_f1_seen": round(summary["best_f1_seen"], 2),
                     "steps": summary["steps"],
                     "train_time_s": round(summary["train_time_s"], 1),
                     "wall_time_s": round(summary["wall_time_s"], 1),

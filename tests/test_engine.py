@@ -533,3 +533,52 @@ def test_checkpoints_without_the_optimizer_state_are_smaller_and_still_resume(tm
         tiny_config(tmp_path / "light", resume="latest", save_optimizer_state=False, **kwargs), model=tiny()
     )
     assert summary["steps"] > 5 and "holds no optimizer state" in caplog.text
+
+
+def test_a_threshold_is_not_chosen_on_too_few_of_either_kind(tmp_path, tiny, caplog):
+    """A user's 33 records, 31 answerable and 2 not: the threshold's held-out questions hold no unanswerable one.
+    Chosen on them, a threshold said "no answer" to questions whose best span beat "no answer"; the run now uses
+    the default and says why."""
+    import logging
+
+    from bertqa.loading import load_squad
+
+    answerable, _ = load_squad("dev-v1.1")
+    unanswerable = [ex for ex in load_squad("dev-v2.0")[0] if ex.is_impossible][:2]
+    records = [
+        {
+            "id": ex.id,
+            "title": ex.title,
+            "context": ex.context,
+            "question": ex.question,
+            "answers": {"text": list(ex.answer_texts), "answer_start": list(ex.answer_starts)},
+        }
+        for ex in [*answerable[:31], *unanswerable]
+    ]
+    config = tiny_config(tmp_path, save_model=True, eval_data="dev-v2.0[30:]", max_train_examples=None)
+    with caplog.at_level(logging.INFO, logger="bertqa"):
+        summary = engine.fit(config, model=tiny(), train_examples=records)
+    assert "the no-answer threshold is not calibrated (its " in caplog.text
+    assert "at least 5 of each are needed): they are trained on" in caplog.text
+    meta = json.loads((tmp_path / "run" / "final_model" / "bertqa.json").read_text())
+    assert meta["no_answer_threshold"] == summary["final"]["no_answer_threshold"] == 0.0
+    assert meta["threshold_calibrated_on"]["questions"] == 0
+
+
+def test_progress_bars_only_on_a_terminal_and_never_with_tqdm_disable(monkeypatch):
+    import io
+
+    from bertqa.inference import progress_bars
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    monkeypatch.setattr(sys, "stderr", io.StringIO())  # a file: `2> log`
+    assert not progress_bars()
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    assert progress_bars()
+    for value, shown in (("1", False), ("true", False), ("0", True), ("", True)):
+        monkeypatch.setenv("TQDM_DISABLE", value)
+        assert progress_bars() is shown, value

@@ -119,13 +119,18 @@ def test_best_threshold_keeps_everything_unanswered_when_that_is_best():
 
 def test_best_threshold_below_negative_scores_really_answers_nothing():
     # No-answer scores are logit differences, often negative: a threshold of 0 would answer everything here.
-    golds = {"q1": ["it was"], "q2": []}
+    golds = {"q1": [], "q2": []}
     preds = {"q1": "is", "q2": "big"}
     na = {"q1": -2.0, "q2": -1.0}
     s = squad_v2_scores(preds, golds, na)
-    assert s["best_f1"] == 50.0 and s["best_f1_thresh"] < -2.0
-    assert squad_v2_scores(preds, golds, na, threshold=s["best_f1_thresh"])["f1"] == 50.0
+    assert s["best_f1"] == 100.0 and s["best_f1_thresh"] < -2.0
+    assert squad_v2_scores(preds, golds, na, threshold=s["best_f1_thresh"])["f1"] == 100.0
     assert squad_v2_scores(preds, golds, na, threshold=0.0)["f1"] == 0.0
+    # An answerable question whose span is wrong ties with its "no answer": it is answered (the official script
+    # would say "no answer" to it), and still nothing else is.
+    golds["q1"] = ["it was"]
+    s = squad_v2_scores(preds, golds, na)
+    assert s["best_f1"] == 50.0 and -2.0 <= s["best_f1_thresh"] < -1.0
 
 
 def test_best_threshold_switches_tied_scores_together():
@@ -164,6 +169,36 @@ def test_scoring_at_the_best_threshold_gives_the_best_score(seed):
         assert at_best == pytest.approx(s[f"best_{key}"]), key
         brute = max(squad_v2_scores(preds, golds, na, threshold=t)[key] for t in candidates)
         assert s[f"best_{key}"] == pytest.approx(brute), key
+
+
+@pytest.mark.parametrize("seed", range(300))
+def test_the_best_threshold_answers_the_most_among_equally_good_ones(seed):
+    """Of all thresholds that score best, the returned one answers at least as many questions as any (a tie never
+    turns an answer into ""), and with no unanswerable question it answers every question."""
+    rng = random.Random(1000 + seed)
+    words = ["a", "b", "c", "the", "b c"]
+    answerable_only = rng.random() < 0.3
+    golds, preds, na = {}, {}, {}
+    for i in range(rng.randint(1, 12)):
+        q = f"q{i}"
+        golds[q] = rng.sample(words, rng.randint(1, 2)) if answerable_only or rng.random() < 0.6 else []
+        preds[q] = rng.choice([*words, ""])
+        na[q] = rng.choice([-2.0, -1.0, 0.0, 1.0, rng.uniform(-3, 3)])
+    s = squad_v2_scores(preds, golds, na)
+    candidates = [min(na.values()) - 1, *sorted(set(na.values()))]
+    best_ones = [t for t in candidates if squad_v2_scores(preds, golds, na, threshold=t)["f1"] >= s["best_f1"] - 1e-6]
+    assert s["best_f1_thresh"] >= max(best_ones)
+    if answerable_only:
+        assert all(value <= s["best_f1_thresh"] for value in na.values())  # nothing is "no answer"
+
+
+def test_with_no_unanswerable_question_a_wrong_answer_is_still_given():
+    # Both questions have answers; q2's span is wrong, so answering it and saying "no answer" both score 0.
+    golds = {"q1": ["a b"], "q2": ["c"]}
+    preds = {"q1": "a b", "q2": "the"}
+    na = {"q1": -1.0, "q2": 0.5}
+    s = squad_v2_scores(preds, golds, na)
+    assert s["best_f1"] == 50.0 and s["best_f1_thresh"] >= 0.5  # q2 is answered too
 
 
 def test_scores_equal_the_per_answer_definitions_on_real_answers():

@@ -369,3 +369,20 @@ def test_pack_model_does_not_replace_a_folder_without_being_asked(tmp_path):
     result = script("pack_model.py", "--out", model, check=False)
     assert result.returncode == 2 and "exists and is not empty; pass --overwrite" in result.stderr
     assert (model / "model.safetensors").read_text() == "a trained model"
+
+
+def test_a_training_log_written_to_a_file_reads_as_plain_lines(tmp_path, tiny_dir):
+    """`train.py ... 2> log`: no progress bar's carriage returns or escape codes, each line its own, the eval line
+    once per evaluation, and a plain line saying where training stands."""
+    v2 = ["--train-data", "dev-v2.0[:1]", "--eval-data", "dev-v2.0[1:2]", "--max-train-examples", "60"]
+    args = ["--model", tiny_dir, *SMALL, *v2, "--eval-every-steps", "4", "--output-dir", tmp_path / "run"]
+    cmd = [sys.executable, str(ROOT / "scripts" / "train.py"), *map(str, args)]
+    with open(tmp_path / "log", "w") as log:
+        subprocess.run(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=log, timeout=600, check=True)
+    text = (tmp_path / "log").read_text()
+    assert "\r" not in text and "\x1b" not in text
+    evals = [line for line in text.splitlines() if " eval at step " in line]
+    steps = [line.split(" eval at step ")[1].split(":")[0] for line in evals]
+    assert len(steps) >= 2 and len(steps) == len(set(steps))  # each evaluation said once
+    assert re.search(r"INFO update \d+ of \d+ \(\d+%\): loss ", text)
+    assert re.search(r"no-answer threshold .*, chosen on \d+ held-out questions: there it answers \d+ of", text)

@@ -222,7 +222,7 @@ def test_a_pruned_run_stops_and_its_trial_is_recorded_pruned(tmp_path, tiny_dir)
     sweep.run_trials(study, sweep.make_objective(base, space, tmp_path / "sweep"), 1)
     (trial,) = study.trials
     assert trial.state == optuna.trial.TrialState.PRUNED and trial.user_attrs["steps"] == 0  # stopped before training
-    assert set(trial.intermediate_values) == {0} and trial.value == trial.user_attrs["best_f1"]
+    assert set(trial.intermediate_values) == {0} and trial.value == trial.user_attrs["best_f1_seen"]
     assert trial.user_attrs["stopped"] == "pruned by optuna at step 0"
     run = tmp_path / "sweep" / "trial-000"
     assert (run / "metrics.jsonl").is_file() and not (run / "checkpoints").exists()  # never resumed: freed
@@ -356,7 +356,7 @@ def test_an_interrupted_trial_stops_the_sweep_and_runs_first_on_resume(tmp_path,
     assert "Traceback" not in capfd.readouterr().err  # the summary comes next, not Optuna's traceback of Ctrl-C
     assert [t.state.name for t in study.trials] == ["FAIL", "WAITING"] and sweep.counted_trials(study) == []
     stopped = "no F1 gain of 0.0 in 2 evaluations"  # early stopping, which is not pruning
-    monkeypatch.setattr(engine, "fit", lambda config, **_: {"steps": 1, "best_f1": 50.0, "stopped_early": stopped})
+    monkeypatch.setattr(engine, "fit", lambda config, **_: {"steps": 1, "best_f1_seen": 50.0, "stopped_early": stopped})
     sweep.run_trials(study, objective, 1)
     assert study.trials[1].params == study.trials[0].params and study.trials[1].state.name == "COMPLETE"
     assert len(study.trials) == 2

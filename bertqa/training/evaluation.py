@@ -5,6 +5,7 @@ at epoch ends and at a stop."""
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -25,6 +26,8 @@ if TYPE_CHECKING:
     from bertqa.training.state import TrainState
 
 __all__ = ["Evaluator"]
+
+logger = logging.getLogger("bertqa")
 
 
 @dataclass
@@ -88,7 +91,18 @@ class Evaluator:
             examples,
             v2=True,
             max_answer_length=self.meta["max_answer_length"],
-            progress=True,
+            progress="threshold",
+        )
+        logger.info(
+            "no-answer threshold %.3g, chosen on %d held-out questions: there it answers %d of %d answerable and %d of "
+            "%d unanswerable ones (F1 %.2f)",
+            cal["best_f1_thresh"],
+            cal["total"],
+            cal["best_f1_HasAns_answered"],
+            cal.get("HasAns_total", 0),
+            cal["best_f1_NoAns_answered"],
+            cal.get("NoAns_total", 0),
+            cal["best_f1"],
         )
         return {"no_answer_threshold": cal["best_f1_thresh"], "calibration_best_f1": cal["best_f1"]}
 

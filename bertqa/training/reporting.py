@@ -12,11 +12,14 @@ import logging
 import math
 import os
 import sys
+import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from bertqa.config import format_duration
 from bertqa.examples import LoadReport, is_v2
+from bertqa.inference import progress_bars
 
 __all__ = [
     "MainProcessOnly",
@@ -37,6 +40,8 @@ __all__ = [
 ]
 
 logger = logging.getLogger("bertqa")
+# Without a progress bar (stderr is a file), a line saying where training stands at most this often.
+PROGRESS_EVERY_S = 30.0
 TrackerLog = Callable[..., None]  # Accelerator.log(values, step=...)
 
 
@@ -115,7 +120,10 @@ class RunRecorder:
         self.train_log, self.eval_log = self.out / "train_log.jsonl", self.out / "metrics.jsonl"
         self.is_main = is_main
         self.tracker_log = tracker_log
-        self.bar = tqdm(total=total_steps, initial=step, desc="train", unit="upd", disable=not is_main)
+        # A bar on a terminal; in a file, a plain line at most every PROGRESS_EVERY_S seconds (`log_train`).
+        shown = is_main and progress_bars()
+        self.bar = tqdm(total=total_steps, initial=step, desc="train", unit="upd", disable=not shown)
+        self.total_steps, self.first_step, self.t0, self.said_at = total_steps, step, time.perf_counter(), 0.0
 
     def start(self, config: Mapping[str, Any], *, resumed_at: int | None, initial_lr: float | None = None) -> None:
         """Save the config; a resumed run drops log records past its checkpoint (those steps are run again), a new
@@ -132,7 +140,7 @@ class RunRecorder:
     def replan(self, config: Mapping[str, Any], *, total_steps: int) -> None:
         """A run whose length was planned after it began (a time budget): the new length, and the config with the
         plan in it."""
-        self.bar.total = total_steps
+        self.bar.total = self.total_steps = total_steps
         self.bar.refresh()
         if self.is_main:
             (self.out / "config.json").write_text(dumps(dict(config), indent=2) + "\n")
@@ -149,6 +157,21 @@ class RunRecorder:
         self.tracker_log({f"train/{k}": v for k, v in record.items() if k != "step"}, step=record["step"])
         if self.is_main:
             append_jsonl(self.train_log, record)
+        now = time.perf_counter()
+        last = record["step"] >= self.total_steps
+        if self.bar.disable and (now - self.said_at >= PROGRESS_EVERY_S or last):
+            self.said_at = now
+            logger.info("%s", self._progress_line(record, now))
+
+    def _progress_line(self, record: Mapping[str, Any], now: float) -> str:
+        """Where training stands, for a log without a progress bar."""
+        step, total = record["step"], self.total_steps
+        rate = (step - self.first_step) / max(now - self.t0, 1e-9)
+        left = f"; about {format_duration((total - step) / rate)} of training left" if rate > 0 and step < total else ""
+        return (
+            f"update {step} of {total} ({100 * step / max(total, 1):.0f}%): loss {record['loss']:.3f}, lr "
+            f"{record['lr']:.2e}, {record['windows_per_s']:.1f} windows/s{left}"
+        )
 
     def eval_record_at(self, step: int) -> dict[str, Any] | None:
         """The evaluation already recorded at `step` (a resumed run that had finished), if any."""
@@ -315,12 +338,6 @@ def log_plan(
             else "the evaluation data itself (optimistic: no held-out training question has no answer)"
         )
         logger.info("the no-answer threshold is chosen at each evaluation on %s", chosen)
-    if examples.calibration and not is_v2(examples.calibration):
-        logger.warning(
-            "the threshold's %d held-out training questions hold no unanswerable one: the threshold "
-            "chosen on them answers everything (hold out more: --calibration-split)",
-            len(examples.calibration),
-        )
     logger.info("label self-check:\n%s", labels.format())
     calibration = data.calibration_features
     logger.info(

@@ -420,11 +420,11 @@ def make_objective(
         finally:  # a finished trial is never resumed (a killed one runs again from the start): free the disk
             shutil.rmtree(out / "checkpoints", ignore_errors=True)
         trial.set_user_attr("steps", summary["steps"])
-        trial.set_user_attr("best_f1", summary["best_f1"])
+        trial.set_user_attr("best_f1_seen", summary["best_f1_seen"])
         trial.set_user_attr("stopped", summary["stopped_early"])  # early stopping's reason, or the pruner's
         if observer.pruned_at is not None:
             raise optuna.TrialPruned(summary["stopped_early"])
-        return summary["best_f1"]
+        return summary["best_f1_seen"]
 
     return objective
 
