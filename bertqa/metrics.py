@@ -14,7 +14,15 @@ import string
 from collections import Counter
 from collections.abc import Mapping, Sequence
 
-__all__ = ["best_threshold", "exact_match", "f1_score", "normalize_answer", "squad_v1_scores", "squad_v2_scores"]
+__all__ = [
+    "best_threshold",
+    "exact_match",
+    "f1_score",
+    "normalize_answer",
+    "question_scores",
+    "squad_v1_scores",
+    "squad_v2_scores",
+]
 
 # str.translate deletes the same characters as the official `"".join(ch for ch in s if ch not in punctuation)`,
 # several times faster (scoring the v2 dev set normalises ~125k strings).
@@ -77,6 +85,12 @@ def squad_v1_scores(predictions: Mapping[str, str], golds: Mapping[str, Sequence
         f1 += q_f1
     # Named "exact" (the official v1.1 script says "exact_match") so v1.1 and v2.0 results share their keys.
     return {"exact": 100 * em / len(golds), "f1": 100 * f1 / len(golds), "total": float(len(golds))}
+
+
+def question_scores(prediction: str, answers: Sequence[str], *, v2: bool) -> tuple[float, float]:
+    """One question's (EM, F1), 0 or 1 and 0 to 1, as the official scripts score it: the best over its answers;
+    for v2, a question without answers is right exactly when the prediction is ""."""
+    return _best_em_f1(prediction, _v2_golds(answers) if v2 else list(answers), v2=v2)
 
 
 def _v2_golds(answers: Sequence[str]) -> list[str]:

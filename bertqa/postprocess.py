@@ -17,9 +17,19 @@ from typing import NamedTuple
 import numpy as np
 
 from bertqa.data import Example, Features
-from bertqa.metrics import squad_v1_scores, squad_v2_scores
+from bertqa.metrics import question_scores, squad_v1_scores, squad_v2_scores
 
-__all__ = ["Prediction", "Span", "best_spans", "pad_offsets", "postprocess", "score"]
+__all__ = [
+    "ERROR_KINDS",
+    "Prediction",
+    "Span",
+    "best_spans",
+    "error_summary",
+    "pad_offsets",
+    "postprocess",
+    "question_report",
+    "score",
+]
 
 
 class Span(NamedTuple):
@@ -225,3 +235,62 @@ def score(
         return squad_v1_scores(spans, golds)
     na = {q: p.no_answer_score for q, p in predictions.items()}
     return squad_v2_scores(spans, golds, na, threshold=threshold)
+
+
+# What went wrong with a question, in the order a summary lists them.
+ERROR_KINDS = {
+    "no_answer_given": "said 'no answer' to a question that has one",
+    "answered_unanswerable": "answered a question that has none",
+    "wrong_span": "answered with a span that shares no word with the answer",
+    "partial_overlap": "answered with a span that shares some words with the answer",
+    "right": "exactly right",
+}
+
+
+def question_report(
+    examples: Sequence[Example], predictions: dict[str, Prediction], *, v2: bool, threshold: float | None
+) -> list[dict[str, object]]:
+    """One record per question, worst first (lowest F1, then the most confident): its question, gold answers,
+    prediction, the prediction's probability, EM and F1 (0 to 1), what kind of result it is (`ERROR_KINDS`), and for
+    v2 the no-answer score and probability. The answer is the one scored: "" where the no-answer score is above
+    `threshold` (v2)."""
+    rows = []
+    for ex in examples:
+        pred = predictions.get(ex.id)
+        answer = "" if pred is None else pred.answer(threshold if v2 else None)
+        em, f1 = question_scores(answer, ex.answer_texts, v2=v2)
+        row: dict[str, object] = {"id": ex.id, "question": ex.question, "gold": list(ex.answer_texts)}
+        row |= {"prediction": answer, "probability": _probability(pred, answer), "exact": em, "f1": f1}
+        row["kind"] = _kind(answer, bool(ex.answer_texts), em, f1, v2=v2)
+        if v2 and pred is not None:
+            row |= {"no_answer_score": pred.no_answer_score, "no_answer_probability": pred.probabilities()[1]}
+        rows.append(row)
+    return sorted(rows, key=lambda r: (r["f1"], -(r["probability"] or 0.0), str(r["id"])))
+
+
+def _probability(pred: Prediction | None, answer: str) -> float | None:
+    """The probability of the answer given: of its span, or of "no answer" when it is ""."""
+    if pred is None:
+        return None
+    spans, null = pred.probabilities()
+    if answer == "":
+        return null
+    return spans[0] if spans else None
+
+
+def _kind(answer: str, has_answer: bool, em: float, f1: float, *, v2: bool) -> str:
+    if v2 and has_answer and answer == "":
+        return "no_answer_given"
+    if v2 and not has_answer:
+        return "right" if answer == "" else "answered_unanswerable"
+    if em == 1.0:
+        return "right"
+    return "partial_overlap" if f1 > 0 else "wrong_span"
+
+
+def error_summary(rows: Sequence[dict[str, object]]) -> dict[str, int]:
+    """How many questions of `question_report` are of each kind, every kind listed."""
+    counts = dict.fromkeys(ERROR_KINDS, 0)
+    for row in rows:
+        counts[str(row["kind"])] += 1
+    return counts

@@ -68,6 +68,9 @@ class RunExamples:
     # Why a SQuAD v2 run chose no threshold on held-out questions (it uses DEFAULT_NO_ANSWER_THRESHOLD); None when
     # it did, or when the run is not v2.
     calibration_off: str | None = None
+    # An evaluation share held out of loaded training data, by the rule that draws it again: `run_examples`'s own
+    # arguments (its `eval` is the same questions); None when the evaluation data is named, or was passed in.
+    eval_rule: dict[str, Any] | None = None
 
     @property
     def v2(self) -> bool:
@@ -116,6 +119,7 @@ def run_examples(
     passages of its side (`bertqa.negatives`); named evaluation data is scored as it is. `max_*_examples` count
     the questions drawn before negatives are added.
     """
+    arguments = dict(locals())  # what draws a held-out evaluation share again (`RunExamples.eval_rule`)
     options = {"answerable": answerable, "seed": seed, "column_map": column_map}
     reports: list[LoadReport | NegativesReport] = []
     train, report = (
@@ -124,12 +128,8 @@ def run_examples(
         else given_examples(train_examples, column_map=column_map, name="train_examples")
     )
     reports += [report] if report is not None else []
-    nothing_named = eval_examples is None and eval_data is None and eval_split is None
-    source = (
-        _given_share()
-        if train_examples is not None and nothing_named
-        else eval_source(train_data, eval_data, eval_split)
-    )
+    alone = train_examples is not None and eval_examples is None and eval_data is None and eval_split is None
+    source = _given_share() if alone else eval_source(train_data, eval_data, eval_split)
     train, evaluation, report, described, named = _evaluation_side(train, source, eval_examples, options)
     reports += [report] if report is not None else []
     sides, pools, calibration_off = _draw_sides(
@@ -147,6 +147,8 @@ def run_examples(
         reports += _add_negatives(sides, pools, negatives, seed=seed, eval_too=held_out_eval)
     calibration_off = _drop_thin_calibration(sides) or calibration_off
     found = {"reports": tuple(reports), "eval_described": described, "eval_data": named}
+    if named is None and train_examples is None and eval_examples is None:  # drawn by a rule: it can be again
+        found["eval_rule"] = {k: v for k, v in arguments.items() if k not in ("train_examples", "eval_examples")}
     return RunExamples(**sides, calibration_split=calibration_split, calibration_off=calibration_off, **found)
 
 

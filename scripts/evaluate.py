@@ -4,10 +4,15 @@ Examples:
   python scripts/evaluate.py runs/quick/final_model --data dev-v1.1
   accelerate launch --num_processes 2 scripts/evaluate.py runs/v2/best_model --data dev-v2.0 --out runs/v2/eval
 
+Without --data it scores the questions the model was evaluated on in training: the evaluation data recorded with
+it, or the share its run held out of the training data (drawn again by the recorded rule).
+
 Writes to --out (main process only): predictions.json (id -> answer, "" for no answer), nbest_predictions.json,
-null_odds.json (id -> no-answer score, for the official v2 script's --na-prob-file), scores.json. All are strict
-JSON: a score that does not exist (a context with no possible span) is null. The output folder is checked before
-any work, and an earlier evaluation is never overwritten unless --overwrite is given.
+null_odds.json (id -> no-answer score, for the official v2 script's --na-prob-file), questions.jsonl (one line per
+question, worst first: question, gold answers, prediction, its probability, EM, F1, what kind of error, and for v2
+the no-answer score and probability), scores.json (the metrics, and how many questions of each kind of error). All
+are strict JSON: a score that does not exist (a context with no possible span) is null. The output folder is checked
+before any work, and an earlier evaluation is never overwritten unless --overwrite is given.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from bertqa.cli import finite_float, output_folder, positive_int, run, script_pa
 
 logger = logging.getLogger("bertqa")
 
-RESULTS = ("predictions.json", "nbest_predictions.json", "null_odds.json", "scores.json")
+RESULTS = ("predictions.json", "nbest_predictions.json", "null_odds.json", "questions.jsonl", "scores.json")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -52,18 +57,57 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def recorded_eval_data(model_dir: str | Path, settings: dict[str, Any]) -> str:
-    """The evaluation data saved with a model (`bertqa.json`), to score it on the same questions again."""
+def recorded_eval_data(model_dir: str | Path, settings: dict[str, Any]) -> str | None:
+    """The evaluation data saved with a model (`bertqa.json`), to score it on the same questions again; None when
+    the run held its evaluation questions out of its training data by a rule recorded there (`eval_rule`)."""
     if not (Path(model_dir) / "bertqa.json").is_file():
         logger.info("%s has no bertqa.json: evaluating on dev-v1.1 (pass --data for other data)", model_dir)
         return "dev-v1.1"
-    if not settings.get("eval_data"):
-        raise ValueError(
-            f"{model_dir} records no evaluation data to use again (it was evaluated on held-out training data); "
-            "pass --data"
+    if settings.get("eval_data"):
+        logger.info("evaluating on %s, the evaluation data recorded with the model", settings["eval_data"])
+        return str(settings["eval_data"])
+    if settings.get("eval_rule"):
+        return None
+    raise ValueError(
+        f"{model_dir} records no evaluation data to use again (it was evaluated on examples passed to fit); pass --data"
+    )
+
+
+def load_eval_examples(
+    eval_data: str | None,
+    settings: dict[str, Any],
+    *,
+    answerable_only: bool,
+    max_examples: int | None,
+    seed: int,
+    column_map: str | None,
+) -> list[Any]:
+    """The questions to score: `eval_data`, or (None) the ones the run held out, drawn again by its recorded rule."""
+    from bertqa import sources
+
+    if eval_data is not None:
+        if column_map is None and eval_data == settings.get("eval_data"):  # the recorded data, read as in training
+            column_map = settings.get("column_map")
+        examples, report = sources.load_examples(
+            eval_data, answerable=answerable_only, max_examples=max_examples, seed=seed, column_map=column_map
         )
-    logger.info("evaluating on %s, the evaluation data recorded with the model", settings["eval_data"])
-    return str(settings["eval_data"])
+        logger.info("loaded %s", report.format())
+        for line in report.warnings:
+            logger.warning("%s", line)
+        return examples
+    rule = settings["eval_rule"]
+    examples = sources.run_examples(**rule).eval
+    share = rule.get("eval_split") or sources.DEFAULT_EVAL_SPLIT
+    logger.info(
+        "evaluating on the %d questions the run held out of %s (%.0f%%, seed %s), drawn again by the rule recorded "
+        "with the model",
+        len(examples),
+        rule["train_data"],
+        100 * share,
+        rule["seed"],
+    )
+    examples = sources.answerable_only(examples) if answerable_only else examples
+    return sources.subsample(examples, max_examples, seed=seed)
 
 
 def evaluate_model(
@@ -91,21 +135,15 @@ def evaluate_model(
     from bertqa.examples import is_v2
     from bertqa.inference import eval_batches, evaluate
     from bertqa.model import build_tokenizer
-    from bertqa.sources import load_examples
     from bertqa.training.runtime import make_accelerator, resolve_precision
 
     settings = load_settings(model_dir)
     eval_data = eval_data or recorded_eval_data(model_dir, settings)
     tokenizer = build_tokenizer(model_dir)
     accelerator = make_accelerator(mixed_precision=resolve_precision(precision_for(model_dir, mixed_precision)))
-    if column_map is None and eval_data == settings.get("eval_data"):  # the recorded data, read as in training
-        column_map = settings.get("column_map")
-    examples, report = load_examples(
-        eval_data, answerable=answerable_only, max_examples=max_examples, seed=seed, column_map=column_map
-    )
-    logger.info("loaded %s", report.format())
-    for line in report.warnings:
-        logger.warning("%s", line)
+    subset = {"answerable_only": answerable_only, "max_examples": max_examples, "seed": seed}
+    examples = load_eval_examples(eval_data, settings, column_map=column_map, **subset)
+    eval_data = eval_data or "the held-out share"
     features = tokenize_examples(examples, tokenizer, Window.from_dict(settings))
     # An exported model runs on ONNX Runtime in each process as it is: nothing of it for Accelerate to wrap.
     model = load_qa_model(model_dir) if is_exported(model_dir) else accelerator.prepare(load_qa_model(model_dir))
@@ -164,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging()
     from bertqa.model import check_model_folder
+    from bertqa.postprocess import error_summary, question_report
     from bertqa.training.reporting import dumps
 
     check_model_folder(args.model)  # before <model>/eval is made: a mistyped path must not become a folder
@@ -192,11 +231,23 @@ def main(argv: list[str] | None = None) -> int:
     write("predictions.json", {q: predictions[q].answer(threshold) for q in order})
     write("nbest_predictions.json", {q: [span._asdict() for span in predictions[q].spans()] for q in order})
     write("null_odds.json", {q: predictions[q].no_answer_score for q in order})
+    rows = question_report(examples, predictions, v2=threshold is not None, threshold=threshold)
+    (out / "questions.jsonl").write_text("".join(dumps(row, ensure_ascii=False) + "\n" for row in rows))
+    metrics["errors"] = error_summary(rows)
     write("scores.json", metrics)
+    logger.info("%s", describe_errors(metrics["errors"], len(rows)))
     shown = {k: round(v, 2) if isinstance(v, float) else v for k, v in metrics.items() if not k.startswith("eval_")}
     print(dumps(shown))
-    print(f"wrote predictions.json, nbest_predictions.json, null_odds.json, scores.json to {out}")
+    print(f"wrote {', '.join(RESULTS)} to {out}")
     return 0
+
+
+def describe_errors(counts: dict[str, int], total: int) -> str:
+    """The error summary as lines a person reads: how many questions of each kind, the largest first."""
+    from bertqa.postprocess import ERROR_KINDS
+
+    lines = [f"{n:>7,} {100 * n / max(total, 1):5.1f}%  {ERROR_KINDS[kind]}" for kind, n in counts.items() if n]
+    return "what the answers were (questions.jsonl lists each, worst first):\n" + "\n".join(sorted(lines, reverse=True))
 
 
 if __name__ == "__main__":

@@ -188,3 +188,52 @@ def test_a_span_two_windows_propose_is_listed_once_with_their_probabilities_adde
     assert probs[0] / null == pytest.approx(len(holding) * np.exp(8.0 - pred.null_score), rel=1e-5)
     assert pred.spans()[0].score == pytest.approx(8.0)
     assert sum(probs) + null == pytest.approx(1.0)
+
+
+def test_a_question_report_says_what_each_answer_was_worst_first():
+    from bertqa.postprocess import Prediction, error_summary, question_report
+
+    def ex(qid, answers):
+        return data.Example(
+            qid, "", "the cat sat on the mat", "q?", tuple(answers), tuple(0 for _ in answers), not answers
+        )
+
+    def pred(text, no_answer_score=-5.0):
+        return Prediction(text, 5.0, 0.0, no_answer_score, ((text, 5.0, 0, len(text)),))
+
+    examples = [
+        ex("right", ["the cat"]),
+        ex("part", ["cat sat"]),
+        ex("wrong", ["mat"]),
+        ex("none", []),
+        ex("missed", ["sat"]),
+        ex("quiet", []),
+    ]
+    predictions = {
+        "right": pred("the cat"),
+        "part": pred("cat"),
+        "wrong": pred("on"),
+        "none": pred("the cat"),
+        "missed": pred("sat", no_answer_score=3.0),
+        "quiet": pred("on", no_answer_score=3.0),
+    }
+    rows = question_report(examples, predictions, v2=True, threshold=0.0)
+    kinds = {row["id"]: row["kind"] for row in rows}
+    assert kinds == {
+        "right": "right",
+        "part": "partial_overlap",
+        "wrong": "wrong_span",
+        "none": "answered_unanswerable",
+        "missed": "no_answer_given",
+        "quiet": "right",
+    }
+    assert [row["f1"] for row in rows] == sorted(row["f1"] for row in rows)
+    missed = next(row for row in rows if row["id"] == "missed")
+    assert missed["prediction"] == "" and missed["probability"] == pytest.approx(missed["no_answer_probability"])
+    assert error_summary(rows) == {
+        "no_answer_given": 1,
+        "answered_unanswerable": 1,
+        "wrong_span": 1,
+        "partial_overlap": 1,
+        "right": 2,
+    }

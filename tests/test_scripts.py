@@ -386,3 +386,19 @@ def test_a_training_log_written_to_a_file_reads_as_plain_lines(tmp_path, tiny_di
     assert len(steps) >= 2 and len(steps) == len(set(steps))  # each evaluation said once
     assert re.search(r"INFO update \d+ of \d+ \(\d+%\): loss ", text)
     assert re.search(r"no-answer threshold .*, chosen on \d+ held-out questions: there it answers \d+ of", text)
+
+
+def test_evaluate_without_data_scores_the_share_the_run_held_out_to_the_digit(tmp_path, tiny_dir):
+    run = tmp_path / "run"
+    held_out = ["--train-data", "dev-v1.1", "--eval-split", "0.2", "--max-train-examples", "60"]
+    settings = SMALL[4:]  # all but the evaluation data, which is held out here
+    script("train.py", "--model", tiny_dir, *settings, *held_out, "--max-steps", "4", "--output-dir", run)
+    last = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][-1]
+    result = script("evaluate.py", run / "final_model", "--out", tmp_path / "eval")
+    assert "questions the run held out of dev-v1.1 (20%, seed 42), drawn again" in result.stderr
+    scores = json.loads((tmp_path / "eval" / "scores.json").read_text())
+    assert (scores["exact"], scores["f1"], scores["total"]) == (last["exact"], last["f1"], last["total"])
+    rows = [json.loads(line) for line in (tmp_path / "eval" / "questions.jsonl").read_text().splitlines()]
+    assert len(rows) == last["total"] and [r["f1"] for r in rows] == sorted(r["f1"] for r in rows)  # worst first
+    assert sum(scores["errors"].values()) == len(rows) and "what the answers were" in result.stderr
+    assert {"id", "question", "gold", "prediction", "probability", "exact", "f1", "kind"} <= set(rows[0])

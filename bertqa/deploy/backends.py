@@ -38,6 +38,7 @@ DEFAULT_SETTINGS: dict[str, Any] = {
     "no_answer_threshold": None,
     "threshold_calibrated_on": None,  # v2 models: where the threshold was chosen ({"source", "questions"})
     "eval_data": None,
+    "eval_rule": None,  # a held-out evaluation share: the `run_examples` arguments that draw it again
     "column_map": None,
     "export": None,  # exported folders: format, quantization and the parity check (`bertqa.deploy.export`)
 }

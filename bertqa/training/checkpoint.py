@@ -311,6 +311,7 @@ def model_meta(
     threshold is chosen."""
     meta = {**window.to_dict(), "max_answer_length": max_answer_length, "v2": examples.v2}
     meta["eval_data"] = examples.eval_data  # None: a held-out share or examples passed in cannot be named again
+    meta["eval_rule"] = examples.eval_rule  # a held-out share: how `evaluate.py` draws the same questions again
     meta["column_map"] = column_map
     if examples.v2 and examples.calibration_off is not None:
         meta["threshold_calibrated_on"] = {
