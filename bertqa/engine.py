@@ -197,7 +197,7 @@ def fit(
     """
     c = config
     with setup.run_context() as signals:
-        setup.refuse_bad_settings(c, model=model, tokenizer=tokenizer, compute_loss=compute_loss)
+        setup.refuse_bad_settings(c, model=model, tokenizer=tokenizer, compute_loss=compute_loss, hooks=hooks)
         resume_from, record = setup.resume_point(c)
         accelerator = setup.make_accelerator(c)
         tokenizer = setup.load_tokenizer(c, model=model, tokenizer=tokenizer)
@@ -225,5 +225,5 @@ def fit(
             raise setup.interrupted(run, stop) from None
         finally:  # an error's one line then starts on a line of its own, not after the bar
             run.recorder.bar.close()
-        accelerator.end_training()
+        setup.finish(run)
     return {**summary, "label_report": data.labels, "output_dir": str(Path(c.output_dir))}

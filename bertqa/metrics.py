@@ -16,7 +16,9 @@ from collections.abc import Mapping, Sequence
 
 __all__ = [
     "best_threshold",
+    "calibration_bins",
     "exact_match",
+    "expected_calibration_error",
     "f1_score",
     "normalize_answer",
     "question_scores",
@@ -195,3 +197,30 @@ def best_threshold(
         if last_of_tie and total >= best - 1e-9:
             best, best_thresh = total, na[qid]
     return 100 * best / len(scores), best_thresh
+
+
+def calibration_bins(
+    confidences: Sequence[float], outcomes: Sequence[bool], *, bins: int = 10
+) -> list[dict[str, float]]:
+    """Reliability of a stated probability: the questions in `bins` equal-width bins of `confidences` (0 to 1; 1
+    falls in the last), each bin's range, count, mean confidence and the share of its `outcomes` that came true."""
+    if len(confidences) != len(outcomes):
+        raise ValueError(f"{len(confidences)} confidences for {len(outcomes)} outcomes")
+    table = []
+    for b in range(bins):
+        low, high = b / bins, (b + 1) / bins
+        inside = [(c, o) for c, o in zip(confidences, outcomes) if low <= c < high or (b == bins - 1 and c == high)]
+        n = len(inside)
+        mean = sum(c for c, _ in inside) / n if n else 0.0
+        hits = sum(o for _, o in inside) / n if n else 0.0
+        table.append({"low": low, "high": high, "count": n, "confidence": mean, "accuracy": hits})
+    return table
+
+
+def expected_calibration_error(table: Sequence[Mapping[str, float]]) -> float:
+    """The expected calibration error of a `calibration_bins` table: the gap between confidence and accuracy,
+    averaged over the questions (each bin weighted by its count); 0 is a probability that means what it says."""
+    total = sum(row["count"] for row in table)
+    if not total:
+        raise ValueError("no probabilities to measure")
+    return sum(row["count"] * abs(row["accuracy"] - row["confidence"]) for row in table) / total

@@ -17,13 +17,21 @@ from typing import NamedTuple
 import numpy as np
 
 from bertqa.data import Example, Features
-from bertqa.metrics import question_scores, squad_v1_scores, squad_v2_scores
+from bertqa.metrics import (
+    calibration_bins,
+    expected_calibration_error,
+    question_scores,
+    squad_v1_scores,
+    squad_v2_scores,
+)
 
 __all__ = [
     "ERROR_KINDS",
+    "STATED",
     "Prediction",
     "Span",
     "best_spans",
+    "confidence",
     "error_summary",
     "pad_offsets",
     "postprocess",
@@ -294,3 +302,27 @@ def error_summary(rows: Sequence[dict[str, object]]) -> dict[str, int]:
     for row in rows:
         counts[str(row["kind"])] += 1
     return counts
+
+
+# What each probability of an answer states, as the chance of what.
+STATED = {
+    "probability": "the answer given is exactly right",
+    "no_answer_probability": "the question has no answer",
+}
+
+
+def confidence(rows: Sequence[dict[str, object]], *, bins: int = 10) -> dict[str, dict[str, object]]:
+    """How far each probability of a `question_report` can be trusted: per probability (`STATED`), its expected
+    calibration error over `bins` bins, the bins themselves, and how many questions stated it."""
+    outcomes = {
+        "probability": lambda row: row["exact"] == 1.0,
+        "no_answer_probability": lambda row: not row["gold"],
+    }
+    out: dict[str, dict[str, object]] = {}
+    for name, came_true in outcomes.items():
+        stated = [row for row in rows if row.get(name) is not None]
+        if not stated:
+            continue
+        table = calibration_bins([float(row[name]) for row in stated], [came_true(row) for row in stated], bins=bins)
+        out[name] = {"ece": expected_calibration_error(table), "questions": len(stated), "bins": table}
+    return out

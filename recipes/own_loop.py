@@ -98,10 +98,11 @@ def train(a: argparse.Namespace) -> list[dict]:
     if a.log_json and accelerator.is_main_process:
         with open(a.log_json, "w") as f:
             json.dump(log, f)
-    # As fit does: the process group is shut down here, not left to the interpreter's exit, where a gloo group
-    # aborts the process about half the time ("terminate called without an active exception"). On an error,
-    # `bertqa.cli.run` shuts it down.
-    accelerator.end_training()
+    # As fit does: the prepared (DistributedDataParallel) model is let go and the process group shut down here, not
+    # left to the interpreter's exit, where either aborts the process about half the time ("terminate called
+    # without an active exception"). On an error, `bertqa.cli.run` shuts the group down.
+    model = optimizer = None
+    runtime.end_processes(accelerator)
     return log
 
 

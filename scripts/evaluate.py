@@ -27,7 +27,14 @@ from bertqa.cli import finite_float, output_folder, positive_int, run, script_pa
 
 logger = logging.getLogger("bertqa")
 
-RESULTS = ("predictions.json", "nbest_predictions.json", "null_odds.json", "questions.jsonl", "scores.json")
+RESULTS = (
+    "predictions.json",
+    "nbest_predictions.json",
+    "null_odds.json",
+    "questions.jsonl",
+    "scores.json",
+    "reliability.png",
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -146,7 +153,10 @@ def evaluate_model(
     eval_data = eval_data or "the held-out share"
     features = tokenize_examples(examples, tokenizer, Window.from_dict(settings))
     # An exported model runs on ONNX Runtime in each process as it is: nothing of it for Accelerate to wrap.
-    model = load_qa_model(model_dir) if is_exported(model_dir) else accelerator.prepare(load_qa_model(model_dir))
+    # A model that only predicts needs no DistributedDataParallel wrapper, which would also have to be let go of
+    # before the process group is shut down.
+    model = load_qa_model(model_dir)
+    model = model if is_exported(model_dir) else accelerator.prepare_model(model, evaluation_mode=True)
     # As in training: a v2 model is scored as v2 on any data (its "no answer" counts), v2 data with any model.
     data_v2, model_v2 = is_v2(examples), bool(settings["v2"])
     v2 = data_v2 or model_v2
@@ -202,8 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging()
     from bertqa.model import check_model_folder
-    from bertqa.postprocess import error_summary, question_report
-    from bertqa.training.reporting import dumps
+    from bertqa.postprocess import STATED, confidence, error_summary, question_report
+    from bertqa.training.reporting import dumps, plot_reliability
 
     check_model_folder(args.model)  # before <model>/eval is made: a mistyped path must not become a folder
     out = output_folder(args.out, Path(args.model) / "eval", overwrite=args.overwrite, results=RESULTS)
@@ -233,10 +243,15 @@ def main(argv: list[str] | None = None) -> int:
     write("null_odds.json", {q: predictions[q].no_answer_score for q in order})
     rows = question_report(examples, predictions, v2=threshold is not None, threshold=threshold)
     (out / "questions.jsonl").write_text("".join(dumps(row, ensure_ascii=False) + "\n" for row in rows))
-    metrics["errors"] = error_summary(rows)
+    metrics["errors"], metrics["confidence"] = error_summary(rows), confidence(rows)
     write("scores.json", metrics)
     logger.info("%s", describe_errors(metrics["errors"], len(rows)))
+    logger.info("%s", describe_confidence(metrics["confidence"]))
+    plot_reliability(
+        {f"{name}: {STATED[name]}": c["bins"] for name, c in metrics["confidence"].items()}, out / "reliability.png"
+    )
     shown = {k: round(v, 2) if isinstance(v, float) else v for k, v in metrics.items() if not k.startswith("eval_")}
+    shown["confidence"] = {f"{name}_ece": round(c["ece"], 3) for name, c in metrics["confidence"].items()}
     print(dumps(shown))
     print(f"wrote {', '.join(RESULTS)} to {out}")
     return 0
@@ -248,6 +263,25 @@ def describe_errors(counts: dict[str, int], total: int) -> str:
 
     lines = [f"{n:>7,} {100 * n / max(total, 1):5.1f}%  {ERROR_KINDS[kind]}" for kind, n in counts.items() if n]
     return "what the answers were (questions.jsonl lists each, worst first):\n" + "\n".join(sorted(lines, reverse=True))
+
+
+def describe_confidence(confidence: dict[str, dict[str, Any]]) -> str:
+    """Each probability's expected calibration error and bins, as lines a person reads."""
+    from bertqa.postprocess import STATED
+
+    lines = []
+    for name, c in confidence.items():
+        lines.append(
+            f"{name} (the chance that {STATED[name]}): expected calibration error {c['ece']:.3f} over "
+            f"{c['questions']:,} questions (0: it means what it says)"
+        )
+        lines += [
+            f"  {row['low']:.1f}-{row['high']:.1f}: {row['count']:>6,} questions, stated {row['confidence']:.2f}, "
+            f"right {row['accuracy']:.2f}"
+            for row in c["bins"]
+            if row["count"]
+        ]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

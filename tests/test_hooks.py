@@ -79,9 +79,9 @@ def test_a_hook_stops_the_run_which_ends_as_usual_and_names_the_hook(tmp_path, t
     summary = engine.fit(config, model=tiny(), hooks=[StopAt(4)])
     assert summary["steps"] == 4 and summary["stopped_early"] == "StopTraining from StopAt"
     assert summary["final"]["step"] == 4  # evaluated where it stopped
-    events = Events()  # resumed, it stays stopped: it starts, trains nothing, keeps its stop in a checkpoint, ends
+    events = Events()  # resumed, it stays stopped: it starts, trains nothing, saves nothing new, ends
     again = engine.fit(config.replace(resume="latest"), model=tiny(), hooks=[events])
-    assert again["steps"] == 4 and [kind for kind, _ in events.seen] == ["resume", "start", "save", "end"]
+    assert again["steps"] == 4 and [kind for kind, _ in events.seen] == ["resume", "start", "end"]
 
 
 class LossWatch(Hook):
@@ -232,3 +232,98 @@ def test_a_hooks_state_survives_a_kill(tmp_path, tiny):
     assert resumed.average == pytest.approx(straight.average, rel=1e-5)
     assert [s for s, _ in resumed.norms] == [s for s, _ in straight.norms]
     assert [n for _, n in resumed.norms] == pytest.approx([n for _, n in straight.norms], rel=1e-4)
+
+
+class StopOnSave(Hook):
+    def on_save(self, run, folder):
+        if run.state.step == 2:
+            raise StopTraining("enough")
+
+
+class StopOnResume(Hook):
+    def on_resume(self, run, checkpoint):
+        raise StopTraining("stopped on resume")
+
+
+def test_a_stop_from_a_save_or_a_resume_is_kept_in_the_checkpoint(tmp_path, tiny):
+    settings = dict(max_steps=6, save_every_steps=2)
+    events = Events()
+    stopped = engine.fit(tiny_config(tmp_path / "a", **settings), model=tiny(), hooks=[StopOnSave(), events])
+    assert (stopped["steps"], stopped["stopped_early"]) == (2, "enough")
+    saves = [step for kind, step in events.seen if kind == "save"]
+    assert saves == [2, 2]  # the periodic one, then again with its stop (each told once per write)
+    again = engine.fit(tiny_config(tmp_path / "a", resume="latest", **settings), model=tiny())
+    assert (again["steps"], again["stopped_early"]) == (2, "enough")  # stays stopped
+    with pytest.raises(Crash):
+        engine.fit(tiny_config(tmp_path / "b", **settings), model=tiny(), callbacks=[crash_at(3)])
+    engine.fit(tiny_config(tmp_path / "b", resume="latest", **settings), model=tiny(), hooks=[StopOnResume()])
+    again = engine.fit(tiny_config(tmp_path / "b", resume="latest", **settings), model=tiny())
+    assert (again["steps"], again["stopped_early"]) == (2, "stopped on resume")
+
+
+def test_each_checkpoint_is_told_once(tmp_path, tiny):
+    events = Events()
+    summary = engine.fit(tiny_config(tmp_path, max_steps=8, save_every_steps=4), model=tiny(), hooks=[events])
+    assert summary["steps"] == 8 and [s for kind, s in events.seen if kind == "save"] == [4, 8]
+
+
+class Unsaveable(Hook):
+    def state_dict(self):
+        return {"rows": (i for i in range(3))}  # a generator cannot be pickled
+
+
+class Failing(Hook):
+    def state_dict(self):
+        raise RuntimeError("state could not be built")
+
+
+@pytest.mark.parametrize("hook", [Unsaveable(), Failing()])
+def test_a_hook_whose_state_cannot_be_saved_is_named(tmp_path, tiny, hook):
+    with pytest.raises(TypeError, match=rf"hook {type(hook).__name__}: its state_dict\(\) cannot be saved"):
+        engine.fit(tiny_config(tmp_path, max_steps=4, save_every_steps=2), model=tiny(), hooks=[hook])
+    assert not list((tmp_path / "run" / "checkpoints").glob("*.tmp"))
+
+
+def test_what_is_not_a_hook_is_refused_before_anything_is_written(tmp_path, tiny):
+    config = tiny_config(tmp_path, max_steps=2)
+    with pytest.raises(TypeError, match=r"hooks\[0\] is the class LossWatch: pass an instance, LossWatch\(\)"):
+        engine.fit(config, model=tiny(), hooks=[LossWatch])
+    with pytest.raises(TypeError, match=r"hooks\[1\] is function, .* goes in callbacks="):
+        engine.fit(config, model=tiny(), hooks=[LossWatch(), lambda update: None])
+    assert not (tmp_path / "run" / "config.json").exists()
+
+
+class Shorten(Hook):
+    def on_update(self, run, update):
+        if update.step == 4:
+            run.total_steps = 5
+
+
+class StopAtEnd(Hook):
+    def on_end(self, run, summary):
+        raise StopTraining("too late")
+
+
+def test_a_hook_that_lowers_total_steps_ends_the_run_there_and_a_stop_at_the_end_is_ignored(tmp_path, tiny, caplog):
+    with caplog.at_level(logging.WARNING, logger="bertqa"):
+        summary = engine.fit(tiny_config(tmp_path, max_steps=8), model=tiny(), hooks=[Shorten(), StopAtEnd()])
+    assert summary["steps"] == 5 and summary["final"]["step"] == 5 and summary["stopped_early"] is None
+    assert "StopTraining from StopAtEnd.on_end is ignored: the run had ended" in caplog.text
+
+
+def test_early_stopping_never_stops_a_run_at_its_final_evaluation():
+    # A time budget may plan fewer evaluations than early stopping needs (it warns): the evaluation after the last
+    # update can then be the one that would end the run. It has nothing left to stop.
+    from types import SimpleNamespace
+
+    from bertqa.engine import EarlyStopping, TrainState
+
+    state = TrainState(step=6)
+    stopper = EarlyStopping(state, patience=1)
+    run = SimpleNamespace(state=state, total_steps=6)
+    stopper.on_evaluate(run, {"step": 6, "f1": 5.0})
+    stopper.on_evaluate(run, {"step": 6, "f1": 4.0})  # no gain, patience used up: still no stop at the end
+    run.total_steps = 10
+    stopper.on_evaluate(run, {"step": 6, "f1": 5.0})
+    with pytest.raises(StopTraining):
+        stopper.on_evaluate(run, {"step": 6, "f1": 4.0})

@@ -221,3 +221,21 @@ def test_scores_equal_the_per_answer_definitions_on_real_answers():
     f1_v2 = [max(f1_score(preds[q], a, v2=True) for a in (g or [""])) for q, g in golds.items()]
     assert v2["f1"] == pytest.approx(100 * sum(f1_v2) / len(f1_v2))
     assert 0 < v1["exact"] < v1["f1"] < 100
+
+
+def test_the_expected_calibration_error_by_hand():
+    from bertqa.metrics import calibration_bins, expected_calibration_error
+
+    # Bin 0.7-0.8: stated 0.75 twice, one came true (0.5). Bin 0.2-0.3: stated 0.25 twice, neither came true.
+    table = calibration_bins([0.75, 0.75, 0.25, 0.25], [True, False, False, False])
+    filled = [row for row in table if row["count"]]
+    assert [(row["low"], row["count"], row["confidence"], row["accuracy"]) for row in filled] == [
+        pytest.approx((0.2, 2, 0.25, 0.0)),
+        pytest.approx((0.7, 2, 0.75, 0.5)),
+    ]
+    assert expected_calibration_error(table) == pytest.approx((2 * 0.25 + 2 * 0.25) / 4)
+    # Stated as they come true: no error; 1.0 lands in the last bin.
+    exact = calibration_bins([1.0, 1.0, 0.0, 0.0], [True, True, False, False])
+    assert expected_calibration_error(exact) == 0.0 and exact[-1]["count"] == 2
+    with pytest.raises(ValueError, match="no probabilities"):
+        expected_calibration_error(calibration_bins([], []))

@@ -402,3 +402,6 @@ def test_evaluate_without_data_scores_the_share_the_run_held_out_to_the_digit(tm
     assert len(rows) == last["total"] and [r["f1"] for r in rows] == sorted(r["f1"] for r in rows)  # worst first
     assert sum(scores["errors"].values()) == len(rows) and "what the answers were" in result.stderr
     assert {"id", "question", "gold", "prediction", "probability", "exact", "f1", "kind"} <= set(rows[0])
+    ece = scores["confidence"]["probability"]["ece"]
+    assert 0 <= ece <= 1 and (tmp_path / "eval" / "reliability.png").stat().st_size > 1000
+    assert f"expected calibration error {ece:.3f} over {len(rows)} questions" in result.stderr

@@ -168,12 +168,14 @@ def save_checkpoint(
     keep: int,
     config: dict[str, Any] | None = None,
     optimizer_state: bool = True,
+    replace: bool = False,
 ) -> Path:
     """Save the full training state (model, optimizer, registered objects, RNG) atomically, with the run config and
     a manifest; then keep the newest `keep` intact checkpoints and remove the rest. Without `optimizer_state` the
-    optimizer is left out (a third of the size for AdamW; a resume from it starts the optimizer afresh)."""
+    optimizer is left out (a third of the size for AdamW; a resume from it starts the optimizer afresh). An intact
+    checkpoint of the same update is kept as it is, unless `replace` (the state changed since: a stop)."""
     final = checkpoint_dir(output_dir, step)
-    if final.is_dir() and verify(final, hashes=False) is None:
+    if not replace and final.is_dir() and verify(final, hashes=False) is None:
         return final  # this update is already saved (e.g. a periodic save that fell on an epoch end)
     tmp = final.with_name(final.name + ".tmp")
     previous = latest_checkpoint(output_dir)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import math
+import pickle
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -112,7 +113,9 @@ class Hooks:
             try:
                 getattr(hook, event)(*args)
             except StopTraining as stop:
-                if state.stop_reason is None:
+                if event == "on_end":  # nothing is left to stop
+                    logger.warning("StopTraining from %s.on_end is ignored: the run had ended", type(hook).__name__)
+                elif state.stop_reason is None:
                     state.stop_reason = str(stop) or f"StopTraining from {type(hook).__name__}"
                     logger.info("stopping after update %d: %s", state.step, state.stop_reason)
 
@@ -148,7 +151,22 @@ class Hooks:
         return keyed
 
     def state_dict(self) -> dict[str, Any]:
-        return {key: state for key, hook in self._keyed() if (state := hook.state_dict()) is not None}
+        """Each hook's state, checked to be picklable: a hook whose state cannot be saved is named before a
+        checkpoint is attempted."""
+        states = {}
+        for key, hook in self._keyed():
+            try:
+                state = hook.state_dict()
+                if state is not None:
+                    pickle.dumps(state)
+            except Exception as err:
+                raise TypeError(
+                    f"hook {key}: its state_dict() cannot be saved in a checkpoint ({type(err).__name__}: {err}); "
+                    "return plain values (numbers, strings, lists, dicts, tensors, arrays)"
+                ) from err
+            if state is not None:
+                states[key] = state
+        return states
 
     def load_state_dict(self, states: Mapping[str, Any]) -> None:
         for key, hook in self._keyed():
@@ -159,7 +177,8 @@ class Hooks:
 @dataclass
 class Run:
     """A training run as its hooks see it: the prepared pieces, where it stands, and what it can do. `total_steps`,
-    `per_epoch` and `warmup_steps` may change while it runs (a time budget plans them)."""
+    `per_epoch` and `warmup_steps` may change while it runs (a time budget plans them; a hook that lowers
+    `total_steps` ends the run there, its LR schedule as it was)."""
 
     accelerator: Accelerator
     model: torch.nn.Module
@@ -181,6 +200,8 @@ class Run:
     timing: bool = False  # a time budget's warm-up is being timed: nothing else is to run between its updates
     finished: bool = False  # the loop is over: what follows is the end of the run
     train_time_s: float = 0.0
+    saved: tuple[int, str | None] | None = None  # (update, stop) the latest checkpoint holds
+    saved_folder: Path | None = None  # and where it is
 
     def train_pass(self, batches: Iterable[Any] | None = None, *, max_steps: int | None = None) -> dict[str, float]:
         """One pass of `train_one_epoch` from where the run stands (to `max_steps`, default the run's end), its
@@ -194,6 +215,8 @@ class Run:
 
     def _updated(self, update: Update) -> None:
         self.hooks.update(self, update)
+        if self.total_steps < (self.state.end_step or math.inf):  # a hook shortened the run: this pass ends there
+            self.state.end_step = self.total_steps
 
     def evaluate(self, **train_stats: float) -> dict[str, Any]:
         """Evaluate now (the v2 threshold calibrated first), record it, keep the best model; tell the hooks."""
@@ -201,10 +224,24 @@ class Run:
         self.hooks.evaluate(self, record)
         return record
 
-    def save(self) -> Path:
-        """Write a checkpoint of the update the run is at; tell the hooks."""
-        folder = self.checkpoint(self.state.step)
+    def save(self) -> Path | None:
+        """Write a checkpoint of the update the run is at (with the hooks' states) and tell the hooks; None when the
+        latest checkpoint already holds this update and its stop."""
+        if self.saved == (self.state.step, self.state.stop_reason):
+            return None
+        folder = self.write_checkpoint()
         self.hooks.save(self, folder)
+        return folder
+
+    def write_checkpoint(self) -> Path:
+        """The checkpoint itself, the hooks not told (a run stopping at a signal): the latest one when it holds this
+        update and stop already; one of the same update is replaced when the run's stop changed since."""
+        if self.saved == (self.state.step, self.state.stop_reason) and self.saved_folder is not None:
+            return self.saved_folder
+        self.state.hooks = self.hooks.state_dict()
+        replace = self.saved is not None and self.saved[0] == self.state.step
+        folder = self.checkpoint(self.state.step, replace=replace)
+        self.saved, self.saved_folder = (self.state.step, self.state.stop_reason), folder
         return folder
 
     def final_evaluation(self) -> dict[str, Any]:
@@ -366,7 +403,8 @@ class EarlyStopping(Hook):
         return cls(state, patience=patience, min_delta=min_delta)
 
     def on_evaluate(self, run: Run, record: Mapping[str, Any]) -> None:
-        self(record)
+        if run.state.step < run.total_steps:  # the evaluation after the last update has nothing left to stop
+            self(record)
 
     def __call__(self, record: Mapping[str, Any]) -> None:
         if self.metric not in record:

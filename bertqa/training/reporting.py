@@ -13,7 +13,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ __all__ = [
     "jsonable",
     "log_plan",
     "plot_curves",
+    "plot_reliability",
     "process_rank",
     "read_json",
     "read_jsonl",
@@ -301,6 +302,37 @@ def plot_curves(train_log: str | Path, eval_log: str | Path, out: str | Path, *,
         axes[2].legend()
     if title:
         fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return Path(out)
+
+
+def plot_reliability(tables: Mapping[str, Sequence[Mapping[str, float]]], out: str | Path) -> Path | None:
+    """A reliability diagram per table (`bertqa.metrics.calibration_bins`, by what its probability states): each
+    bin's accuracy against its mean confidence, on the diagonal when the probability means what it says, with the
+    questions per bin below. None when matplotlib is missing."""
+    try:
+        import matplotlib
+    except ImportError:
+        logger.warning("matplotlib is not installed, so %s was not drawn (pip install matplotlib)", out)
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, len(tables), figsize=(5 * len(tables), 6), squeeze=False, height_ratios=(3, 1))
+    for col, (name, table) in enumerate(tables.items()):
+        top, bottom = axes[0][col], axes[1][col]
+        centres = [(row["low"] + row["high"]) / 2 for row in table]
+        width = table[0]["high"] - table[0]["low"]
+        filled = [row for row in table if row["count"]]
+        top.bar(centres, [row["accuracy"] for row in table], width=width * 0.9, alpha=0.7, label="accuracy")
+        top.plot([r["confidence"] for r in filled], [r["accuracy"] for r in filled], "o", color="k", label="bins")
+        top.plot([0, 1], [0, 1], "--", color="tab:red", label="perfectly calibrated")
+        top.set(xlim=(0, 1), ylim=(0, 1), ylabel="share right", title=name)
+        top.legend(loc="upper left")
+        bottom.bar(centres, [row["count"] for row in table], width=width * 0.9, color="tab:gray")
+        bottom.set(xlim=(0, 1), xlabel="stated probability", ylabel="questions")
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)

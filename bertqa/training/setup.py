@@ -56,6 +56,8 @@ __all__ = [
     "build_loss",
     "build_model",
     "build_run",
+    "check_hooks",
+    "finish",
     "interrupted",
     "load_data",
     "load_tokenizer",
@@ -76,10 +78,15 @@ def run_context() -> Iterator[SignalCatcher]:
         yield signals
 
 
-def refuse_bad_settings(c: TrainConfig, *, model: Any, tokenizer: Any, compute_loss: LossFn) -> None:
+def refuse_bad_settings(
+    c: TrainConfig, *, model: Any, tokenizer: Any, compute_loss: LossFn, hooks: Sequence[Any] = ()
+) -> None:
     """What can be refused before the output folder is touched: a misspelt model folder, a time budget that is not
-    a duration, a teacher beside a loss of one's own or inside a folder --overwrite would clear."""
+    a duration, a teacher beside a loss of one's own or inside a folder --overwrite would clear, hooks that are
+    not hooks."""
     from bertqa.model import resolve_model
+
+    check_hooks(hooks)
 
     if model is None or tokenizer is None:
         resolve_model(c.model)
@@ -316,7 +323,6 @@ def build_hooks(
         made.append(_time_budget(c, run))
     made.append(Signals(signals))
     run.hooks = Hooks(made)
-    run.state.attach(run.hooks)
     return run.hooks
 
 
@@ -386,6 +392,9 @@ def _resume(run: Run, folder: Path) -> None:
     """Load the checkpoint (the hooks' states with it), let the hooks act on it, and put back the run's own
     hyperparameters; a stop is lifted when the settings that decide the computation were changed."""
     checkpoint.load_checkpoint(run.accelerator, folder)
+    run.hooks.load_state_dict(run.state.hooks)
+    # What the checkpoint holds: saving it again would add nothing.
+    run.saved, run.saved_folder = (run.state.step, run.state.stop_reason), folder
     run.hooks.resume(run, folder)
     optim.restore_hyperparameters(run.optimizer, run.scheduler, run.hyperparameters)
     state = run.state
@@ -442,6 +451,24 @@ def _evaluator(c: TrainConfig, run: Run, data: Data, signals: SignalCatcher, *, 
     )
 
 
+def check_hooks(hooks: Sequence[Any]) -> None:
+    """Refuse what is not a hook before anything is written: a class where an instance was meant, a function that
+    belongs in `callbacks=`."""
+    for i, hook in enumerate(hooks):
+        if isinstance(hook, Hook):
+            continue
+        if isinstance(hook, type) and issubclass(hook, Hook):
+            raise TypeError(f"hooks[{i}] is the class {hook.__name__}: pass an instance, {hook.__name__}()")
+        hint = "; a function of each Update goes in callbacks=" if callable(hook) else ""
+        raise TypeError(f"hooks[{i}] is {type(hook).__name__}, not a bertqa.engine.Hook{hint}")
+
+
+def finish(run: Run) -> None:
+    """End the run's use of its processes (`runtime.end_processes`), its prepared model let go first."""
+    run.model = run.one_pass = None  # the DistributedDataParallel wrapper of a launched run, and what holds it
+    runtime.end_processes(run.accelerator)
+
+
 def interrupted(run: Run, stop: Interrupted) -> Interrupted:
     """A run stopped by a signal: a checkpoint of the update it finished, a line in metrics.jsonl, the curves so
     far; the `Interrupted` to raise names the checkpoint. A second signal (`stop.at_once`) is raised as it is: the
@@ -449,9 +476,9 @@ def interrupted(run: Run, stop: Interrupted) -> Interrupted:
     if stop.at_once:
         return stop
     state = run.state
-    folder = run.checkpoint(state.step)
+    folder = run.write_checkpoint()
     reason = f"interrupted by {signal_name(stop.signum)}"
     run.recorder.log_stop(step=state.step, epoch=state.epoch, reason=reason, key="interrupted")
     run.recorder.finish(title=f"bertqa: {run.record['model']}")
-    run.accelerator.end_training()
+    finish(run)
     return Interrupted(stop.signum, step=state.step, total_steps=run.total_steps, checkpoint=folder)

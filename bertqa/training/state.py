@@ -73,25 +73,15 @@ class TrainState:
     # The update the run ends at, when a callback moved it earlier than the loop was told (a time budget's run that
     # fell behind); `train_one_epoch` stops there
     end_step: int | None = None
-    # The hooks' own states (`Hook.state_dict()`, by hook), read as each checkpoint is written
+    # The hooks' own states (`Hook.state_dict()`, by hook), read just before each checkpoint is written
     hooks: dict[str, Any] = field(default_factory=dict)
-    _hooks: Any = field(default=None, repr=False, compare=False)  # what `attach` gave: not saved
-
-    def attach(self, hooks: Any) -> None:
-        """Save `hooks`' states with this state (`hooks.state_dict()`, called as each checkpoint is written) and
-        give them back when a checkpoint is loaded (`hooks.load_state_dict(...)`)."""
-        self._hooks = hooks
 
     def state_dict(self) -> dict[str, Any]:
-        if self._hooks is not None:
-            self.hooks = self._hooks.state_dict()
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "_hooks"}
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for key, value in state.items():  # a checkpoint from before a field existed keeps that field's default
             setattr(self, key, value)
-        if self._hooks is not None:
-            self._hooks.load_state_dict(self.hooks)
 
 
 def notify(observers: Iterable[Callable[[Any], None]], event: Any, state: TrainState) -> None:
