@@ -146,7 +146,7 @@ def train(run: Run) -> dict[str, Any]:
     decide what happens around them (evaluations, checkpoints, records, the time budget's warm-up and plan)."""
     state, t0 = run.state, time.perf_counter()
     run.hooks.start(run)
-    while state.step < run.total_steps and state.stop_reason is None:
+    while state.step < run.end and state.stop_reason is None:
         stats = run.train_pass()
         run.order.end_pass(state)
         run.hooks.pass_end(run, stats)

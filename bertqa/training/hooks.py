@@ -202,11 +202,18 @@ class Run:
     train_time_s: float = 0.0
     saved: tuple[int, str | None] | None = None  # (update, stop) the latest checkpoint holds
     saved_folder: Path | None = None  # and where it is
+    pass_end: int = 0  # the update the pass in progress was told to end at
+
+    @property
+    def end(self) -> int:
+        """The update the run ends at: `total_steps`, or sooner where the run was shortened (`TrainState.end_step`)."""
+        return self.total_steps if self.state.end_step is None else min(self.total_steps, self.state.end_step)
 
     def train_pass(self, batches: Iterable[Any] | None = None, *, max_steps: int | None = None) -> dict[str, float]:
         """One pass of `train_one_epoch` from where the run stands (to `max_steps`, default the run's end), its
         updates told to the hooks and its log points recorded."""
         batches = self.order.batches(self.accelerator, self.state) if batches is None else batches
+        self.pass_end = max_steps or self.total_steps
         stats = self.one_pass(
             batches, max_steps=max_steps or self.total_steps, callbacks=[self._updated], on_log=self.recorder.log_train
         )
@@ -215,8 +222,8 @@ class Run:
 
     def _updated(self, update: Update) -> None:
         self.hooks.update(self, update)
-        if self.total_steps < (self.state.end_step or math.inf):  # a hook shortened the run: this pass ends there
-            self.state.end_step = self.total_steps
+        if self.total_steps < self.pass_end:  # a hook shortened the run: this pass (and the run) ends there
+            self.state.end_step = self.pass_end = self.total_steps
 
     def evaluate(self, **train_stats: float) -> dict[str, Any]:
         """Evaluate now (the v2 threshold calibrated first), record it, keep the best model; tell the hooks."""
