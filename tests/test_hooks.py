@@ -320,10 +320,10 @@ def test_early_stopping_never_stops_a_run_at_its_final_evaluation():
 
     state = TrainState(step=6)
     stopper = EarlyStopping(state, patience=1)
-    run = SimpleNamespace(state=state, total_steps=6)
+    run = SimpleNamespace(state=state, end=6)  # where the run ends
     stopper.on_evaluate(run, {"step": 6, "f1": 5.0})
     stopper.on_evaluate(run, {"step": 6, "f1": 4.0})  # no gain, patience used up: still no stop at the end
-    run.total_steps = 10
+    run.end = 10
     stopper.on_evaluate(run, {"step": 6, "f1": 5.0})
     with pytest.raises(StopTraining):
         stopper.on_evaluate(run, {"step": 6, "f1": 4.0})

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from bertqa.config import format_duration, parse_duration
-from bertqa.training.hooks import Hook
+from bertqa.training.hooks import Hook, count_evaluations
 from bertqa.training.optim import evaluations_between, reschedule
 from bertqa.training.state import StopTraining
 
@@ -493,7 +493,6 @@ class TimeBudget(Hook):
         self.deadline = Deadline(
             state, budget_s=spec.budget_s, eval_every=spec.eval_every, slowest=slowest, check_every=check_every
         )
-        self.run: Any = None
 
     def on_resume(self, run: Any, checkpoint: Any) -> None:
         saved = run.state.budget_plan
@@ -570,10 +569,13 @@ class TimeBudget(Hook):
     def _warn_patience(self, plan: BudgetPlan) -> None:
         if self.patience is None:
             return
-        evaluations = evaluations_between(
-            0, plan.total_steps, per_epoch=plan.per_epoch, eval_every=self.spec.eval_every
+        evaluations = count_evaluations(
+            total=plan.total_steps,
+            per_epoch=plan.per_epoch,
+            eval_every=self.spec.eval_every,
+            eval_first=self.eval_first,
         )
-        if evaluations - 1 + self.eval_first < self.patience + 1:  # the evaluations that can end it: not the final
+        if evaluations < self.patience + 1:
             logger.warning(
                 "early_stopping_patience=%d cannot end this run as planned: it evaluates too seldom before its last "
                 "update (evaluate more often: eval_every_steps)",

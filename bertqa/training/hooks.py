@@ -215,7 +215,7 @@ class Run:
         batches = self.order.batches(self.accelerator, self.state) if batches is None else batches
         self.pass_end = max_steps or self.total_steps
         stats = self.one_pass(
-            batches, max_steps=max_steps or self.total_steps, callbacks=[self._updated], on_log=self.recorder.log_train
+            batches, max_steps=self.pass_end, callbacks=[self._updated], on_log=self.recorder.log_train
         )
         self.train_time_s += stats["train_time_s"]
         return stats
@@ -294,14 +294,14 @@ class Periodic(Hook):
             run.evaluate()
         # Resumed at an epoch end whose evaluation a signal dropped (only one process drops one, so only its records
         # are read here): that evaluation comes first.
-        at_epoch_end = state.batches_done == 0 and 0 < state.step < run.total_steps and state.stop_reason is None
+        at_epoch_end = state.batches_done == 0 and 0 < state.step < run.end and state.stop_reason is None
         if at_epoch_end and run.accelerator.num_processes == 1 and run.recorder.eval_record_at(state.step) is None:
             run.evaluate()
 
     def on_update(self, run: Run, update: Update) -> None:
         if run.timing:
             return
-        ends_pass = run.state.batches_done >= len(run.order) or update.step >= run.total_steps
+        ends_pass = run.state.batches_done >= len(run.order) or update.step >= run.end
         if self.eval_every and update.step % self.eval_every == 0 and not ends_pass:
             run.evaluate()
             run.model.train()
@@ -339,8 +339,8 @@ class Records(Hook):
             logger.info(
                 "this run was stopped at update %d (%s): nothing is left to train", state.step, state.stop_reason
             )
-        elif 0 < run.total_steps <= state.step:
-            logger.info("this run had done all its %d updates: nothing is left to train", run.total_steps)
+        elif 0 < run.end <= state.step:
+            logger.info("this run had done all its %d updates: nothing is left to train", run.end)
 
     def on_update(self, run: Run, update: Update) -> None:
         run.recorder.bar.update(1)
@@ -410,7 +410,7 @@ class EarlyStopping(Hook):
         return cls(state, patience=patience, min_delta=min_delta)
 
     def on_evaluate(self, run: Run, record: Mapping[str, Any]) -> None:
-        if run.state.step < run.total_steps:  # the evaluation after the last update has nothing left to stop
+        if run.state.step < run.end:  # the evaluation after the last update has nothing left to stop
             self(record)
 
     def __call__(self, record: Mapping[str, Any]) -> None:
