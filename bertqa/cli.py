@@ -174,6 +174,23 @@ class ScriptParser(argparse.ArgumentParser):
         """A yes/no flag (`BoolFlag`)."""
         return self.add_argument(*names, action=BoolFlag, default=default, negate=negate, help=help, **kwargs)
 
+    def add_data_flags(self, *, default: str | None, data_help: str) -> None:
+        """The flags of a script that reads QA data, spelled and meaning alike in every one (train.py's come from
+        `TrainConfig`: --train-data, --column-map, --skip-bad-records, --answerable-only, --max-train-examples)."""
+        self.add_argument("--data", default=default, help=data_help)
+        self.add_argument(
+            "--column-map",
+            help="your column names, e.g. 'context=passage,question=query,answer_text=gold' ('standard': the usual "
+            "ones)",
+        )
+        self.add_flag(
+            "--skip-bad-records",
+            help="drop invalid records instead of stopping; how many is logged, the first few by file, line and id",
+        )
+        self.add_flag("--answerable-only", help="use only questions that have an answer")
+        self.add_argument("--max-examples", type=positive_int, help="a seeded random subset of this many questions")
+        self.add_argument("--seed", type=int, default=42, help="seed of the subset")
+
     def add_precision(self, *, choices: tuple[str, ...] = ("auto", "no", "bf16"), help: str) -> None:
         """`--mixed-precision` (train.py's name), and `--precision`, the name these scripts had first."""
         self.add_argument(

@@ -101,7 +101,17 @@ class TrainConfig:
         "calibration, the default threshold 0 (no answer when its score beats the best span's)",
     )
     column_map: str | None = _f(
-        None, "your column names, for training and evaluation data: 'context=passage,question=query,answer_text=gold'"
+        None,
+        "your column names, for training data (and evaluation data without its own eval_column_map): "
+        "'context=passage,question=query,answer_text=gold'",
+    )
+    eval_column_map: str | None = _f(
+        None, "the evaluation data's column names when they differ from column_map's ('standard': the usual ones)"
+    )
+    skip_bad_records: bool = _f(
+        False,
+        "drop invalid records (an empty context, an answer not in its context, a repeated id, ...) instead of "
+        "stopping; how many is logged, the first few by file, line and id",
     )
     answerable_only: bool = _f(False, "drop unanswerable questions from training and evaluation data")
     negatives: int = _f(
@@ -236,6 +246,8 @@ class TrainConfig:
             "max_eval_examples": self.max_eval_examples,
             "seed": self.seed,
             "column_map": self.column_map,
+            "eval_column_map": self.eval_column_map,
+            "skip_bad_records": self.skip_bad_records,
             "negatives": self.negatives,
         }
 
@@ -425,13 +437,8 @@ def _value_problems(c: TrainConfig) -> list[str]:
         for name in _POSITIVE_WHEN_SET
         if getattr(c, name) is not None and getattr(c, name) <= 0
     ]
-    if c.time_budget is not None:
-        try:
-            parse_duration(c.time_budget)
-        except ValueError as err:
-            problems.append(str(err))
-        if c.max_steps is not None:
-            problems.append("give time_budget or max_steps, not both: the budget chooses the number of updates")
+    if c.time_budget is not None and c.max_steps is not None:
+        problems.append("give time_budget or max_steps, not both: the budget chooses the number of updates")
     if c.epochs <= 0 and not c.max_steps:
         problems.append("epochs must be positive (or set max_steps)")
     if c.negatives < 0:
@@ -466,11 +473,24 @@ def _value_problems(c: TrainConfig) -> list[str]:
         problems.append(f"distill_temperature must be positive and finite, got {c.distill_temperature}")
     if not 0 <= c.label_check_min <= 1:
         problems.append("label_check_min must be in [0, 1]")
+    return problems + _unreadable(c)
+
+
+def _unreadable(c: TrainConfig) -> list[str]:
+    """The settings that do not read as what they must be: a choice not among its choices, a duration, a column
+    map, a window with no room for the context."""
+    problems = []
     for f in dataclasses.fields(c):
         choices = f.metadata.get("choices")
         if choices and getattr(c, f.name) not in choices:
             problems.append(f"{f.name} must be one of {', '.join(choices)}, got {getattr(c, f.name)!r}")
-    for check in (lambda: parse_column_map(c.column_map), lambda: c.window.context_room()):
+    checks = (
+        lambda: c.time_budget is None or parse_duration(c.time_budget),
+        lambda: parse_column_map(c.column_map),
+        lambda: parse_column_map(c.eval_column_map),
+        c.window.context_room,
+    )
+    for check in checks:
         try:
             check()
         except ValueError as err:

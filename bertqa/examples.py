@@ -18,6 +18,8 @@ from typing import Any, Literal
 
 __all__ = [
     "COLUMNS",
+    "STANDARD_COLUMNS",
+    "ColumnsError",
     "Example",
     "LoadReport",
     "SquadFormatError",
@@ -30,12 +32,20 @@ __all__ = [
 # The columns bertqa reads from flat records (a column map renames yours to these).
 COLUMNS = ("id", "title", "context", "question", "answers", "answer_text", "answer_start", "is_impossible")
 
+# The column map that names the standard columns, where one is needed to undo another (`eval_column_map`).
+STANDARD_COLUMNS = "standard"
+
 MismatchPolicy = Literal["repair", "error"]
 _NOTED_REPAIRS = 3  # repairs named one by one in a load report's notes; the rest are counted
+_NOTED_SKIPS = 3  # bad records named in a load report's notes when they are skipped; the rest are counted
 
 
 class SquadFormatError(ValueError):
     """QA data that does not follow an accepted layout, or whose answers do not point at their text."""
+
+
+class ColumnsError(SquadFormatError):
+    """Flat records whose columns are not the ones bertqa reads, under the column map given."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +78,10 @@ class LoadReport:
     repaired_ids: tuple[str, ...] = field(default=(), repr=False)
     located_ids: tuple[str, ...] = field(default=(), repr=False)
     generated_ids: frozenset[str] = field(default=frozenset(), repr=False)
+    # Answers located by a text that occurs more than once in their context (the first occurrence is taken): their
+    # questions' ids, one per answer.
+    ambiguous_ids: tuple[str, ...] = field(default=(), repr=False)
+    n_skipped: int = 0  # bad records dropped (`skip_bad_records`); the first few are named in `notes`
     # Problems worth a warning line of their own, as (question id, or None for the whole source; the line).
     notes: tuple[tuple[str | None, str], ...] = ()
 
@@ -76,6 +90,7 @@ class LoadReport:
         ids = {ex.id for ex in examples}
         repaired = tuple(qid for qid in self.repaired_ids if qid in ids)
         located = tuple(qid for qid in self.located_ids if qid in ids)
+        ambiguous = tuple(qid for qid in self.ambiguous_ids if qid in ids)
         return LoadReport(
             source=source,
             version="v2.0" if is_v2(examples) else "v1.1",
@@ -88,6 +103,8 @@ class LoadReport:
             repaired_ids=repaired,
             located_ids=located,
             generated_ids=self.generated_ids & ids,
+            ambiguous_ids=ambiguous,
+            n_skipped=self.n_skipped,  # records dropped from the whole source: they belong to no part
             notes=tuple((qid, line) for qid, line in self.notes if qid is None or qid in ids),
         )
 
@@ -103,8 +120,12 @@ class LoadReport:
         )
         if self.n_located:
             line += f", {self.n_located:,} answers located by their text (no answer_start)"
+        if self.ambiguous_ids:
+            line += f", {len(self.ambiguous_ids):,} of them by a text that occurs more than once (the first is taken)"
         if self.n_generated_ids:
             line += f", {self.n_generated_ids:,} ids generated"
+        if self.n_skipped:
+            line += f", {self.n_skipped:,} bad records skipped"
         return line
 
 
@@ -114,8 +135,9 @@ def is_v2(examples: Iterable[Example]) -> bool:
 
 
 def parse_column_map(text: str | Mapping[str, str] | None) -> dict[str, str]:
-    """`"id=qid,context=passage"` (or a dict) -> {bertqa column: your column}; unknown bertqa names are an error."""
-    if not text:
+    """`"id=qid,context=passage"` (or a dict) -> {bertqa column: your column}; unknown bertqa names are an error.
+    `"standard"` (or nothing) is the standard columns themselves."""
+    if not text or (isinstance(text, str) and text.strip().lower() == STANDARD_COLUMNS):
         return {}
     pairs = dict(text) if isinstance(text, Mapping) else {}
     if isinstance(text, str):
@@ -140,39 +162,84 @@ def examples_from_records(
     where: Callable[[int], str] = lambda i: f"row {i}",
     column_map: Mapping[str, str] | None = None,
     on_mismatch: MismatchPolicy = "repair",
+    skip_bad_records: bool = False,
 ) -> tuple[list[Example], LoadReport]:
-    """Validate flat records given as columns (name -> values) into examples; `where(i)` names record i's place."""
+    """Validate flat records given as columns (name -> values) into examples; `where(i)` names record i's place.
+
+    A record that is not valid raises, naming it; with `skip_bad_records` it is dropped instead, counted in the
+    report, and the first few are named in its notes. A file or column layout that is wrong raises either way."""
     names = _mapped_columns(list(columns), dict(column_map or {}), source)
     n = len(next(iter(columns.values()), []))
     get: Callable[[str, int], Any] = lambda name, i: columns[names[name]][i] if name in names else None  # noqa: E731
     examples, places = [], []
+    skipped = _Skipped(skip_bad_records)
     for i in range(n):
-        qid = get("id", i)
-        if qid is None or qid == "":
-            qid = None
-        elif not isinstance(qid, (str, int)) or isinstance(qid, bool):
-            place = _Place(source, where, i, None)
-            raise SquadFormatError(f"{place}: column {names['id']!r}: an id must be text or a number, got {qid!r}")
-        place = _Place(source, where, i, qid)
-        texts, starts = _answers_of(get, i, names, place)
-        examples.append(
-            _example(
-                None if qid is None else str(qid),
-                _text_or_empty(get("title", i), "title", names, place),
-                get("context", i),
-                get("question", i),
-                texts,
-                starts,
-                is_impossible=_flag(get("is_impossible", i), names, place),
-                where=place,
-                names=names,
-            )
-        )
+        try:
+            example, place = _record(get, i, names, source, where)
+        except SquadFormatError as err:
+            skipped.drop(err)
+            continue
+        examples.append(example)
         places.append(place)
     given = [ex.id is not None for ex in examples]
     examples = _with_generated_ids(examples)
     made = frozenset(ex.id for ex, had in zip(examples, given) if not had)
-    return _checked(examples, source=source, version="", on_mismatch=on_mismatch, places=places, generated_ids=made)
+    return _checked(
+        examples,
+        source=source,
+        version="",
+        on_mismatch=on_mismatch,
+        places=places,
+        generated_ids=made,
+        skipped=skipped,
+    )
+
+
+def _record(
+    get: Callable[[str, int], Any], i: int, names: dict[str, str], source: str, where: Callable[[int], str]
+) -> tuple[Example, _Place]:
+    """Record i as an example (its id None when it has none), and its place."""
+    qid = get("id", i)
+    if qid is None or qid == "":
+        qid = None
+    elif not isinstance(qid, (str, int)) or isinstance(qid, bool):
+        place = _Place(source, where, i, None)
+        raise SquadFormatError(f"{place}: column {names['id']!r}: an id must be text or a number, got {qid!r}")
+    place = _Place(source, where, i, qid)
+    texts, starts = _answers_of(get, i, names, place)
+    example = _example(
+        None if qid is None else str(qid),
+        _text_or_empty(get("title", i), "title", names, place),
+        get("context", i),
+        get("question", i),
+        texts,
+        starts,
+        is_impossible=_flag(get("is_impossible", i), names, place),
+        where=place,
+        names=names,
+    )
+    return example, place
+
+
+class _Skipped:
+    """The bad records dropped when `skip_bad_records` is on (each raises when it is off): how many, and the first
+    few problems, each naming its record."""
+
+    def __init__(self, on: bool) -> None:
+        self.on, self.count, self.first = on, 0, []
+
+    def drop(self, err: SquadFormatError) -> None:
+        if not self.on:
+            raise SquadFormatError(f"{err} (skip_bad_records, --skip-bad-records: drop bad records instead)") from err
+        self.count += 1
+        if len(self.first) < _NOTED_SKIPS:
+            self.first.append(str(err))
+
+    def notes(self, source: str) -> list[tuple[str | None, str]]:
+        if not self.count:
+            return []
+        named = "; ".join(self.first) + ("; ..." if self.count > len(self.first) else "")
+        return [(None, f"{source}: {self.count:,} bad records skipped (skip_bad_records): {named}")]
 
 
 class _Place:
@@ -197,7 +264,7 @@ def _mapped_columns(available: list[str], column_map: dict[str, str], source: st
     names = {ours: column_map.get(ours, ours) for ours in COLUMNS}
     missing_mapped = [f"{ours}={theirs}" for ours, theirs in column_map.items() if theirs not in available]
     if missing_mapped:
-        raise SquadFormatError(
+        raise ColumnsError(
             f"{source}: the column map names columns that are not there ({', '.join(missing_mapped)}); "
             f"the columns are: {', '.join(available)}"
         )
@@ -206,7 +273,7 @@ def _mapped_columns(available: list[str], column_map: dict[str, str], source: st
     if "answers" not in present and "answer_text" not in present:
         needed.append("answers (or answer_text)")
     if needed:
-        raise SquadFormatError(
+        raise ColumnsError(
             f"{source}: missing column {', '.join(repr(n) for n in needed)}; the columns are: {', '.join(available)}. "
             'Name yours with --column-map, e.g. --column-map "context=passage,question=query,answer_text=gold"'
         )
@@ -312,41 +379,56 @@ def _with_generated_ids(examples: list[Example]) -> list[Example]:
 
 
 def parse_squad(
-    raw: Any, *, source: str = "<json>", on_mismatch: MismatchPolicy = "repair"
+    raw: Any, *, source: str = "<json>", on_mismatch: MismatchPolicy = "repair", skip_bad_records: bool = False
 ) -> tuple[list[Example], LoadReport]:
     """Turn parsed official-layout SQuAD JSON into flat examples, checking every key on the way.
 
-    See `load_squad` for the policy on answer offsets that do not point at their text.
+    See `load_squad` for the policy on answer offsets that do not point at their text. With `skip_bad_records` a
+    bad question (or a paragraph without a usable context or question list) is dropped, counted and named in the
+    report instead of raising.
     """
     if not isinstance(raw, dict) or not isinstance(raw.get("data"), list):
         raise SquadFormatError(f"{source}: expected a JSON object with a 'data' list (the official SQuAD layout)")
     version = str(raw.get("version", ""))
     examples: list[Example] = []
     places: list[str] = []
+    skipped = _Skipped(skip_bad_records)
     for a, article in enumerate(raw["data"]):
         title = _get(article, "title", str, f"{source}: data[{a}]")
         for p, paragraph in enumerate(_get(article, "paragraphs", list, f"{source}: data[{a}]")):
             where_p = f"{source}: data[{a}].paragraphs[{p}]"
-            context = _get(paragraph, "context", str, where_p)
-            for q, qa in enumerate(_get(paragraph, "qas", list, where_p)):
+            try:
+                context = _get(paragraph, "context", str, where_p)
+                questions = _get(paragraph, "qas", list, where_p)
+            except SquadFormatError as err:
+                skipped.drop(err)
+                continue
+            for q, qa in enumerate(questions):
                 where = f"{where_p}.qas[{q}]"
-                answers = _get(qa, "answers", list, where)
-                texts = [_get(ans, "text", str, f"{where}.answers[{i}]") for i, ans in enumerate(answers)]
-                starts = [_get(ans, "answer_start", int, f"{where}.answers[{i}]") for i, ans in enumerate(answers)]
-                examples.append(
-                    _example(
-                        _get(qa, "id", str, where),
-                        title,
-                        context,
-                        _get(qa, "question", str, where),
-                        texts,
-                        starts,
-                        is_impossible=bool(qa.get("is_impossible", False)),
-                        where=where,
-                    )
-                )
+                try:
+                    examples.append(_official_question(qa, title, context, where))
+                except SquadFormatError as err:
+                    skipped.drop(err)
+                    continue
                 places.append(where)
-    return _checked(examples, source=source, version=version, on_mismatch=on_mismatch, places=places)
+    return _checked(examples, source=source, version=version, on_mismatch=on_mismatch, places=places, skipped=skipped)
+
+
+def _official_question(qa: Any, title: str, context: str, where: str) -> Example:
+    """One question of the official layout (`data[a].paragraphs[p].qas[q]`, named by `where`) as an example."""
+    answers = _get(qa, "answers", list, where)
+    texts = [_get(ans, "text", str, f"{where}.answers[{i}]") for i, ans in enumerate(answers)]
+    starts = [_get(ans, "answer_start", int, f"{where}.answers[{i}]") for i, ans in enumerate(answers)]
+    return _example(
+        _get(qa, "id", str, where),
+        title,
+        context,
+        _get(qa, "question", str, where),
+        texts,
+        starts,
+        is_impossible=bool(qa.get("is_impossible", False)),
+        where=where,
+    )
 
 
 def _get(obj: Any, key: str, kind: type, where: str) -> Any:
@@ -401,56 +483,116 @@ def _checked(
     source: str,
     version: str,
     on_mismatch: MismatchPolicy,
-    places: Sequence[str] | None = None,
+    places: Sequence[Any] | None = None,
     generated_ids: frozenset[str] = frozenset(),
+    skipped: _Skipped | None = None,
 ) -> tuple[list[Example], LoadReport]:
     """Check ids are unique and every answer_start points at its text; repair, locate or raise as the policy says.
 
     `places[i]` names where example i is (file and line, or path in the layout) for the messages. The first few
     repairs are noted by place, and so is a source where most given offsets needed one (a column map that names
-    the wrong column, or offsets counted in bytes or tokens).
+    the wrong column, or offsets counted in bytes or tokens). An example that cannot be made right raises, or is
+    dropped into `skipped` when it skips bad records.
     """
+    skipped = skipped or _Skipped(False)
     seen: dict[str, str] = {}
     out: list[Example] = []
-    n_repaired = n_located = n_given = 0
-    repaired: list[str] = []  # the question of each repaired answer, and of each located one
-    located: list[str] = []
-    notes: list[tuple[str | None, str]] = []
+    counts = _Counts()
     for k, ex in enumerate(examples):
         place = places[k] if places is not None else source
-        if ex.id in seen:
-            raise SquadFormatError(f"{place}: question id {ex.id!r} appears twice (first at {seen[ex.id]})")
-        seen[ex.id] = place
-        starts = list(ex.answer_starts)
-        for i, (text, start) in enumerate(zip(ex.answer_texts, ex.answer_starts)):
-            n_given += start is not None
-            if start is not None and ex.context[start : start + len(text)] == text:
-                continue
-            found, problem = _locate(ex, i, text, start, place=place, on_mismatch=on_mismatch)
-            starts[i] = found
-            n_repaired, n_located = n_repaired + (start is not None), n_located + (start is None)
-            (repaired if start is not None else located).append(ex.id)
-            if start is not None and n_repaired <= _NOTED_REPAIRS:
-                notes.append((ex.id, f"{problem}: moved to {found}, the nearest occurrence of the text"))
-        out.append(ex if starts == list(ex.answer_starts) else _replace_starts(ex, tuple(starts)))
+        try:
+            if ex.id in seen:
+                raise SquadFormatError(f"{place}: question id {ex.id!r} appears twice (first at {seen[ex.id]})")
+            out.append(_answers_checked(ex, place, on_mismatch, counts))
+        except SquadFormatError as err:
+            skipped.drop(err)
+            continue
+        seen[ex.id] = str(place)
     if not out:
-        raise SquadFormatError(f"{source}: holds no questions")
-    notes += _repair_totals(source, n_repaired, n_given)
+        also = f" ({skipped.count:,} bad records skipped: {'; '.join(skipped.first)})" if skipped.count else ""
+        raise SquadFormatError(f"{source}: holds no questions{also}")
+    notes = counts.notes + _repair_totals(source, counts.n_repaired, counts.n_given)
+    notes += _ambiguity_note(source, counts.ambiguous) + skipped.notes(source)
     report = LoadReport(
         source=source,
         version="v2.0" if is_v2(out) else "v1.1",
         n_examples=len(out),
         n_impossible=sum(ex.is_impossible for ex in out),
         n_answers=sum(len(ex.answer_texts) for ex in out),
-        n_repaired=n_repaired,
-        n_located=n_located,
-        n_generated_ids=len(generated_ids),
-        repaired_ids=tuple(repaired),
-        located_ids=tuple(located),
-        generated_ids=generated_ids,
+        n_repaired=len(counts.repaired),
+        n_located=len(counts.located),
+        n_generated_ids=len(generated_ids & {ex.id for ex in out}),
+        repaired_ids=tuple(counts.repaired),
+        located_ids=tuple(counts.located),
+        generated_ids=generated_ids & {ex.id for ex in out},
+        ambiguous_ids=tuple(qid for qid, _, _ in counts.ambiguous),
+        n_skipped=skipped.count,
         notes=tuple(notes),
     )
     return out, report
+
+
+@dataclass
+class _Counts:
+    """What checking the answers found so far: the question of each repaired and each located answer, the
+    located ones whose text occurs more than once (id, text, occurrences), offsets given, notes on repairs."""
+
+    repaired: list[str] = field(default_factory=list)
+    located: list[str] = field(default_factory=list)
+    ambiguous: list[tuple[str, str, int]] = field(default_factory=list)
+    n_given: int = 0
+    notes: list[tuple[str | None, str]] = field(default_factory=list)
+
+    @property
+    def n_repaired(self) -> int:
+        return len(self.repaired)
+
+
+def _answers_checked(ex: Example, place: Any, on_mismatch: MismatchPolicy, counts: _Counts) -> Example:
+    """`ex` with every answer_start pointing at its text (repaired or located, and counted in `counts` once the
+    whole example is good), or raised."""
+    starts = list(ex.answer_starts)
+    moved: list[tuple[str, int | None, int, str]] = []  # (text, the start given, where it was found, the problem)
+    for i, (text, start) in enumerate(zip(ex.answer_texts, ex.answer_starts)):
+        if start is not None and ex.context[start : start + len(text)] == text:
+            continue
+        starts[i], problem = _locate(ex, i, text, start, place=place, on_mismatch=on_mismatch)
+        moved.append((text, start, starts[i], problem))
+    counts.n_given += sum(start is not None for start in ex.answer_starts)
+    for text, given, found, problem in moved:
+        if given is None:
+            counts.located.append(ex.id)
+            if (n := _occurrences(ex.context, text)) > 1:
+                counts.ambiguous.append((ex.id, text, n))
+            continue
+        counts.repaired.append(ex.id)
+        if counts.n_repaired <= _NOTED_REPAIRS:
+            counts.notes.append((ex.id, f"{problem}: moved to {found}, the nearest occurrence of the text"))
+    return ex if starts == list(ex.answer_starts) else _replace_starts(ex, tuple(starts))
+
+
+def _occurrences(context: str, text: str) -> int:
+    """How many places `text` starts at in `context` (overlapping ones too)."""
+    count, pos = 0, context.find(text)
+    while pos != -1:
+        count, pos = count + 1, context.find(text, pos + 1)
+    return count
+
+
+def _ambiguity_note(source: str, ambiguous: list[tuple[str, str, int]]) -> list[tuple[str | None, str]]:
+    """A note on answers located by a text found more than once: the first occurrence may not be the one meant."""
+    if not ambiguous:
+        return []
+    named = "; ".join(f"question {qid!r}: {text!r} occurs {n} times" for qid, text, n in ambiguous[:_NOTED_REPAIRS])
+    more = f"; {len(ambiguous) - _NOTED_REPAIRS:,} more" if len(ambiguous) > _NOTED_REPAIRS else ""
+    return [
+        (
+            None,
+            f"{source}: {len(ambiguous):,} answers without answer_start were placed at the first of several "
+            f"occurrences of their text in the context, which may not be the one meant ({named}{more}); give "
+            "answer_start to say which",
+        )
+    ]
 
 
 def _locate(

@@ -18,7 +18,8 @@ import gzip
 import io
 import json
 import logging
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -65,34 +66,44 @@ def load_squad(
     *,
     on_mismatch: MismatchPolicy = "repair",
     column_map: str | Mapping[str, str] | None = None,
+    skip_bad_records: bool = False,
 ) -> tuple[list[Example], LoadReport]:
     """Load and validate examples from any accepted source (see the module docstring).
 
     Policy for an `answer_start` that does not point at its answer text: with `"repair"` (the default) the start moves
     to the nearest occurrence of the text in the context and is counted in `LoadReport.n_repaired`; with `"error"`
     it raises. An answer whose text does not occur in its context at all always raises: no offset can be right.
+    A record that is not valid raises, naming its place; with `skip_bad_records` it is dropped, counted in the
+    report (`n_skipped`) and the first few are named in its warnings.
     """
-    columns = parse_column_map(column_map)
+    read = _Reading(parse_column_map(column_map), on_mismatch, skip_bad_records)
     if _is_dataset(source):
-        name = f"datasets.Dataset({source.info.dataset_name or 'in memory'})"
-        return _from_dataset(source, source=name, column_map=columns, on_mismatch=on_mismatch)
+        return _from_dataset(source, source=f"datasets.Dataset({source.info.dataset_name or 'in memory'})", read=read)
     path = Path(resolve_source(source))
     if path.exists():
-        return _read_file(path, column_map=columns, on_mismatch=on_mismatch)
+        return _read_file(path, read=read)
     if _format_of(path) is not None or str(source).startswith((".", "/", "~")):
         raise FileNotFoundError(f"data file not found: {path}")
-    return _load_hub(str(source), column_map=columns, on_mismatch=on_mismatch)
+    return _load_hub(str(source), read=read)
 
 
 def as_examples(
-    data: Sequence[Example] | Any, *, column_map: str | Mapping[str, str] | None = None, name: str = "examples"
+    data: Sequence[Example] | Any,
+    *,
+    column_map: str | Mapping[str, str] | None = None,
+    name: str = "examples",
+    skip_bad_records: bool = False,
 ) -> list[Example]:
     """Examples given from Python, checked as `given_examples` checks them."""
-    return given_examples(data, column_map=column_map, name=name)[0]
+    return given_examples(data, column_map=column_map, name=name, skip_bad_records=skip_bad_records)[0]
 
 
 def given_examples(
-    data: Sequence[Example] | Any, *, column_map: str | Mapping[str, str] | None = None, name: str = "examples"
+    data: Sequence[Example] | Any,
+    *,
+    column_map: str | Mapping[str, str] | None = None,
+    name: str = "examples",
+    skip_bad_records: bool = False,
 ) -> tuple[list[Example], LoadReport | None]:
     """Examples given from Python, and what loading them found (None for `Example`s, which are taken as they are).
 
@@ -101,7 +112,7 @@ def given_examples(
     by `name` and the record's index and id; a `datasets.Dataset` of such records. Anything else is a TypeError.
     """
     if _is_dataset(data):
-        return load_squad(data, column_map=column_map)
+        return load_squad(data, column_map=column_map, skip_bad_records=skip_bad_records)
     accepted = (
         "give bertqa.examples.Example objects, records in the file schema (dicts with 'context', 'question' and "
         "'answers' {'text': [...], 'answer_start': [...]} or 'answer_text'), or a datasets.Dataset of records"
@@ -121,9 +132,8 @@ def given_examples(
     if all(isinstance(item, Mapping) for item in items):
         keys = list(dict.fromkeys(key for item in items for key in item))
         columns = {key: [item.get(key) for item in items] for key in keys}
-        return examples_from_records(
-            columns, source=name, where=lambda i: f"record {i}", column_map=parse_column_map(column_map)
-        )
+        read = _Reading(parse_column_map(column_map), "repair", skip_bad_records)
+        return read.records(columns, source=name, where=lambda i: f"record {i}")
     kinds = (Example, Mapping)
     first = next((i for i, item in enumerate(items) if not isinstance(item, kinds)), None)
     if first is not None:
@@ -141,9 +151,28 @@ def _format_of(path: Path) -> str | None:
     return FORMATS.get(suffixes[-1]) if suffixes else None
 
 
-def _read_file(
-    path: Path, *, column_map: dict[str, str], on_mismatch: MismatchPolicy
-) -> tuple[list[Example], LoadReport]:
+@dataclass(frozen=True)
+class _Reading:
+    """How records are read into examples: the column map, the answer-offset policy, whether bad ones are skipped."""
+
+    column_map: dict[str, str]
+    on_mismatch: MismatchPolicy
+    skip_bad_records: bool
+
+    def records(
+        self, columns: Mapping[str, Sequence[Any]], *, source: str, where: Callable[[int], str]
+    ) -> tuple[list[Example], LoadReport]:
+        return examples_from_records(
+            columns,
+            source=source,
+            where=where,
+            column_map=self.column_map,
+            on_mismatch=self.on_mismatch,
+            skip_bad_records=self.skip_bad_records,
+        )
+
+
+def _read_file(path: Path, *, read: _Reading) -> tuple[list[Example], LoadReport]:
     kind = _format_of(path)
     if path.is_dir() or kind is None:
         raise SquadFormatError(
@@ -153,18 +182,18 @@ def _read_file(
     if kind == "json":
         raw = _read_json(path)
         if isinstance(raw, dict) and "data" in raw:
-            return parse_squad(raw, source=str(path), on_mismatch=on_mismatch)
+            return parse_squad(
+                raw, source=str(path), on_mismatch=read.on_mismatch, skip_bad_records=read.skip_bad_records
+            )
         if not isinstance(raw, list) or not all(isinstance(row, dict) for row in raw):
             raise SquadFormatError(
                 f"{path}: expected the official SQuAD layout (an object with a 'data' list) or a list of records"
             )
         columns = {name: [row.get(name) for row in raw] for name in dict.fromkeys(k for row in raw for k in row)}
-        return examples_from_records(
-            columns, source=str(path), where=lambda i: f"record {i}", column_map=column_map, on_mismatch=on_mismatch
-        )
+        return read.records(columns, source=str(path), where=lambda i: f"record {i}")
     columns = _read_with_datasets(path, kind)
     where = (lambda i: f"line {_record_line(path, kind, i)}") if kind in ("jsonl", "csv") else (lambda i: f"row {i}")
-    return examples_from_records(columns, source=str(path), where=where, column_map=column_map, on_mismatch=on_mismatch)
+    return read.records(columns, source=str(path), where=where)
 
 
 def _record_line(path: Path, kind: str, record: int) -> int:
@@ -310,9 +339,7 @@ def _is_dataset(obj: Any) -> bool:
     return type(obj).__module__.startswith("datasets") and hasattr(obj, "column_names") and hasattr(obj, "to_dict")
 
 
-def _load_hub(
-    name: str, *, column_map: dict[str, str], on_mismatch: MismatchPolicy
-) -> tuple[list[Example], LoadReport]:
+def _load_hub(name: str, *, read: _Reading) -> tuple[list[Example], LoadReport]:
     """A hub dataset `name` or `name:split` (default split `train`); needs internet or the datasets cache."""
     import datasets
 
@@ -335,7 +362,7 @@ def _load_hub(
             f"{name!r} is neither a file, a bundled name ({', '.join(BUNDLED)}) nor a hub dataset that could be "
             f"loaded (add ':validation' for a split): {type(err).__name__}: {err}"
         ) from err
-    return _from_dataset(dataset, source=name, column_map=column_map, on_mismatch=on_mismatch)
+    return _from_dataset(dataset, source=name, read=read)
 
 
 def _hub_unusable(name: str, reason: str) -> FileNotFoundError:
@@ -346,9 +373,5 @@ def _hub_unusable(name: str, reason: str) -> FileNotFoundError:
     )
 
 
-def _from_dataset(
-    dataset: Any, *, source: str, column_map: dict[str, str], on_mismatch: MismatchPolicy
-) -> tuple[list[Example], LoadReport]:
-    return examples_from_records(
-        dataset.to_dict(), source=source, where=lambda i: f"row {i}", column_map=column_map, on_mismatch=on_mismatch
-    )
+def _from_dataset(dataset: Any, *, source: str, read: _Reading) -> tuple[list[Example], LoadReport]:
+    return read.records(dataset.to_dict(), source=source, where=lambda i: f"row {i}")

@@ -27,12 +27,15 @@ from bertqa.metrics import (
 
 __all__ = [
     "ERROR_KINDS",
+    "MAX_CALIBRATION_ERROR",
     "STATED",
+    "TEMPERATURES",
     "Prediction",
     "Span",
     "best_spans",
     "confidence",
     "error_summary",
+    "fit_temperature",
     "pad_offsets",
     "postprocess",
     "question_report",
@@ -75,12 +78,15 @@ class Prediction:
         """The span text, or "" when a threshold is given and the no-answer score is above it."""
         return "" if threshold is not None and self.no_answer_score > threshold else self.text
 
-    def probabilities(self) -> tuple[list[float], float]:
-        """Softmax over the candidate spans' scores and the null score: (one per `nbest` span, no answer).
+    def probabilities(self, temperature: float = 1.0) -> tuple[list[float], float]:
+        """Softmax over the candidate spans' scores and the null score, each divided by `temperature`: (one per
+        `nbest` span, no answer). A temperature above 1 makes them less sure, below 1 surer; the order of the
+        candidates, and so every answer, is the same at any temperature.
 
-        A span proposed by several windows gets the sum of their probabilities (see `pooled_scores`)."""
+        A span proposed by several windows gets the sum of their probabilities (see `pooled_scores`; at a
+        temperature other than 1 their pooled score is divided, a close stand-in for pooling the divided ones)."""
         spans = self.pooled_scores or [s[1] for s in self.nbest]
-        scores = np.array([*spans, self.null_score], dtype=np.float64)
+        scores = np.array([*spans, self.null_score], dtype=np.float64) / temperature
         weights = np.exp(scores - scores.max())
         weights /= weights.sum()
         return weights[:-1].tolist(), float(weights[-1])
@@ -256,31 +262,38 @@ ERROR_KINDS = {
 
 
 def question_report(
-    examples: Sequence[Example], predictions: dict[str, Prediction], *, v2: bool, threshold: float | None
+    examples: Sequence[Example],
+    predictions: dict[str, Prediction],
+    *,
+    v2: bool,
+    threshold: float | None,
+    temperature: float = 1.0,
 ) -> list[dict[str, object]]:
     """One record per question, worst first (lowest F1, then the most confident): its question, gold answers,
     prediction, the prediction's probability, EM and F1 (0 to 1), what kind of result it is (`ERROR_KINDS`), and for
     v2 the no-answer score and probability. The answer is the one scored: "" where the no-answer score is above
-    `threshold` (v2)."""
+    `threshold` (v2). Probabilities are at `temperature` (the one saved with the model)."""
     rows = []
     for ex in examples:
         pred = predictions.get(ex.id)
         answer = "" if pred is None else pred.answer(threshold if v2 else None)
         em, f1 = question_scores(answer, ex.answer_texts, v2=v2)
         row: dict[str, object] = {"id": ex.id, "question": ex.question, "gold": list(ex.answer_texts)}
-        row |= {"prediction": answer, "probability": _probability(pred, answer), "exact": em, "f1": f1}
+        probability = _probability(pred, answer, temperature)
+        row |= {"prediction": answer, "probability": probability, "exact": em, "f1": f1}
         row["kind"] = _kind(answer, bool(ex.answer_texts), em, f1, v2=v2)
         if v2 and pred is not None:
-            row |= {"no_answer_score": pred.no_answer_score, "no_answer_probability": pred.probabilities()[1]}
+            null = pred.probabilities(temperature)[1]
+            row |= {"no_answer_score": pred.no_answer_score, "no_answer_probability": null}
         rows.append(row)
     return sorted(rows, key=lambda r: (r["f1"], -(r["probability"] or 0.0), str(r["id"])))
 
 
-def _probability(pred: Prediction | None, answer: str) -> float | None:
+def _probability(pred: Prediction | None, answer: str, temperature: float = 1.0) -> float | None:
     """The probability of the answer given: of its span, or of "no answer" when it is ""."""
     if pred is None:
         return None
-    spans, null = pred.probabilities()
+    spans, null = pred.probabilities(temperature)
     if answer == "":
         return null
     return spans[0] if spans else None
@@ -326,3 +339,47 @@ def confidence(rows: Sequence[dict[str, object]], *, bins: int = 10) -> dict[str
         table = calibration_bins([float(row[name]) for row in stated], [came_true(row) for row in stated], bins=bins)
         out[name] = {"ece": expected_calibration_error(table), "questions": len(stated), "bins": table}
     return out
+
+
+# The temperatures `fit_temperature` chooses from: 1/4 to 4, each about 7% above the one before, 1 among them.
+TEMPERATURES = tuple(float(t) for t in np.geomspace(0.25, 4.0, 41))
+# Above this expected calibration error (on held-out questions) a run fits a temperature to its probabilities.
+MAX_CALIBRATION_ERROR = 0.05
+
+
+def fit_temperature(
+    rows: Sequence[dict[str, object]], predictions: dict[str, Prediction], *, grid: Sequence[float] = TEMPERATURES
+) -> float:
+    """The temperature at which the probabilities of `question_report` rows best state what came true on their
+    questions (`predictions`): the lowest log loss of `probability` as the chance that the answer given is
+    exactly right, plus, where the rows have one (v2), of `no_answer_probability` as the chance that the question
+    has none. No answer changes with it (`Prediction.probabilities`)."""
+    stated = [
+        (predictions[str(row["id"])], row["prediction"] == "", row["exact"] == 1.0, _has_none(row))
+        for row in rows
+        if str(row["id"]) in predictions
+    ]
+    if not stated:
+        raise ValueError("no predictions to fit a temperature on")
+
+    def loss(temperature: float) -> float:
+        total = 0.0
+        for pred, gave_none, right, has_none in stated:
+            spans, null = pred.probabilities(temperature)
+            if gave_none or spans:
+                total += _log_loss(null if gave_none else spans[0], right)
+            if has_none is not None:
+                total += _log_loss(null, has_none)
+        return total
+
+    return min(grid, key=loss)
+
+
+def _has_none(row: dict[str, object]) -> bool | None:
+    """Whether a v2 row's question has no answer (None: the row states no no-answer probability)."""
+    return not row["gold"] if "no_answer_probability" in row else None
+
+
+def _log_loss(probability: float, came_true: bool) -> float:
+    """-log of the probability given to what happened (kept off 0, so one sure mistake is costly, not infinite)."""
+    return -math.log(max(probability if came_true else 1.0 - probability, 1e-12))

@@ -8,16 +8,17 @@ Every split keeps whole articles on one side, so no passage is both trained on a
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import re
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bertqa.examples import Example, LoadReport, is_v2
+from bertqa.examples import ColumnsError, Example, LoadReport, is_v2
 from bertqa.loading import given_examples, load_squad
 from bertqa.negatives import NegativesReport, add_negatives
 
@@ -102,6 +103,8 @@ def run_examples(
     max_eval_examples: int | None = None,
     seed: int = 42,
     column_map: str | Mapping[str, str] | None = None,
+    eval_column_map: str | Mapping[str, str] | None = None,
+    skip_bad_records: bool = False,
     negatives: int = 0,
     train_examples: Sequence[Example] | Any | None = None,
     eval_examples: Sequence[Example] | Any | None = None,
@@ -117,21 +120,19 @@ def run_examples(
     With `negatives` R > 0 the run is a SQuAD v2 run: each answerable question of the training side, of the
     threshold's held-out questions and of a held-out evaluation share gets up to R unanswerable partners from other
     passages of its side (`bertqa.negatives`); named evaluation data is scored as it is. `max_*_examples` count
-    the questions drawn before negatives are added.
+    the questions drawn before negatives are added. `column_map` is the training data's, and the evaluation data's
+    unless it has an `eval_column_map` ("standard": the usual names); `skip_bad_records` drops invalid records
+    (counted, the first few named, in the load reports) instead of stopping.
     """
     arguments = dict(locals())  # what draws a held-out evaluation share again (`RunExamples.eval_rule`)
-    options = {"answerable": answerable, "seed": seed, "column_map": column_map}
-    reports: list[LoadReport | NegativesReport] = []
-    train, report = (
-        load_examples(train_data, **options)
-        if train_examples is None
-        else given_examples(train_examples, column_map=column_map, name="train_examples")
-    )
-    reports += [report] if report is not None else []
+    options = {"answerable": answerable, "seed": seed, "column_map": column_map, "skip_bad_records": skip_bad_records}
+    train, train_report = _training_side(train_data, train_examples, options)
     alone = train_examples is not None and eval_examples is None and eval_data is None and eval_split is None
     source = _given_share() if alone else eval_source(train_data, eval_data, eval_split)
-    train, evaluation, report, described, named = _evaluation_side(train, source, eval_examples, options)
-    reports += [report] if report is not None else []
+    with _shared_column_map_named(column_map if eval_column_map is None else None):
+        own = options | {"column_map": column_map if eval_column_map is None else eval_column_map}
+        train, evaluation, eval_report, described, named = _evaluation_side(train, source, eval_examples, own)
+    reports: list[LoadReport | NegativesReport] = [r for r in (train_report, eval_report) if r is not None]
     sides, pools, calibration_off = _draw_sides(
         train,
         evaluation,
@@ -150,6 +151,31 @@ def run_examples(
     if named is None and train_examples is None and eval_examples is None:  # drawn by a rule: it can be again
         found["eval_rule"] = {k: v for k, v in arguments.items() if k not in ("train_examples", "eval_examples")}
     return RunExamples(**sides, calibration_split=calibration_split, calibration_off=calibration_off, **found)
+
+
+def _training_side(
+    train_data: str, train_examples: Any, options: dict[str, Any]
+) -> tuple[list[Example], LoadReport | None]:
+    """The training examples, loaded from `train_data` or given, and what loading found."""
+    if train_examples is None:
+        return load_examples(train_data, **options)
+    given = {"column_map": options["column_map"], "skip_bad_records": options["skip_bad_records"]}
+    return given_examples(train_examples, name="train_examples", **given)
+
+
+@contextlib.contextmanager
+def _shared_column_map_named(column_map: str | Mapping[str, str] | None) -> Iterator[None]:
+    """Where the evaluation data is read with the training data's column map (`column_map`, None when it is not)
+    and its columns do not fit, say that it can have its own."""
+    try:
+        yield
+    except ColumnsError as err:
+        if not column_map:
+            raise
+        raise ColumnsError(
+            f"{err}. The evaluation data is read with the training data's column map ({column_map!r}) unless it has "
+            "its own: eval_column_map (--eval-column-map), 'standard' for the standard columns"
+        ) from err
 
 
 def _drop_thin_calibration(sides: dict[str, list[Example]]) -> str | None:
@@ -224,7 +250,12 @@ def _evaluation_side(
     """(training, evaluation examples, the evaluation source's load report, how the evaluation data is described,
     and where it can be found again): the examples given, a share held out of training, or a source loaded."""
     if eval_examples is not None:
-        evaluation, report = given_examples(eval_examples, column_map=options["column_map"], name="eval_examples")
+        evaluation, report = given_examples(
+            eval_examples,
+            column_map=options["column_map"],
+            name="eval_examples",
+            skip_bad_records=options["skip_bad_records"],
+        )
         return train, evaluation, report, "given examples", None
     if isinstance(source, float):
         train, evaluation = hold_out(train, source, seed=options["seed"])
@@ -292,6 +323,7 @@ def load_examples(
     max_examples: int | None = None,
     seed: int = 0,
     column_map: str | Mapping[str, str] | None = None,
+    skip_bad_records: bool = False,
 ) -> tuple[list[Example], LoadReport]:
     """`load_squad`, then a range of articles, then optionally answerable questions only, then a seeded subset.
 
@@ -303,7 +335,10 @@ def load_examples(
     parts = source_parts(source)
     if len(parts) > 1:
         try:
-            loaded = [load_examples(part, answerable=answerable, column_map=column_map) for part in parts]
+            loaded = [
+                load_examples(part, answerable=answerable, column_map=column_map, skip_bad_records=skip_bad_records)
+                for part in parts
+            ]
         except FileNotFoundError as err:
             raise FileNotFoundError(
                 f"{err} ('+' joins sources: {source!r} was read as {len(parts)}: {', '.join(map(repr, parts))})"
@@ -311,7 +346,7 @@ def load_examples(
         examples = _joined([exs for exs, _ in loaded], parts)
         return subsample(examples, max_examples, seed=seed), _joined_report([r for _, r in loaded], str(source))
     named, (source, articles) = source, split_article_range(source)
-    examples, report = load_squad(source, column_map=column_map)
+    examples, report = load_squad(source, column_map=column_map, skip_bad_records=skip_bad_records)
     if articles is not None:  # the report is of the articles kept
         examples = select_articles(examples, articles)
         report = report.part(examples, f"{report.source}{str(named)[len(str(source)) :]}")
@@ -345,9 +380,20 @@ def _joined(sides: list[list[Example]], parts: list[str]) -> list[Example]:
 def _joined_report(reports: list[LoadReport], source: str) -> LoadReport:
     counts = {
         name: sum(getattr(r, name) for r in reports)
-        for name in ("n_examples", "n_impossible", "n_answers", "n_repaired", "n_located", "n_generated_ids")
+        for name in (
+            "n_examples",
+            "n_impossible",
+            "n_answers",
+            "n_repaired",
+            "n_located",
+            "n_generated_ids",
+            "n_skipped",
+        )
     }
-    ids = {name: tuple(qid for r in reports for qid in getattr(r, name)) for name in ("repaired_ids", "located_ids")}
+    ids = {
+        name: tuple(qid for r in reports for qid in getattr(r, name))
+        for name in ("repaired_ids", "located_ids", "ambiguous_ids")
+    }
     ids["generated_ids"] = frozenset().union(*(r.generated_ids for r in reports))
     version = "v2.0" if counts["n_impossible"] else "v1.1"
     notes = tuple(note for r in reports for note in r.notes)

@@ -10,17 +10,22 @@ Prints the report and the time of each stage (load, tokenize, label, check).
 
 from __future__ import annotations
 
+import logging
 import time
 
 from bertqa import data
 from bertqa.cli import positive_int, run, script_parser, setup_logging, share
 from bertqa.sources import load_examples
 
+logger = logging.getLogger("bertqa")
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = script_parser(__doc__)
-    parser.add_argument(
-        "--data", default="train-v1.1", help="bundled name, SQuAD JSON path or hub name, optionally with [a:b] articles"
+    parser.add_data_flags(
+        default="train-v1.1",
+        data_help="bundled name, data file (.json, .jsonl, .csv, .parquet) or hub dataset id, optionally with [a:b] "
+        "articles",
     )
     parser.add_argument("--model", default="minilm-l6", help="whose tokenizer to use")
     for name in ("max_seq_length", "doc_stride", "max_query_length"):
@@ -36,7 +41,16 @@ def main(argv: list[str] | None = None) -> int:
 
     tokenizer = build_tokenizer(args.model)
     t0 = time.perf_counter()
-    examples, report = load_examples(args.data)
+    examples, report = load_examples(
+        args.data,
+        answerable=args.answerable_only,
+        max_examples=args.max_examples,
+        seed=args.seed,
+        column_map=args.column_map,
+        skip_bad_records=args.skip_bad_records,
+    )
+    for line in report.warnings:
+        logger.warning("%s", line)
     t1 = time.perf_counter()
     window = data.Window(args.max_seq_length, args.doc_stride, args.max_query_length)
     features = data.tokenize_examples(examples, tokenizer, window, num_proc=args.workers)
@@ -45,10 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     t3 = time.perf_counter()
     labels = data.check_labels(features, examples, min_match_rate=args.min_match_rate)
     t4 = time.perf_counter()
-    print(
-        f"{report.source}: version {report.version}, {report.n_examples:,} examples "
-        f"({report.n_impossible:,} unanswerable), {report.n_repaired} answer offsets repaired"
-    )
+    print(report.format())
     print(labels.format())
     print(
         f"time: load {t1 - t0:.1f} s, tokenize {t2 - t1:.1f} s ({len(examples) / (t2 - t1):,.0f} examples/s), "

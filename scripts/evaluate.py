@@ -43,18 +43,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "model",
         help="saved model folder (final_model/best_model of a run, or one scripts/export.py wrote), alias or hub id",
     )
-    parser.add_argument(
-        "--data",
-        help="bundled name, data file (.json, .jsonl, .csv, .parquet) or hub dataset id (default: the evaluation "
-        "data recorded with the model, read with its column map; dev-v1.1 for a model without bertqa.json)",
+    parser.add_data_flags(
+        default=None,
+        data_help="bundled name, data file (.json, .jsonl, .csv, .parquet) or hub dataset id (default: the "
+        "evaluation data recorded with the model, read as in training; dev-v1.1 for a model without bertqa.json)",
     )
     parser.add_precision(help="auto: bf16 where native")
-    parser.add_argument(
-        "--column-map", help="your column names, e.g. 'context=passage,question=query,answer_text=gold'"
-    )
-    parser.add_flag("--answerable-only", help="score only questions that have an answer")
-    parser.add_argument("--max-examples", type=positive_int, help="seeded random subset of examples")
-    parser.add_argument("--seed", type=int, default=42, help="seed of the subset")
     parser.add_argument("--batch-size", type=positive_int, default=64, help="windows per batch on each process")
     parser.add_argument(
         "--threshold", type=finite_float, help="v2 no-answer threshold (default: the one saved, else 0)"
@@ -88,15 +82,24 @@ def load_eval_examples(
     max_examples: int | None,
     seed: int,
     column_map: str | None,
+    skip_bad_records: bool = False,
 ) -> list[Any]:
-    """The questions to score: `eval_data`, or (None) the ones the run held out, drawn again by its recorded rule."""
+    """The questions to score: `eval_data`, or (None) the ones the run held out, drawn again by its recorded rule.
+    The recorded evaluation data is read as in training (its column map, bad records skipped if they were)."""
     from bertqa import sources
 
     if eval_data is not None:
-        if column_map is None and eval_data == settings.get("eval_data"):  # the recorded data, read as in training
-            column_map = settings.get("column_map")
+        if eval_data == settings.get("eval_data"):  # the recorded data, read as in training
+            recorded = settings.get("eval_column_map")
+            column_map = column_map or (recorded if recorded is not None else settings.get("column_map"))
+            skip_bad_records = skip_bad_records or bool(settings.get("skip_bad_records"))
         examples, report = sources.load_examples(
-            eval_data, answerable=answerable_only, max_examples=max_examples, seed=seed, column_map=column_map
+            eval_data,
+            answerable=answerable_only,
+            max_examples=max_examples,
+            seed=seed,
+            column_map=column_map,
+            skip_bad_records=skip_bad_records,
         )
         logger.info("loaded %s", report.format())
         for line in report.warnings:
@@ -128,6 +131,7 @@ def evaluate_model(
     threshold: float | None = None,
     mixed_precision: str = "auto",
     column_map: str | None = None,
+    skip_bad_records: bool = False,
 ) -> tuple[dict[str, float], dict[str, Any], list[Any]]:
     """Score a saved model on a dataset with the settings it was trained with; works under `accelerate launch`.
 
@@ -149,7 +153,8 @@ def evaluate_model(
     tokenizer = build_tokenizer(model_dir)
     accelerator = make_accelerator(mixed_precision=resolve_precision(precision_for(model_dir, mixed_precision)))
     subset = {"answerable_only": answerable_only, "max_examples": max_examples, "seed": seed}
-    examples = load_eval_examples(eval_data, settings, column_map=column_map, **subset)
+    reading = {"column_map": column_map, "skip_bad_records": skip_bad_records}
+    examples = load_eval_examples(eval_data, settings, **reading, **subset)
     eval_data = eval_data or "the held-out share"
     features = tokenize_examples(examples, tokenizer, Window.from_dict(settings))
     # An exported model runs on ONNX Runtime in each process as it is: nothing of it for Accelerate to wrap.
@@ -189,6 +194,7 @@ def evaluate_model(
         progress=True,
     )
     metrics["no_answer_threshold"] = threshold if v2 else None
+    metrics["temperature"] = settings["temperature"]  # what the probabilities are given at (`question_report`)
     return metrics, predictions, examples
 
 
@@ -227,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
             batch_size=args.batch_size,
             threshold=args.threshold,
             column_map=args.column_map,
+            skip_bad_records=args.skip_bad_records,
             mixed_precision=args.mixed_precision,
         )
     except BaseException:
@@ -241,7 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     write("predictions.json", {q: predictions[q].answer(threshold) for q in order})
     write("nbest_predictions.json", {q: [span._asdict() for span in predictions[q].spans()] for q in order})
     write("null_odds.json", {q: predictions[q].no_answer_score for q in order})
-    rows = question_report(examples, predictions, v2=threshold is not None, threshold=threshold)
+    v2, temperature = threshold is not None, metrics["temperature"]
+    rows = question_report(examples, predictions, v2=v2, threshold=threshold, temperature=temperature)
     (out / "questions.jsonl").write_text("".join(dumps(row, ensure_ascii=False) + "\n" for row in rows))
     metrics["errors"], metrics["confidence"] = error_summary(rows), confidence(rows)
     write("scores.json", metrics)

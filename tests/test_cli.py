@@ -174,8 +174,7 @@ def test_no_script_has_a_yes_no_flag_that_takes_no_value(name, monkeypatch):
     flags = [a for a in built.value.parser._actions if isinstance(a, cli.BoolFlag)]
     bare_only = [a.option_strings for a in built.value.parser._actions if a.nargs == 0 and a.dest != "help"]
     assert not bare_only, f"{name}: {bare_only} take no value (store_true): use add_flag"
-    if name != "check_labels.py":  # it has no yes/no setting
-        assert flags
+    assert flags
 
 
 # ------------------------------------------------------------------------------------------ under accelerate launch

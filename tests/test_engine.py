@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 import sys
@@ -345,6 +346,10 @@ def test_v2_threshold_is_calibrated_on_held_out_training_questions(tmp_path, tin
     assert meta["threshold_calibrated_on"]["questions"] == 20 and meta["eval_data"] == "dev-v2.0[20:]"
     # The reported F1 is the one at the calibrated threshold; the evaluation set's own best is reported beside it.
     assert {"f1", "best_f1", "calibration_best_f1"} <= set(record) and record["f1"] <= record["best_f1"]
+    # Its probabilities are measured on the same held-out questions; a temperature is fitted where they are off.
+    assert meta["temperature"] == record["temperature"] > 0
+    assert (record["temperature"] == 1.0) == (record["calibration_ece"] <= 0.05)
+    assert record["calibrated_ece"] <= record["calibration_ece"] + 1e-9
 
 
 # ------------------------------------------------------------------------------------------ stops and observers
@@ -582,3 +587,30 @@ def test_progress_bars_only_on_a_terminal_and_never_with_tqdm_disable(monkeypatc
     for value, shown in (("1", False), ("true", False), ("0", True), ("", True)):
         monkeypatch.setenv("TQDM_DISABLE", value)
         assert progress_bars() is shown, value
+
+
+def test_a_long_evaluation_is_announced_with_its_size_and_time_once(tmp_path, tiny, caplog, monkeypatch):
+    from bertqa.training import evaluation
+
+    monkeypatch.setattr(evaluation, "LONG_EVALUATION_WINDOWS", 10)  # the 12 questions here count as long
+    config = tiny_config(tmp_path, max_train_examples=2, max_eval_examples=12, max_steps=2, eval_every_steps=1)
+    with caplog.at_level(logging.INFO, logger="bertqa"):
+        engine.fit(config, model=tiny())
+    plans = [r.getMessage() for r in caplog.records if r.getMessage().startswith("each evaluation scores")]
+    assert len(plans) == 1 and re.match(
+        r"each evaluation scores 12 questions \(\d+ windows\): about [\d.]+ s", plans[0]
+    )
+    lopsided = [r.getMessage() for r in caplog.records if "times the 2 the run trains on" in r.getMessage()]
+    assert len(lopsided) == 1 and "--max-eval-examples" in lopsided[0]
+
+
+def test_a_short_evaluation_is_not_timed_before_it_runs(tmp_path, tiny, caplog, monkeypatch):
+    from bertqa.training import timing
+
+    def untimed(*args, **kwargs):
+        raise AssertionError("a short evaluation was timed")
+
+    monkeypatch.setattr(timing, "evaluation_seconds", untimed)
+    with caplog.at_level(logging.INFO, logger="bertqa"):
+        engine.fit(tiny_config(tmp_path, max_steps=1), model=tiny())
+    assert not [r for r in caplog.records if r.getMessage().startswith("each evaluation scores")]

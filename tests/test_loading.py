@@ -396,3 +396,126 @@ def test_a_range_counts_each_repaired_answer_as_the_whole_file_does(tmp_path):
     _, first = sources.load_examples(f"{path}[:1]")
     _, second = sources.load_examples(f"{path}[1:]")
     assert (whole.n_repaired, first.n_repaired, second.n_repaired) == (3, 2, 1)
+
+
+# ------------------------------------------------------------------------------------- bad records, ambiguous answers
+
+
+def _jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+GOOD = {"context": "Ann Lee wrote it in 1990.", "question": "Who wrote it?", "answer_text": "Ann Lee"}
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_bad_records_stop_the_load_or_are_skipped_counted_and_named(tmp_path, skip):
+    path = _jsonl(
+        tmp_path / "mine.jsonl",
+        [
+            {"id": "q1", **GOOD},
+            {"id": "q2", **GOOD, "context": "  "},  # an empty context: line 2
+            {"id": "q3", **GOOD, "answer_text": "Bo"},  # an answer that is not in its context: line 3
+            {"id": "q1", **GOOD, "question": "Who?"},  # an id given twice: line 4
+            {"id": "q5", **GOOD},
+        ],
+    )
+    if not skip:
+        with pytest.raises(SquadFormatError, match=r"mine.jsonl: line 2 \(id 'q2'\).*'context' is empty"):
+            sources.load_examples(str(path))
+        return
+    examples, report = sources.load_examples(str(path), skip_bad_records=True)
+    assert [ex.id for ex in examples] == ["q1", "q5"]
+    assert report.n_skipped == 3 and report.n_examples == 2
+    assert "3 bad records skipped" in report.format()
+    (note,) = [line for line in report.warnings if "skipped" in line]
+    for named in ("line 2 (id 'q2')", "'Bo'", "'q1' appears twice"):
+        assert named in note
+
+
+def test_skipping_bad_records_runs_through_the_official_layout_and_names_a_layout_of_nothing_good(tmp_path):
+    raw = {
+        "version": "1.1",
+        "data": [
+            {
+                "title": "T",
+                "paragraphs": [
+                    {"context": "Ann Lee wrote it.", "qas": [{"id": "a", "question": "Who?", "answers": []}]},
+                    {"qas": []},  # no context
+                    {
+                        "context": "Bo did.",
+                        "qas": [{"id": "b", "question": "Who?", "answers": [{"text": "Bo", "answer_start": 0}]}],
+                    },
+                ],
+            }
+        ],
+    }
+    path = tmp_path / "squad.json"
+    path.write_text(json.dumps(raw))
+    with pytest.raises(SquadFormatError, match=r"paragraphs\[0\]\.qas\[0\]: question 'a' has no answers"):
+        load_squad(path)
+    examples, report = load_squad(path, skip_bad_records=True)
+    assert [ex.id for ex in examples] == ["b"] and report.n_skipped == 2
+    assert "paragraphs[1]: missing key 'context'" in report.warnings[-1]
+    bad = _jsonl(tmp_path / "bad.jsonl", [{**GOOD, "context": ""}])
+    with pytest.raises(SquadFormatError, match=r"holds no questions \(1 bad records skipped: .*line 1"):
+        load_squad(bad, skip_bad_records=True)
+
+
+def test_a_column_layout_that_is_wrong_is_not_a_bad_record_to_skip(tmp_path):
+    path = _jsonl(tmp_path / "mine.jsonl", [{"passage": "x", "query": "y", "gold": "x"}])
+    with pytest.raises(SquadFormatError, match="missing column"):
+        load_squad(path, skip_bad_records=True)
+
+
+def test_answers_located_by_a_text_that_occurs_twice_are_counted_and_named(tmp_path):
+    path = _jsonl(
+        tmp_path / "mine.jsonl",
+        [
+            {"id": "a", "context": "Ann met Bo, and Ann left.", "question": "Who left?", "answer_text": "Ann"},
+            {"id": "b", "context": "Ann met Bo.", "question": "Who came?", "answer_text": "Bo"},
+            {"id": "c", "context": "Ann met Bo.", "question": "Who?", "answer_text": "Ann", "answer_start": 0},
+        ],
+    )
+    examples, report = load_squad(path)
+    assert examples[0].answer_starts == (0,)  # the first occurrence: what the note warns of
+    assert report.n_located == 2 and report.ambiguous_ids == ("a",)
+    assert "1 of them by a text that occurs more than once" in report.format()
+    assert any("question 'a': 'Ann' occurs 2 times" in line for line in report.warnings)
+    assert sources.load_examples(f"{path}[:1]")[1].ambiguous_ids == ("a",)  # kept with its part of the file
+
+
+def test_evaluation_data_has_its_own_column_map(tmp_path):
+    train = tmp_path / "train.csv"
+    train.write_text(
+        "qid,passage,query,gold,title\n"
+        + "".join(f"t{i},Ann Lee wrote book {i}.,Who wrote book {i}?,Ann Lee,A{i}\n" for i in range(12))
+    )
+    evaluation = _jsonl(tmp_path / "dev.jsonl", [{"id": f"e{i}", **GOOD} for i in range(3)])
+    mapped = "id=qid,context=passage,question=query,answer_text=gold"
+    with pytest.raises(SquadFormatError, match=r"read with the training data's column map.*--eval-column-map"):
+        sources.run_examples(str(train), eval_data=str(evaluation), column_map=mapped)
+    run = sources.run_examples(str(train), eval_data=str(evaluation), column_map=mapped, eval_column_map="standard")
+    assert len(run.train) == 12 and [ex.id for ex in run.eval] == ["e0", "e1", "e2"]
+    renamed = _jsonl(tmp_path / "dev2.jsonl", [{"qid": "x", "passage": GOOD["context"], "q": "Who?", "a": "Ann Lee"}])
+    run = sources.run_examples(
+        str(train),
+        eval_data=str(renamed),
+        column_map=mapped,
+        eval_column_map="id=qid,context=passage,question=q,answer_text=a",
+    )
+    assert [ex.id for ex in run.eval] == ["x"]
+
+
+def test_skip_bad_records_reaches_every_side_of_a_run(tmp_path):
+    train = _jsonl(
+        tmp_path / "train.jsonl",
+        [{"id": f"t{i}", "title": f"A{i}", **GOOD} for i in range(12)] + [{**GOOD, "context": ""}],
+    )
+    evaluation = _jsonl(tmp_path / "dev.jsonl", [{"id": "e0", **GOOD}, {"id": "e1", **GOOD, "answer_text": "Zed"}])
+    with pytest.raises(SquadFormatError, match=r"train\.jsonl: line 13"):
+        sources.run_examples(str(train), eval_data=str(evaluation))
+    run = sources.run_examples(str(train), eval_data=str(evaluation), skip_bad_records=True)
+    assert len(run.train) == 12 and [ex.id for ex in run.eval] == ["e0"]
+    assert [r.n_skipped for r in run.reports] == [1, 1]

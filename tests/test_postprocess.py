@@ -237,3 +237,67 @@ def test_a_question_report_says_what_each_answer_was_worst_first():
         "partial_overlap": 1,
         "right": 2,
     }
+
+
+# ----------------------------------------------------------------------------------------------------- temperature
+
+
+def _stated(scores, right, *, null=-30.0):
+    """Questions whose best span ("aa") scores `scores[i]` against a runner-up ("bb", 0): right or not as told."""
+    from bertqa.postprocess import Prediction
+
+    examples, predictions = [], {}
+    for i, (a, ok) in enumerate(zip(scores, right)):
+        qid = f"q{i}"
+        examples.append(data.Example(qid, "", "aa bb", "q?", ("aa" if ok else "bb",), (0 if ok else 3,)))
+        predictions[qid] = Prediction("aa", a, null, null - a, (("aa", a, 0, 2), ("bb", 0.0, 3, 5)))
+    return examples, predictions
+
+
+def test_a_fitted_temperature_makes_overconfident_probabilities_mean_what_they_say():
+    from bertqa.postprocess import confidence, fit_temperature, question_report
+
+    rng = np.random.default_rng(0)
+    scores = rng.uniform(0.5, 4.0, 3000)
+    right = rng.random(3000) < 1 / (1 + np.exp(-scores / 2))  # what comes true is what a temperature of 2 states
+    examples, predictions = _stated(scores, right)
+    rows = question_report(examples, predictions, v2=False, threshold=None)
+    temperature = fit_temperature(rows, predictions)
+    assert temperature == pytest.approx(2.0, rel=0.1)
+    after = question_report(examples, predictions, v2=False, threshold=None, temperature=temperature)
+    ece = [confidence(r)["probability"]["ece"] for r in (rows, after)]
+    assert ece[0] > 0.1 and ece[1] < 0.03
+    # No answer changes: the same prediction and outcome for every question, only its probability.
+    assert [(r["id"], r["prediction"], r["exact"]) for r in sorted(rows, key=lambda r: r["id"])] == [
+        (r["id"], r["prediction"], r["exact"]) for r in sorted(after, key=lambda r: r["id"])
+    ]
+
+
+def test_probabilities_that_already_hold_keep_a_temperature_near_1_and_their_order_at_any():
+    from bertqa.postprocess import Prediction, fit_temperature, question_report
+
+    rng = np.random.default_rng(1)
+    scores = rng.uniform(-2.0, 4.0, 3000)
+    right = rng.random(3000) < 1 / (1 + np.exp(-scores))
+    examples, predictions = _stated(scores, right)
+    rows = question_report(examples, predictions, v2=False, threshold=None)
+    assert fit_temperature(rows, predictions) == pytest.approx(1.0, rel=0.1)
+    pred = Prediction("a", 2.0, 1.0, -1.0, (("a", 2.0, 0, 1), ("b", 0.5, 2, 3)))
+    for t in (0.3, 1.0, 3.0):
+        spans, null = pred.probabilities(t)
+        assert spans[0] > null > spans[1] and sum(spans) + null == pytest.approx(1.0)
+
+
+def test_a_v2_temperature_weighs_what_no_answer_probability_states():
+    from bertqa.postprocess import TEMPERATURES, Prediction, fit_temperature, question_report
+
+    # "No answer" scored 2 above the only span states 0.88 at temperature 1; it comes true half the time.
+    examples, predictions = [], {}
+    for i in range(400):
+        qid = f"q{i}"
+        none = i % 2 == 0
+        examples.append(data.Example(qid, "", "aa bb", "q?", () if none else ("aa",), () if none else (0,), none))
+        predictions[qid] = Prediction("aa", 0.0, 2.0, 2.0, (("aa", 0.0, 0, 2),))
+    rows = question_report(examples, predictions, v2=True, threshold=0.0)
+    assert [row["no_answer_probability"] for row in rows] == pytest.approx([1 / (1 + np.exp(-2.0))] * 400)
+    assert fit_temperature(rows, predictions) == TEMPERATURES[-1]  # as unsure as the grid allows

@@ -405,3 +405,49 @@ def test_evaluate_without_data_scores_the_share_the_run_held_out_to_the_digit(tm
     ece = scores["confidence"]["probability"]["ece"]
     assert 0 <= ece <= 1 and (tmp_path / "eval" / "reliability.png").stat().st_size > 1000
     assert f"expected calibration error {ece:.3f} over {len(rows)} questions" in result.stderr
+
+
+def test_own_data_with_its_own_columns_and_bad_records_trains_and_is_evaluated_again(tmp_path, tiny_dir):
+    """A CSV training file in one's own columns and a JSONL evaluation file in the standard ones, each with a bad
+    record: train.py skips and names them, evaluate.py on the model reads the same data the same way, and
+    check_labels.py takes the same flags."""
+    import csv
+
+    from bertqa.sources import load_examples
+
+    examples, _ = load_examples("dev-v1.1", max_examples=40, seed=0)
+    train_csv = tmp_path / "train.csv"
+    with open(train_csv, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["qid", "passage", "query", "gold", "where", "topic"])
+        for ex in examples[:30]:
+            writer.writerow([ex.id, ex.context, ex.question, ex.answer_texts[0], ex.answer_starts[0], ex.title])
+        writer.writerow(["bad", "", "Who?", "x", "", "t"])  # an empty context
+    dev = tmp_path / "dev.jsonl"
+    lines = [
+        {"id": ex.id, "context": ex.context, "question": ex.question, "answer_text": ex.answer_texts[0]}
+        for ex in examples[30:]
+    ]
+    lines.append({"id": "bad", "context": "Ann.", "question": "Who?", "answer_text": "Zed"})
+    dev.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    columns = "id=qid,context=passage,question=query,answer_text=gold,answer_start=where,title=topic"
+    settings = SMALL[8:]  # the window and batch settings
+    data = ["--train-data", train_csv, "--eval-data", dev, "--column-map", columns, "--max-steps", "2"]
+    refused = script("train.py", "--model", tiny_dir, *settings, *data, "--output-dir", tmp_path / "x", check=False)
+    assert refused.returncode != 0 and re.search(
+        r"train\.csv: line \d+ \(id 'bad'\).*--skip-bad-records", refused.stderr
+    )
+    run = tmp_path / "run"
+    own = ["--eval-column-map", "standard", "--skip-bad-records"]
+    trained = script("train.py", "--model", tiny_dir, *settings, *data, *own, "--output-dir", run)
+    assert "train.csv: 1 bad records skipped" in trained.stderr and "dev.jsonl: 1 bad records skipped" in trained.stderr
+    meta = json.loads((run / "final_model" / "bertqa.json").read_text())
+    assert (meta["column_map"], meta["eval_column_map"], meta["skip_bad_records"]) == (columns, "standard", True)
+    last = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][-1]
+    script("evaluate.py", run / "final_model", "--out", tmp_path / "eval")
+    scores = json.loads((tmp_path / "eval" / "scores.json").read_text())
+    assert (scores["f1"], scores["total"]) == (last["f1"], last["total"]) and last["total"] == 10
+    checked = script(
+        "check_labels.py", "--data", train_csv, "--column-map", columns, "--skip-bad-records", "--model", tiny_dir
+    )
+    assert "30 questions" in checked.stdout and "1 bad records skipped" in checked.stdout

@@ -145,7 +145,7 @@ def test_too_many_waiting_questions_are_refused_as_busy():
 class StubAnswerer:
     """What create_app needs of an Answerer, answering like `fake_answer` after `delay` seconds."""
 
-    model_dir, backend, v2, threshold = "stub", "stub-backend", False, None
+    model_dir, backend, v2, threshold, temperature = "stub", "stub-backend", False, None, 1.0
 
     def __init__(self, delay: float = 0.0) -> None:
         self.delay = delay

@@ -36,10 +36,14 @@ DEFAULT_SETTINGS: dict[str, Any] = {
     "max_answer_length": 30,
     "v2": False,
     "no_answer_threshold": None,
+    # Probabilities are softmaxes of the scores divided by this (chosen with the threshold; 1: as the model gives them).
+    "temperature": 1.0,
     "threshold_calibrated_on": None,  # v2 models: where the threshold was chosen ({"source", "questions"})
     "eval_data": None,
     "eval_rule": None,  # a held-out evaluation share: the `run_examples` arguments that draw it again
     "column_map": None,
+    "eval_column_map": None,  # how the evaluation data was read: its own column map, or the training data's
+    "skip_bad_records": False,
     "export": None,  # exported folders: format, quantization and the parity check (`bertqa.deploy.export`)
 }
 

@@ -106,6 +106,8 @@ class Answerer:
         saved = self.settings["no_answer_threshold"]
         self.v2 = bool(self.settings["v2"])
         self.threshold = threshold if threshold is not None else (saved if self.v2 else None)
+        # Probabilities are given at the temperature chosen in training where the model's were off (1: as they are).
+        self.temperature = float(self.settings["temperature"])
 
     def __call__(
         self, questions: Sequence[Mapping[str, Any]], *, top_k: int = 0, places: Sequence[str] | None = None
@@ -128,7 +130,7 @@ class Answerer:
         return [self._answer(q.get("id", i), p, top_k) for i, (q, p) in enumerate(zip(questions, preds))]
 
     def _answer(self, qid: Any, pred: Prediction, top_k: int) -> Answer:
-        span_probs, null_prob = pred.probabilities()
+        span_probs, null_prob = pred.probabilities(self.temperature)
         candidates = tuple(
             {"answer": s.text, "start": s.start, "end": s.end, "score": s.score, "probability": p}
             for s, p in zip(pred.spans()[:top_k], span_probs)

@@ -9,7 +9,7 @@ fixed-length recipe stopped short (Li, Yumer & Ramanan, "Budgeted Training", ICL
 follow the plan: `bertqa.batching.QuestionOrderBatchSampler` takes them whole in a seeded order, so a run that has
 time for N questions trains on a seeded draw of N, every window of each.
 
-The arithmetic is pure; `time_forward` and `evaluation_seconds` run a model, `Deadline` reads the clock.
+The arithmetic is pure; `bertqa.training.timing` runs a model to time it, `Deadline` reads the clock.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from bertqa.config import format_duration, parse_duration
 from bertqa.training.hooks import Hook, count_evaluations
 from bertqa.training.optim import evaluations_between, reschedule
 from bertqa.training.state import StopTraining
+from bertqa.training.timing import evaluation_seconds, time_forward
 
 if TYPE_CHECKING:
     import torch
@@ -167,31 +168,6 @@ def update_seconds(seconds: float, *, timed: np.ndarray, tokens: np.ndarray, per
     tokens of their micro-batches, `tokens` those of every micro-batch of the pass. The timed updates' rate per
     token, times the mean update's tokens."""
     return seconds / max(1, int(timed.sum())) * float(tokens.sum()) / max(1, per_epoch)
-
-
-def evaluation_seconds(
-    model: torch.nn.Module, loaders: Sequence[Any], *, device: torch.device, batch_size: int, multiple: int
-) -> float:
-    """One evaluation's seconds over `loaders` (`eval_batches` loaders: the evaluation data and the v2 threshold's),
-    from forward passes over the longest, a middle and the shortest batch of each (after an untimed warm-up): the
-    seconds per token at those three lengths, interpolated to every batch's length (a long window costs more per
-    token: attention grows with the square of the length). About a tenth of an evaluation of 1000 SQuAD questions."""
-    from bertqa.batching import SortedBatchSampler, model_inputs, padded_tokens
-
-    total = 0.0
-    for loader in loaders:
-        dataset = loader.dataset
-        batches = list(SortedBatchSampler(dataset.features.lengths, batch_size))
-        tokens = padded_tokens(batches, dataset.features.lengths, multiple)
-        lengths = tokens / np.array([len(b) for b in batches])  # each batch's padded length
-        picks = sorted({0, len(batches) // 2, len(batches) - 1})  # the longest, a middle one, the shortest
-        inputs = {k: model_inputs(loader.collate_fn([dataset[i] for i in batches[k]])) for k in picks}
-        shortest = inputs[picks[-1]]  # the untimed warm-up before each: cheap
-        per_token = [time_forward(model, [inputs[k]], device, warm_up=shortest) / tokens[k] for k in picks]
-        order = np.argsort(lengths[picks])
-        at = np.interp(lengths, lengths[picks][order], np.array(per_token)[order])
-        total += float((tokens * at).sum())
-    return total * 1.05  # post-processing and scoring: under 1% of the forward passes on SQuAD, plus the gathers
 
 
 def make_plan(
@@ -359,40 +335,6 @@ def _time_warmup(
     if state.epoch == epoch and len(timed) == (probe - skip) * micro:
         return update_seconds(seconds, timed=timed, tokens=tokens, per_epoch=per_epoch)
     return seconds / max(1, probe - skip)  # the warm-up reached the end of a pass: its updates as they came
-
-
-def time_forward(
-    model: torch.nn.Module,
-    batches: Sequence[dict[str, torch.Tensor]],
-    device: torch.device,
-    *,
-    warm_up: dict[str, torch.Tensor] | None = None,
-) -> float:
-    """Seconds that a forward pass in eval mode takes over `batches` (model inputs only), after one untimed pass
-    over `warm_up` (default: the first batch); the model's training mode is put back."""
-    import torch
-
-    was_training = model.training
-    model.eval()
-
-    def run(batch: dict[str, torch.Tensor]) -> None:
-        model(**{k: v.to(device) for k, v in batch.items()})
-
-    with torch.no_grad():
-        run(warm_up if warm_up is not None else batches[0])
-        _sync(device)
-        t0 = time.perf_counter()
-        for batch in batches:
-            run(batch)
-        _sync(device)
-        elapsed = time.perf_counter() - t0
-    model.train(was_training)
-    return elapsed
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":  # GPU work is queued: only a sync makes a clock reading mean the work is done
-        torch.cuda.synchronize(device)
 
 
 class Deadline:

@@ -306,15 +306,24 @@ def _prune(output_dir: Path, *, keep: int) -> None:
 
 
 def model_meta(
-    examples: RunExamples, *, window: Window, max_answer_length: int, column_map: str | None
+    examples: RunExamples,
+    *,
+    window: Window,
+    max_answer_length: int,
+    column_map: str | None,
+    eval_column_map: str | None = None,
+    skip_bad_records: bool = False,
 ) -> dict[str, Any]:
     """What `bertqa.json` beside a saved model says about its training run: the window settings, whether it is a
-    SQuAD v2 model, the evaluation data and column map `evaluate.py` reuses, and for v2 where its no-answer
-    threshold is chosen."""
+    SQuAD v2 model, the evaluation data and how `evaluate.py` reads it again (column maps: the training data's, and
+    the evaluation data's, which is the training one's unless it has its own; whether bad records were skipped),
+    and for v2 where its no-answer threshold is chosen."""
     meta = {**window.to_dict(), "max_answer_length": max_answer_length, "v2": examples.v2}
     meta["eval_data"] = examples.eval_data  # None: a held-out share or examples passed in cannot be named again
     meta["eval_rule"] = examples.eval_rule  # a held-out share: how `evaluate.py` draws the same questions again
     meta["column_map"] = column_map
+    meta["eval_column_map"] = column_map if eval_column_map is None else eval_column_map
+    meta["skip_bad_records"] = skip_bad_records
     if examples.v2 and examples.calibration_off is not None:
         meta["threshold_calibrated_on"] = {
             "source": f"none ({examples.calibration_off}): the default threshold {DEFAULT_NO_ANSWER_THRESHOLD:g}",
@@ -348,7 +357,9 @@ def save_model(accelerator: Accelerator, model: Any, tokenizer: Any, path: Path,
             tokenizer.save_pretrained(tmp)
             record = meta["eval"]
             threshold = record.get("no_answer_threshold", record.get("best_f1_thresh", 0.0)) if meta.get("v2") else None
-            (tmp / "bertqa.json").write_text(json.dumps({**meta, "no_answer_threshold": threshold}, indent=2) + "\n")
+            temperature = record.get("temperature", 1.0)  # chosen with the threshold (v2), else probabilities as given
+            saved = {**meta, "no_answer_threshold": threshold, "temperature": temperature}
+            (tmp / "bertqa.json").write_text(json.dumps(saved, indent=2) + "\n")
 
         failed = _attempt(write)
         if failed is None:

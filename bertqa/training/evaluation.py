@@ -16,6 +16,7 @@ import torch
 
 from bertqa.data import Example
 from bertqa.inference import evaluate
+from bertqa.postprocess import MAX_CALIBRATION_ERROR, Prediction, confidence, fit_temperature, question_report
 from bertqa.training import checkpoint
 
 if TYPE_CHECKING:
@@ -25,9 +26,16 @@ if TYPE_CHECKING:
     from bertqa.training.reporting import RunRecorder
     from bertqa.training.state import TrainState
 
-__all__ = ["Evaluator"]
+__all__ = ["LONG_EVALUATION_WINDOWS", "Evaluator"]
 
 logger = logging.getLogger("bertqa")
+
+# An evaluation over this many windows (the evaluation data's and the threshold's) is timed and announced before the
+# first one: about a minute on a laptop CPU.
+LONG_EVALUATION_WINDOWS = 2000
+# An evaluation of this many times the training questions is said to be lopsided (a held-out share of a large file
+# with few questions trained on, say).
+LOPSIDED = 4
 
 
 @dataclass
@@ -45,8 +53,12 @@ class Evaluator:
     calibration: tuple[torch.utils.data.DataLoader, Sequence[Example]] | None
     signals: SignalCatcher  # a one-process evaluation stops at once at a signal
     fixed_threshold: float | None = None
+    batch_size: int = 64  # windows per evaluation batch, and the multiple they are padded to: for the estimate
+    pad_to_multiple_of: int = 8
+    trained_on: int = 0  # training questions, to compare a long evaluation with
     last: dict[str, Any] = field(default_factory=dict)  # the latest record
     seconds: float = 0.0  # how long the latest evaluation took
+    planned: bool = False  # the plan line was said (before the first evaluation)
 
     @property
     def loaders(self) -> list[torch.utils.data.DataLoader]:
@@ -54,6 +66,8 @@ class Evaluator:
         return [self.loader] + ([self.calibration[0]] if self.calibration else [])
 
     def __call__(self, model: torch.nn.Module, state: TrainState, **train_stats: float) -> dict[str, Any]:
+        if not self.planned:
+            self.say_plan(model)
         t0 = time.perf_counter()
         # One process may drop an evaluation at a signal (the checkpoint does not need it); several finish it
         # together, since a process that left it would keep the others waiting for its share.
@@ -79,12 +93,47 @@ class Evaluator:
         self.last, self.seconds = record, time.perf_counter() - t0
         return record
 
+    def say_plan(self, model: torch.nn.Module) -> None:
+        """Before the first evaluation of a long one (`LONG_EVALUATION_WINDOWS`): how many questions it scores, and
+        about how long it takes (timed on three batches of each loader); a warning when it scores far more
+        questions than the run trains on."""
+        self.planned = True
+        windows = sum(len(loader.dataset) for loader in self.loaders)
+        if windows < LONG_EVALUATION_WINDOWS:
+            return
+        from bertqa.config import format_duration
+        from bertqa.training.timing import evaluation_seconds
+
+        seconds = evaluation_seconds(
+            model,
+            self.loaders,
+            device=self.accelerator.device,
+            batch_size=self.batch_size,
+            multiple=self.pad_to_multiple_of,
+        )
+        threshold = f" and {len(self.calibration[1]):,} for the no-answer threshold" if self.calibration else ""
+        logger.info(
+            "each evaluation scores %s questions%s (%s windows): about %s each, timed on a few batches",
+            f"{len(self.examples):,}",
+            threshold,
+            f"{windows:,}",
+            format_duration(seconds / self.accelerator.num_processes),
+        )
+        if self.trained_on and len(self.examples) > LOPSIDED * self.trained_on:
+            logger.warning(
+                "the evaluation scores %s questions, %.0f times the %s the run trains on: --max-eval-examples "
+                "scores a seeded draw of fewer",
+                f"{len(self.examples):,}",
+                len(self.examples) / self.trained_on,
+                f"{self.trained_on:,}",
+            )
+
     def _threshold(self, model: torch.nn.Module) -> dict[str, float]:
         """The no-answer threshold to evaluate with, chosen on held-out training questions when there are some."""
         if self.calibration is None:
             return {} if self.fixed_threshold is None else {"no_answer_threshold": self.fixed_threshold}
         loader, examples = self.calibration
-        cal, _ = evaluate(
+        cal, predictions = evaluate(
             self.accelerator,
             model,
             loader,
@@ -104,7 +153,47 @@ class Evaluator:
             cal.get("NoAns_total", 0),
             cal["best_f1"],
         )
-        return {"no_answer_threshold": cal["best_f1_thresh"], "calibration_best_f1": cal["best_f1"]}
+        temperature = self._temperature(examples, predictions, threshold=cal["best_f1_thresh"])
+        return {"no_answer_threshold": cal["best_f1_thresh"], "calibration_best_f1": cal["best_f1"], **temperature}
+
+    def _temperature(
+        self, examples: Sequence[Example], predictions: dict[str, Prediction], *, threshold: float
+    ) -> dict[str, float]:
+        """The temperature the model's probabilities are given at, chosen on the threshold's held-out questions: 1
+        where they already mean what they say there (expected calibration error at most `MAX_CALIBRATION_ERROR`,
+        the worse of `probability` and `no_answer_probability`), else the one fitted there (`fit_temperature`).
+        With the error before and after; worked out on the main process (which has the predictions) and shared."""
+        from accelerate.utils import broadcast_object_list
+
+        found: list[dict[str, float]] = [{}]
+        if self.accelerator.is_main_process:
+            rows = question_report(examples, predictions, v2=True, threshold=threshold)
+            before = _worst_error(rows)
+            temperature = 1.0 if before <= MAX_CALIBRATION_ERROR else fit_temperature(rows, predictions)
+            after = _worst_error(
+                question_report(examples, predictions, v2=True, threshold=threshold, temperature=temperature)
+            )
+            found = [{"temperature": temperature, "calibration_ece": before, "calibrated_ece": after}]
+            logger.info("%s", _describe_temperature(found[0], len(rows)))
+        return broadcast_object_list(found)[0]
 
     def save_model(self, model: torch.nn.Module, path: Path, record: dict[str, Any]) -> None:
         checkpoint.save_model(self.accelerator, model, self.tokenizer, path, {**self.meta, "eval": record})
+
+
+def _worst_error(rows: list[dict[str, object]]) -> float:
+    """The larger expected calibration error of a report's two probabilities."""
+    return max(float(c["ece"]) for c in confidence(rows).values())
+
+
+def _describe_temperature(found: dict[str, float], questions: int) -> str:
+    if found["temperature"] == 1.0:
+        return (
+            f"probabilities: expected calibration error {found['calibration_ece']:.3f} on the {questions:,} threshold "
+            f"questions (at most {MAX_CALIBRATION_ERROR}): given as they are"
+        )
+    return (
+        f"probabilities: expected calibration error {found['calibration_ece']:.3f} on the {questions:,} threshold "
+        f"questions; at temperature {found['temperature']:.2f} (saved with the model, used wherever it answers; "
+        f"no answer changes) it is {found['calibrated_ece']:.3f}"
+    )

@@ -434,7 +434,12 @@ def _evaluator(c: TrainConfig, run: Run, data: Data, signals: SignalCatcher, *, 
     )
     examples = data.examples
     meta = checkpoint.model_meta(
-        examples, window=c.window, max_answer_length=c.max_answer_length, column_map=c.column_map
+        examples,
+        window=c.window,
+        max_answer_length=c.max_answer_length,
+        column_map=c.column_map,
+        eval_column_map=c.eval_column_map,
+        skip_bad_records=c.skip_bad_records,
     )
     cal = data.windows.calibration_features  # SQuAD v2 training data: the threshold's questions
     return Evaluator(
@@ -448,6 +453,9 @@ def _evaluator(c: TrainConfig, run: Run, data: Data, signals: SignalCatcher, *, 
         calibration=None if cal is None else (windows(cal), examples.calibration),
         signals=signals,
         fixed_threshold=DEFAULT_NO_ANSWER_THRESHOLD if examples.v2 and examples.calibration_off is not None else None,
+        batch_size=c.eval_batch_size,
+        pad_to_multiple_of=c.pad_to_multiple_of,
+        trained_on=len(examples.train),
     )
 
 
