@@ -174,18 +174,23 @@ class ScriptParser(argparse.ArgumentParser):
         """A yes/no flag (`BoolFlag`)."""
         return self.add_argument(*names, action=BoolFlag, default=default, negate=negate, help=help, **kwargs)
 
-    def add_data_flags(self, *, default: str | None, data_help: str) -> None:
+    def add_data_flags(self, *, default: str | None, data_help: str, recorded: str | None = None) -> None:
         """The flags of a script that reads QA data, spelled and meaning alike in every one (train.py's come from
-        `TrainConfig`: --train-data, --column-map, --skip-bad-records, --answerable-only, --max-train-examples)."""
+        `TrainConfig`: --train-data, --column-map, --skip-bad-records, --answerable-only, --max-train-examples).
+        With `recorded` (what unset means), --column-map and --skip-bad-records default to how a model's run read
+        its data (None: unset), and a value given wins."""
         self.add_argument("--data", default=default, help=data_help)
+        unset = f" (default: {recorded})" if recorded else ""
         self.add_argument(
             "--column-map",
             help="your column names, e.g. 'context=passage,question=query,answer_text=gold' ('standard': the usual "
-            "ones)",
+            f"ones){unset}",
         )
         self.add_flag(
             "--skip-bad-records",
-            help="drop invalid records instead of stopping; how many is logged, the first few by file, line and id",
+            default=None if recorded else False,
+            help=f"drop invalid records instead of stopping; how many is logged, the first few by file, line and "
+            f"id{unset}",
         )
         self.add_flag("--answerable-only", help="use only questions that have an answer")
         self.add_argument("--max-examples", type=positive_int, help="a seeded random subset of this many questions")

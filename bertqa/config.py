@@ -14,6 +14,7 @@ import math
 import re
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -283,6 +284,7 @@ class TrainConfig:
 
 # Settings that only mean something beside another: (setting, the one it needs).
 _NEEDS = (
+    ("eval_column_map", "eval_data"),  # a held-out share is of the training data, read with column_map
     ("early_stopping_min_delta", "early_stopping_patience"),
     ("layer_pick", "num_layers"),
     ("distill_alpha", "teacher"),
@@ -476,6 +478,14 @@ def _value_problems(c: TrainConfig) -> list[str]:
     return problems + _unreadable(c)
 
 
+def _named(setting: str, read: Callable[[Any], Any], value: Any) -> Any:
+    """`read(value)`, its error named by the setting it reads."""
+    try:
+        return read(value)
+    except ValueError as err:
+        raise ValueError(f"{setting}: {err}") from None
+
+
 def _unreadable(c: TrainConfig) -> list[str]:
     """The settings that do not read as what they must be: a choice not among its choices, a duration, a column
     map, a window with no room for the context."""
@@ -486,8 +496,8 @@ def _unreadable(c: TrainConfig) -> list[str]:
             problems.append(f"{f.name} must be one of {', '.join(choices)}, got {getattr(c, f.name)!r}")
     checks = (
         lambda: c.time_budget is None or parse_duration(c.time_budget),
-        lambda: parse_column_map(c.column_map),
-        lambda: parse_column_map(c.eval_column_map),
+        lambda: _named("column_map", parse_column_map, c.column_map),
+        lambda: _named("eval_column_map", parse_column_map, c.eval_column_map),
         c.window.context_room,
     )
     for check in checks:

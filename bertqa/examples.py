@@ -9,6 +9,7 @@ row, id, column). Reading files and datasets is `bertqa.loading`.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 import unicodedata
@@ -125,7 +126,7 @@ class LoadReport:
         if self.n_generated_ids:
             line += f", {self.n_generated_ids:,} ids generated"
         if self.n_skipped:
-            line += f", {self.n_skipped:,} bad records skipped"
+            line += f", {_records(self.n_skipped)} skipped"
         return line
 
 
@@ -177,7 +178,7 @@ def examples_from_records(
         try:
             example, place = _record(get, i, names, source, where)
         except SquadFormatError as err:
-            skipped.drop(err)
+            skipped.drop(err, at=i)
             continue
         examples.append(example)
         places.append(place)
@@ -190,6 +191,7 @@ def examples_from_records(
         version="",
         on_mismatch=on_mismatch,
         places=places,
+        positions=[place.i for place in places],
         generated_ids=made,
         skipped=skipped,
     )
@@ -223,23 +225,29 @@ def _record(
 
 class _Skipped:
     """The bad records dropped when `skip_bad_records` is on (each raises when it is off): how many, and the first
-    few problems, each naming its record."""
+    few problems in the order of the source, each naming its record."""
 
     def __init__(self, on: bool) -> None:
-        self.on, self.count, self.first = on, 0, []
+        self.on, self.count = on, 0
+        self.first: list[tuple[int, str]] = []  # (position in the source, the problem), the earliest few
 
-    def drop(self, err: SquadFormatError) -> None:
+    def drop(self, err: SquadFormatError, *, at: int, questions: int = 1) -> None:
+        """Drop the record at position `at` (`questions` of them where a whole paragraph goes)."""
         if not self.on:
             raise SquadFormatError(f"{err} (skip_bad_records, --skip-bad-records: drop bad records instead)") from err
-        self.count += 1
-        if len(self.first) < _NOTED_SKIPS:
-            self.first.append(str(err))
+        self.count += questions
+        bisect.insort(self.first, (at, str(err)))
+        del self.first[_NOTED_SKIPS:]
 
     def notes(self, source: str) -> list[tuple[str | None, str]]:
         if not self.count:
             return []
-        named = "; ".join(self.first) + ("; ..." if self.count > len(self.first) else "")
-        return [(None, f"{source}: {self.count:,} bad records skipped (skip_bad_records): {named}")]
+        named = "; ".join(problem for _, problem in self.first) + ("; ..." if self.count > len(self.first) else "")
+        return [(None, f"{source}: {_records(self.count)} skipped (skip_bad_records): {named}")]
+
+
+def _records(n: int) -> str:
+    return f"{n:,} bad record" + ("" if n == 1 else "s")
 
 
 class _Place:
@@ -392,26 +400,40 @@ def parse_squad(
     version = str(raw.get("version", ""))
     examples: list[Example] = []
     places: list[str] = []
+    positions: list[int] = []  # each example's question's position in the file, bad ones counted
     skipped = _Skipped(skip_bad_records)
     for a, article in enumerate(raw["data"]):
         title = _get(article, "title", str, f"{source}: data[{a}]")
         for p, paragraph in enumerate(_get(article, "paragraphs", list, f"{source}: data[{a}]")):
             where_p = f"{source}: data[{a}].paragraphs[{p}]"
+            first = len(positions) + skipped.count
             try:
                 context = _get(paragraph, "context", str, where_p)
                 questions = _get(paragraph, "qas", list, where_p)
-            except SquadFormatError as err:
-                skipped.drop(err)
+            except SquadFormatError as err:  # the paragraph's questions go with it
+                held = paragraph.get("qas") if isinstance(paragraph, dict) else None
+                skipped.drop(err, at=first, questions=len(held) if isinstance(held, list) and held else 1)
                 continue
             for q, qa in enumerate(questions):
                 where = f"{where_p}.qas[{q}]"
+                if isinstance(qa, dict) and isinstance(qa.get("id"), str):
+                    where += f" (id {qa['id']!r})"
                 try:
                     examples.append(_official_question(qa, title, context, where))
                 except SquadFormatError as err:
-                    skipped.drop(err)
+                    skipped.drop(err, at=first + q)
                     continue
                 places.append(where)
-    return _checked(examples, source=source, version=version, on_mismatch=on_mismatch, places=places, skipped=skipped)
+                positions.append(first + q)
+    return _checked(
+        examples,
+        source=source,
+        version=version,
+        on_mismatch=on_mismatch,
+        places=places,
+        positions=positions,
+        skipped=skipped,
+    )
 
 
 def _official_question(qa: Any, title: str, context: str, where: str) -> Example:
@@ -460,7 +482,7 @@ def _example(
     label = (lambda name: f"column {names.get(name, name)!r}") if names is not None else repr
     for name, value in (("context", context), ("question", question)):
         if value is None:
-            raise SquadFormatError(f"{where}: {label(name)} is missing")
+            raise SquadFormatError(f"{where}: {label(name)} is missing or null")
         if not isinstance(value, str):
             raise SquadFormatError(f"{where}: {label(name)}: expected text, got {type(value).__name__}")
         if not value.strip():
@@ -484,6 +506,7 @@ def _checked(
     version: str,
     on_mismatch: MismatchPolicy,
     places: Sequence[Any] | None = None,
+    positions: Sequence[int] | None = None,
     generated_ids: frozenset[str] = frozenset(),
     skipped: _Skipped | None = None,
 ) -> tuple[list[Example], LoadReport]:
@@ -505,11 +528,12 @@ def _checked(
                 raise SquadFormatError(f"{place}: question id {ex.id!r} appears twice (first at {seen[ex.id]})")
             out.append(_answers_checked(ex, place, on_mismatch, counts))
         except SquadFormatError as err:
-            skipped.drop(err)
+            skipped.drop(err, at=positions[k] if positions is not None else k)
             continue
         seen[ex.id] = str(place)
     if not out:
-        also = f" ({skipped.count:,} bad records skipped: {'; '.join(skipped.first)})" if skipped.count else ""
+        named = "; ".join(problem for _, problem in skipped.first)
+        also = f" ({_records(skipped.count)} skipped: {named})" if skipped.count else ""
         raise SquadFormatError(f"{source}: holds no questions{also}")
     notes = counts.notes + _repair_totals(source, counts.n_repaired, counts.n_given)
     notes += _ambiguity_note(source, counts.ambiguous) + skipped.notes(source)

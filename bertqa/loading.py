@@ -218,8 +218,9 @@ def _record_lines(path: Path, kind: str, stamp: tuple[int, int]) -> list[int]:
     reader = csv.reader(io.StringIO(text))
     next(reader, None)  # the header
     starts, start = [], reader.line_num + 1
-    for _ in reader:
-        starts.append(start)
+    for row in reader:
+        if row:  # a blank line is no record (nor is it one to the reader that loads the file)
+            starts.append(start)
         start = reader.line_num + 1
     return starts
 

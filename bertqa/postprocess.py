@@ -341,8 +341,8 @@ def confidence(rows: Sequence[dict[str, object]], *, bins: int = 10) -> dict[str
     return out
 
 
-# The temperatures `fit_temperature` chooses from: 1/4 to 4, each about 7% above the one before, 1 among them.
-TEMPERATURES = tuple(float(t) for t in np.geomspace(0.25, 4.0, 41))
+# The temperatures `fit_temperature` chooses from: 1/10 to 10, each about 7% above the one before, 1 among them.
+TEMPERATURES = tuple(float(t) for t in np.geomspace(0.1, 10.0, 71))
 # Above this expected calibration error (on held-out questions) a run fits a temperature to its probabilities.
 MAX_CALIBRATION_ERROR = 0.05
 

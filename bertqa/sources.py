@@ -32,6 +32,7 @@ __all__ = [
     "RunExamples",
     "answerable_only",
     "eval_source",
+    "findable",
     "hold_out",
     "load_examples",
     "run_examples",
@@ -129,7 +130,7 @@ def run_examples(
     train, train_report = _training_side(train_data, train_examples, options)
     alone = train_examples is not None and eval_examples is None and eval_data is None and eval_split is None
     source = _given_share() if alone else eval_source(train_data, eval_data, eval_split)
-    with _shared_column_map_named(column_map if eval_column_map is None else None):
+    with _evaluation_columns_named(column_map, eval_column_map):
         own = options | {"column_map": column_map if eval_column_map is None else eval_column_map}
         train, evaluation, eval_report, described, named = _evaluation_side(train, source, eval_examples, own)
     reports: list[LoadReport | NegativesReport] = [r for r in (train_report, eval_report) if r is not None]
@@ -164,18 +165,24 @@ def _training_side(
 
 
 @contextlib.contextmanager
-def _shared_column_map_named(column_map: str | Mapping[str, str] | None) -> Iterator[None]:
-    """Where the evaluation data is read with the training data's column map (`column_map`, None when it is not)
-    and its columns do not fit, say that it can have its own."""
+def _evaluation_columns_named(
+    column_map: str | Mapping[str, str] | None, eval_column_map: str | Mapping[str, str] | None
+) -> Iterator[None]:
+    """Where the evaluation data's columns do not fit, say which map it was read with and how to give another: its
+    own (`eval_column_map`), or else the training data's (`column_map`)."""
     try:
         yield
     except ColumnsError as err:
-        if not column_map:
+        if eval_column_map is not None:
+            how = f"its own column map, eval_column_map (--eval-column-map) {eval_column_map!r}"
+        elif column_map:
+            how = (
+                f"the training data's column map ({column_map!r}) as it has none of its own: give it one with "
+                "eval_column_map (--eval-column-map), 'standard' for the standard columns"
+            )
+        else:
             raise
-        raise ColumnsError(
-            f"{err}. The evaluation data is read with the training data's column map ({column_map!r}) unless it has "
-            "its own: eval_column_map (--eval-column-map), 'standard' for the standard columns"
-        ) from err
+        raise ColumnsError(f"{err}. The evaluation data is read with {how}") from err
 
 
 def _drop_thin_calibration(sides: dict[str, list[Example]]) -> str | None:
@@ -263,7 +270,7 @@ def _evaluation_side(
         described = f"{len(evaluation):,} of the training questions held out ({share:.0%}; {source:.0%} asked)"
         return train, evaluation, None, described, None
     evaluation, report = load_examples(source, **options)
-    return train, evaluation, report, str(source), _findable(source)
+    return train, evaluation, report, str(source), findable(source)
 
 
 def _calibration(train: list[Example], share: float, *, seed: int) -> tuple[list[Example], list[Example], str | None]:
@@ -308,10 +315,10 @@ def _add_negatives(
     return reports
 
 
-def _findable(source: str) -> str:
+def findable(source: str) -> str:
     """A file source by its absolute path ("dev.json[3:]" keeps its range); bundled names and hub ids as they are."""
     if len(parts := source_parts(source)) > 1:
-        return "+".join(map(_findable, parts))
+        return "+".join(map(findable, parts))
     file = str(split_article_range(source)[0])
     return str(Path(file).resolve()) + source[len(file) :] if Path(file).exists() else source
 

@@ -47,6 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         data_help="bundled name, data file (.json, .jsonl, .csv, .parquet) or hub dataset id (default: the "
         "evaluation data recorded with the model, read as in training; dev-v1.1 for a model without bertqa.json)",
+        recorded="as the model's run read the recorded evaluation data",
     )
     parser.add_precision(help="auto: bf16 where native")
     parser.add_argument("--batch-size", type=positive_int, default=64, help="windows per batch on each process")
@@ -82,29 +83,53 @@ def load_eval_examples(
     max_examples: int | None,
     seed: int,
     column_map: str | None,
-    skip_bad_records: bool = False,
+    skip_bad_records: bool | None = None,
 ) -> list[Any]:
     """The questions to score: `eval_data`, or (None) the ones the run held out, drawn again by its recorded rule.
-    The recorded evaluation data is read as in training (its column map, bad records skipped if they were)."""
+    The recorded evaluation data is read as in training (its column map, bad records skipped if they were), each
+    unless given (`column_map`, `skip_bad_records` not None)."""
     from bertqa import sources
 
-    if eval_data is not None:
-        if eval_data == settings.get("eval_data"):  # the recorded data, read as in training
-            recorded = settings.get("eval_column_map")
-            column_map = column_map or (recorded if recorded is not None else settings.get("column_map"))
-            skip_bad_records = skip_bad_records or bool(settings.get("skip_bad_records"))
-        examples, report = sources.load_examples(
-            eval_data,
-            answerable=answerable_only,
+    if eval_data is None:
+        return _held_out_again(
+            settings,
+            answerable_only=answerable_only,
             max_examples=max_examples,
             seed=seed,
-            column_map=column_map,
-            skip_bad_records=skip_bad_records,
+            given=(column_map, skip_bad_records),
         )
-        logger.info("loaded %s", report.format())
-        for line in report.warnings:
-            logger.warning("%s", line)
-        return examples
+    if settings.get("eval_data") is not None and sources.findable(eval_data) == settings["eval_data"]:
+        if column_map is None:  # an older model records one map for both
+            recorded = settings.get("eval_column_map")
+            column_map = recorded if recorded is not None else settings.get("column_map")
+        if skip_bad_records is None:
+            skip_bad_records = bool(settings.get("skip_bad_records"))
+    examples, report = sources.load_examples(
+        eval_data,
+        answerable=answerable_only,
+        max_examples=max_examples,
+        seed=seed,
+        column_map=column_map,
+        skip_bad_records=bool(skip_bad_records),
+    )
+    logger.info("loaded %s", report.format())
+    for line in report.warnings:
+        logger.warning("%s", line)
+    return examples
+
+
+def _held_out_again(
+    settings: dict[str, Any], *, answerable_only: bool, max_examples: int | None, seed: int, given: tuple[Any, Any]
+) -> list[Any]:
+    """The questions the run held out of its training data, drawn again by its recorded rule (which reads the
+    training data as the run did: a column map or skip setting `given` here is not used, and said so)."""
+    from bertqa import sources
+
+    if any(value is not None for value in given):
+        logger.warning(
+            "--column-map and --skip-bad-records are not used: the held-out questions are drawn again from the "
+            "training data, read as the run read it (pass --data to read other data your way)"
+        )
     rule = settings["eval_rule"]
     examples = sources.run_examples(**rule).eval
     share = rule.get("eval_split") or sources.DEFAULT_EVAL_SPLIT
@@ -131,7 +156,7 @@ def evaluate_model(
     threshold: float | None = None,
     mixed_precision: str = "auto",
     column_map: str | None = None,
-    skip_bad_records: bool = False,
+    skip_bad_records: bool | None = None,
 ) -> tuple[dict[str, float], dict[str, Any], list[Any]]:
     """Score a saved model on a dataset with the settings it was trained with; works under `accelerate launch`.
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 
 import pytest
 
@@ -442,7 +443,7 @@ def test_skipping_bad_records_runs_through_the_official_layout_and_names_a_layou
                 "title": "T",
                 "paragraphs": [
                     {"context": "Ann Lee wrote it.", "qas": [{"id": "a", "question": "Who?", "answers": []}]},
-                    {"qas": []},  # no context
+                    {"qas": [{"id": "c"}, {"id": "d"}]},  # no context: its two questions go with it
                     {
                         "context": "Bo did.",
                         "qas": [{"id": "b", "question": "Who?", "answers": [{"text": "Bo", "answer_start": 0}]}],
@@ -453,13 +454,13 @@ def test_skipping_bad_records_runs_through_the_official_layout_and_names_a_layou
     }
     path = tmp_path / "squad.json"
     path.write_text(json.dumps(raw))
-    with pytest.raises(SquadFormatError, match=r"paragraphs\[0\]\.qas\[0\]: question 'a' has no answers"):
+    with pytest.raises(SquadFormatError, match=r"paragraphs\[0\]\.qas\[0\] \(id 'a'\): question 'a' has no answers"):
         load_squad(path)
     examples, report = load_squad(path, skip_bad_records=True)
-    assert [ex.id for ex in examples] == ["b"] and report.n_skipped == 2
+    assert [ex.id for ex in examples] == ["b"] and report.n_skipped == 3
     assert "paragraphs[1]: missing key 'context'" in report.warnings[-1]
     bad = _jsonl(tmp_path / "bad.jsonl", [{**GOOD, "context": ""}])
-    with pytest.raises(SquadFormatError, match=r"holds no questions \(1 bad records skipped: .*line 1"):
+    with pytest.raises(SquadFormatError, match=r"holds no questions \(1 bad record skipped: .*line 1"):
         load_squad(bad, skip_bad_records=True)
 
 
@@ -519,3 +520,42 @@ def test_skip_bad_records_reaches_every_side_of_a_run(tmp_path):
     run = sources.run_examples(str(train), eval_data=str(evaluation), skip_bad_records=True)
     assert len(run.train) == 12 and [ex.id for ex in run.eval] == ["e0"]
     assert [r.n_skipped for r in run.reports] == [1, 1]
+
+
+def test_the_bad_records_named_are_the_first_in_the_file_whatever_their_problem(tmp_path):
+    path = _jsonl(
+        tmp_path / "mine.jsonl",
+        [
+            {"id": "q1", **GOOD},
+            {"id": "q2", **GOOD, "answer_text": "Zed"},  # line 2: found only when answers are checked
+            {"id": "q1", **GOOD},  # line 3: an id given twice, found then too
+            *({"id": f"e{i}", **GOOD, "context": ""} for i in range(3)),  # lines 4-6: found as each is read
+        ],
+    )
+    _, report = load_squad(path, skip_bad_records=True)
+    (note,) = [line for line in report.warnings if "skipped" in line]
+    assert report.n_skipped == 5 and "5 bad records skipped" in note
+    named = re.findall(r"line (\d+)", note)
+    assert named == ["2", "3", "1", "4"]  # the repeated id names where it was first seen too ("first at line 1")
+
+
+def test_a_csv_with_blank_lines_names_the_right_line(tmp_path):
+    path = tmp_path / "mine.csv"
+    path.write_text("id,context,question,answer_text\na,Ann wrote it.,Who?,Ann\n\n\nb,Bo read it.,Who?,Zed\n")
+    with pytest.raises(SquadFormatError, match=r"mine\.csv: line 5 \(id 'b'\)"):
+        load_squad(path)
+
+
+def test_column_map_settings_are_named_and_an_evaluation_map_without_evaluation_data_is_said_to_do_nothing():
+    from bertqa.config import TrainConfig
+
+    with pytest.raises(ValueError, match=r"eval_column_map: column map names unknown columns \['foo'\]"):
+        TrainConfig(eval_column_map="foo=bar")
+    assert ("eval_column_map", "eval_data") in TrainConfig(eval_column_map="standard").unused_settings()
+
+
+def test_evaluation_data_that_does_not_fit_its_own_map_names_that_map(tmp_path):
+    train = _jsonl(tmp_path / "train.jsonl", [{"id": f"t{i}", "title": f"A{i}", **GOOD} for i in range(4)])
+    evaluation = _jsonl(tmp_path / "dev.jsonl", [{"id": "e0", **GOOD}])
+    with pytest.raises(SquadFormatError, match=r"read with its own column map, eval_column_map \(--eval-column-map\)"):
+        sources.run_examples(str(train), eval_data=str(evaluation), eval_column_map="context=passage")

@@ -440,14 +440,20 @@ def test_own_data_with_its_own_columns_and_bad_records_trains_and_is_evaluated_a
     run = tmp_path / "run"
     own = ["--eval-column-map", "standard", "--skip-bad-records"]
     trained = script("train.py", "--model", tiny_dir, *settings, *data, *own, "--output-dir", run)
-    assert "train.csv: 1 bad records skipped" in trained.stderr and "dev.jsonl: 1 bad records skipped" in trained.stderr
+    assert "train.csv: 1 bad record skipped" in trained.stderr and "dev.jsonl: 1 bad record skipped" in trained.stderr
     meta = json.loads((run / "final_model" / "bertqa.json").read_text())
     assert (meta["column_map"], meta["eval_column_map"], meta["skip_bad_records"]) == (columns, "standard", True)
     last = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][-1]
     script("evaluate.py", run / "final_model", "--out", tmp_path / "eval")
     scores = json.loads((tmp_path / "eval" / "scores.json").read_text())
     assert (scores["f1"], scores["total"]) == (last["f1"], last["total"]) and last["total"] == 10
+    # The same file however its path is spelled is read as recorded; a setting given wins over the recorded one.
+    relative = os.path.relpath(dev, ROOT)
+    script("evaluate.py", run / "final_model", "--data", relative, "--out", tmp_path / "eval-2")
+    strict = ["--skip-bad-records", "false", "--out", tmp_path / "eval-3"]
+    refused = script("evaluate.py", run / "final_model", *strict, check=False)
+    assert refused.returncode != 0 and "dev.jsonl: line 11 (id 'bad')" in refused.stderr
     checked = script(
         "check_labels.py", "--data", train_csv, "--column-map", columns, "--skip-bad-records", "--model", tiny_dir
     )
-    assert "30 questions" in checked.stdout and "1 bad records skipped" in checked.stdout
+    assert "30 questions" in checked.stdout and "1 bad record skipped" in checked.stdout

@@ -16,7 +16,14 @@ import torch
 
 from bertqa.data import Example
 from bertqa.inference import evaluate
-from bertqa.postprocess import MAX_CALIBRATION_ERROR, Prediction, confidence, fit_temperature, question_report
+from bertqa.postprocess import (
+    MAX_CALIBRATION_ERROR,
+    TEMPERATURES,
+    Prediction,
+    confidence,
+    fit_temperature,
+    question_report,
+)
 from bertqa.training import checkpoint
 
 if TYPE_CHECKING:
@@ -187,13 +194,16 @@ def _worst_error(rows: list[dict[str, object]]) -> float:
 
 
 def _describe_temperature(found: dict[str, float], questions: int) -> str:
-    if found["temperature"] == 1.0:
-        return (
-            f"probabilities: expected calibration error {found['calibration_ece']:.3f} on the {questions:,} threshold "
-            f"questions (at most {MAX_CALIBRATION_ERROR}): given as they are"
-        )
-    return (
-        f"probabilities: expected calibration error {found['calibration_ece']:.3f} on the {questions:,} threshold "
-        f"questions; at temperature {found['temperature']:.2f} (saved with the model, used wherever it answers; "
-        f"no answer changes) it is {found['calibrated_ece']:.3f}"
+    ece = found["calibration_ece"]
+    before = f"probabilities: expected calibration error {ece:.3f} on the {questions:,} threshold questions"
+    if found["calibration_ece"] <= MAX_CALIBRATION_ERROR:
+        return f"{before} (at most {MAX_CALIBRATION_ERROR}): given as they are"
+    line = (
+        f"{before}; at temperature {found['temperature']:.2f} (saved with the model, used wherever it answers; no "
+        f"answer changes) it is {found['calibrated_ece']:.3f}"
     )
+    if found["temperature"] in (TEMPERATURES[0], TEMPERATURES[-1]):
+        line += " (the edge of the temperatures tried: the scores say little about which answers are right)"
+    if found["calibrated_ece"] > MAX_CALIBRATION_ERROR:
+        line += f", still above {MAX_CALIBRATION_ERROR}: one temperature cannot correct them all"
+    return line
