@@ -9,10 +9,11 @@ a second instead of a Python loop over windows. A real no-answer score is kept p
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -28,14 +29,18 @@ from bertqa.metrics import (
 __all__ = [
     "ERROR_KINDS",
     "MAX_CALIBRATION_ERROR",
+    "NO_ANSWER_SCALES",
+    "NO_ANSWER_SHIFTS",
+    "NO_CALIBRATION",
     "STATED",
     "TEMPERATURES",
+    "Calibration",
     "Prediction",
     "Span",
     "best_spans",
     "confidence",
     "error_summary",
-    "fit_temperature",
+    "fit_calibration",
     "pad_offsets",
     "postprocess",
     "question_report",
@@ -78,18 +83,50 @@ class Prediction:
         """The span text, or "" when a threshold is given and the no-answer score is above it."""
         return "" if threshold is not None and self.no_answer_score > threshold else self.text
 
-    def probabilities(self, temperature: float = 1.0) -> tuple[list[float], float]:
-        """Softmax over the candidate spans' scores and the null score, each divided by `temperature`: (one per
-        `nbest` span, no answer). A temperature above 1 makes them less sure, below 1 surer; the order of the
-        candidates, and so every answer, is the same at any temperature.
+    def probabilities(self, calibration: Calibration | None = None) -> tuple[list[float], float]:
+        """(the probability of each `nbest` span, of "no answer"). Uncalibrated, a softmax over the candidate spans'
+        scores and the null score. A `Calibration` sets the no-answer probability from the no-answer log-odds and
+        spreads what is left over the spans by a softmax of their scores divided by its temperature; neither
+        changes the order of the candidates, so no answer changes with it.
 
         A span proposed by several windows gets the sum of their probabilities (see `pooled_scores`; at a
         temperature other than 1 their pooled score is divided, a close stand-in for pooling the divided ones)."""
-        spans = self.pooled_scores or [s[1] for s in self.nbest]
-        scores = np.array([*spans, self.null_score], dtype=np.float64) / temperature
-        weights = np.exp(scores - scores.max())
-        weights /= weights.sum()
-        return weights[:-1].tolist(), float(weights[-1])
+        c = calibration or NO_CALIBRATION
+        spans = np.array(self.pooled_scores or [s[1] for s in self.nbest], dtype=np.float64)
+        if not len(spans):
+            return [], 1.0
+        top = spans.max()
+        log_odds = self.null_score - (top + math.log(np.exp(spans - top).sum()))  # "no answer" against the spans
+        null = _sigmoid(c.no_answer_scale * log_odds + c.no_answer_shift)
+        weights = np.exp((spans - top) / c.temperature)
+        return ((1.0 - null) * weights / weights.sum()).tolist(), null
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """How a model's scores become probabilities that mean what they say, fitted on held-out questions
+    (`fit_calibration`; the defaults change nothing). The no-answer probability is sigmoid(`no_answer_scale` x z +
+    `no_answer_shift`), z being the log-odds of "no answer" against all the spans, and the spans share the rest by a
+    softmax of their scores divided by `temperature`. Saved in `bertqa.json` under these three names."""
+
+    temperature: float = 1.0
+    no_answer_scale: float = 1.0
+    no_answer_shift: float = 0.0
+
+    @classmethod
+    def from_settings(cls, settings: Mapping[str, Any]) -> Calibration:
+        """The calibration saved with a model (`bertqa.json`); none where it records none."""
+        return cls(**{f.name: float(settings.get(f.name, f.default)) for f in dataclasses.fields(cls)})
+
+    def to_settings(self) -> dict[str, float]:
+        return dataclasses.asdict(self)
+
+
+NO_CALIBRATION = Calibration()
+
+
+def _sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
 
 
 def pad_offsets(features: Features, length: int) -> np.ndarray:
@@ -267,33 +304,33 @@ def question_report(
     *,
     v2: bool,
     threshold: float | None,
-    temperature: float = 1.0,
+    calibration: Calibration | None = None,
 ) -> list[dict[str, object]]:
     """One record per question, worst first (lowest F1, then the most confident): its question, gold answers,
     prediction, the prediction's probability, EM and F1 (0 to 1), what kind of result it is (`ERROR_KINDS`), and for
     v2 the no-answer score and probability. The answer is the one scored: "" where the no-answer score is above
-    `threshold` (v2). Probabilities are at `temperature` (the one saved with the model)."""
+    `threshold` (v2). Probabilities are given with `calibration` (the one saved with the model)."""
     rows = []
     for ex in examples:
         pred = predictions.get(ex.id)
         answer = "" if pred is None else pred.answer(threshold if v2 else None)
         em, f1 = question_scores(answer, ex.answer_texts, v2=v2)
         row: dict[str, object] = {"id": ex.id, "question": ex.question, "gold": list(ex.answer_texts)}
-        probability = _probability(pred, answer, temperature)
+        probability = _probability(pred, answer, calibration)
         row |= {"prediction": answer, "probability": probability, "exact": em, "f1": f1}
         row["kind"] = _kind(answer, bool(ex.answer_texts), em, f1, v2=v2)
         if v2 and pred is not None:
-            null = pred.probabilities(temperature)[1]
+            null = pred.probabilities(calibration)[1]
             row |= {"no_answer_score": pred.no_answer_score, "no_answer_probability": null}
         rows.append(row)
     return sorted(rows, key=lambda r: (r["f1"], -(r["probability"] or 0.0), str(r["id"])))
 
 
-def _probability(pred: Prediction | None, answer: str, temperature: float = 1.0) -> float | None:
+def _probability(pred: Prediction | None, answer: str, calibration: Calibration | None = None) -> float | None:
     """The probability of the answer given: of its span, or of "no answer" when it is ""."""
     if pred is None:
         return None
-    spans, null = pred.probabilities(temperature)
+    spans, null = pred.probabilities(calibration)
     if answer == "":
         return null
     return spans[0] if spans else None
@@ -341,43 +378,49 @@ def confidence(rows: Sequence[dict[str, object]], *, bins: int = 10) -> dict[str
     return out
 
 
-# The temperatures `fit_temperature` chooses from: 1/10 to 10, each about 7% above the one before, 1 among them.
+# The temperatures `fit_calibration` chooses from: 1/10 to 10, each about 7% above the one before, 1 among them; and
+# the no-answer scales (the same range, about 8% apart, 1 among them) and shifts (-5 to 5 by 0.1).
 TEMPERATURES = tuple(float(t) for t in np.geomspace(0.1, 10.0, 71))
-# Above this expected calibration error (on held-out questions) a run fits a temperature to its probabilities.
+NO_ANSWER_SCALES = tuple(float(t) for t in np.geomspace(0.1, 10.0, 61))
+NO_ANSWER_SHIFTS = tuple(float(t) for t in np.linspace(-5.0, 5.0, 101))
+# Above this expected calibration error (on held-out questions) a run fits a calibration to its probabilities.
 MAX_CALIBRATION_ERROR = 0.05
 
 
-def fit_temperature(
-    rows: Sequence[dict[str, object]], predictions: dict[str, Prediction], *, grid: Sequence[float] = TEMPERATURES
-) -> float:
-    """The temperature at which the probabilities of `question_report` rows best state what came true on their
-    questions (`predictions`): the lowest log loss of `probability` as the chance that the answer given is
-    exactly right, plus, where the rows have one (v2), of `no_answer_probability` as the chance that the question
-    has none. No answer changes with it (`Prediction.probabilities`)."""
-    stated = [
-        (predictions[str(row["id"])], row["prediction"] == "", row["exact"] == 1.0, _has_none(row))
-        for row in rows
-        if str(row["id"]) in predictions
-    ]
+def fit_calibration(rows: Sequence[dict[str, object]], predictions: dict[str, Prediction]) -> Calibration:
+    """The calibration under which the probabilities of `question_report` rows (uncalibrated) best state what came
+    true on their questions (`predictions`), each part by the lowest log loss over its grid: for v2 rows first the
+    no-answer scale and shift, `no_answer_probability` as the chance that the question has none; then the
+    temperature, `probability` as the chance that the answer given (a span) is exactly right."""
+    stated = [(predictions[str(row["id"])], row) for row in rows if str(row["id"]) in predictions]
     if not stated:
-        raise ValueError("no predictions to fit a temperature on")
+        raise ValueError("no predictions to fit a calibration on")
+    v2 = [(pred, not row["gold"]) for pred, row in stated if "no_answer_probability" in row]
+    scale, shift = _fit_no_answer([p.probabilities()[1] for p, _ in v2], [y for _, y in v2]) if v2 else (1.0, 0.0)
+    answered = [(pred, row["exact"] == 1.0) for pred, row in stated if row["prediction"] != "" and pred.nbest]
 
     def loss(temperature: float) -> float:
-        total = 0.0
-        for pred, gave_none, right, has_none in stated:
-            spans, null = pred.probabilities(temperature)
-            if gave_none or spans:
-                total += _log_loss(null if gave_none else spans[0], right)
-            if has_none is not None:
-                total += _log_loss(null, has_none)
-        return total
+        c = Calibration(temperature, scale, shift)
+        return sum(_log_loss(pred.probabilities(c)[0][0], right) for pred, right in answered)
 
-    return min(grid, key=loss)
+    temperature = min(TEMPERATURES, key=loss) if answered else 1.0
+    return Calibration(temperature, scale, shift)
 
 
-def _has_none(row: dict[str, object]) -> bool | None:
-    """Whether a v2 row's question has no answer (None: the row states no no-answer probability)."""
-    return not row["gold"] if "no_answer_probability" in row else None
+def _fit_no_answer(stated: Sequence[float], has_none: Sequence[bool]) -> tuple[float, float]:
+    """(scale, shift) of the log-odds of the uncalibrated no-answer probabilities `stated` with the lowest log loss
+    of whether each question has no answer (`has_none`)."""
+    p = np.clip(np.array(stated, dtype=np.float64), 1e-12, 1 - 1e-12)
+    z, y = np.log(p / (1 - p)), np.array(has_none, dtype=np.float64)
+    shifts = np.array(NO_ANSWER_SHIFTS)[:, None]
+    best = (math.inf, 1.0, 0.0)
+    for scale in NO_ANSWER_SCALES:
+        x = scale * z[None, :] + shifts
+        losses = (np.logaddexp(0.0, x) - y * x).sum(axis=1)  # -log sigmoid(x) or -log(1 - sigmoid(x)), stably
+        k = int(np.argmin(losses))
+        if losses[k] < best[0]:
+            best = (float(losses[k]), scale, NO_ANSWER_SHIFTS[k])
+    return best[1], best[2]
 
 
 def _log_loss(probability: float, came_true: bool) -> float:

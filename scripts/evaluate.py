@@ -171,6 +171,7 @@ def evaluate_model(
     from bertqa.examples import is_v2
     from bertqa.inference import eval_batches, evaluate
     from bertqa.model import build_tokenizer
+    from bertqa.postprocess import Calibration
     from bertqa.training.runtime import make_accelerator, resolve_precision
 
     settings = load_settings(model_dir)
@@ -219,7 +220,7 @@ def evaluate_model(
         progress=True,
     )
     metrics["no_answer_threshold"] = threshold if v2 else None
-    metrics["temperature"] = settings["temperature"]  # what the probabilities are given at (`question_report`)
+    metrics["calibration"] = Calibration.from_settings(settings).to_settings()  # how probabilities are given
     return metrics, predictions, examples
 
 
@@ -243,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging()
     from bertqa.model import check_model_folder
-    from bertqa.postprocess import STATED, confidence, error_summary, question_report
+    from bertqa.postprocess import STATED, Calibration, confidence, error_summary, question_report
     from bertqa.training.reporting import dumps, plot_reliability
 
     check_model_folder(args.model)  # before <model>/eval is made: a mistyped path must not become a folder
@@ -273,8 +274,8 @@ def main(argv: list[str] | None = None) -> int:
     write("predictions.json", {q: predictions[q].answer(threshold) for q in order})
     write("nbest_predictions.json", {q: [span._asdict() for span in predictions[q].spans()] for q in order})
     write("null_odds.json", {q: predictions[q].no_answer_score for q in order})
-    v2, temperature = threshold is not None, metrics["temperature"]
-    rows = question_report(examples, predictions, v2=v2, threshold=threshold, temperature=temperature)
+    v2, calibration = threshold is not None, Calibration(**metrics["calibration"])
+    rows = question_report(examples, predictions, v2=v2, threshold=threshold, calibration=calibration)
     (out / "questions.jsonl").write_text("".join(dumps(row, ensure_ascii=False) + "\n" for row in rows))
     metrics["errors"], metrics["confidence"] = error_summary(rows), confidence(rows)
     write("scores.json", metrics)

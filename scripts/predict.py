@@ -15,8 +15,9 @@ What the probabilities mean: `probability` is the model's chance that the answer
 `no_answer_probability` its chance that the question has no answer. `scripts/evaluate.py` measures how well they
 hold on data with known answers (its expected calibration error, reliability.png): on a MiniLM fine-tuned for 100
 updates, a stated 0.45 came true for 44% of SQuAD dev questions and a stated 0.94 for 90%. A SQuAD v2 run measures
-them on its held-out threshold questions and, where they are off by more than 0.05, saves a temperature with the
-model that makes them hold there; they are given at it (the answers are the same at any temperature).
+them on its held-out threshold questions and, where they are off by more than 0.05, saves a calibration with the
+model that makes them hold there (a temperature for the spans, a scale and shift for "no answer"); they are given
+with it, and the answers are the same under any calibration.
 """
 
 from __future__ import annotations

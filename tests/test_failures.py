@@ -291,7 +291,7 @@ def test_a_hub_id_without_the_hub_fails_in_seconds_naming_it_and_the_ways_forwar
     assert os.environ.get("HF_HUB_OFFLINE") == "1"  # the suite itself stays offline
 
 
-def test_the_answerer_gives_probabilities_at_the_temperature_saved_with_the_model(tiny_dir, tmp_path):
+def test_the_answerer_gives_probabilities_with_the_calibration_saved_with_the_model(tiny_dir, tmp_path):
     import shutil
 
     from bertqa.deploy.serving import Answerer
@@ -301,7 +301,7 @@ def test_the_answerer_gives_probabilities_at_the_temperature_saved_with_the_mode
     shutil.copytree(tiny_dir, warm)
     (warm / "bertqa.json").write_text(json.dumps({"temperature": 4.0}))
     plain, hot = Answerer(tiny_dir, precision="no"), Answerer(warm, precision="no")
-    assert (plain.temperature, hot.temperature) == (1.0, 4.0)
+    assert (plain.calibration.temperature, hot.calibration.temperature) == (1.0, 4.0)
     (a,), (b,) = plain(question, top_k=3), hot(question, top_k=3)
     assert (a.answer, a.start, [c["answer"] for c in a.top_k]) == (b.answer, b.start, [c["answer"] for c in b.top_k])
     spread = lambda answer: answer.top_k[0]["probability"] - answer.top_k[-1]["probability"]  # noqa: E731

@@ -255,49 +255,59 @@ def _stated(scores, right, *, null=-30.0):
 
 
 def test_a_fitted_temperature_makes_overconfident_probabilities_mean_what_they_say():
-    from bertqa.postprocess import confidence, fit_temperature, question_report
+    from bertqa.postprocess import Calibration, confidence, fit_calibration, question_report
 
     rng = np.random.default_rng(0)
     scores = rng.uniform(0.5, 4.0, 3000)
     right = rng.random(3000) < 1 / (1 + np.exp(-scores / 2))  # what comes true is what a temperature of 2 states
     examples, predictions = _stated(scores, right)
     rows = question_report(examples, predictions, v2=False, threshold=None)
-    temperature = fit_temperature(rows, predictions)
-    assert temperature == pytest.approx(2.0, rel=0.1)
-    after = question_report(examples, predictions, v2=False, threshold=None, temperature=temperature)
+    fitted = fit_calibration(rows, predictions)
+    assert fitted.temperature == pytest.approx(2.0, rel=0.1)
+    assert (fitted.no_answer_scale, fitted.no_answer_shift) == (1.0, 0.0)  # v1: nothing states "no answer"
+    after = question_report(examples, predictions, v2=False, threshold=None, calibration=fitted)
     ece = [confidence(r)["probability"]["ece"] for r in (rows, after)]
     assert ece[0] > 0.1 and ece[1] < 0.03
     # No answer changes: the same prediction and outcome for every question, only its probability.
     assert [(r["id"], r["prediction"], r["exact"]) for r in sorted(rows, key=lambda r: r["id"])] == [
         (r["id"], r["prediction"], r["exact"]) for r in sorted(after, key=lambda r: r["id"])
     ]
+    assert question_report(examples, predictions, v2=False, threshold=None, calibration=Calibration()) == rows
 
 
-def test_probabilities_that_already_hold_keep_a_temperature_near_1_and_their_order_at_any():
-    from bertqa.postprocess import Prediction, fit_temperature, question_report
+def test_probabilities_that_already_hold_keep_a_temperature_near_1_and_their_order_under_any_calibration():
+    from bertqa.postprocess import Calibration, Prediction, fit_calibration, question_report
 
     rng = np.random.default_rng(1)
     scores = rng.uniform(-2.0, 4.0, 3000)
     right = rng.random(3000) < 1 / (1 + np.exp(-scores))
     examples, predictions = _stated(scores, right)
     rows = question_report(examples, predictions, v2=False, threshold=None)
-    assert fit_temperature(rows, predictions) == pytest.approx(1.0, rel=0.1)
+    assert fit_calibration(rows, predictions).temperature == pytest.approx(1.0, rel=0.1)
     pred = Prediction("a", 2.0, 1.0, -1.0, (("a", 2.0, 0, 1), ("b", 0.5, 2, 3)))
-    for t in (0.3, 1.0, 3.0):
-        spans, null = pred.probabilities(t)
-        assert spans[0] > null > spans[1] and sum(spans) + null == pytest.approx(1.0)
+    for c in (Calibration(0.3, 2.0, -1.0), Calibration(), Calibration(3.0, 0.5, 2.0)):
+        spans, null = pred.probabilities(c)
+        assert spans[0] > spans[1] and sum(spans) + null == pytest.approx(1.0)
 
 
-def test_a_v2_temperature_weighs_what_no_answer_probability_states():
-    from bertqa.postprocess import TEMPERATURES, Prediction, fit_temperature, question_report
+def test_a_v2_calibration_makes_the_no_answer_probability_mean_what_it_says():
+    from bertqa.postprocess import Prediction, confidence, fit_calibration, question_report
 
-    # "No answer" scored 2 above the only span states 0.88 at temperature 1; it comes true half the time.
+    # The no-answer log-odds z (null score against the one span) state sigmoid(z); what comes true is sigmoid(z/2 - 1).
+    rng = np.random.default_rng(2)
     examples, predictions = [], {}
-    for i in range(400):
+    for i, z in enumerate(rng.uniform(-4.0, 4.0, 3000)):
+        none = bool(rng.random() < 1 / (1 + np.exp(-(z / 2 - 1))))
         qid = f"q{i}"
-        none = i % 2 == 0
         examples.append(data.Example(qid, "", "aa bb", "q?", () if none else ("aa",), () if none else (0,), none))
-        predictions[qid] = Prediction("aa", 0.0, 2.0, 2.0, (("aa", 0.0, 0, 2),))
+        predictions[qid] = Prediction("aa", 0.0, z, z, (("aa", 0.0, 0, 2),))
     rows = question_report(examples, predictions, v2=True, threshold=0.0)
-    assert [row["no_answer_probability"] for row in rows] == pytest.approx([1 / (1 + np.exp(-2.0))] * 400)
-    assert fit_temperature(rows, predictions) == TEMPERATURES[-1]  # as unsure as the grid allows
+    fitted = fit_calibration(rows, predictions)
+    assert fitted.no_answer_scale == pytest.approx(0.5, rel=0.15) and fitted.no_answer_shift == pytest.approx(
+        -1, abs=0.2
+    )
+    after = question_report(examples, predictions, v2=True, threshold=0.0, calibration=fitted)
+    ece = [confidence(r)["no_answer_probability"]["ece"] for r in (rows, after)]
+    assert ece[0] > 0.15 and ece[1] < 0.03
+    answers = [{r["id"]: r["prediction"] for r in report} for report in (rows, after)]
+    assert answers[0] == answers[1]  # the threshold decides, as before

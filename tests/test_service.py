@@ -21,6 +21,7 @@ from fastapi.testclient import TestClient
 
 from bertqa.deploy.service import Batcher, RequestError, ServiceLimits, create_app, parse_questions
 from bertqa.deploy.serving import Answer
+from bertqa.postprocess import NO_CALIBRATION
 from tests.test_scripts import ENV, ROOT
 
 LIMITS = ServiceLimits(
@@ -145,7 +146,7 @@ def test_too_many_waiting_questions_are_refused_as_busy():
 class StubAnswerer:
     """What create_app needs of an Answerer, answering like `fake_answer` after `delay` seconds."""
 
-    model_dir, backend, v2, threshold, temperature = "stub", "stub-backend", False, None, 1.0
+    model_dir, backend, v2, threshold, calibration = "stub", "stub-backend", False, None, NO_CALIBRATION
 
     def __init__(self, delay: float = 0.0) -> None:
         self.delay = delay

@@ -36,8 +36,10 @@ DEFAULT_SETTINGS: dict[str, Any] = {
     "max_answer_length": 30,
     "v2": False,
     "no_answer_threshold": None,
-    # Probabilities are softmaxes of the scores divided by this (chosen with the threshold; 1: as the model gives them).
+    # How scores become probabilities (`bertqa.postprocess.Calibration`, chosen with the threshold; these: as given).
     "temperature": 1.0,
+    "no_answer_scale": 1.0,
+    "no_answer_shift": 0.0,
     "threshold_calibrated_on": None,  # v2 models: where the threshold was chosen ({"source", "questions"})
     "eval_data": None,
     "eval_rule": None,  # a held-out evaluation share: the `run_examples` arguments that draw it again

@@ -336,7 +336,7 @@ def _add_routes(app: "FastAPI", answerer: "Answerer", batcher: Batcher, limits: 
                 "status": "ok",
                 **described,
                 "no_answer_threshold": answerer.threshold,
-                "temperature": answerer.temperature,
+                "calibration": answerer.calibration.to_settings(),
                 "version": __version__,
                 "batches": batcher.batches,
                 "pending": batcher.pending,

@@ -18,7 +18,7 @@ import torch
 from bertqa.data import NO_TOKENS, Example, NoTokensError, Window, tokenize_examples
 from bertqa.deploy.backends import DEFAULT_SETTINGS, load_settings
 from bertqa.inference import eval_batches, predict_logits
-from bertqa.postprocess import Prediction, postprocess
+from bertqa.postprocess import Calibration, Prediction, postprocess
 from bertqa.training.runtime import keep_freed_memory, resolve_precision
 
 __all__ = ["DEFAULT_SETTINGS", "Answer", "Answerer", "answer_questions", "load_settings", "question_pairs"]
@@ -106,8 +106,8 @@ class Answerer:
         saved = self.settings["no_answer_threshold"]
         self.v2 = bool(self.settings["v2"])
         self.threshold = threshold if threshold is not None else (saved if self.v2 else None)
-        # Probabilities are given at the temperature chosen in training where the model's were off (1: as they are).
-        self.temperature = float(self.settings["temperature"])
+        # Probabilities are given with the calibration chosen in training where the model's were off.
+        self.calibration = Calibration.from_settings(self.settings)
 
     def __call__(
         self, questions: Sequence[Mapping[str, Any]], *, top_k: int = 0, places: Sequence[str] | None = None
@@ -130,7 +130,7 @@ class Answerer:
         return [self._answer(q.get("id", i), p, top_k) for i, (q, p) in enumerate(zip(questions, preds))]
 
     def _answer(self, qid: Any, pred: Prediction, top_k: int) -> Answer:
-        span_probs, null_prob = pred.probabilities(self.temperature)
+        span_probs, null_prob = pred.probabilities(self.calibration)
         candidates = tuple(
             {"answer": s.text, "start": s.start, "end": s.end, "score": s.score, "probability": p}
             for s, p in zip(pred.spans()[:top_k], span_probs)

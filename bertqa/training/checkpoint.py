@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bertqa.config import computation_changes, kept_on_resume
+from bertqa.postprocess import NO_CALIBRATION
 from bertqa.sources import DEFAULT_NO_ANSWER_THRESHOLD
 from bertqa.training.reporting import check_writable, read_json
 
@@ -357,8 +358,9 @@ def save_model(accelerator: Accelerator, model: Any, tokenizer: Any, path: Path,
             tokenizer.save_pretrained(tmp)
             record = meta["eval"]
             threshold = record.get("no_answer_threshold", record.get("best_f1_thresh", 0.0)) if meta.get("v2") else None
-            temperature = record.get("temperature", 1.0)  # chosen with the threshold (v2), else probabilities as given
-            saved = {**meta, "no_answer_threshold": threshold, "temperature": temperature}
+            # The calibration chosen with the threshold (v2); none where the record has none.
+            calibration = {name: record.get(name, default) for name, default in NO_CALIBRATION.to_settings().items()}
+            saved = {**meta, "no_answer_threshold": threshold, **calibration}
             (tmp / "bertqa.json").write_text(json.dumps(saved, indent=2) + "\n")
 
         failed = _attempt(write)

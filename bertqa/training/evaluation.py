@@ -18,10 +18,12 @@ from bertqa.data import Example
 from bertqa.inference import evaluate
 from bertqa.postprocess import (
     MAX_CALIBRATION_ERROR,
+    NO_ANSWER_SCALES,
+    NO_CALIBRATION,
     TEMPERATURES,
     Prediction,
     confidence,
-    fit_temperature,
+    fit_calibration,
     question_report,
 )
 from bertqa.training import checkpoint
@@ -160,28 +162,28 @@ class Evaluator:
             cal.get("NoAns_total", 0),
             cal["best_f1"],
         )
-        temperature = self._temperature(examples, predictions, threshold=cal["best_f1_thresh"])
-        return {"no_answer_threshold": cal["best_f1_thresh"], "calibration_best_f1": cal["best_f1"], **temperature}
+        calibration = self._calibration(examples, predictions, threshold=cal["best_f1_thresh"])
+        return {"no_answer_threshold": cal["best_f1_thresh"], "calibration_best_f1": cal["best_f1"], **calibration}
 
-    def _temperature(
+    def _calibration(
         self, examples: Sequence[Example], predictions: dict[str, Prediction], *, threshold: float
     ) -> dict[str, float]:
-        """The temperature the model's probabilities are given at, chosen on the threshold's held-out questions: 1
-        where they already mean what they say there (expected calibration error at most `MAX_CALIBRATION_ERROR`,
-        the worse of `probability` and `no_answer_probability`), else the one fitted there (`fit_temperature`).
-        With the error before and after; worked out on the main process (which has the predictions) and shared."""
+        """How the model's probabilities are given, chosen on the threshold's held-out questions: as they are where
+        they already mean what they say there (expected calibration error at most `MAX_CALIBRATION_ERROR`, the
+        worse of `probability` and `no_answer_probability`), else with the `Calibration` fitted there. With the
+        error before and after; worked out on the main process (which has the predictions) and shared."""
         from accelerate.utils import broadcast_object_list
 
         found: list[dict[str, float]] = [{}]
         if self.accelerator.is_main_process:
             rows = question_report(examples, predictions, v2=True, threshold=threshold)
             before = _worst_error(rows)
-            temperature = 1.0 if before <= MAX_CALIBRATION_ERROR else fit_temperature(rows, predictions)
+            fitted = NO_CALIBRATION if before <= MAX_CALIBRATION_ERROR else fit_calibration(rows, predictions)
             after = _worst_error(
-                question_report(examples, predictions, v2=True, threshold=threshold, temperature=temperature)
+                question_report(examples, predictions, v2=True, threshold=threshold, calibration=fitted)
             )
-            found = [{"temperature": temperature, "calibration_ece": before, "calibrated_ece": after}]
-            logger.info("%s", _describe_temperature(found[0], len(rows)))
+            found = [{**fitted.to_settings(), "calibration_ece": before, "calibrated_ece": after}]
+            logger.info("%s", _describe_calibration(found[0], len(rows)))
         return broadcast_object_list(found)[0]
 
     def save_model(self, model: torch.nn.Module, path: Path, record: dict[str, Any]) -> None:
@@ -193,17 +195,23 @@ def _worst_error(rows: list[dict[str, object]]) -> float:
     return max(float(c["ece"]) for c in confidence(rows).values())
 
 
-def _describe_temperature(found: dict[str, float], questions: int) -> str:
+def _describe_calibration(found: dict[str, float], questions: int) -> str:
     ece = found["calibration_ece"]
     before = f"probabilities: expected calibration error {ece:.3f} on the {questions:,} threshold questions"
-    if found["calibration_ece"] <= MAX_CALIBRATION_ERROR:
+    if ece <= MAX_CALIBRATION_ERROR:
         return f"{before} (at most {MAX_CALIBRATION_ERROR}): given as they are"
     line = (
-        f"{before}; at temperature {found['temperature']:.2f} (saved with the model, used wherever it answers; no "
-        f"answer changes) it is {found['calibrated_ece']:.3f}"
+        f"{before}; recalibrated there (temperature {found['temperature']:.2f}, no-answer log-odds x "
+        f"{found['no_answer_scale']:.2f} {found['no_answer_shift']:+.1f}; saved with the model, used wherever it "
+        f"answers, no answer changes) it is {found['calibrated_ece']:.3f}"
     )
-    if found["temperature"] in (TEMPERATURES[0], TEMPERATURES[-1]):
-        line += " (the edge of the temperatures tried: the scores say little about which answers are right)"
+    edges = [
+        name
+        for name, grid in (("temperature", TEMPERATURES), ("no_answer_scale", NO_ANSWER_SCALES))
+        if found[name] in (grid[0], grid[-1])
+    ]
+    if edges:
+        line += f" ({' and '.join(edges)} at the edge of those tried: the scores say little about what comes true)"
     if found["calibrated_ece"] > MAX_CALIBRATION_ERROR:
-        line += f", still above {MAX_CALIBRATION_ERROR}: one temperature cannot correct them all"
+        line += f", still above {MAX_CALIBRATION_ERROR}"
     return line
