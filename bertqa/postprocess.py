@@ -316,24 +316,14 @@ def question_report(
         answer = "" if pred is None else pred.answer(threshold if v2 else None)
         em, f1 = question_scores(answer, ex.answer_texts, v2=v2)
         row: dict[str, object] = {"id": ex.id, "question": ex.question, "gold": list(ex.answer_texts)}
-        probability = _probability(pred, answer, calibration)
+        spans, null = pred.probabilities(calibration) if pred is not None else ([], None)
+        probability = null if answer == "" else spans[0] if spans else None  # of the answer given
         row |= {"prediction": answer, "probability": probability, "exact": em, "f1": f1}
         row["kind"] = _kind(answer, bool(ex.answer_texts), em, f1, v2=v2)
         if v2 and pred is not None:
-            null = pred.probabilities(calibration)[1]
             row |= {"no_answer_score": pred.no_answer_score, "no_answer_probability": null}
         rows.append(row)
     return sorted(rows, key=lambda r: (r["f1"], -(r["probability"] or 0.0), str(r["id"])))
-
-
-def _probability(pred: Prediction | None, answer: str, calibration: Calibration | None = None) -> float | None:
-    """The probability of the answer given: of its span, or of "no answer" when it is ""."""
-    if pred is None:
-        return None
-    spans, null = pred.probabilities(calibration)
-    if answer == "":
-        return null
-    return spans[0] if spans else None
 
 
 def _kind(answer: str, has_answer: bool, em: float, f1: float, *, v2: bool) -> str:
