@@ -239,11 +239,14 @@ class _Skipped:
         bisect.insort(self.first, (at, str(err)))
         del self.first[_NOTED_SKIPS:]
 
+    def named(self) -> str:
+        """The first few problems, and "..." where there were more."""
+        return "; ".join(problem for _, problem in self.first) + ("; ..." if self.count > len(self.first) else "")
+
     def notes(self, source: str) -> list[tuple[str | None, str]]:
         if not self.count:
             return []
-        named = "; ".join(problem for _, problem in self.first) + ("; ..." if self.count > len(self.first) else "")
-        return [(None, f"{source}: {_records(self.count)} skipped (skip_bad_records): {named}")]
+        return [(None, f"{source}: {_records(self.count)} skipped (skip_bad_records): {self.named()}")]
 
 
 def _records(n: int) -> str:
@@ -518,7 +521,7 @@ def _checked(
     dropped into `skipped` when it skips bad records.
     """
     skipped = skipped or _Skipped(False)
-    seen: dict[str, str] = {}
+    seen: dict[str, Any] = {}  # id -> its place, named only in a message (a file's line is found when asked)
     out: list[Example] = []
     counts = _Counts()
     for k, ex in enumerate(examples):
@@ -530,13 +533,13 @@ def _checked(
         except SquadFormatError as err:
             skipped.drop(err, at=positions[k] if positions is not None else k)
             continue
-        seen[ex.id] = str(place)
+        seen[ex.id] = place
     if not out:
-        named = "; ".join(problem for _, problem in skipped.first)
-        also = f" ({_records(skipped.count)} skipped: {named})" if skipped.count else ""
+        also = f" ({_records(skipped.count)} skipped: {skipped.named()})" if skipped.count else ""
         raise SquadFormatError(f"{source}: holds no questions{also}")
     notes = counts.notes + _repair_totals(source, counts.n_repaired, counts.n_given)
     notes += _ambiguity_note(source, counts.ambiguous) + skipped.notes(source)
+    generated = generated_ids & {ex.id for ex in out}  # a skipped record's generated id is gone with it
     report = LoadReport(
         source=source,
         version="v2.0" if is_v2(out) else "v1.1",
@@ -545,10 +548,10 @@ def _checked(
         n_answers=sum(len(ex.answer_texts) for ex in out),
         n_repaired=len(counts.repaired),
         n_located=len(counts.located),
-        n_generated_ids=len(generated_ids & {ex.id for ex in out}),
+        n_generated_ids=len(generated),
         repaired_ids=tuple(counts.repaired),
         located_ids=tuple(counts.located),
-        generated_ids=generated_ids & {ex.id for ex in out},
+        generated_ids=generated,
         ambiguous_ids=tuple(qid for qid, _, _ in counts.ambiguous),
         n_skipped=skipped.count,
         notes=tuple(notes),
@@ -597,10 +600,7 @@ def _answers_checked(ex: Example, place: Any, on_mismatch: MismatchPolicy, count
 
 def _occurrences(context: str, text: str) -> int:
     """How many places `text` starts at in `context` (overlapping ones too)."""
-    count, pos = 0, context.find(text)
-    while pos != -1:
-        count, pos = count + 1, context.find(text, pos + 1)
-    return count
+    return len(_positions(context, text))
 
 
 def _ambiguity_note(source: str, ambiguous: list[tuple[str, str, int]]) -> list[tuple[str | None, str]]:
@@ -657,9 +657,15 @@ def _replace_starts(ex: Example, starts: tuple[int, ...]) -> Example:
 
 
 def _nearest_occurrence(context: str, text: str, start: int) -> int | None:
+    positions = _positions(context, text)
+    return min(positions, key=lambda p: abs(p - start)) if positions else None
+
+
+def _positions(context: str, text: str) -> list[int]:
+    """Every place `text` starts at in `context`, overlapping ones too (none for an empty text)."""
     positions = []
     pos = context.find(text)
     while pos != -1 and text:
         positions.append(pos)
         pos = context.find(text, pos + 1)
-    return min(positions, key=lambda p: abs(p - start)) if positions else None
+    return positions

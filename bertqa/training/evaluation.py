@@ -179,9 +179,11 @@ class Evaluator:
             rows = question_report(examples, predictions, v2=True, threshold=threshold)
             before = _worst_error(rows)
             fitted = NO_CALIBRATION if before <= MAX_CALIBRATION_ERROR else fit_calibration(rows, predictions)
-            after = _worst_error(
-                question_report(examples, predictions, v2=True, threshold=threshold, calibration=fitted)
-            )
+            after = before  # as given: the same report
+            if fitted != NO_CALIBRATION:
+                after = _worst_error(
+                    question_report(examples, predictions, v2=True, threshold=threshold, calibration=fitted)
+                )
             found = [{**fitted.to_settings(), "calibration_ece": before, "calibrated_ece": after}]
             logger.info("%s", _describe_calibration(found[0], len(rows)))
         return broadcast_object_list(found)[0]
