@@ -300,7 +300,7 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
         optional = type(None) in args
         base = next((a for a in args if a is not type(None)), hint) if isinstance(hint, types.UnionType) else hint
         flag = "--" + field.name.replace("_", "-")
-        help_text = f"{field.metadata['help']} (default: {field.default})"
+        help_text = f"{field.metadata['help']} (default: {field.default})".replace("%", "%%")  # argparse formats it
         if base is bool:
             parser.add_argument(flag, action=BoolFlag, default=argparse.SUPPRESS, help=help_text)
         elif typing.get_origin(base) is tuple:

@@ -155,6 +155,23 @@ class TrainConfig:
         "layer-wise LR decay (1 = off): the QA head gets lr, the top encoder layer lr x this, each layer below the "
         "LR of the one above x this, the embeddings the lowest (BERT, RoBERTa, ELECTRA, DeBERTa, DistilBERT)",
     )
+    freeze_embeddings: bool = _f(
+        False,
+        "train no embedding weights (about half of MiniLM's): no gradient or AdamW update for them; with "
+        "freeze_layers, the backward pass stops at the lowest layer that trains",
+    )
+    freeze_layers: int = _f(
+        0,
+        "train none of the lowest N encoder layers (with freeze_embeddings: no backward pass through them, so each "
+        "update is cheaper; what a short time budget buys most from, docs/TRAINING.md)",
+    )
+    budget_freeze_below: int = _f(
+        0,
+        "a time_budget run whose plan, timed with every layer training, has fewer updates than this freezes the "
+        "embeddings and the lowest budget_freeze_layers layers and plans again at the faster rate: on a slow machine "
+        "a short run learns more from cheaper updates (0: never; docs/TRAINING.md has the measurements)",
+    )
+    budget_freeze_layers: int = _f(2, "how many of the lowest encoder layers budget_freeze_below freezes")
     early_stopping_patience: int | None = _f(
         None, "end the run after this many evaluations in a row without an F1 gain of early_stopping_min_delta"
     )
@@ -191,6 +208,11 @@ class TrainConfig:
         None,
         "dropout on attention probabilities (unset: the model's own, 0.1 for BERT); PyTorch's fused CPU attention "
         "kernel runs only without it, so 0 trains faster on CPUs (1.38x on SQuAD windows, more on long ones)",
+    )
+    hidden_dropout: float | None = _f(
+        None,
+        "dropout on hidden states (unset: the model's own, 0.1 for BERT); each dropout draws a random mask, about "
+        "6% of an fp32 update on a CPU and 11% of a bf16 one, and a run of a few hundred updates needs none",
     )
     compile: bool = _f(False, "torch.compile the model")
     tf32: bool = _f(True, "allow TF32 matmuls on NVIDIA GPUs")
@@ -453,6 +475,11 @@ def _value_problems(c: TrainConfig) -> list[str]:
         problems.append("give eval_data or eval_split, not both (eval_split holds out part of train_data)")
     if c.attention_dropout is not None and not 0 <= c.attention_dropout < 1:
         problems.append("attention_dropout must be in [0, 1)")
+    if c.hidden_dropout is not None and not 0 <= c.hidden_dropout < 1:
+        problems.append("hidden_dropout must be in [0, 1)")
+    for name in ("freeze_layers", "budget_freeze_below", "budget_freeze_layers"):
+        if getattr(c, name) < 0:
+            problems.append(f"{name} must be a whole number >= 0, got {getattr(c, name)}")
     if not 0 <= c.warmup_ratio < 1:
         problems.append("warmup_ratio must be in [0, 1)")
     if not 0 < c.lr < float("inf"):  # nan fails this too
@@ -512,20 +539,23 @@ def _unreadable(c: TrainConfig) -> list[str]:
 PRESETS: dict[str, dict[str, Any]] = {
     # A real fine-tune on real SQuAD that ends, evaluation included, within about 10 minutes on any 2-core CPU: an
     # 8-minute time budget for training and evaluation decides how many of a seeded 20,000 questions it trains on
-    # (about 11,000 in bf16 where the CPU has it, fewer in fp32; more passes on a GPU). Attention dropout off:
-    # PyTorch's fused CPU attention kernel then runs, 1.38x faster training with F1 no worse (docs/BENCHMARKS.md,
-    # docs/RESULTS.md). No evaluation before training: in fp32 on such a CPU it costs over a minute of the budget.
-    # lr 2e-4: the 1e-4 tuned for 316 fixed updates left a budget of about 160 under-trained (F1 50.3 against 58.5).
+    # (more passes on a GPU). No evaluation before training: in fp32 on such a CPU it costs over a minute of the
+    # budget. The rest was chosen by sweeping what a budget of a few hundred updates buys (docs/TRAINING.md, "What
+    # an 8-minute budget buys"): batches of 16 (twice the updates of 32, F1 +4.5 in fp32), the embeddings frozen
+    # (half of MiniLM's weights, no AdamW update for them), no dropout on attention probabilities (PyTorch's fused
+    # CPU attention kernel then runs, 1.38x faster) or on hidden states (its masks cost 6-11% of an update); lr 2e-4.
     "quick": {
         "max_train_examples": 20000,
         "time_budget": "8m",
         "attention_dropout": 0.0,
+        "hidden_dropout": 0.0,
+        "freeze_embeddings": True,
         "max_eval_examples": 1000,
         "epochs": 3.0,
         "lr": 2e-4,
-        "batch_size": 32,
+        "batch_size": 16,
         "eval_batch_size": 64,
-        "log_every": 5,
+        "log_every": 10,
         "output_dir": "runs/quick",
     },
     # The course notebook's setup (answerable SQuAD, 8000/2000 examples, 2 epochs, 384/128), done right.

@@ -81,10 +81,10 @@ def train_one_epoch(
     callbacks: Sequence[Callback] = (),
     on_log: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, float]:
-    """One pass over `loader`, until `max_steps` updates (or `state.end_step`, when a callback moved the end
-    earlier), or until a callback raises `StopTraining` (then `state.stop_reason` is set, and a loop of your own
-    should end: `while state.step < total and state.stop_reason is None`). Returns the pass's `train_loss` (mean
-    over its updates), `updates` and `train_time_s`.
+    """One pass over `loader`, until `max_steps` updates (or `state.end_step`, when a callback moved the end,
+    earlier or later), or until a callback raises `StopTraining` (then `state.stop_reason` is set, and a loop of
+    your own should end: `while state.step < total and state.stop_reason is None`). Returns the pass's
+    `train_loss` (mean over its updates), `updates` and `train_time_s`.
 
     The loss is read from the device only every `log_every` updates and at the end of the pass; that is also where
     a non-finite loss is caught.
@@ -93,7 +93,7 @@ def train_one_epoch(
     meter, t0, updates = LogMeter(accelerator.device), time.perf_counter(), 0
     update_loss, micro, grad_norm = torch.zeros((), device=accelerator.device), 0, None
     for batch in loader:
-        last = max_steps if state.end_step is None else min(max_steps, state.end_step)  # a callback may move it
+        last = max_steps if state.end_step is None else state.end_step  # a callback may move it
         if state.step >= last or state.stop_reason is not None:
             break
         with accelerator.accumulate(model):

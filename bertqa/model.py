@@ -208,8 +208,23 @@ def build_tokenizer(name_or_path: str | Path) -> Any:
     return tokenizer
 
 
-# Where model configs keep the dropout on attention probabilities (BERT, RoBERTa, ELECTRA, ALBERT; DistilBERT).
+# Where model configs keep the dropout on attention probabilities (BERT, RoBERTa, ELECTRA, ALBERT; DistilBERT), and
+# the dropout on hidden states.
 ATTENTION_DROPOUT_KEYS = ("attention_probs_dropout_prob", "attention_dropout")
+HIDDEN_DROPOUT_KEYS = ("hidden_dropout_prob", "dropout")
+
+
+def set_dropout(config: Any, keys: tuple[str, ...], value: float, *, setting: str, name: str) -> None:
+    """Set a dropout probability in a model config under whichever of `keys` it has; refused, naming `setting`,
+    when it has none."""
+    found = [key for key in keys if hasattr(config, key)]
+    if not found:
+        raise ValueError(
+            f"{name}: its config has none of {', '.join(keys)}, so {setting} cannot be set for it; leave {setting} "
+            "unset"
+        )
+    for key in found:
+        setattr(config, key, value)
 
 
 def build_model(
@@ -219,6 +234,7 @@ def build_model(
     dtype: torch.dtype = torch.float32,
     attn_implementation: str | None = None,
     attention_dropout: float | None = None,
+    hidden_dropout: float | None = None,
     config_overrides: dict[str, Any] | None = None,
     num_layers: int | None = None,
     layer_pick: str = "first",
@@ -227,7 +243,8 @@ def build_model(
 
     The weights are float32 by default even when the checkpoint stores half precision (transformers would otherwise
     keep the stored dtype): they are the master weights that AdamW updates, and mixed precision only casts the
-    compute. `attention_dropout` replaces the dropout on attention probabilities (None keeps the model's own).
+    compute. `attention_dropout` replaces the dropout on attention probabilities, `hidden_dropout` the one on hidden
+    states (None keeps the model's own).
     `config_overrides` changes config fields first (e.g. `{"hidden_dropout_prob": 0.0}`, or a smaller shape when
     `pretrained=False`). `num_layers` keeps that many of its encoder layers, chosen by `layer_pick` (`pick_layers`):
     a smaller student that starts from the pretrained layers it keeps.
@@ -239,14 +256,9 @@ def build_model(
     for key, value in (config_overrides or {}).items():
         setattr(config, key, value)
     if attention_dropout is not None:
-        keys = [key for key in ATTENTION_DROPOUT_KEYS if hasattr(config, key)]
-        if not keys:
-            raise ValueError(
-                f"{name}: its config has none of {', '.join(ATTENTION_DROPOUT_KEYS)}, so attention_dropout cannot be "
-                "set for it; leave attention_dropout unset"
-            )
-        for key in keys:
-            setattr(config, key, attention_dropout)
+        set_dropout(config, ATTENTION_DROPOUT_KEYS, attention_dropout, setting="attention_dropout", name=name)
+    if hidden_dropout is not None:
+        set_dropout(config, HIDDEN_DROPOUT_KEYS, hidden_dropout, setting="hidden_dropout", name=name)
     kwargs: dict[str, Any] = {}
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation

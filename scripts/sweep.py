@@ -96,6 +96,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="stop trials that fall behind the median at an evaluation (default: median)",
     )
     group.add_argument(
+        "--sampler",
+        choices=("tpe", "grid"),
+        default="tpe",
+        help="tpe: Optuna's default, each trial drawn in the light of the earlier ones; grid: every combination of "
+        "the choices once, in a seeded order (choices only; --trials is then at most the grid's size)",
+    )
+    group.add_argument(
         "--allow-changed-base",
         action=BoolFlag,
         default=False,
@@ -318,7 +325,9 @@ def main(argv: list[str] | None = None) -> int:
     name, storage, new = check_sweep_dir(sweep_dir, args.study_name, storage)
     # Never at update 0 (n_warmup_steps=1): every trial's untrained model scores alike there.
     median = optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1)
-    study = sweep.open_study(storage, name, pruner=median if args.pruner == "median" else optuna.pruners.NopPruner())
+    pruner = median if args.pruner == "median" else optuna.pruners.NopPruner()
+    sampler = sweep.grid_sampler(space, seed=base.seed) if args.sampler == "grid" else None
+    study = sweep.open_study(storage, name, pruner=pruner, sampler=sampler)
     sweep.claim_study(study, base, space, sweep_dir, allow_changes=args.allow_changed_base)
     check_writable(sweep_dir)
     if new:
@@ -329,15 +338,16 @@ def main(argv: list[str] | None = None) -> int:
     objective = sweep.make_objective(base, space, sweep_dir, save_model=getattr(args, "save_model", False))
     quiet, optuna_log = QuietInterrupt(), logging.getLogger("optuna.study._optimize")
     optuna_log.addFilter(quiet)
+    trials = min(args.trials, sweep.grid_size(space)) if args.sampler == "grid" else args.trials
     try:
-        sweep.run_trials(study, objective, args.trials)
+        sweep.run_trials(study, objective, trials)
     except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM (bertqa.training.interrupt.Interrupted says which)
-        report(study, sweep_dir, args.trials)
+        report(study, sweep_dir, trials)
         print("interrupted; the trial will run again first when resumed (rerun the same command)")
         return getattr(stop, "exit_code", 130)
     finally:
         optuna_log.removeFilter(quiet)
-    return report(study, sweep_dir, args.trials)
+    return report(study, sweep_dir, trials)
 
 
 if __name__ == "__main__":

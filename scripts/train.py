@@ -51,7 +51,7 @@ def _budget(plan: dict | None) -> dict:
         return {}
     return {
         "time_budget_s": plan["budget_s"],
-        "planned_steps": plan["total_steps"],
+        "planned_steps": plan["planned_steps"],
         "questions": plan["questions"],
         "precision": plan["precision"],
     }

@@ -102,3 +102,29 @@ def test_student_speed_times_each_model_on_the_same_windows(tmp_path, tiny_dir, 
     assert [r["layers"] for r in rows] == [2, 1] and rows[0]["windows"] == rows[1]["windows"] >= 16
     assert rows[0]["speedup_over_first"] == 1.0 and rows[1]["parameters"] < rows[0]["parameters"]
     assert all(r["windows_per_s"] > 0 for r in rows)
+
+
+def _budget_run(folder, *, precision, budget_s, f1, updates=100):
+    folder.mkdir(parents=True)
+    plan = {"budget_s": budget_s, "precision": precision, "questions": 3000}
+    (folder / "config.json").write_text(json.dumps({"_budget_plan": plan}))
+    (folder / "metrics.jsonl").write_text(json.dumps({"step": updates, "exact": f1 - 10, "f1": f1}) + "\n")
+
+
+def test_budget_curve_tables_and_plots_runs_by_precision_and_budget(tmp_path):
+    for seed, f1 in ((1, 60.0), (2, 64.0)):
+        _budget_run(tmp_path / f"fp32-8m-{seed}", precision="fp32", budget_s=480, f1=f1)
+    with (tmp_path / "fp32-8m-2" / "metrics.jsonl").open("a") as f:  # a run stopped by its deadline says why last
+        f.write(json.dumps({"step": 100, "stopped": "time budget: ..."}) + "\n")
+    _budget_run(tmp_path / "bf16-4m", precision="bf16", budget_s=240, f1=55.5)
+    runs = sorted(str(p) for p in tmp_path.iterdir())
+    out = script("benchmarks/budget_curve.py", *runs, "--plot", tmp_path / "curve.png").stdout
+    assert "| fp32 | 8 min | 2 | 62.00 | 4.00 |" in out and "| bf16 | 4 min | 1 | 55.50 | 0.00 |" in out
+    assert f"| fp32 | 8 min | 100 | 3,000 | 50.00 | 60.00 | {tmp_path / 'fp32-8m-1'} |" in out
+    assert (tmp_path / "curve.png").stat().st_size > 0
+
+    (tmp_path / "fixed").mkdir()
+    (tmp_path / "fixed" / "config.json").write_text("{}")
+    (tmp_path / "fixed" / "metrics.jsonl").write_text("")
+    refused = script("benchmarks/budget_curve.py", tmp_path / "fixed", check=False)
+    assert refused.returncode != 0 and "not a time-budget run (its config.json holds no _budget_plan)" in refused.stderr

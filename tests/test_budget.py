@@ -184,9 +184,11 @@ def one_thread():
 
 @pytest.fixture
 def roomy(monkeypatch):
-    """Plan for 80% of the time left instead of 97%: the runs below must reach their planned end even on a machine
-    busy with other work, so that the schedule's end can be checked (the deadline has a test of its own)."""
+    """Plan for 80% of the time left instead of 97%, and never lengthen: the runs below must reach their planned end
+    even on a machine busy with other work, so that the schedule's end can be checked (the deadline has tests of its
+    own)."""
     monkeypatch.setattr(budget, "SAFETY", 0.8)
+    monkeypatch.setattr(budget, "LENGTHEN_MARGIN", 1.0)
     return 0.8
 
 
@@ -209,7 +211,8 @@ def test_the_plan_comes_from_the_measured_rate_and_the_schedule_ends_at_its_last
         eval_every=None,
     )
     assert plan["questions"] < plan["pool_questions"] == 400  # less than a pass: a draw of whole questions
-    assert fits - 2 <= plan["total_steps"] <= fits  # whole questions fill at most the updates that fit
+    assert fits - 2 <= plan["planned_steps"] <= fits  # whole questions fill at most the updates that fit
+    assert plan["total_steps"] <= plan["cap_steps"] == plan["per_epoch"]  # lengthened, if at all, into the reserve
     assert summary["steps"] == plan["total_steps"] and summary["stopped_early"] is None
     log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
     lr = {r["step"]: r["lr"] for r in log}
@@ -288,6 +291,43 @@ def test_the_warm_up_is_not_interrupted_by_evaluations_or_saves(tmp_path, tiny, 
     assert min(steps) > 6 and summary["budget_plan"]["s_per_update"] < 0.2  # none of them in the timed updates
 
 
+def test_a_short_run_freezes_the_bottom_plans_again_and_resumes_frozen(tmp_path, tiny, roomy):
+    from bertqa.training.optim import layer_depths
+
+    def crash(update):
+        if update.step == 25:  # after the checkpoint of update 20 (none during the two warm-ups)
+            raise RuntimeError("killed")
+
+    config = budget_config(tmp_path, budget_freeze_below=100_000, budget_freeze_layers=1, save_every_steps=10)
+    model = tiny()
+    with pytest.raises(RuntimeError, match="killed"):
+        engine.fit(config, model=model, compute_loss=sleepy(0.04), callbacks=[crash])
+    plan = json.loads((tmp_path / "run" / "config.json").read_text())["_budget_plan"]
+    assert plan["frozen_layers"] == 1 and plan["unfrozen_steps"] > 0 and plan["from_step"] == 0
+    assert plan["probe_updates"] == 6  # the second warm-up, the one the rate comes from
+    depths = layer_depths(tiny(), frozen=True)
+    bottom = {n for n, d in depths.items() if d <= 1}
+    assert {n for n, p in model.named_parameters() if not p.requires_grad} == bottom
+    at_crash = {n: p.detach().clone() for n, p in model.named_parameters() if n in bottom}
+
+    resumed_model = tiny(seed=1)
+    resumed = engine.fit(config.replace(resume="latest"), model=resumed_model, compute_loss=sleepy(0.04))
+    assert resumed["budget_plan"]["frozen_layers"] == 1 and resumed["steps"] == resumed["budget_plan"]["total_steps"]
+    assert {n for n, p in resumed_model.named_parameters() if not p.requires_grad} == bottom
+    for name, param in resumed_model.named_parameters():
+        if name in bottom:  # frozen since update 6: as the checkpoint held them, and as they were at the crash
+            assert torch.equal(param.detach(), at_crash[name]), name
+    log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    assert log[-1]["lr"] == 0.0 and max(r["lr"] for r in log) == pytest.approx(1e-3, rel=0.2)
+
+
+def test_a_run_planned_long_enough_keeps_every_layer_training(tmp_path, tiny, roomy):
+    model = tiny()
+    summary = engine.fit(budget_config(tmp_path, budget_freeze_below=3), model=model, compute_loss=sleepy(0.04))
+    assert summary["budget_plan"]["frozen_layers"] is None
+    assert all(p.requires_grad for p in model.parameters())
+
+
 def test_a_budget_too_small_says_the_smallest_that_would_work(tmp_path, tiny):
     with pytest.raises(
         BudgetTooSmall,
@@ -302,11 +342,11 @@ def test_a_machine_that_slows_down_still_ends_within_the_budget(tmp_path, tiny):
     summary = engine.fit(budget_config(tmp_path), model=tiny(), compute_loss=slow)
     plan = summary["budget_plan"]
     assert summary["wall_time_s"] < 4 + 0.15 + 1.0  # the budget, the update in flight, the final evaluation
-    if plan["shortened"]:  # how it kept the budget (on a busy machine the warm-up may have measured slower still)
+    if plan["replanned"]:  # how it kept the budget (on a busy machine the warm-up may have measured slower still)
         assert summary["steps"] == plan["total_steps"] < plan["planned_steps"] or summary["stopped_early"]
         log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
         lrs = [r["lr"] for r in log]
-        at = plan["shortened"][0][0]
+        at = plan["replanned"][0][0]
         assert max(abs(a - b) for a, b in zip(lrs[at - 1 :], lrs[at:])) < 1e-3 * 0.2  # the LR never jumps
         assert lrs[-1] == 0.0 or summary["stopped_early"]  # and still decays to 0 at the new last update
 
@@ -327,13 +367,13 @@ def test_the_deadline_shortens_a_run_that_falls_behind_and_stops_one_out_of_time
     state = TrainState(step=6)
     state.budget_plan = {"total_steps": 100, "per_epoch": 100, "s_per_update": 1.0, "eval_s": 5.0}
     shortened = []
-    deadline = budget.Deadline(state, budget_s=120.0, on_shorten=lambda at, total: shortened.append((at, total)))
+    deadline = budget.Deadline(state, budget_s=120.0, on_replan=lambda at, total: shortened.append((at, total)))
     clock.now = 10.0  # the warm-up and the plan took 10 s
-    for step in range(7, 20):  # then 2 s per update: twice the measured second
+    for step in range(7, 57):  # then 2 s per update: twice the measured second
         clock.now += 2.0
         deadline(engine.Update(step=step, epoch=0, lr=1.0, loss=torch.zeros(())))
     at, total = shortened[0]
-    assert at == 16  # decided once 10 updates gave a steady median
+    assert at == 56  # decided once 50 updates gave a steady rate
     used = 10.0 + 2.0 * (at - 6)
     assert total == plan_steps(
         remaining_s=(120 - used) * budget.SAFETY,
@@ -352,6 +392,76 @@ def test_the_deadline_shortens_a_run_that_falls_behind_and_stops_one_out_of_time
     clock.now += 2.0
     with pytest.raises(StopTraining, match=r"time budget: 16 s of 20 s used at update 8 of 100"):
         stop(engine.Update(step=8, epoch=0, lr=1.0, loss=torch.zeros(())))
+
+
+def test_the_deadline_lengthens_a_run_that_turns_faster_up_to_its_reserve(monkeypatch):
+    from bertqa.training.state import TrainState
+
+    clock = Clock()
+    monkeypatch.setattr(budget.time, "perf_counter", clock)
+    plan = {"total_steps": 100, "per_epoch": 106, "cap_steps": 106, "s_per_update": 1.0, "eval_s": 5.0}
+    state = TrainState(step=6, budget_plan={**plan, "warmup_steps": 10})
+    replanned = []
+
+    def replan(state):  # what the run does: the plan is its new length
+        return lambda at, total: (replanned.append((at, total)), state.budget_plan.update(total_steps=total))
+
+    deadline = budget.Deadline(state, budget_s=120.0, on_replan=replan(state))
+    clock.now = 10.0
+    for step in range(7, 120):  # half the measured second: ahead of the plan
+        clock.now += 0.5
+        deadline(engine.Update(step=step, epoch=0, lr=1.0, loss=torch.zeros(())))
+    assert replanned[0] == (56, 106)  # once steady and past the warm-up; never past the reserve
+    assert len(replanned) == 1  # at the reserve's end it stays there
+
+    early = TrainState(step=6, budget_plan={**plan, "warmup_steps": 90})
+    still = budget.Deadline(early, budget_s=120.0, on_replan=replan(early))
+    for step in range(7, 90):  # as fast, but still warming up: the schedule's warm-up is not moved
+        clock.now += 0.5
+        still(engine.Update(step=step, epoch=0, lr=1.0, loss=torch.zeros(())))
+    assert len(replanned) == 1
+
+    on_time = TrainState(step=6, budget_plan={**plan, "warmup_steps": 10})
+    steady = budget.Deadline(on_time, budget_s=112.0, on_replan=replan(on_time))
+    on_time.budget_used_s = 10.0
+    for step in range(7, 60):  # as measured: 94 updates and an evaluation fill 99 s of 102 left, the plan stands
+        clock.now += 1.0
+        steady(engine.Update(step=step, epoch=0, lr=1.0, loss=torch.zeros(())))
+    assert len(replanned) == 1
+
+
+def test_the_typical_update_leaves_out_the_slowest_twentieth():
+    assert budget.typical([1.0] * 19 + [60.0]) == 1.0  # one update that also held an evaluation
+    assert budget.typical([1.0, 3.0]) == 2.0  # too few to leave any out
+    assert budget.typical([2.0] * 38 + [50.0, 70.0]) == 2.0
+
+
+def test_a_plan_short_of_a_pass_draws_a_reserve_and_may_be_lengthened_into_it():
+    spec = budget.BudgetSpec(
+        budget_s=100.0,
+        precision="fp32",
+        grad_accum=1,
+        warmup_ratio=0.1,
+        schedule="linear",
+        eval_every=None,
+        eval_batch_size=8,
+        pad_to_multiple_of=8,
+    )
+    lengths = np.full(2000, 100)
+    sampler = QuestionOrderBatchSampler(lengths, np.arange(2000), 10, seed=0, first_pool=1, pool_batches=5)
+    measured = dict(spent_s=10.0, s_per_update=1.0, eval_s=5.0, probe=6)
+    plan = budget.make_plan(
+        spec, sampler, **measured, done=6, cap=200, per_epoch=200, windows_per_update=10, first_pass=True
+    )
+    fits = plan_steps(
+        remaining_s=90 * budget.SAFETY, s_per_update=1.0, eval_s=5.0, done=6, cap=200, per_epoch=200, eval_every=None
+    )
+    assert plan.total_steps == fits and plan.per_epoch == plan.cap_steps == math.ceil(fits * (1 + budget.RESERVE))
+    assert plan.questions == plan.per_epoch * 10  # one window each: the reserve's questions, whole
+    assert "updates of its pass a reserve for a machine that turns faster" in plan.describe()
+    old = {**plan.to_dict(), "shortened": [[20, 70]]}
+    del old["replanned"], old["cap_steps"]
+    assert budget.BudgetPlan.from_dict(old).replanned == ((20, 70),)  # a plan saved before it was renamed
 
 
 def test_a_shortened_schedule_decays_from_where_it_was_and_comes_back_alike():
@@ -406,5 +516,5 @@ def test_two_processes_agree_on_one_plan_and_end_together(tmp_path, tiny_dir):
     ]
     out = json.loads(script("train.py", *map(str, args), launch=two_processes()).stdout.splitlines()[-1])
     plan = json.loads((tmp_path / "config.json").read_text())["_budget_plan"]
-    assert out["planned_steps"] == plan["total_steps"] and out["time_budget_s"] == 6
+    assert out["planned_steps"] == plan["planned_steps"] and out["time_budget_s"] == 6
     assert out["steps"] == plan["total_steps"] or out["stopped_early"].startswith("time budget")  # both, or neither

@@ -111,3 +111,50 @@ def test_the_logged_lr_is_the_peak_groups_with_layer_decay(tmp_path, tiny):
     config = tiny_config(tmp_path, max_steps=3, warmup_ratio=0.0, schedule="constant", layer_lr_decay=0.5, lr=1e-3)
     engine.fit(config, model=tiny(), callbacks=[lambda u: seen.append(u.lr)])
     assert seen == pytest.approx([1e-3] * 3)  # the head's, not the embeddings' 1.25e-4
+
+
+@pytest.mark.parametrize("kind", ["roberta", "electra", "deberta", "distilbert"])
+def test_freezing_the_bottom_stops_training_the_embeddings_and_the_lowest_layers(kind):
+    model = tiny_of(kind)
+    depths = optim.layer_depths(model)
+    trainable, total = optim.freeze_bottom(model, embeddings=True, layers=2)
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert frozen == {n for n, d in depths.items() if d <= 2}
+    assert total == sum(p.numel() for p in model.parameters())
+    assert trainable == sum(p.numel() for n, p in model.named_parameters() if n not in frozen) > 0
+
+
+def test_freezing_layers_alone_keeps_the_embeddings_training(tiny_model):
+    depths = optim.layer_depths(tiny_model)
+    optim.freeze_bottom(tiny_model, embeddings=False, layers=1)
+    frozen = {n for n, p in tiny_model.named_parameters() if not p.requires_grad}
+    assert frozen == {n for n, d in depths.items() if d == 1}
+
+
+def test_freezing_more_layers_than_the_model_has_is_refused_by_name(tiny_model):
+    layers = tiny_model.config.num_hidden_layers
+    with pytest.raises(ValueError, match=f"freeze_layers={layers + 1}: .* has {layers} encoder layers"):
+        optim.freeze_bottom(tiny_model, embeddings=True, layers=layers + 1)
+    with pytest.raises(ValueError, match="freeze_layers cannot layer AlbertForQuestionAnswering"):
+        optim.freeze_bottom(tiny_of("albert"), embeddings=True, layers=1)
+    with pytest.raises(ValueError, match="freeze_layers must be a whole number >= 0"):
+        TrainConfig(freeze_layers=-1)
+
+
+def test_a_run_with_a_frozen_bottom_leaves_it_as_it_was_and_trains_the_rest(tmp_path, tiny):
+    model = tiny()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    config = tiny_config(tmp_path, max_steps=3, lr=1e-2, freeze_embeddings=True, freeze_layers=1)
+    engine.fit(config, model=model)
+    depths = optim.layer_depths(tiny(), setting="test", frozen=True)
+    for name, param in model.named_parameters():
+        assert torch.equal(param.detach(), before[name]) == (depths[name] <= 1), name
+
+
+def test_hidden_dropout_is_set_in_the_models_config(tmp_path):
+    from bertqa.model import build_model
+
+    model = build_model("minilm-l6", pretrained=False, config_overrides={"num_hidden_layers": 1}, hidden_dropout=0.0)
+    assert model.config.hidden_dropout_prob == 0.0
+    with pytest.raises(ValueError, match="hidden_dropout must be in"):
+        TrainConfig(hidden_dropout=1.0)

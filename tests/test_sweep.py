@@ -386,3 +386,19 @@ def test_a_file_that_is_not_a_study_is_refused_before_any_training(tmp_path, tin
         assert [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")] == ["results"]
     db.close()
     assert text.read_text() == "my notes\n"
+
+
+def test_a_grid_sweep_runs_every_combination_once(tmp_path, tiny_dir):
+    out = tmp_path / "grid"
+    args = ["--model", tiny_dir, *SWEEP, "--param", "lr=1e-4,1e-3", "--param", "schedule=linear,cosine"]
+    script("sweep.py", *args, "--sampler", "grid", "--output-dir", out)  # --trials 20 by default: the grid's 4
+    study = optuna.load_study(study_name="grid", storage=f"sqlite:///{out / 'study.db'}")
+    seen = sorted((t.params["lr"], t.params["schedule"]) for t in study.trials)
+    assert seen == [(1e-4, "cosine"), (1e-4, "linear"), (1e-3, "cosine"), (1e-3, "linear")]
+    assert {t.state.name for t in study.trials} == {"COMPLETE"}
+
+
+def test_a_grid_over_a_range_is_refused():
+    with pytest.raises(ValueError, match=r"a grid sweep takes choices only .*: lr"):
+        sweep.grid_sampler(parse_space(["lr=1e-4..1e-3", "batch_size=8,16"], None), seed=0)
+    assert sweep.grid_size(parse_space(["batch_size=8,16", "schedule=linear,cosine,constant"], None)) == 6

@@ -18,7 +18,6 @@ import collections
 import dataclasses
 import logging
 import math
-import statistics
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
@@ -28,7 +27,7 @@ import numpy as np
 
 from bertqa.config import format_duration, parse_duration
 from bertqa.training.hooks import Hook, count_evaluations
-from bertqa.training.optim import evaluations_between, reschedule
+from bertqa.training.optim import evaluations_between, freeze_bottom, reschedule
 from bertqa.training.state import StopTraining
 from bertqa.training.timing import evaluation_seconds, time_forward
 
@@ -59,10 +58,20 @@ logger = logging.getLogger("bertqa")
 # Updates timed before the plan; the first is left out of the rate: it pays one-off costs (allocator warm-up, the
 # optimizer's state) that later updates do not.
 PROBE_UPDATES = 6
-# How many of the latest updates' times the deadline's median is taken over.
-RECENT = 20
+# How many of the latest updates' times the deadline's rate is taken over: batches of similar length come in pools
+# (`bertqa.batching`), so a few updates' times swing by tens of percent; a hundred span about two pools. The run is
+# planned again at most once per half of that.
+RECENT = 100
 # The plan spends this share of the time left, so that a stretch a little slower than the probe still ends in time.
 SAFETY = 0.97
+# A run with time for part of the questions draws this many more updates' worth of them than it plans: the pass's
+# last batches, reached only when the machine turns faster than the warm-up measured (the run is then lengthened).
+RESERVE = 0.15
+# Once the run is under way, it is lengthened when its updates so far project an end this share of the time left
+# earlier than a plan would aim at (SAFETY), by at least LENGTHEN_MIN of its length (and shortened when they project
+# one past the budget): between the two, the plan stands.
+LENGTHEN_MARGIN = 0.04
+LENGTHEN_MIN = 0.02
 
 
 class BudgetTooSmall(ValueError):
@@ -117,34 +126,54 @@ class BudgetPlan:
     precision: str
     planned_steps: int = 0  # the length the plan first chose
     from_step: int = 0  # where the run stood when it was planned (later than 0: planned again on resume)
-    shortened: tuple[tuple[int, int], ...] = ()  # (at update, new length) each time the run fell behind
+    # (at update, new length) each time the run was planned again as it went: shorter when it fell behind, longer
+    # when it ran faster than planned
+    replanned: tuple[tuple[int, int], ...] = ()
+    cap_steps: int = 0  # the most updates it may be lengthened to (its pass with the reserve; 0: never)
+    # A short run made cheaper: the embeddings and this many of the lowest layers frozen after the first warm-up,
+    # when that warm-up's plan had `unfrozen_steps` updates (fewer than the spec's freeze_below); then timed again.
+    frozen_layers: int | None = None
+    unfrozen_steps: int = 0
 
     def __post_init__(self) -> None:
         if not self.planned_steps:
             object.__setattr__(self, "planned_steps", self.total_steps)
-        object.__setattr__(self, "shortened", tuple(tuple(pair) for pair in self.shortened))  # from JSON: lists
+        object.__setattr__(self, "replanned", tuple(tuple(pair) for pair in self.replanned))  # from JSON: lists
 
     def to_dict(self) -> dict[str, Any]:
         """As JSON holds it (lists, not tuples), so that a plan compares equal to the one read back."""
-        return {**asdict(self), "shortened": [list(pair) for pair in self.shortened]}
+        return {**asdict(self), "replanned": [list(pair) for pair in self.replanned]}
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> BudgetPlan:
+        values = {"replanned": values.get("shortened", ()), **values}  # as plans saved before lengthening named it
         return cls(**{f.name: values[f.name] for f in fields(cls) if f.name in values})
 
     def describe(self) -> str:
         """The plan in a line a person reads at the start of the run."""
+        reserve = (
+            f", the last {self.per_epoch - self.total_steps} updates of its pass a reserve for a machine that turns "
+            "faster"
+            if self.total_steps < self.per_epoch
+            else ", each seen whole"
+        )
         draw = (
-            f"{self.questions:,} of {self.pool_questions:,} training questions (a seeded draw, each seen whole)"
+            f"{self.questions:,} of {self.pool_questions:,} training questions (a seeded draw{reserve})"
             if self.questions < self.pool_questions
             else f"all {self.pool_questions:,} training questions, {self.passes:.2f} passes"
         )
+        cheaper = (
+            f"a short run here ({self.unfrozen_steps} updates would fit with every layer training), so the "
+            f"embeddings and the lowest {self.frozen_layers} layers are frozen: no backward pass through them; "
+            if self.frozen_layers is not None
+            else ""
+        )
         return (
-            f"time budget {format_duration(self.budget_s)}: {self.total_steps} updates ({self.warmup_steps} warmup; "
-            f"the LR decays to 0 at the last) at {self.s_per_update:.2f} s each, timed over the last "
-            f"{max(1, self.probe_updates - 1)} of {self.probe_updates} warm-up updates in {self.precision}; {draw}; "
-            f"{self.evaluations} evaluation{'s' if self.evaluations != 1 else ''} to come (about "
-            f"{format_duration(self.eval_s)} each); training and evaluation should take "
+            f"time budget {format_duration(self.budget_s)}: {cheaper}{self.total_steps} updates "
+            f"({self.warmup_steps} warmup; the LR decays to 0 at the last) at {self.s_per_update:.2f} s each, "
+            f"timed over the last {max(1, self.probe_updates - 1)} of {self.probe_updates} warm-up updates in "
+            f"{self.precision}; {draw}; {self.evaluations} evaluation{'s' if self.evaluations != 1 else ''} to "
+            f"come (about {format_duration(self.eval_s)} each); training and evaluation should take "
             f"{format_duration(self.expected_s)} of the budget"
         )
 
@@ -161,6 +190,8 @@ class BudgetSpec:
     eval_every: int | None
     eval_batch_size: int
     pad_to_multiple_of: int
+    freeze_below: int = 0  # a plan with fewer updates than this freezes the bottom and plans again (0: never)
+    freeze_layers: int = 0  # how many of the lowest encoder layers it then freezes, beside the embeddings
 
 
 def update_seconds(seconds: float, *, timed: np.ndarray, tokens: np.ndarray, per_epoch: int) -> float:
@@ -188,8 +219,9 @@ def make_plan(
 ) -> BudgetPlan:
     """The plan, from the measured rates: the most updates (at most `cap`) that fit the budget left; when they are
     fewer than a pass, the first questions of the `bertqa.batching.QuestionOrderBatchSampler`'s order that fill
-    them (a seeded draw, whole), and the run's length becomes one pass over those; never fewer than the questions of
-    the pools already trained from (`batches_done` micro-batches into the pass). `sampler` is left as it was."""
+    them and `RESERVE` more (a seeded draw, whole), never fewer than the questions of the pools already trained from
+    (`batches_done` micro-batches into the pass): a pass over those is the most the run may be lengthened to. The
+    plan is the updates that fit. `sampler` is left as it was."""
     total = plan_steps(
         remaining_s=(spec.budget_s - spent_s) * SAFETY,
         s_per_update=s_per_update,
@@ -202,17 +234,12 @@ def make_plan(
     if total is None:
         raise _too_small(spec, probe=probe, spent_s=spent_s, eval_s=eval_s)
     questions = sampler.questions
-    if total < per_epoch and first_pass:  # less than a pass: the questions it has time for, whole
-        questions, total = _first_questions(sampler, spec, total, windows_per_update, batches_done)
-        per_epoch = total
+    if total < per_epoch and first_pass:  # less than a pass: the questions it has time for and a reserve, whole
+        drawn = min(per_epoch, math.ceil(total * (1 + RESERVE)))
+        questions, per_epoch = _first_questions(sampler, spec, drawn, windows_per_update, batches_done)
+        total = min(total, per_epoch)  # whole questions may fill a little less than asked for
     evaluations = evaluations_between(done, total, per_epoch=per_epoch, eval_every=spec.eval_every)
     expected = spent_s + (total - done) * s_per_update + evaluations * eval_s
-    if expected > spec.budget_s:  # the questions already trained from are kept whole, even past the budget
-        logger.warning(
-            "the plan overruns the time budget (%s of %s): the warm-up alone reached that many questions",
-            format_duration(expected),
-            format_duration(spec.budget_s),
-        )
     return BudgetPlan(
         budget_s=spec.budget_s,
         spent_s=spent_s,
@@ -229,6 +256,7 @@ def make_plan(
         expected_s=expected,
         precision=spec.precision,
         from_step=from_step,
+        cap_steps=max(cap, total) if questions == sampler.questions else per_epoch,
     )
 
 
@@ -337,13 +365,22 @@ def _time_warmup(
     return seconds / max(1, probe - skip)  # the warm-up reached the end of a pass: its updates as they came
 
 
+def typical(seconds: Sequence[float]) -> float:
+    """The mean update time, the slowest 5% left out: an update that also held an evaluation or a checkpoint."""
+    kept = sorted(seconds)[: max(1, len(seconds) - len(seconds) // 20)]
+    return sum(kept) / len(kept)
+
+
 class Deadline:
     """An update callback for a time-budget run: it counts the budget's seconds into the run's `TrainState` (every
     checkpoint saves them, so a resumed run goes on counting) and notes when each warm-up update ended (the plan's
     measurement). Once there is a plan, it keeps the run within the budget on a machine that turns slower than the
-    warm-up measured (another job on the same cores, a noisy neighbour): when the median of the last updates
-    projects past the budget, `on_shorten(at, total)` shortens the run so that its LR decays to 0 by the deadline;
-    when not even the final evaluation would fit after the next update, it ends the run through `StopTraining`.
+    warm-up measured (another job on the same cores, a noisy neighbour): when the typical time of its last updates
+    projects past the budget, `on_replan(at, total)` shortens the run so that its LR decays to 0 by the deadline;
+    when not even the final evaluation would fit after the next update, it ends the run through `StopTraining`. On
+    a machine that turns faster (a run's first updates are often slower than the rest, or a neighbour went quiet)
+    it lengthens the run, after its warm-up, up to the plan's `cap_steps`, when they project an end more than
+    `LENGTHEN_MARGIN` of the time left before what a plan aims at, by `LENGTHEN_MIN` of its length at least.
     `slowest` makes every process decide from the same numbers (several processes: the slowest one's), which is why
     they check only every `check_every` updates."""
 
@@ -355,14 +392,20 @@ class Deadline:
         eval_every: int | None = None,
         slowest: Any = None,
         check_every: int = 1,
-        on_shorten: Any = None,
+        on_replan: Any = None,
     ) -> None:
         self.state, self.budget_s, self.eval_every, self.check_every = state, budget_s, eval_every, check_every
         self.slowest = slowest or (lambda values: values)
-        self.on_shorten = on_shorten
+        self.on_replan = on_replan
         self.mark = time.perf_counter()
         self.stamps: list[float] = []  # the clock at the end of each update before the plan
         self.recent: collections.deque[float] = collections.deque(maxlen=RECENT)  # seconds of the last updates
+        self.replanned_at = -RECENT  # the update the run was last planned again at
+
+    @staticmethod
+    def _least(total: int) -> int:
+        """The fewest updates a run of `total` is lengthened by: a few more are not worth a new schedule."""
+        return max(2, math.ceil(LENGTHEN_MIN * total))
 
     def used(self) -> float:
         """Seconds of the budget used so far: those counted into the state, and those since."""
@@ -377,11 +420,11 @@ class Deadline:
         if plan is None:
             self.stamps.append(self.mark)
             return
-        self.recent.append(self.last_interval)  # the median below passes over the odd one holding an evaluation
+        self.recent.append(self.last_interval)
         total = plan["total_steps"]
         if update.step >= total or update.step % self.check_every:
             return
-        measured = statistics.median(self.recent) if len(self.recent) >= RECENT // 2 else plan["s_per_update"]
+        measured = typical(self.recent) if len(self.recent) >= RECENT // 2 else plan["s_per_update"]
         used, rate = self.slowest([used, max(measured, plan["s_per_update"] * 0.5)])
         per_epoch, eval_s, step = plan["per_epoch"], plan["eval_s"], update.step
 
@@ -390,32 +433,39 @@ class Deadline:
                 step, until, per_epoch=per_epoch, eval_every=self.eval_every
             ) * eval_s
 
-        if used + cost(total) > self.budget_s + rate and len(self.recent) >= RECENT // 2 and self.on_shorten:
-            shorter = plan_steps(
+        since = step - self.replanned_at
+        steady = len(self.recent) >= RECENT // 2 and since >= RECENT // 2 and self.on_replan is not None
+        behind = used + cost(total) > self.budget_s + rate
+        cap = plan.get("cap_steps", 0)
+        ahead = cost(total) < (self.budget_s - used) * (SAFETY - LENGTHEN_MARGIN) and total < cap
+        if steady and (behind or (ahead and step >= plan.get("warmup_steps", 0))):
+            length = plan_steps(
                 remaining_s=(self.budget_s - used) * SAFETY,
                 s_per_update=rate,
                 eval_s=eval_s,
                 done=step,
-                cap=total,
+                cap=total if behind else cap,
                 per_epoch=per_epoch,
                 eval_every=self.eval_every,
             )
-            if shorter is not None and step < shorter < total:
-                self.on_shorten(step, shorter)
-                total = shorter
+            if length is not None and step < length != total and (behind or length >= total + self._least(total)):
+                self.on_replan(step, length)
+                self.replanned_at = step
+                total = length
         nxt = min(step + self.check_every, total)
         if used + cost(nxt) > self.budget_s:
             raise StopTraining(
                 f"time budget: {format_duration(used)} of {format_duration(self.budget_s)} used at update "
-                f"{step} of {total}, so only the final evaluation still fits (this machine ran slower than "
-                f"the {plan['s_per_update']:.2f} s per update measured at the start)"
+                f"{step} of {total}, so only the final evaluation still fits (the last updates took {rate:.2f} s "
+                f"each; {plan['s_per_update']:.2f} s were measured at the start)"
             )
 
 
 class TimeBudget(Hook):
     """A time-budget run, as a hook: it times the first updates and an evaluation, plans the run to end within the
-    budget (`plan_run`), keeps it there (`Deadline`: shortened, or stopped, on a machine that turns slower), and
-    on resume keeps the plan it made, or plans again from where it stands when the budget was changed.
+    budget (`plan_run`), keeps it there (`Deadline`: shortened, or stopped, on a machine that turns slower,
+    lengthened on one that turns faster), and on resume keeps the plan it made, or plans again from where it stands
+    when the budget was changed.
 
     The plan goes into the run's state and into `run.record` (config.json and every checkpoint), so a resumed run
     has the same length, questions and schedule. The budget's seconds are counted into `TrainState` as each
@@ -453,7 +503,7 @@ class TimeBudget(Hook):
 
     def on_start(self, run: Any) -> None:
         state = run.state
-        self.deadline.on_shorten = lambda at, total: self._shorten(run, at, total)
+        self.deadline.on_replan = lambda at, total: self._replan(run, at, total)
         if state.budget_plan is not None:
             logger.info(
                 "the time budget's plan goes on: %d updates in all, %s of %s used",
@@ -474,7 +524,9 @@ class TimeBudget(Hook):
         )
         run.timing = True  # the warm-up's updates are trained here, with nothing else between them
         try:
-            plan = self._plan(run)
+            plan = self._plan(run, eval_s=run.evaluator.seconds)
+            if self._cheaper(run, plan):
+                plan = self._plan_frozen(run, plan)
         finally:
             run.timing = False
         self._apply(run, plan)
@@ -490,7 +542,37 @@ class TimeBudget(Hook):
         # The count lives in TrainState (budget_used_s, beside the plan): brought up to date as a checkpoint is written.
         self.deadline.used()
 
-    def _plan(self, run: Any) -> BudgetPlan:
+    def _cheaper(self, run: Any, plan: BudgetPlan) -> bool:
+        """Whether a plan this short should freeze the bottom (one process only: DistributedDataParallel keeps
+        the set of parameters it reduces from the start)."""
+        if not self.spec.freeze_below or plan.total_steps >= self.spec.freeze_below:
+            return False
+        if run.accelerator.num_processes > 1:
+            logger.info(
+                "a short run here (%d updates, fewer than budget_freeze_below=%d), but the bottom is not frozen with "
+                "several processes; set freeze_embeddings and freeze_layers to freeze it from the start",
+                plan.total_steps,
+                self.spec.freeze_below,
+            )
+            return False
+        return True
+
+    def _plan_frozen(self, run: Any, first: BudgetPlan) -> BudgetPlan:
+        """Freeze the embeddings and the lowest layers, time the cheaper updates and plan again, as from the start."""
+        logger.info(
+            "a short run here: %d updates would fit with every layer training (fewer than budget_freeze_below=%d); "
+            "freezing the embeddings and the lowest %d layers and timing again",
+            first.total_steps,
+            self.spec.freeze_below,
+            self.spec.freeze_layers,
+        )
+        freeze_bottom(run.accelerator.unwrap_model(run.model), embeddings=True, layers=self.spec.freeze_layers)
+        plan = self._plan(run, eval_s=first.eval_s)
+        return dataclasses.replace(
+            plan, from_step=0, frozen_layers=self.spec.freeze_layers, unfrozen_steps=first.total_steps
+        )
+
+    def _plan(self, run: Any, *, eval_s: float) -> BudgetPlan:
         try:
             return plan_run(
                 run.accelerator,
@@ -502,7 +584,7 @@ class TimeBudget(Hook):
                 self.deadline,
                 total_steps=run.total_steps,
                 per_epoch=run.per_epoch,
-                eval_s=run.evaluator.seconds,
+                eval_s=eval_s,
                 eval_loaders=run.evaluator.loaders,
             )
         except BudgetTooSmall as err:  # the folder holds only this attempt's records: say how to try again there
@@ -526,13 +608,15 @@ class TimeBudget(Hook):
 
     def _apply(self, run: Any, plan: BudgetPlan) -> None:
         """Cut the run to its plan: its questions, its length, and a schedule that ends at its last update (with the
-        times it was shortened, on resume)."""
+        times it was planned again as it went, on resume)."""
         run.state.budget_plan = run.record["_budget_plan"] = plan.to_dict()
+        if plan.frozen_layers is not None:  # again on resume: the model was built whole
+            freeze_bottom(run.accelerator.unwrap_model(run.model), embeddings=True, layers=plan.frozen_layers)
         run.order.sampler.limit = plan.questions if plan.questions < plan.pool_questions else None
         run.total_steps, run.per_epoch, run.warmup_steps = plan.total_steps, plan.per_epoch, plan.warmup_steps
         # planned again mid-run: from the LR where it stood down to 0, as a shortening does
         self._reschedule(run, plan.planned_steps, plan.warmup_steps, shortened_at=plan.from_step or None)
-        for at, total in plan.shortened:
+        for at, total in plan.replanned:
             self._reschedule(run, total, plan.warmup_steps, shortened_at=at)
 
     def _reschedule(self, run: Any, total: int, warmup: int, *, shortened_at: int | None) -> None:
@@ -544,18 +628,27 @@ class TimeBudget(Hook):
             shortened_at=shortened_at,
         )
 
-    def _shorten(self, run: Any, at: int, total: int) -> None:
-        """The run fell behind its plan: it ends at update `total` instead, its LR decaying from where it is at
-        update `at` to 0 there; recorded in the plan, so a resumed run has the same schedule."""
+    def _replan(self, run: Any, at: int, total: int) -> None:
+        """The run fell behind its plan, or ran ahead of it: it ends at update `total` instead, its LR decaying from
+        where it is at update `at` to 0 there; recorded in the plan, so a resumed run has the same schedule."""
         plan = BudgetPlan.from_dict(run.state.budget_plan)
-        logger.warning(
-            "behind the time budget's plan at update %d: the run now ends at update %d instead of %d, its LR "
-            "decaying to 0 there",
-            at,
-            total,
-            plan.total_steps,
-        )
-        plan = dataclasses.replace(plan, total_steps=total, shortened=(*plan.shortened, (at, total)))
+        if total < plan.total_steps:
+            logger.warning(
+                "behind the time budget's plan at update %d: the run now ends at update %d instead of %d, its LR "
+                "decaying to 0 there",
+                at,
+                total,
+                plan.total_steps,
+            )
+        else:
+            logger.info(
+                "ahead of the time budget's plan at update %d (faster than the warm-up measured): the run now ends "
+                "at update %d instead of %d, its LR decaying to 0 there",
+                at,
+                total,
+                plan.total_steps,
+            )
+        plan = dataclasses.replace(plan, total_steps=total, replanned=(*plan.replanned, (at, total)))
         run.state.budget_plan = run.record["_budget_plan"] = plan.to_dict()
         run.total_steps = run.state.end_step = total
         self._reschedule(run, total, plan.warmup_steps, shortened_at=at)

@@ -20,6 +20,7 @@ __all__ = [
     "count_updates",
     "describe_groups",
     "evaluations_between",
+    "freeze_bottom",
     "fused_adamw_applies",
     "hyperparameters",
     "layer_depths",
@@ -88,16 +89,16 @@ _LAYER = re.compile(r"(?:^|\.)(?:layer|layers)\.(\d+)\.")
 _HEADS = ("qa_outputs",)
 
 
-def layer_depths(model: torch.nn.Module) -> dict[str, int]:
-    """Each trainable parameter's depth: 0 for the embeddings (and encoder parts outside any layer, such as
-    DeBERTa's relative position embeddings, which every layer reads), 1..N for encoder layers 0..N-1, N+1 for the
-    QA head. Refuses a model whose parameters it cannot place."""
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+def layer_depths(model: torch.nn.Module, *, setting: str = "layer_lr_decay", frozen: bool = False) -> dict[str, int]:
+    """Each trainable parameter's depth (every parameter's with `frozen`): 0 for the embeddings (and encoder parts
+    outside any layer, such as DeBERTa's relative position embeddings, which every layer reads), 1..N for encoder
+    layers 0..N-1, N+1 for the QA head. Refuses a model whose parameters it cannot place, naming `setting`."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad or frozen]
     layers = {n: int(m.group(1)) for n, _ in named if (m := _LAYER.search(n))}
     if not layers:
         raise ValueError(
-            f"layer_lr_decay cannot layer {type(model).__name__}: none of its parameters is in a numbered encoder "
-            "layer (encoder.layer.N, as in BERT, RoBERTa, ELECTRA, DeBERTa, DistilBERT); use layer_lr_decay 1.0"
+            f"{setting} cannot layer {type(model).__name__}: none of its parameters is in a numbered encoder layer "
+            f"(encoder.layer.N, as in BERT, RoBERTa, ELECTRA, DeBERTa, DistilBERT); leave {setting} at its default"
         )
     top = max(layers.values()) + 2
     depths, unplaced = {}, []
@@ -113,10 +114,27 @@ def layer_depths(model: torch.nn.Module) -> dict[str, int]:
             unplaced.append(name)
     if unplaced:
         raise ValueError(
-            f"layer_lr_decay cannot place these parameters of {type(model).__name__} at a depth: "
-            f"{', '.join(unplaced[:5])}{' ...' if len(unplaced) > 5 else ''}; use layer_lr_decay 1.0"
+            f"{setting} cannot place these parameters of {type(model).__name__} at a depth: "
+            f"{', '.join(unplaced[:5])}{' ...' if len(unplaced) > 5 else ''}; leave {setting} at its default"
         )
     return depths
+
+
+def freeze_bottom(model: torch.nn.Module, *, embeddings: bool, layers: int) -> tuple[int, int]:
+    """Stop training the embeddings (when `embeddings`) and the lowest `layers` encoder layers: their parameters no
+    longer require gradients, so AdamW leaves them as they are (an optimizer built before keeps them in its groups
+    and skips them, as it skips any parameter without a gradient) and, with the embeddings frozen as well, autograd
+    ends the backward pass at the lowest layer that trains. Returns the trainable and all parameters' counts."""
+    depths = layer_depths(model, setting="freeze_layers" if layers else "freeze_embeddings", frozen=True)
+    top = max(depths.values()) - 1  # the encoder layers are depths 1..top
+    if layers > top:
+        raise ValueError(f"freeze_layers={layers}: {type(model).__name__} has {top} encoder layers; choose 0 to {top}")
+    lowest = 0 if embeddings else 1
+    for name, param in model.named_parameters():
+        if lowest <= depths[name] <= layers:
+            param.requires_grad_(False)
+    counts = [(p.numel(), p.requires_grad) for p in model.parameters()]
+    return sum(n for n, trains in counts if trains), sum(n for n, _ in counts)
 
 
 def describe_groups(optimizer: torch.optim.Optimizer) -> str:

@@ -182,13 +182,15 @@ def build_model(c: TrainConfig, model: torch.nn.Module | None) -> torch.nn.Modul
     from bertqa.model import build_model as build
 
     if model is None:
-        return build(
+        model = build(
             c.model,
             attn_implementation=c.attn_implementation,
             attention_dropout=c.attention_dropout,
+            hidden_dropout=c.hidden_dropout,
             num_layers=c.num_layers,
             layer_pick=c.layer_pick,
         )
+        return freeze(c, model)
     # Its weights were drawn before fit set the seed: only the seed in force when it was built makes them repeatable.
     logger.info(
         "the model passed in was built before fit set seed %d: its initial weights come from the seed in force when "
@@ -196,8 +198,27 @@ def build_model(c: TrainConfig, model: torch.nn.Module | None) -> torch.nn.Modul
         c.seed,
         c.seed,
     )
-    if c.attention_dropout is not None or c.num_layers is not None:
-        logger.warning("attention_dropout and num_layers apply to models fit builds; the model passed in keeps its own")
+    if c.attention_dropout is not None or c.hidden_dropout is not None or c.num_layers is not None:
+        logger.warning(
+            "attention_dropout, hidden_dropout and num_layers apply to models fit builds; the model passed in keeps "
+            "its own"
+        )
+    return freeze(c, model)
+
+
+def freeze(c: TrainConfig, model: torch.nn.Module) -> torch.nn.Module:
+    """The model with the parts `freeze_embeddings` and `freeze_layers` name no longer trained (said in the log)."""
+    if not c.freeze_embeddings and not c.freeze_layers:
+        return model
+    trainable, total = optim.freeze_bottom(model, embeddings=c.freeze_embeddings, layers=c.freeze_layers)
+    parts = ["the embeddings"] * c.freeze_embeddings + [f"the lowest {c.freeze_layers} layers"] * bool(c.freeze_layers)
+    logger.info(
+        "frozen: %s; %s of %s parameters train (%.0f%%)",
+        " and ".join(parts),
+        f"{trainable / 1e6:.1f}M",
+        f"{total / 1e6:.1f}M",
+        100 * trainable / total,
+    )
     return model
 
 
@@ -346,6 +367,8 @@ def _time_budget(c: TrainConfig, run: Run) -> TimeBudget:
         eval_every=c.eval_every_steps,
         eval_batch_size=c.eval_batch_size,
         pad_to_multiple_of=c.pad_to_multiple_of,
+        freeze_below=c.budget_freeze_below,
+        freeze_layers=c.budget_freeze_layers,
     )
     several = run.accelerator.num_processes > 1
     return TimeBudget(

@@ -70,8 +70,8 @@ class TrainState:
     # measure again) and the seconds of the budget spent so far
     budget_plan: dict[str, Any] | None = None
     budget_used_s: float = 0.0
-    # The update the run ends at, when a callback moved it earlier than the loop was told (a time budget's run that
-    # fell behind); `train_one_epoch` stops there
+    # The update the run ends at, when a callback moved it from where the loop was told (a time budget's run that
+    # fell behind its plan or ran ahead of it); `train_one_epoch` stops there
     end_step: int | None = None
     # The hooks' own states (`Hook.state_dict()`, by hook), read just before each checkpoint is written
     hooks: dict[str, Any] = field(default_factory=dict)

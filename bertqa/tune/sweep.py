@@ -37,6 +37,8 @@ __all__ = [
     "claim_study",
     "counted_trials",
     "describe",
+    "grid_sampler",
+    "grid_size",
     "load_space",
     "make_objective",
     "open_study",
@@ -214,6 +216,25 @@ def check_space(base: TrainConfig, space: Mapping[str, Param]) -> None:
                 base.replace(**{name: value})
             except ValueError as err:
                 raise ValueError(f"sweep parameter {name!r}: {value!r} is refused: {err}") from None
+
+
+def grid_sampler(space: Mapping[str, Param], *, seed: int) -> optuna.samplers.GridSampler:
+    """A sampler that runs every combination of the choices once (in a seeded order): for a space of a few settings
+    with a few values each, where a sweep should see them all rather than draw some twice. Ranges are refused."""
+    import optuna
+
+    ranges = [name for name, p in space.items() if not p.choices]
+    if ranges:
+        raise ValueError(
+            f"a grid sweep takes choices only (a,b,c), not ranges: {', '.join(ranges)}; give them as choices, or "
+            "use the tpe sampler"
+        )
+    return optuna.samplers.GridSampler({name: list(p.choices) for name, p in space.items()}, seed=seed)
+
+
+def grid_size(space: Mapping[str, Param]) -> int:
+    """How many trials a grid over `space` holds."""
+    return math.prod(len(p.choices) for p in space.values())
 
 
 def suggest(trial: optuna.trial.Trial, space: Mapping[str, Param]) -> dict[str, Any]:
