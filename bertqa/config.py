@@ -163,13 +163,13 @@ class TrainConfig:
     freeze_layers: int = _f(
         0,
         "train none of the lowest N encoder layers (with freeze_embeddings: no backward pass through them, so each "
-        "update is cheaper; what a short time budget buys most from, docs/TRAINING.md)",
+        "update is cheaper; on the budgets measured in docs/TRAINING.md the extra updates did not make up for it)",
     )
     budget_freeze_below: int = _f(
         0,
         "a time_budget run whose plan, timed with every layer training, has fewer updates than this freezes the "
-        "embeddings and the lowest budget_freeze_layers layers and plans again at the faster rate: on a slow machine "
-        "a short run learns more from cheaper updates (0: never; docs/TRAINING.md has the measurements)",
+        "embeddings and the lowest budget_freeze_layers layers and plans again at the faster rate (0: never, as in "
+        "the presets: at 200 to 1,000 updates it cost 4-6 F1, docs/TRAINING.md)",
     )
     budget_freeze_layers: int = _f(2, "how many of the lowest encoder layers budget_freeze_below freezes")
     early_stopping_patience: int | None = _f(

@@ -89,16 +89,19 @@ _LAYER = re.compile(r"(?:^|\.)(?:layer|layers)\.(\d+)\.")
 _HEADS = ("qa_outputs",)
 
 
-def layer_depths(model: torch.nn.Module, *, setting: str = "layer_lr_decay", frozen: bool = False) -> dict[str, int]:
+def layer_depths(
+    model: torch.nn.Module, *, setting: str = "layer_lr_decay", off: str = "1.0", frozen: bool = False
+) -> dict[str, int]:
     """Each trainable parameter's depth (every parameter's with `frozen`): 0 for the embeddings (and encoder parts
     outside any layer, such as DeBERTa's relative position embeddings, which every layer reads), 1..N for encoder
-    layers 0..N-1, N+1 for the QA head. Refuses a model whose parameters it cannot place, naming `setting`."""
+    layers 0..N-1, N+1 for the QA head. Refuses a model whose parameters it cannot place, naming `setting` and the
+    value `off` that turns it off."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad or frozen]
     layers = {n: int(m.group(1)) for n, _ in named if (m := _LAYER.search(n))}
     if not layers:
         raise ValueError(
             f"{setting} cannot layer {type(model).__name__}: none of its parameters is in a numbered encoder layer "
-            f"(encoder.layer.N, as in BERT, RoBERTa, ELECTRA, DeBERTa, DistilBERT); leave {setting} at its default"
+            f"(encoder.layer.N, as in BERT, RoBERTa, ELECTRA, DeBERTa, DistilBERT); set {setting} {off}"
         )
     top = max(layers.values()) + 2
     depths, unplaced = {}, []
@@ -115,7 +118,7 @@ def layer_depths(model: torch.nn.Module, *, setting: str = "layer_lr_decay", fro
     if unplaced:
         raise ValueError(
             f"{setting} cannot place these parameters of {type(model).__name__} at a depth: "
-            f"{', '.join(unplaced[:5])}{' ...' if len(unplaced) > 5 else ''}; leave {setting} at its default"
+            f"{', '.join(unplaced[:5])}{' ...' if len(unplaced) > 5 else ''}; set {setting} {off}"
         )
     return depths
 
@@ -125,7 +128,8 @@ def freeze_bottom(model: torch.nn.Module, *, embeddings: bool, layers: int) -> t
     longer require gradients, so AdamW leaves them as they are (an optimizer built before keeps them in its groups
     and skips them, as it skips any parameter without a gradient) and, with the embeddings frozen as well, autograd
     ends the backward pass at the lowest layer that trains. Returns the trainable and all parameters' counts."""
-    depths = layer_depths(model, setting="freeze_layers" if layers else "freeze_embeddings", frozen=True)
+    setting, off = ("freeze_layers", "0") if layers else ("freeze_embeddings", "false")
+    depths = layer_depths(model, setting=setting, off=off, frozen=True)
     top = max(depths.values()) - 1  # the encoder layers are depths 1..top
     if layers > top:
         raise ValueError(f"freeze_layers={layers}: {type(model).__name__} has {top} encoder layers; choose 0 to {top}")
