@@ -489,7 +489,10 @@ class TimeBudget(Hook):
     def on_resume(self, run: Any, checkpoint: Any) -> None:
         saved = run.state.budget_plan
         if saved is not None and self.spec.budget_s == saved["budget_s"]:
-            self._apply(run, BudgetPlan.from_dict(saved))
+            plan = BudgetPlan.from_dict(saved)
+            if plan.frozen_layers is not None:  # the model was built whole: frozen again as its plan froze it
+                freeze_bottom(run.accelerator.unwrap_model(run.model), embeddings=True, layers=plan.frozen_layers)
+            self._apply(run, plan)
         elif saved is not None:
             logger.info(
                 "the plan made for a time budget of %s is dropped (the budget is now %s): planning again from "
@@ -610,8 +613,6 @@ class TimeBudget(Hook):
         """Cut the run to its plan: its questions, its length, and a schedule that ends at its last update (with the
         times it was planned again as it went, on resume)."""
         run.state.budget_plan = run.record["_budget_plan"] = plan.to_dict()
-        if plan.frozen_layers is not None:  # again on resume: the model was built whole
-            freeze_bottom(run.accelerator.unwrap_model(run.model), embeddings=True, layers=plan.frozen_layers)
         run.order.sampler.limit = plan.questions if plan.questions < plan.pool_questions else None
         run.total_steps, run.per_epoch, run.warmup_steps = plan.total_steps, plan.per_epoch, plan.warmup_steps
         # planned again mid-run: from the LR where it stood down to 0, as a shortening does
