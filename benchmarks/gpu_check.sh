@@ -6,6 +6,10 @@
 #      compiled (throughput, fewer windows: compiling every batch shape takes most of the step)
 #   3. SQuAD v2 article split (the v2-split preset), with the calibrated no-answer threshold
 #   4. the original recipe with bertqa and with the Trainer baseline, for F1 and wall time side by side
+#   5. memory: peak memory and update time of full fine-tuning, gradient checkpointing and LoRA (BERT-base shape,
+#      384 tokens, batch 16: benchmarks/memory.py); FSDP through docs/accelerate/fsdp.yaml: train with checkpoints,
+#      resume from the middle one (the same final F1), answer with the gathered final model
+# ONLY="memory fsdp fsdp-resume fsdp-answer" runs just the steps named (each step's name is printed as it starts).
 # Needs torch, transformers, accelerate, tqdm, numpy and matplotlib (not datasets) and a model folder; make one that
 # travels light with
 #   python scripts/pack_model.py --model minilm-l6 --dtype float16 --out gpu/minilm-fp16
@@ -22,7 +26,7 @@ if [[ -e $OUT/gpu_check.log ]]; then
   echo "$OUT already holds a gpu_check.log; choose another OUT or remove it" >&2
   exit 2
 fi
-rm -rf "$RUNS/full-v1" "$RUNS/v2-split" "$RUNS/recipe" "$RUNS/recipe-trainer"
+rm -rf "$RUNS/full-v1" "$RUNS/v2-split" "$RUNS/recipe" "$RUNS/recipe-trainer" "$RUNS/fsdp" "$RUNS/fsdp-resumed"
 mkdir -p "$OUT" "$RUNS"
 LOG=$OUT/gpu_check.log
 : >"$LOG"
@@ -31,12 +35,14 @@ if [[ ${SMOKE:-0} == 1 ]]; then
   PROFILE=(--windows 32 --batch-size 8 --steps 2 --precision no)
   SMALL=(--max-train-examples 64 --max-eval-examples 32 --max-steps 2 --batch-size 8)
   COMPILE_WINDOWS=32
+  MEMORY=(--max-seq-length 64 --batch-size 2 --steps 1 --precision no)
   SLOWER=6  # a CPU checks the plumbing, not the GPU's time limits
 else
   BENCH=(--windows 2048 --batch-size 64 --eval-examples 1000 --shape bert-base --precision bf16)
   PROFILE=(--windows 1024 --batch-size 64 --steps 10 --shape bert-base --precision bf16)
   SMALL=()
   COMPILE_WINDOWS=1024
+  MEMORY=(--shape bert-base --max-seq-length 384 --batch-size 16 --steps 5 --precision bf16)
   SLOWER=1
 fi
 WORKERS=$(( $(nproc) > 8 ? 8 : $(nproc) ))
@@ -45,6 +51,7 @@ COMMON=(--model "$MODEL" --tokenize-workers "$WORKERS" --cache-dir "$RUNS/cache"
 step() {  # step NAME SECONDS COMMAND...: run with a time limit, log everything, never stop the later steps
   local name=$1 limit=$(($2 * SLOWER))
   shift 2
+  if [[ -n ${ONLY:-} && " $ONLY " != *" $name "* ]]; then return; fi
   echo "=== $name ($(date +%T)): $*" | tee -a "$LOG"
   local t0=$SECONDS
   timeout "$limit" "$@" 2>&1 | grep --line-buffered -v -e '^train:' -e 'it/s\]' | tee -a "$LOG"
@@ -68,4 +75,16 @@ step recipe 45 python scripts/train.py --preset recipe "${COMMON[@]}" "${SMALL[@
   --eval-every-steps none --output-dir "$RUNS/recipe"
 step recipe-trainer 35 python benchmarks/trainer_baseline.py --preset recipe "${COMMON[@]}" "${SMALL[@]}" \
   --output-dir "$RUNS/recipe-trainer" --json "$OUT/recipe_trainer.json"
+step memory 90 python benchmarks/memory.py --model "$MODEL" "${MEMORY[@]}" --json "$OUT/memory.json"
+FSDP=(accelerate launch --config_file docs/accelerate/fsdp.yaml --num_processes 1 scripts/train.py --preset recipe
+  "${COMMON[@]}" "${SMALL[@]}" --max-steps 60 --save-every-steps 30 --keep-checkpoints 2 --eval-every-steps none)
+step fsdp 60 "${FSDP[@]}" --output-dir "$RUNS/fsdp"
+cp "$RUNS/fsdp/metrics.jsonl" "$OUT/fsdp_metrics.jsonl" 2>/dev/null
+# The same run stopped after update 30: its folder then, resumed; its final F1 must equal the straight run's.
+step fsdp-resume 60 bash -c 'cp -r "$0/fsdp" "$0/fsdp-resumed" && cd "$0/fsdp-resumed" &&
+  rm -rf final_model best_model checkpoints/step_00000060 && cd - >/dev/null && "${@:1}" --resume latest \
+  --output-dir "$0/fsdp-resumed" && tail -n1 "$0/fsdp/metrics.jsonl" "$0/fsdp-resumed/metrics.jsonl"' \
+  "$RUNS" "${FSDP[@]}"
+step fsdp-answer 30 python scripts/predict.py "$RUNS/fsdp/final_model" -q "Who wrote the book?" \
+  -c "The book was written by Ann Lee in 1990."
 echo "done ($(date +%T))" | tee -a "$LOG"

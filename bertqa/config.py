@@ -193,6 +193,28 @@ class TrainConfig:
     )
     distill_alpha: float = _f(0.5, "with a teacher: the KL term's share of the loss (1 - alpha: the gold spans')")
     distill_temperature: float = _f(2.0, "with a teacher: softmax temperature of both distributions in the KL term")
+    # adapters and memory
+    lora_r: int = _f(
+        0,
+        "train LoRA adapters of this rank (peft) instead of every weight: the base model frozen, the QA head "
+        "trained in full (0: off). final_model/ and best_model/ are the merged plain models, each with the "
+        "adapter alone in adapter/",
+    )
+    lora_alpha: float | None = _f(
+        None, "LoRA's scale: an adapter's update is scaled by lora_alpha / lora_r (unset: 2r)"
+    )
+    lora_dropout: float = _f(0.1, "dropout on the adapters' input")
+    lora_targets: tuple[str, ...] = _f(
+        (),
+        "the linear layers that get adapters, by name (unset: the attention projections: query key value for "
+        "BERT, RoBERTa, ELECTRA, ALBERT; query_proj key_proj value_proj for DeBERTa-v2/v3; q_lin k_lin v_lin for "
+        "DistilBERT)",
+    )
+    gradient_checkpointing: bool = _f(
+        False,
+        "keep only each encoder layer's input in the forward pass and compute the rest again in the backward pass: "
+        "a fraction of the activation memory, at about 1.3-1.4x the time of an update (docs/MEMORY.md)",
+    )
     # speed
     mixed_precision: str = _f(
         "auto",
@@ -243,8 +265,9 @@ class TrainConfig:
     )
 
     def __post_init__(self) -> None:
-        if isinstance(self.report_to, list):  # a list from JSON or Python means the same
-            object.__setattr__(self, "report_to", tuple(self.report_to))
+        for name in ("report_to", "lora_targets"):
+            if isinstance(getattr(self, name), list):  # a list from JSON or Python means the same
+                object.__setattr__(self, name, tuple(getattr(self, name)))
         if isinstance(self.time_budget, (int, float)) and not isinstance(self.time_budget, bool):
             seconds = f"{float(self.time_budget):f}".rstrip("0").rstrip(".")  # seconds, from JSON or Python
             object.__setattr__(self, "time_budget", seconds)
@@ -279,7 +302,7 @@ class TrainConfig:
         return [
             (name, needs)
             for name, needs in _NEEDS
-            if getattr(self, name) != _DEFAULTS[name] and getattr(self, needs) is None
+            if getattr(self, name) != _DEFAULTS[name] and not getattr(self, needs)  # unset, 0: off
         ]
 
     def replace(self, **changes: Any) -> TrainConfig:
@@ -311,6 +334,9 @@ _NEEDS = (
     ("layer_pick", "num_layers"),
     ("distill_alpha", "teacher"),
     ("distill_temperature", "teacher"),
+    ("lora_alpha", "lora_r"),
+    ("lora_dropout", "lora_r"),
+    ("lora_targets", "lora_r"),
 )
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
 
@@ -367,6 +393,7 @@ BOOKKEEPING = frozenset(
         "overwrite",
         "accept_changes",
         "collective_timeout_s",
+        "gradient_checkpointing",  # the same losses, in less memory and more time
     }
 )
 
@@ -377,7 +404,7 @@ def computation_changes(old: dict[str, Any], new: dict[str, Any]) -> dict[str, t
     The evaluation data is compared as what it resolves to (see `bertqa.sources.eval_source`), so spelling out a
     default is no change.
     """
-    current = json.loads(json.dumps(new))  # tuples as lists, as they were saved
+    old, current = json.loads(json.dumps(old)), json.loads(json.dumps(new))  # tuples as lists, as they were saved
     changes = {
         name: (old.get(name), value)
         for name, value in current.items()
@@ -403,6 +430,14 @@ def kept_on_resume(old: dict[str, Any], new: dict[str, Any]) -> str | None:
             "a time budget cannot be added to or removed from a run when it is resumed, even with --accept-changes; "
             "resume with its own kind of length, or start afresh in another output_dir"
         )
+    for name in ("lora_r", "lora_targets"):  # the checkpoint's weights are of other shapes, or have no adapters
+        before, after = (json.loads(json.dumps(d.get(name, _DEFAULTS[name]))) for d in (old, new))  # tuples as lists
+        if before != after:
+            return (
+                f"{name} cannot change when a run is resumed ({before!r} -> {after!r}), even with --accept-changes: "
+                "the checkpoint holds adapters of another shape, or none; resume with its own, or start afresh in "
+                "another output_dir"
+            )
     return None
 
 
@@ -502,7 +537,25 @@ def _value_problems(c: TrainConfig) -> list[str]:
         problems.append(f"distill_temperature must be positive and finite, got {c.distill_temperature}")
     if not 0 <= c.label_check_min <= 1:
         problems.append("label_check_min must be in [0, 1]")
-    return problems + _unreadable(c)
+    return problems + _lora_problems(c) + _unreadable(c)
+
+
+def _lora_problems(c: TrainConfig) -> list[str]:
+    problems = []
+    if c.lora_r < 0:
+        problems.append(f"lora_r must be a whole number >= 0 (0: off), got {c.lora_r}")
+    if c.lora_alpha is not None and not 0 < c.lora_alpha < float("inf"):
+        problems.append(f"lora_alpha must be positive and finite, got {c.lora_alpha}")
+    if not 0 <= c.lora_dropout < 1:
+        problems.append(f"lora_dropout must be in [0, 1), got {c.lora_dropout}")
+    if any(not name.strip() or "," in name for name in c.lora_targets):
+        problems.append(
+            f"lora_targets must be names of linear layers, one per item (--lora-targets query value), got "
+            f"{list(c.lora_targets)}"
+        )
+    if c.lora_r and c.compile:
+        problems.append("lora_r with compile: bertqa does not compile a model with LoRA adapters; set compile false")
+    return problems
 
 
 def _named(setting: str, read: Callable[[Any], Any], value: Any) -> Any:

@@ -25,7 +25,7 @@ from bertqa.batching import DataOrder, model_inputs
 from bertqa.training import setup
 from bertqa.training.hooks import EarlyStopping, Hook, Run
 from bertqa.training.loss import Batch, LossFn, default_loss, qa_loss
-from bertqa.training.runtime import make_accelerator
+from bertqa.training.runtime import make_accelerator, peak_memory
 from bertqa.training.state import (
     Interrupted,
     LogMeter,
@@ -162,6 +162,7 @@ def train(run: Run) -> dict[str, Any]:
         "best_f1_seen": state.best_f1,  # of every evaluation: a record's best_f1 is its best-threshold F1
         "stopped_early": state.stop_reason,
         "budget_plan": state.budget_plan,
+        **peak_memory(run.accelerator),
     }
     run.hooks.end(run, summary)
     return summary

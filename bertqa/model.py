@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import importlib.resources
 import json
@@ -20,6 +21,7 @@ __all__ = [
     "keep_layers",
     "load_pretrained",
     "model_depth",
+    "model_name",
     "pick_layers",
     "resolve_model",
 ]
@@ -157,6 +159,19 @@ def _names(folder: Path) -> list[str]:
         return []
 
 
+def model_name(model: torch.nn.Module) -> str | None:
+    """The name a model was loaded by, to load its base again: the alias whose installed folder it came from, else
+    the folder or hub id transformers recorded (None: built from a config)."""
+    path = str(getattr(getattr(model, "config", None), "name_or_path", "") or "")
+    if not path:
+        return None
+    for alias in MODEL_ALIASES:
+        with contextlib.suppress(ModelNotFoundError):
+            if Path(resolve_model(alias)).resolve() == Path(path).expanduser().resolve():
+                return alias
+    return path
+
+
 def load_pretrained(kind: str, loader: Any, name: str, **kwargs: Any) -> Any:
     """`loader(name)` (a `from_pretrained`) for an alias, a folder or a hub id, failing with one clear error that
     names `kind` and `name`; a hub id not in the hub's cache fails within seconds when the hub cannot be reached."""
@@ -263,6 +278,7 @@ def build_model(
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
     if not pretrained:
+        config.name_or_path = ""  # random weights: the model is not the one the config was read from
         model = AutoModelForQuestionAnswering.from_config(config, **kwargs).to(dtype)
     else:
         model = load_pretrained(

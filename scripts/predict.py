@@ -4,6 +4,7 @@ Examples:
   python scripts/predict.py runs/quick/final_model -q "Who wrote it?" -c "The book was written by Ann Lee in 1990."
   python scripts/predict.py runs/v2/best_model --file questions.jsonl      # {"question": ..., "context": ...} lines
   python scripts/predict.py runs/v2/best_model --file questions.json --out answers.jsonl   # a JSON list works too
+  python scripts/predict.py runs/lora/final_model/adapter -q "..." -c "..."   # a LoRA adapter on the base it names
 
 Each output line (strict JSON) has the id (as given, else the question's position), the question, the answer, its
 `start`/`end` characters in the context (`context[start:end] == answer`), its `score` (start + end logit) and
@@ -31,7 +32,11 @@ from bertqa.cli import finite_float, non_negative_int, positive_int, run, script
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = script_parser(__doc__)
-    parser.add_argument("model", help="saved model folder, alias or hub id")
+    parser.add_argument("model", help="saved model folder, alias or hub id; or a LoRA run's adapter/ folder")
+    parser.add_argument(
+        "--base-model",
+        help="for an adapter folder: the base model to put it on (default: the one the adapter names)",
+    )
     parser.add_argument("-q", "--question", help="one question (with --context)")
     parser.add_argument("-c", "--context", help="the passage to answer from")
     parser.add_argument("--file", type=Path, help="JSON list or JSONL of {question, context[, id]} objects")
@@ -83,7 +88,11 @@ def main(argv: list[str] | None = None) -> int:
         else ([{"question": args.question, "context": args.context}], ["--question/--context"])
     )
     answerer = Answerer(
-        args.model, batch_size=args.batch_size, threshold=args.threshold, precision=args.mixed_precision
+        args.model,
+        batch_size=args.batch_size,
+        threshold=args.threshold,
+        precision=args.mixed_precision,
+        base_model=args.base_model,
     )
     answers = answerer(items, top_k=args.top_k, places=places)
     lines = [

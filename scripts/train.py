@@ -36,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
                     "train_time_s": round(summary["train_time_s"], 1),
                     "wall_time_s": round(summary["wall_time_s"], 1),
                     "label_match_rate": round(report.match_rate, 4),
+                    "peak_memory_mib": summary["peak_memory_mib"],
                     **({"stopped_early": summary["stopped_early"]} if summary["stopped_early"] else {}),
                     **_budget(summary["budget_plan"]),
                     "output_dir": summary["output_dir"],

@@ -128,7 +128,7 @@ def test_the_formatter_decides_line_breaks_and_folders_stay_small():
 
 
 def test_importing_the_engine_loads_no_optional_library():
-    optional = ["fastapi", "uvicorn", "onnxruntime", "onnx", "optuna", "bertqa.deploy", "bertqa.tune"]
+    optional = ["fastapi", "uvicorn", "onnxruntime", "onnx", "optuna", "peft", "bertqa.deploy", "bertqa.tune"]
     code = f"import sys, bertqa.engine; print([m for m in {optional!r} if m in sys.modules])"
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert loaded.strip() == "[]"

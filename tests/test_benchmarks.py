@@ -128,3 +128,15 @@ def test_budget_curve_tables_and_plots_runs_by_precision_and_budget(tmp_path):
     (tmp_path / "fixed" / "metrics.jsonl").write_text("")
     refused = script("benchmarks/budget_curve.py", tmp_path / "fixed", check=False)
     assert refused.returncode != 0 and "not a time-budget run (its config.json holds no _budget_plan)" in refused.stderr
+
+
+def test_the_memory_benchmark_measures_every_setup_against_full_fine_tuning(tmp_path, tiny_dir):
+    out = tmp_path / "memory.json"
+    args = ["--model", tiny_dir, "--max-seq-length", "32", "--batch-size", "2", "--steps", "1", "--lora-r", "2"]
+    result = script("benchmarks/memory.py", *args, "--precision", "no", "--json", out)
+    rows = {r["setup"]: r for r in json.loads(out.read_text())["results"]}
+    assert list(rows) == ["full", "ckpt", "lora", "lora+ckpt"] and "ratios to full" in result.stdout
+    assert all(r["peak_mib"] >= r["before_training_mib"] > 0 and r["s_per_update"] > 0 for r in rows.values())
+    assert rows["ckpt"]["trainable"] == rows["full"]["trainable"] == rows["full"]["parameters"]
+    assert rows["lora"]["trainable"] < rows["full"]["trainable"] / 5
+    assert rows["lora"]["optimizer_state_mib"] < rows["full"]["optimizer_state_mib"] / 5

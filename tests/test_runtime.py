@@ -175,3 +175,18 @@ def test_a_two_process_run_ended_by_end_processes_exits_cleanly_every_time(tmp_p
         launch = [*two_processes()[:-1], str(29640 + i)]  # a port of its own: the last one may linger
         done = subprocess.run([*launch, str(script)], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
         assert done.returncode == 0 and "terminate called" not in done.stderr, (i, done.stderr[-2000:])
+
+
+def test_a_sharded_launch_that_accelerate_did_not_shard_is_refused(monkeypatch):
+    # What accelerate launch sets for an FSDP configuration (for DeepSpeed without deepspeed installed, Accelerate
+    # refuses by itself).
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(RuntimeError, match=r"configured for FSDP, but Accelerate set up .* on cpu"):
+        runtime.make_accelerator()
+
+
+def test_peak_memory_is_the_process_peak_in_mib():
+    from accelerate import Accelerator
+
+    peak = runtime.peak_memory(Accelerator(cpu=True))
+    assert peak["peak_memory_of"] == "cpu_peak_rss" and 100 < peak["peak_memory_mib"] < 64 * 1024

@@ -457,3 +457,14 @@ def test_own_data_with_its_own_columns_and_bad_records_trains_and_is_evaluated_a
         "check_labels.py", "--data", train_csv, "--column-map", columns, "--skip-bad-records", "--model", tiny_dir
     )
     assert "30 questions" in checked.stdout and "1 bad record skipped" in checked.stdout
+
+
+def test_the_fsdp_configuration_on_cpu_processes_is_refused_by_name(tmp_path, tiny_dir):
+    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or "accelerate"
+    config = ROOT / "docs" / "accelerate" / "fsdp.yaml"
+    launch = [accelerate, "launch", "--config_file", config, "--num_processes", "2", "--mixed_precision", "no"]
+    args = ["--model", tiny_dir, *SMALL, "--max-steps", "1", "--output-dir", tmp_path / "run"]
+    result = script("train.py", *args, launch=[*map(str, launch), "--main_process_port", "29523"], check=False)
+    assert result.returncode != 0
+    assert "configured for FSDP, but Accelerate set up" in result.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()

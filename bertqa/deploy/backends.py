@@ -123,11 +123,11 @@ class OnnxQAModel(torch.nn.Module):
         return QuestionAnsweringModelOutput(start_logits=torch.from_numpy(start), end_logits=torch.from_numpy(end))
 
 
-def load_qa_model(model_dir: str | Path, *, device: str = "cpu") -> torch.nn.Module:
+def load_qa_model(model_dir: str | Path, *, device: str = "cpu", base_model: str | None = None) -> torch.nn.Module:
     """The model of a folder to answer with, in evaluation mode: ONNX Runtime for an exported folder, else the
-    PyTorch model (`bertqa.model.build_model`) on `device`."""
+    PyTorch model on `device` (a LoRA adapter folder on its base, or `base_model`: `bertqa.adapters.load_trained`)."""
     if is_exported(model_dir):
         return OnnxQAModel(Path(model_dir) / ONNX_FILE, device=device).eval()
-    from bertqa.model import build_model
+    from bertqa.adapters import load_trained
 
-    return build_model(model_dir).to(device).eval()
+    return load_trained(model_dir, base_model=base_model).to(device).eval()

@@ -102,13 +102,14 @@ def export_onnx(
     check_model_folder(model_dir)  # a mistyped path or a run's folder, said so before the output is checked
     _check_out(Path(model_dir), out, overwrite=overwrite)
     _require_export_libraries()
+    from bertqa.adapters import load_trained
     from bertqa.deploy.backends import load_settings
-    from bertqa.model import build_model, build_tokenizer
+    from bertqa.model import build_tokenizer
 
     t0 = time.perf_counter()
     settings = load_settings(model_dir)
     tokenizer = build_tokenizer(model_dir)
-    model = build_model(model_dir).eval()
+    model = load_trained(model_dir).eval()  # a LoRA adapter folder: on its base, merged
     check_data = check_data or ("dev-v2.0" if settings["v2"] else "dev-v1.1")
     examples, features, loader = _check_windows(check_data, check_questions, tokenizer, settings)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")

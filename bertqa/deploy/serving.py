@@ -70,7 +70,7 @@ class Answerer:
     hardware runs it natively (NVIDIA GPUs with bf16, CPUs with AMX or AVX512-BF16), with the window settings and
     no-answer threshold saved beside the model (`bertqa.json`). A folder written by `scripts/export.py` runs on
     ONNX Runtime instead (`bertqa.deploy.backends`), in the precision it was exported in, with the same windows, span
-    search and threshold.
+    search and threshold. A LoRA run's `adapter/` folder answers on the base model it names (or `base_model`).
 
         answerer = Answerer("runs/quick/final_model")
         answerer([{"question": "Who wrote it?", "context": "The book was written by Ann Lee in 1990."}])
@@ -84,6 +84,7 @@ class Answerer:
         precision: str = "auto",
         batch_size: int | None = None,
         threshold: float | None = None,
+        base_model: str | None = None,
     ) -> None:
         from bertqa.deploy.backends import backend_name, is_exported, load_qa_model, precision_for
         from bertqa.model import build_tokenizer
@@ -94,7 +95,7 @@ class Answerer:
         precision = precision_for(model_dir, precision)
         exported = is_exported(model_dir)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() and not exported else "cpu"))
-        self.model = load_qa_model(model_dir, device=self.device.type)
+        self.model = load_qa_model(model_dir, device=self.device.type, base_model=base_model)
         if self.device.type == "cpu":
             keep_freed_memory()
         self.bf16 = resolve_precision(precision, device=self.device.type) == "bf16"

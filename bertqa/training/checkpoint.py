@@ -21,10 +21,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from bertqa.adapters import ADAPTER_DIR, is_lora, merged
 from bertqa.config import computation_changes, kept_on_resume
 from bertqa.postprocess import NO_CALIBRATION
 from bertqa.sources import DEFAULT_NO_ANSWER_THRESHOLD
 from bertqa.training.reporting import check_writable, read_json
+from bertqa.training.runtime import sharding
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -225,7 +227,8 @@ def has_optimizer_state(folder: Path) -> bool:
 def disk_cost(model: Any, *, keep: int, optimizer_state: bool, save_model: bool) -> str:
     """What a run's checkpoints and saved models will take on disk, in words, from the model's size (the plan line)."""
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    each = 3 * weights if optimizer_state else weights  # AdamW keeps two moments of the weights' size
+    trained = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    each = weights + 2 * trained if optimizer_state else weights  # AdamW keeps two moments of what trains
     what = "weights + optimizer state" if optimizer_state else "weights only, no optimizer state"
     line = f"checkpoints about {_size(each)} each ({what}), the newest {keep} kept"
     total = keep * each
@@ -348,20 +351,24 @@ def save_model(accelerator: Accelerator, model: Any, tokenizer: Any, path: Path,
     """
     accelerator.wait_for_everyone()
     unwrapped = accelerator.unwrap_model(model)
+    # A sharded model (FSDP, DeepSpeed) is gathered whole by every process together; the others' is whole already.
+    whole = accelerator.get_state_dict(model) if sharding(accelerator) else None
     tmp = path.with_name(path.name + ".tmp")
     failed = None
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
+        record = meta["eval"]
+        threshold = record.get("no_answer_threshold", record.get("best_f1_thresh", 0.0)) if meta.get("v2") else None
+        # The calibration chosen with the threshold (v2); none where the record has none.
+        calibration = {name: record.get(name, default) for name, default in NO_CALIBRATION.to_settings().items()}
+        settings = {**meta, "no_answer_threshold": threshold, **calibration}
 
         def write() -> None:
-            unwrapped.save_pretrained(tmp, save_function=accelerator.save)
-            tokenizer.save_pretrained(tmp)
-            record = meta["eval"]
-            threshold = record.get("no_answer_threshold", record.get("best_f1_thresh", 0.0)) if meta.get("v2") else None
-            # The calibration chosen with the threshold (v2); none where the record has none.
-            calibration = {name: record.get(name, default) for name, default in NO_CALIBRATION.to_settings().items()}
-            saved = {**meta, "no_answer_threshold": threshold, **calibration}
-            (tmp / "bertqa.json").write_text(json.dumps(saved, indent=2) + "\n")
+            if is_lora(unwrapped):  # the adapter alone, and the plain model with it merged in
+                _write_model(unwrapped, tokenizer, tmp / ADAPTER_DIR, settings, save=accelerator.save)
+                _write_model(merged(unwrapped), tokenizer, tmp, settings, save=accelerator.save)
+            else:
+                _write_model(unwrapped, tokenizer, tmp, settings, save=accelerator.save, state_dict=whole)
 
         failed = _attempt(write)
         if failed is None:
@@ -373,6 +380,14 @@ def save_model(accelerator: Accelerator, model: Any, tokenizer: Any, path: Path,
         needed = sum(p.numel() * p.element_size() for p in unwrapped.parameters())
         kept = f"the earlier {path} is unchanged" if path.exists() else f"no {path.name} was saved"
         raise _write_failed("model", path, failed, needed=needed, kept=kept)
+
+
+def _write_model(
+    model: Any, tokenizer: Any, folder: Path, settings: dict[str, Any], *, save: Any, state_dict: Any = None
+) -> None:
+    model.save_pretrained(folder, save_function=save, state_dict=state_dict)
+    tokenizer.save_pretrained(folder)
+    (folder / "bertqa.json").write_text(json.dumps(settings, indent=2) + "\n")
 
 
 def resume_point(

@@ -27,6 +27,7 @@ from bertqa.postprocess import (
     question_report,
 )
 from bertqa.training import checkpoint
+from bertqa.training.runtime import peak_memory
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -92,7 +93,8 @@ class Evaluator:
                 threshold=calibrated.get("no_answer_threshold", 0.0),
                 progress=True,
             )
-        record = {"step": state.step, "epoch": state.epoch, **train_stats, **metrics, **calibrated}
+        memory = peak_memory(self.accelerator)  # training's peak so far (an evaluation holds far less)
+        record = {"step": state.step, "epoch": state.epoch, **train_stats, **metrics, **calibrated, **memory}
         self.recorder.log_eval(record)
         # The untrained model of an evaluation before training is a baseline, never kept as the best model.
         if self.best_model is not None and state.step > 0 and metrics["f1"] > state.best_model_f1:

@@ -106,7 +106,8 @@ def layer_depths(
     top = max(layers.values()) + 2
     depths, unplaced = {}, []
     for name, _ in named:
-        bare = name.removeprefix("_orig_mod.").removeprefix("module.")  # torch.compile and DDP wrappers
+        # torch.compile's, DDP's and peft's wrappers
+        bare = name.removeprefix("_orig_mod.").removeprefix("module.").removeprefix("base_model.model.")
         if name in layers:
             depths[name] = layers[name] + 1
         elif bare.startswith(_HEADS):

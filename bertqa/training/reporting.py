@@ -239,7 +239,9 @@ def dumps(value: Any, **kwargs: Any) -> str:
 
 def format_metrics(metrics: Mapping[str, Any]) -> str:
     keys = ("exact", "f1", "HasAns_f1", "NoAns_f1", "best_f1", "best_f1_thresh", "train_loss")
-    return " ".join(f"{k}={metrics[k]:.2f}" for k in keys if k in metrics)
+    line = " ".join(f"{k}={metrics[k]:.2f}" for k in keys if k in metrics)
+    peak = metrics.get("peak_memory_mib")
+    return line + (f" peak_memory={peak / 1024:.2f}GiB" if peak is not None else "")
 
 
 def append_jsonl(path: str | Path, record: Mapping[str, Any]) -> None:

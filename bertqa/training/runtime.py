@@ -30,8 +30,10 @@ __all__ = [
     "end_processes",
     "keep_freed_memory",
     "make_accelerator",
+    "peak_memory",
     "precision_reason",
     "resolve_precision",
+    "sharding",
     "slowest_process",
 ]
 
@@ -120,6 +122,29 @@ def slowest_process(accelerator: Accelerator) -> Callable[[list[float]], list[fl
         return [float(v) for v in gathered.max(dim=0).values]
 
     return slowest
+
+
+def peak_memory(accelerator: Accelerator) -> dict[str, Any]:
+    """The most memory any process has used so far, in MiB: on a GPU what PyTorch allocated on it (its caching
+    allocator holds a little more), elsewhere the process's peak resident set (model, optimizer, activations, data
+    and the libraries: all of it). Every process must call it (the peak is the largest of theirs)."""
+    device = accelerator.device
+    if device.type == "cuda":
+        mib, of = torch.cuda.max_memory_allocated(device) / 2**20, "gpu_max_allocated"
+    else:
+        mib, of = _peak_rss_mib(), "cpu_peak_rss"
+    if accelerator.num_processes > 1 and mib is not None:
+        mib = accelerator.gather(torch.tensor([mib], device=device)).max().item()
+    return {"peak_memory_mib": None if mib is None else round(mib, 1), "peak_memory_of": of}
+
+
+def _peak_rss_mib() -> float | None:
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB on Linux
 
 
 def check_trackers(names: Sequence[str]) -> None:
@@ -236,7 +261,31 @@ def make_accelerator(
         if advice is not None:
             _said.add("threads")
             logger.warning(advice)
+    check_sharding(accelerator)
     return accelerator
+
+
+# What `accelerate launch` sets in the environment of each process for a sharded configuration.
+SHARDING_ENV = {"ACCELERATE_USE_FSDP": "FSDP", "ACCELERATE_USE_DEEPSPEED": "DeepSpeed"}
+
+
+def sharding(accelerator: Accelerator) -> str | None:
+    """FSDP or DeepSpeed when the accelerator shards the model (None: each process holds all of it)."""
+    return {"FSDP": "FSDP", "DEEPSPEED": "DeepSpeed"}.get(accelerator.distributed_type.value)
+
+
+def check_sharding(accelerator: Accelerator) -> None:
+    """Refuse a launch whose FSDP or DeepSpeed configuration Accelerate did not apply. On CPU processes Accelerate
+    (1.16) sets up neither: it runs plain data parallelism, each process holding the whole model, and says
+    nothing, so a model that was to be sharded to fit would not be."""
+    asked = [name for var, name in SHARDING_ENV.items() if os.environ.get(var, "").lower() == "true"]
+    if asked and sharding(accelerator) is None:
+        raise RuntimeError(
+            f"accelerate launch was configured for {asked[0]}, but Accelerate set up {accelerator.distributed_type} "
+            f"on {accelerator.device.type}: it applies {asked[0]} only on GPUs (and other accelerators), so every "
+            "process would hold the whole model. On CPUs launch without that configuration (accelerate launch "
+            "--num_processes N: data parallelism); docs/MEMORY.md has the sharded configurations for GPUs"
+        )
 
 
 def end_processes(accelerator: Accelerator) -> None:

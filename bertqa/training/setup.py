@@ -22,7 +22,7 @@ from bertqa import batching, inference
 from bertqa.cache import prepare_data
 from bertqa.config import computation_changes
 from bertqa.data import check_labels
-from bertqa.model import check_model_limits
+from bertqa.model import check_model_limits, model_name
 from bertqa.sources import DEFAULT_NO_ANSWER_THRESHOLD, run_examples
 from bertqa.training import checkpoint, optim, runtime
 from bertqa.training.budget import PROBE_UPDATES, BudgetSpec, TimeBudget, parse_duration
@@ -51,6 +51,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Data",
+    "adapt",
     "begin",
     "build_hooks",
     "build_loss",
@@ -68,6 +69,12 @@ __all__ = [
 ]
 
 logger = logging.getLogger("bertqa")
+
+# Said at the start of a run with gradient_checkpointing (measured in docs/MEMORY.md).
+GRADIENT_CHECKPOINTING_COST = (
+    "gradient checkpointing: each encoder layer keeps only its input and computes the rest again in the backward "
+    "pass, so training holds a fraction of the activations at about 1.3-1.4x the time of an update (docs/MEMORY.md)"
+)
 
 
 @contextlib.contextmanager
@@ -130,6 +137,11 @@ def make_accelerator(c: TrainConfig) -> Accelerator:
         log_with=list(c.report_to) or None,
         timeout_s=c.collective_timeout_s,
     )
+    if c.lora_r and (kind := runtime.sharding(accelerator)):
+        raise ValueError(
+            f"lora_r with {kind}: a LoRA run saves its model by merging the adapters into a whole copy of it, which a "
+            "sharded model is not; train LoRA with data parallelism (its optimizer state is small: nothing to shard)"
+        )
     set_seed(c.seed)
     return accelerator
 
@@ -190,7 +202,7 @@ def build_model(c: TrainConfig, model: torch.nn.Module | None) -> torch.nn.Modul
             num_layers=c.num_layers,
             layer_pick=c.layer_pick,
         )
-        return freeze(c, model)
+        return adapt(c, model)
     # Its weights were drawn before fit set the seed: only the seed in force when it was built makes them repeatable.
     logger.info(
         "the model passed in was built before fit set seed %d: its initial weights come from the seed in force when "
@@ -203,23 +215,54 @@ def build_model(c: TrainConfig, model: torch.nn.Module | None) -> torch.nn.Modul
             "attention_dropout, hidden_dropout and num_layers apply to models fit builds; the model passed in keeps "
             "its own"
         )
-    return freeze(c, model)
+    return adapt(c, model)
 
 
-def freeze(c: TrainConfig, model: torch.nn.Module) -> torch.nn.Module:
-    """The model with the parts `freeze_embeddings` and `freeze_layers` name no longer trained (said in the log)."""
-    if not c.freeze_embeddings and not c.freeze_layers:
-        return model
-    trainable, total = optim.freeze_bottom(model, embeddings=c.freeze_embeddings, layers=c.freeze_layers)
-    parts = ["the embeddings"] * c.freeze_embeddings + [f"the lowest {c.freeze_layers} layers"] * bool(c.freeze_layers)
-    logger.info(
-        "frozen: %s; %s of %s parameters train (%.0f%%)",
-        " and ".join(parts),
-        f"{trainable / 1e6:.1f}M",
-        f"{total / 1e6:.1f}M",
-        100 * trainable / total,
-    )
+def adapt(c: TrainConfig, model: torch.nn.Module) -> torch.nn.Module:
+    """The model as the run trains it: activations recomputed in the backward pass (`gradient_checkpointing`),
+    LoRA adapters on a frozen base (`lora_r`), the parts `freeze_embeddings` and `freeze_layers` name no longer
+    trained; each said in the log, with how much of the model trains."""
+    if c.gradient_checkpointing:
+        checkpoint_activations(model)
+    if c.lora_r:
+        from bertqa.adapters import add_lora, lora_targets
+
+        targets = lora_targets(model, c.lora_targets)
+        model = add_lora(model, r=c.lora_r, alpha=c.lora_alpha, dropout=c.lora_dropout, targets=targets)
+        alpha = 2 * c.lora_r if c.lora_alpha is None else c.lora_alpha
+        what = f"LoRA r={c.lora_r} (alpha {alpha:g}, dropout {c.lora_dropout:g}) on {', '.join(targets)}"
+        _say_trainable(model, f"{what}, the QA head trained in full")
+    if c.freeze_embeddings or c.freeze_layers:
+        optim.freeze_bottom(model, embeddings=c.freeze_embeddings, layers=c.freeze_layers)
+        parts = ["the embeddings"] if c.freeze_embeddings else []
+        parts += [f"the lowest {c.freeze_layers} layers"] if c.freeze_layers else []
+        _say_trainable(model, f"frozen: {' and '.join(parts)}")
     return model
+
+
+def _say_trainable(model: torch.nn.Module, what: str) -> None:
+    from bertqa.adapters import describe_trainable
+
+    trainable, total = describe_trainable(model)
+    share = 100 * trainable / total
+    shown = f"{share:.2g}" if share < 10 else f"{share:.0f}"  # 0.91%, 47%
+    logger.info("%s; trainable: %s%% of %.1fM parameters", what, shown, total / 1e6)
+
+
+def checkpoint_activations(model: torch.nn.Module) -> None:
+    """transformers' activation (gradient) checkpointing, said with what it costs: each encoder layer keeps only
+    its input in the forward pass and computes the rest again in the backward pass."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ValueError(
+            f"gradient_checkpointing: {type(model).__name__} does not support it; set gradient_checkpointing false"
+        )
+    # Non-reentrant checkpointing: gradients reach the layers' inputs even where the embeddings are frozen.
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers 5; gradient_checkpointing_enable before
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    logger.info(GRADIENT_CHECKPOINTING_COST)
 
 
 def build_run(
@@ -464,6 +507,9 @@ def _evaluator(c: TrainConfig, run: Run, data: Data, signals: SignalCatcher, *, 
         eval_column_map=c.eval_column_map,
         skip_bad_records=c.skip_bad_records,
     )
+    # What the model was made from: the base a LoRA adapter goes back on, shortened as a student was.
+    base = model_name(run.accelerator.unwrap_model(run.model))
+    meta |= {"base_model": base, "num_layers": c.num_layers, "layer_pick": c.layer_pick}
     cal = data.windows.calibration_features  # SQuAD v2 training data: the threshold's questions
     return Evaluator(
         accelerator=run.accelerator,
