@@ -38,8 +38,8 @@ PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 BERT_BASE = {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072}
 
 
-def add_measure_flags(p: argparse.ArgumentParser, *, windows: int, batch_size: int) -> None:
-    """The flags that say what is measured, shared with benchmarks/profile_loop.py."""
+def add_model_flags(p: argparse.ArgumentParser) -> None:
+    """Which model is measured, shared with benchmarks/memory.py."""
     p.add_argument("--model", default="minilm-l6", help="model alias/folder (weights or, with --shape, its config)")
     p.add_argument(
         "--shape",
@@ -47,6 +47,11 @@ def add_measure_flags(p: argparse.ArgumentParser, *, windows: int, batch_size: i
         default="pretrained",
         help="pretrained: the model as is; bert-base: BERT-base shape from config, random weights",
     )
+
+
+def add_measure_flags(p: argparse.ArgumentParser, *, windows: int, batch_size: int) -> None:
+    """The flags that say what is measured, shared with benchmarks/profile_loop.py."""
+    add_model_flags(p)
     p.add_argument("--windows", type=positive_int, default=windows, help="real SQuAD train windows per pass")
     p.add_argument("--batch-size", type=positive_int, default=batch_size, help="windows per batch, in every loop")
     p.add_argument(

@@ -27,9 +27,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchmark import BERT_BASE, add_model_flags
+
 from bertqa.cli import HelpFormatter, positive_int, run, setup_logging, writable_file
 
-BERT_BASE = {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072}
 SETUPS = {
     "full": {},
     "ckpt": {"gradient_checkpointing": True},
@@ -40,13 +41,7 @@ SETUPS = {
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--model", default="minilm-l6", help="model alias/folder (weights or, with --shape, its config)")
-    p.add_argument(
-        "--shape",
-        choices=("pretrained", "bert-base"),
-        default="pretrained",
-        help="pretrained: the model as is; bert-base: BERT-base shape from its config, random weights (offline)",
-    )
+    add_model_flags(p)
     p.add_argument("--max-seq-length", type=positive_int, default=384, help="tokens per window (all of them used)")
     p.add_argument("--batch-size", type=positive_int, default=16, help="windows per update")
     p.add_argument("--steps", type=positive_int, default=2, help="updates timed, after one that is not")

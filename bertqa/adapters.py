@@ -135,8 +135,8 @@ def is_adapter_folder(path: str | Path) -> bool:
 
 def base_of(folder: str | Path) -> dict[str, Any]:
     """What an adapter folder says of its base: the model's name (`base_model`; peft's record of the path it was
-    loaded from when bertqa.json has none), and the encoder layers a smaller student kept (`num_layers`,
-    `layer_pick`)."""
+    loaded from when bertqa.json has none), the encoder layers a smaller student kept (`num_layers`, `layer_pick`),
+    and how many encoder layers the trained model had (`depth`, None where unrecorded)."""
     folder = Path(folder).expanduser()
     saved = json.loads((folder / "bertqa.json").read_text()) if (folder / "bertqa.json").is_file() else {}
     peft_record = json.loads((folder / ADAPTER_CONFIG).read_text())
@@ -144,22 +144,69 @@ def base_of(folder: str | Path) -> dict[str, Any]:
         "base_model": saved.get("base_model") or peft_record.get("base_model_name_or_path"),
         "num_layers": saved.get("num_layers"),
         "layer_pick": saved.get("layer_pick", "first"),
+        "depth": saved.get("depth"),
     }
 
 
 def load_adapter(folder: str | Path, *, base_model: str | None = None) -> torch.nn.Module:
     """The model an adapter folder was trained as: its base (`base_model`, else the one it names; shortened again
-    to the layers a smaller student kept), the adapter put on it and merged in for answering."""
-    from bertqa.model import build_model
+    to the layers a smaller student kept), the adapter put on it and merged in for answering. A base that cannot
+    be the one it was trained on (the merged model it came with, another depth, weights the adapter has no place
+    for) is refused."""
+    from bertqa.model import build_model, model_depth
 
+    folder = Path(folder).expanduser()
     base = base_of(folder)
     name = base_model or base["base_model"]
     if not name:
-        raise ValueError(f"{folder} is a LoRA adapter that does not name its base model: pass the base model too")
+        raise ValueError(f"{folder} is a LoRA adapter that does not name its base model: pass its base model too")
+    if base_model is not None:
+        _check_given_base(folder, base_model, named=base["base_model"])
     logger.info("loading the adapter %s on its base model %s", folder, name)
-    model = build_model(name, num_layers=base["num_layers"], layer_pick=base["layer_pick"])
-    with _quiet_peft():
-        return _peft().PeftModel.from_pretrained(model, str(Path(folder).expanduser())).merge_and_unload()
+    try:
+        with _quiet_transformers():  # the base's QA head is replaced by the adapter's: not a fresh one to train
+            model = build_model(name, num_layers=base["num_layers"], layer_pick=base["layer_pick"])
+    except (OSError, ValueError) as err:
+        where = "given" if base_model is not None else f"named in {folder / 'bertqa.json'}"
+        raise type(err)(f"the base model of the adapter {folder} ({name}, {where}): {err}; pass its base") from None
+    depth = model_depth(model.config, name)
+    if base["depth"] is not None and depth != base["depth"]:
+        raise ValueError(
+            f"the adapter {folder} was trained on a model of {base['depth']} encoder layers; its base {name} has "
+            f"{depth}: pass the base it was trained on"
+        )
+    with _quiet_peft(), warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always", UserWarning)
+        model = _peft().PeftModel.from_pretrained(model, str(folder))
+    missing = [str(w.message) for w in said if "missing adapter keys" in str(w.message)]
+    if missing:
+        raise ValueError(f"the adapter {folder} does not fit its base {name}: {missing[0][:300]}")
+    return model.merge_and_unload()
+
+
+def _check_given_base(folder: Path, base_model: str, *, named: str | None) -> None:
+    """Refuse the merged model an adapter was saved in as its base (the adapter would count twice); say so when
+    the base given is not the one the adapter names."""
+    given = Path(base_model).expanduser()
+    if given.is_dir() and given.resolve() == folder.resolve().parent:
+        raise ValueError(
+            f"{base_model} is the model this adapter was merged into, not its base: it would be applied twice; "
+            f"answer with {base_model} itself, or give the adapter's base ({named or 'unrecorded'})"
+        )
+    if named is not None and base_model != named:
+        logger.warning("the adapter %s names the base %s; putting it on %s as asked", folder, named, base_model)
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
 
 
 def load_trained(model_dir: str | Path, *, base_model: str | None = None) -> torch.nn.Module:

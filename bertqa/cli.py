@@ -196,6 +196,14 @@ class ScriptParser(argparse.ArgumentParser):
         self.add_argument("--max-examples", type=positive_int, help="a seeded random subset of this many questions")
         self.add_argument("--seed", type=int, default=42, help="seed of the subset")
 
+    def add_base_model(self) -> None:
+        """`--base-model`: the base a LoRA adapter folder goes on, where the one it names has moved."""
+        self.add_argument(
+            "--base-model",
+            help="for a LoRA adapter folder (a run's final_model/adapter): the base model to put it on (default: "
+            "the one the adapter names)",
+        )
+
     def add_precision(self, *, choices: tuple[str, ...] = ("auto", "no", "bf16"), help: str) -> None:
         """`--mixed-precision` (train.py's name), and `--precision`, the name these scripts had first."""
         self.add_argument(

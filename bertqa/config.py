@@ -404,7 +404,7 @@ def computation_changes(old: dict[str, Any], new: dict[str, Any]) -> dict[str, t
     The evaluation data is compared as what it resolves to (see `bertqa.sources.eval_source`), so spelling out a
     default is no change.
     """
-    old, current = json.loads(json.dumps(old)), json.loads(json.dumps(new))  # tuples as lists, as they were saved
+    old, current = (_effective(json.loads(json.dumps(d))) for d in (old, new))  # tuples as lists, as saved
     changes = {
         name: (old.get(name), value)
         for name, value in current.items()
@@ -421,6 +421,13 @@ def computation_changes(old: dict[str, Any], new: dict[str, Any]) -> dict[str, t
     return changes
 
 
+def _effective(settings: dict[str, Any]) -> dict[str, Any]:
+    """A saved config with its defaults that depend on another setting spelt out (lora_alpha unset is 2r)."""
+    if settings.get("lora_r") and settings.get("lora_alpha") is None:
+        return {**settings, "lora_alpha": 2.0 * settings["lora_r"]}
+    return settings
+
+
 def kept_on_resume(old: dict[str, Any], new: dict[str, Any]) -> str | None:
     """Why a resume from a run saved with `old` settings cannot go on with `new` ones even when changes are
     accepted, or None. A time budget cannot come or go: a budget run takes its batches in another order (whole
@@ -430,14 +437,13 @@ def kept_on_resume(old: dict[str, Any], new: dict[str, Any]) -> str | None:
             "a time budget cannot be added to or removed from a run when it is resumed, even with --accept-changes; "
             "resume with its own kind of length, or start afresh in another output_dir"
         )
-    for name in ("lora_r", "lora_targets"):  # the checkpoint's weights are of other shapes, or have no adapters
-        before, after = (json.loads(json.dumps(d.get(name, _DEFAULTS[name]))) for d in (old, new))  # tuples as lists
-        if before != after:
-            return (
-                f"{name} cannot change when a run is resumed ({before!r} -> {after!r}), even with --accept-changes: "
-                "the checkpoint holds adapters of another shape, or none; resume with its own, or start afresh in "
-                "another output_dir"
-            )
+    before, after = old.get("lora_r", 0), new.get("lora_r", 0)
+    if before != after:  # the checkpoint's adapters are of another shape, or there are none
+        return (
+            f"lora_r cannot change when a run is resumed ({before} -> {after}), even with --accept-changes: the "
+            "checkpoint holds adapters of another rank, or none; resume with its own, or start afresh in another "
+            "output_dir"
+        )
     return None
 
 
@@ -548,6 +554,8 @@ def _lora_problems(c: TrainConfig) -> list[str]:
         problems.append(f"lora_alpha must be positive and finite, got {c.lora_alpha}")
     if not 0 <= c.lora_dropout < 1:
         problems.append(f"lora_dropout must be in [0, 1), got {c.lora_dropout}")
+    if len(set(c.lora_targets)) < len(c.lora_targets):
+        problems.append(f"lora_targets names a layer twice: {list(c.lora_targets)}")
     if any(not name.strip() or "," in name for name in c.lora_targets):
         problems.append(
             f"lora_targets must be names of linear layers, one per item (--lora-targets query value), got "

@@ -52,10 +52,11 @@ def check_teacher(path: str | Path, *, student_tokenizer: Any, window: Any = Non
     the student's windows (`window`: a shorter position table)."""
     from transformers import AutoConfig
 
-    from bertqa.model import build_tokenizer, check_model_limits, load_pretrained
+    from bertqa.model import build_tokenizer, check_model_limits, load_pretrained, refuse_adapter
 
     name = str(path)
     folder = Path(name).expanduser()
+    refuse_adapter(name, kind="teacher")
     if folder.is_dir() and not (folder / "config.json").is_file():
         inside = [sub for sub in ("final_model", "best_model") if (folder / sub / "config.json").is_file()]
         hint = f"; did you mean {folder / inside[0]}?" if inside else ""

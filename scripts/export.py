@@ -25,8 +25,9 @@ from bertqa.cli import positive_int, run, script_parser, setup_logging
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = script_parser(__doc__)
-    parser.add_argument("model", help="saved model folder (final_model/best_model of a run)")
+    parser.add_argument("model", help="saved model folder (final_model/best_model of a run, or its adapter/)")
     parser.add_argument("out", type=Path, help="folder to write the exported model to")
+    parser.add_base_model()
     parser.add_argument("--format", default="onnx", choices=("onnx",), help="export format (default: %(default)s)")
     parser.add_argument(
         "--quantize",
@@ -71,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         check_questions=args.check_questions,
         fuse=args.fuse,
         overwrite=args.overwrite,
+        base_model=args.base_model,
     )
     print(report.format())
     return 0

@@ -29,8 +29,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from transformers import AutoModel
 
-    from bertqa.model import build_tokenizer, resolve_model
+    from bertqa.model import build_tokenizer, refuse_adapter, resolve_model
 
+    refuse_adapter(args.model)
     # The encoder only (AutoModel), as the pretrained checkpoint is: a QA head is created fresh when training starts.
     model = AutoModel.from_pretrained(resolve_model(args.model), dtype=getattr(torch, args.dtype))
     tokenizer = build_tokenizer(args.model)  # both read before --out is cleared: it may be the folder packed

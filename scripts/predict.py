@@ -33,10 +33,7 @@ from bertqa.cli import finite_float, non_negative_int, positive_int, run, script
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = script_parser(__doc__)
     parser.add_argument("model", help="saved model folder, alias or hub id; or a LoRA run's adapter/ folder")
-    parser.add_argument(
-        "--base-model",
-        help="for an adapter folder: the base model to put it on (default: the one the adapter names)",
-    )
+    parser.add_base_model()
     parser.add_argument("-q", "--question", help="one question (with --context)")
     parser.add_argument("-c", "--context", help="the passage to answer from")
     parser.add_argument("--file", type=Path, help="JSON list or JSONL of {question, context[, id]} objects")

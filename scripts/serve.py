@@ -56,7 +56,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     d = ServiceLimits()
     parser = script_parser(__doc__)
-    parser.add_argument("model", type=Path, help="saved model folder, or one scripts/export.py wrote")
+    parser.add_argument(
+        "model", type=Path, help="saved model folder, a LoRA run's adapter/ folder, or one scripts/export.py wrote"
+    )
     parser.add_argument(
         "--host", default="127.0.0.1", help="address to listen on (default: %(default)s, this machine only)"
     )
@@ -65,6 +67,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--threshold", type=finite_float, help="v2 no-answer threshold (default: the one saved with the model)"
     )
     parser.add_precision(help="PyTorch models: auto = bf16 where native")
+    parser.add_base_model()
     parser.add_argument(
         "--batch-size", type=positive_int, help="windows per forward pass (default: 4 on a CPU, 64 on a GPU)"
     )
@@ -111,7 +114,11 @@ def main(argv: list[str] | None = None) -> int:
     limits = ServiceLimits(**{field: getattr(args, field) for _, field, _, _ in LIMIT_FLAGS})
     args.port = _check_port_free(args.host, args.port)  # before the model loads, and before saying where it serves
     answerer = Answerer(
-        args.model, batch_size=args.batch_size, threshold=args.threshold, precision=args.mixed_precision
+        args.model,
+        batch_size=args.batch_size,
+        threshold=args.threshold,
+        precision=args.mixed_precision,
+        base_model=args.base_model,
     )
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         logger.warning(

@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModelForQuestionAnswering
 
 from bertqa import adapters, engine
-from bertqa.config import TrainConfig, kept_on_resume
+from bertqa.config import TrainConfig, computation_changes, kept_on_resume
 from bertqa.training import optim
 from bertqa.training.checkpoint import latest_checkpoint
 from tests.conftest import make_tiny, tiny_config
@@ -104,12 +104,17 @@ def test_the_adapter_folder_answers_through_answerer_and_predict_like_the_merged
     )
     with pytest.raises(ValueError, match="is a whole model, not a LoRA adapter"):
         adapters.load_trained(final, base_model=str(tiny_dir))
+    args = ["--data", "dev-v1.1", "--max-examples", "8", "--precision", "no"]
+    script("evaluate.py", final / "adapter", *args, "--base-model", tiny_dir, "--out", tmp_path / "eval-adapter")
+    script("evaluate.py", final, *args, "--out", tmp_path / "eval-merged")
+    scores = [json.loads((tmp_path / f"eval-{k}/scores.json").read_text()) for k in ("adapter", "merged")]
+    assert scores[0]["f1"] == pytest.approx(scores[1]["f1"])
 
 
 def test_an_adapter_of_a_model_built_from_a_config_needs_its_base_named(tmp_path, tiny_dir, tokenizer):
     engine.fit(tiny_config(tmp_path, lora_r=4, save_model=True), model=make_tiny())
     adapter = tmp_path / "run" / "final_model" / "adapter"
-    with pytest.raises(ValueError, match="does not name its base model: pass the base model"):
+    with pytest.raises(ValueError, match="does not name its base model: pass its base model too"):
         adapters.load_trained(adapter)
     # make_tiny() is the model tiny_dir holds: on it, the adapter gives the merged model's answers
     merged = AutoModelForQuestionAnswering.from_pretrained(tmp_path / "run" / "final_model")
@@ -146,12 +151,71 @@ def adapters_of(folder):
     return load_file(folder / "adapter" / "adapter_model.safetensors").items()
 
 
-def test_lora_settings_that_cannot_change_on_resume_are_refused_even_when_changes_are_accepted():
+def test_a_rank_that_changes_on_resume_is_refused_even_when_changes_are_accepted():
     old = TrainConfig(lora_r=8).to_dict()
-    for new in (TrainConfig(), TrainConfig(lora_r=16), TrainConfig(lora_r=8, lora_targets=("query",))):
-        assert "cannot change when a run is resumed" in kept_on_resume(old, new.to_dict())
+    for new in (TrainConfig(), TrainConfig(lora_r=16)):
+        assert "lora_r cannot change when a run is resumed" in kept_on_resume(old, new.to_dict())
     assert kept_on_resume(old, TrainConfig(lora_r=8, lora_alpha=4.0).to_dict()) is None
     assert kept_on_resume({}, TrainConfig().to_dict()) is None  # a config saved before adapters existed
+    # lora_alpha spelt out as its default (2r) is no change; another alpha or other targets are changes to accept
+    assert computation_changes(old, TrainConfig(lora_r=8, lora_alpha=16.0).to_dict()) == {}
+    assert set(computation_changes(old, TrainConfig(lora_r=8, lora_alpha=4.0).to_dict())) == {"lora_alpha"}
+    assert set(computation_changes(old, TrainConfig(lora_r=8, lora_targets=("query",)).to_dict())) == {"lora_targets"}
+
+
+def test_a_resume_with_the_default_targets_spelt_out_continues_and_other_targets_are_refused(tmp_path, tiny_dir):
+    kwargs = dict(max_steps=4, save_every_steps=2, batch_size=4)
+    lora_run(tmp_path, tiny_dir, **kwargs)
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "step_00000004")
+    config = tiny_config(tmp_path, model=str(tiny_dir), lora_r=4, lr=1e-2, save_model=True, **kwargs)
+    spelt = config.replace(lora_targets=("query", "key", "value"), resume="latest", accept_changes=True)
+    assert engine.fit(spelt)["steps"] == 4
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "step_00000004")
+    other = config.replace(lora_targets=("query", "dense"), resume="latest", accept_changes=True)
+    with pytest.raises(ValueError, match="its model has other weights than this run's"):
+        engine.fit(other)
+
+
+def test_an_adapter_goes_only_on_a_base_it_fits(tmp_path, tiny_dir, tokenizer, caplog):
+    lora_run(tmp_path, tiny_dir)
+    final = tmp_path / "run" / "final_model"
+    adapter = final / "adapter"
+    with pytest.raises(ValueError, match="is the model this adapter was merged into, not its base"):
+        adapters.load_trained(adapter, base_model=str(final))
+    shallow = tmp_path / "shallow"
+    make_tiny(num_hidden_layers=1).save_pretrained(shallow)
+    tokenizer.save_pretrained(shallow)
+    with pytest.raises(ValueError, match=r"trained on a model of 2 encoder layers; its base .* has 1"):
+        adapters.load_trained(adapter, base_model=str(shallow))
+    # A base that moved: the error names where it was recorded and what to do
+    moved = tmp_path / "moved"
+    shutil.copytree(adapter, moved)
+    meta = json.loads((moved / "bertqa.json").read_text())
+    (moved / "bertqa.json").write_text(json.dumps({**meta, "base_model": str(tmp_path / "gone")}))
+    with pytest.raises(OSError, match=r"the base model of the adapter .*moved.*named in .*bertqa.json.*pass its base"):
+        adapters.load_trained(moved)
+    caplog.set_level("WARNING", logger="bertqa")
+    adapters.load_trained(moved, base_model=str(tiny_dir))
+    assert "names the base" in caplog.text and "putting it on" in caplog.text
+    # Where a whole model is needed, an adapter folder is named as one
+    with pytest.raises(FileNotFoundError, match=r"is a LoRA adapter, not a whole model: pass .*final_model"):
+        engine.fit(tiny_config(tmp_path / "again", model=str(adapter)))
+
+
+def test_a_relative_model_folder_is_recorded_as_the_folder_it_is(tmp_path, tiny_dir, monkeypatch):
+    from bertqa.model import build_model, model_name
+
+    monkeypatch.chdir(tiny_dir.parent)
+    assert model_name(build_model(tiny_dir.name)) == str(tiny_dir.resolve())
+    assert model_name(make_tiny()) is None  # random weights: no base to load again
+
+
+def test_a_model_that_already_has_adapters_is_not_given_more(tiny_model):
+    from bertqa.training.setup import adapt
+
+    wrapped = adapters.add_lora(tiny_model, r=4, alpha=None, dropout=0.0)
+    with pytest.raises(ValueError, match="already has peft adapters; set lora_r 0 to train them as they are"):
+        adapt(TrainConfig(lora_r=4), wrapped)
 
 
 @pytest.mark.parametrize(
@@ -161,6 +225,7 @@ def test_lora_settings_that_cannot_change_on_resume_are_refused_even_when_change
         ({"lora_r": 4, "lora_alpha": 0.0}, "lora_alpha must be positive"),
         ({"lora_r": 4, "lora_dropout": 1.0}, r"lora_dropout must be in \[0, 1\)"),
         ({"lora_r": 4, "lora_targets": ("query,value",)}, "one per item"),
+        ({"lora_r": 4, "lora_targets": ("query", "query")}, "names a layer twice"),
         ({"lora_r": 4, "compile": True}, "lora_r with compile"),
     ],
 )
@@ -283,3 +348,5 @@ def test_an_adapter_folder_exports_to_onnx_and_answers_as_its_merged_model(tmp_p
     merged = [a.to_dict() for a in Answerer(final, precision="no")(QUESTIONS)]
     assert [a["answer"] for a in exported] == [a["answer"] for a in merged]
     assert [a["score"] for a in exported] == pytest.approx([a["score"] for a in merged], abs=1e-3)
+    with pytest.raises(ValueError, match="is an exported model, not a LoRA adapter"):
+        Answerer(tmp_path / "onnx", base_model=str(tiny_dir))

@@ -127,6 +127,10 @@ def load_qa_model(model_dir: str | Path, *, device: str = "cpu", base_model: str
     """The model of a folder to answer with, in evaluation mode: ONNX Runtime for an exported folder, else the
     PyTorch model on `device` (a LoRA adapter folder on its base, or `base_model`: `bertqa.adapters.load_trained`)."""
     if is_exported(model_dir):
+        if base_model is not None:
+            raise ValueError(
+                f"{model_dir} is an exported model, not a LoRA adapter: a base model is for adapter folders"
+            )
         return OnnxQAModel(Path(model_dir) / ONNX_FILE, device=device).eval()
     from bertqa.adapters import load_trained
 

@@ -88,20 +88,15 @@ def export_onnx(
     check_questions: int = 64,
     fuse: bool = True,
     overwrite: bool = False,
+    base_model: str | None = None,
 ) -> ExportReport:
     """Export the model folder `model_dir` to the folder `out` as ONNX (`quantize="int8"`: dynamic int8 weights),
     check it against PyTorch on `check_questions` questions of `check_data` (default: the SQuAD dev set of the
     model's version), and write the folder only if the check passes. `fuse` rewrites the graph with ONNX Runtime's
     fused operators (faster; off: a plain ONNX graph that other runtimes run too). An existing non-empty `out` is
-    replaced only with `overwrite`."""
-    if quantize not in QUANTIZE:
-        raise ValueError(f"quantize must be one of {QUANTIZE}, got {quantize!r}")
+    replaced only with `overwrite`; a LoRA adapter folder is put on its base (`base_model`, else the one it names)."""
     out = Path(out)
-    from bertqa.model import check_model_folder
-
-    check_model_folder(model_dir)  # a mistyped path or a run's folder, said so before the output is checked
-    _check_out(Path(model_dir), out, overwrite=overwrite)
-    _require_export_libraries()
+    _refuse_before_work(model_dir, out, quantize=quantize, overwrite=overwrite)
     from bertqa.adapters import load_trained
     from bertqa.deploy.backends import load_settings
     from bertqa.model import build_tokenizer
@@ -109,7 +104,7 @@ def export_onnx(
     t0 = time.perf_counter()
     settings = load_settings(model_dir)
     tokenizer = build_tokenizer(model_dir)
-    model = load_trained(model_dir).eval()  # a LoRA adapter folder: on its base, merged
+    model = load_trained(model_dir, base_model=base_model).eval()  # an adapter folder: on its base, merged
     check_data = check_data or ("dev-v2.0" if settings["v2"] else "dev-v1.1")
     examples, features, loader = _check_windows(check_data, check_questions, tokenizer, settings)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
@@ -139,6 +134,18 @@ def export_onnx(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return report
+
+
+def _refuse_before_work(model_dir: str | Path, out: Path, *, quantize: str | None, overwrite: bool) -> None:
+    """A quantization that does not exist, a mistyped model path or a run's folder, an output that would be
+    overwritten unasked, the export libraries missing: each said before any work."""
+    from bertqa.model import check_model_folder
+
+    if quantize not in QUANTIZE:
+        raise ValueError(f"quantize must be one of {QUANTIZE}, got {quantize!r}")
+    check_model_folder(model_dir)  # before the output is checked
+    _check_out(Path(model_dir), out, overwrite=overwrite)
+    _require_export_libraries()
 
 
 def _too_far(diff: float, check_data: str, out: Path) -> ExportCheckError:

@@ -432,6 +432,13 @@ def load_checkpoint(accelerator: Accelerator, folder: Path) -> None:
     try:
         with _optimizers(accelerator, keep=optimizer_state):
             accelerator.load_state(str(folder))
+    except RuntimeError as err:
+        if "state_dict" not in str(err):
+            raise
+        raise ValueError(
+            f"{folder}: its model has other weights than this run's (the model, or lora_targets, changed); resume "
+            "with the checkpoint's settings, or start afresh in another output_dir"
+        ) from err
     except ValueError as err:
         if "parameter groups" not in str(err):
             raise

@@ -22,7 +22,7 @@ from bertqa import batching, inference
 from bertqa.cache import prepare_data
 from bertqa.config import computation_changes
 from bertqa.data import check_labels
-from bertqa.model import check_model_limits, model_name
+from bertqa.model import DEPTH_KEYS, check_model_limits, model_depth, model_name
 from bertqa.sources import DEFAULT_NO_ANSWER_THRESHOLD, run_examples
 from bertqa.training import checkpoint, optim, runtime
 from bertqa.training.budget import PROBE_UPDATES, BudgetSpec, TimeBudget, parse_duration
@@ -91,11 +91,12 @@ def refuse_bad_settings(
     """What can be refused before the output folder is touched: a misspelt model folder, a time budget that is not
     a duration, a teacher beside a loss of one's own or inside a folder --overwrite would clear, hooks that are
     not hooks."""
-    from bertqa.model import resolve_model
+    from bertqa.model import refuse_adapter, resolve_model
 
     check_hooks(hooks)
 
     if model is None or tokenizer is None:
+        refuse_adapter(c.model)
         resolve_model(c.model)
     if c.time_budget is not None:
         parse_duration(c.time_budget)
@@ -225,8 +226,13 @@ def adapt(c: TrainConfig, model: torch.nn.Module) -> torch.nn.Module:
     if c.gradient_checkpointing:
         checkpoint_activations(model)
     if c.lora_r:
-        from bertqa.adapters import add_lora, lora_targets
+        from bertqa.adapters import add_lora, is_lora, lora_targets
 
+        if is_lora(model):
+            raise ValueError(
+                f"lora_r={c.lora_r}: the model passed in already has peft adapters; set lora_r 0 to train them as "
+                "they are"
+            )
         targets = lora_targets(model, c.lora_targets)
         model = add_lora(model, r=c.lora_r, alpha=c.lora_alpha, dropout=c.lora_dropout, targets=targets)
         alpha = 2 * c.lora_r if c.lora_alpha is None else c.lora_alpha
@@ -508,8 +514,9 @@ def _evaluator(c: TrainConfig, run: Run, data: Data, signals: SignalCatcher, *, 
         skip_bad_records=c.skip_bad_records,
     )
     # What the model was made from: the base a LoRA adapter goes back on, shortened as a student was.
-    base = model_name(run.accelerator.unwrap_model(run.model))
-    meta |= {"base_model": base, "num_layers": c.num_layers, "layer_pick": c.layer_pick}
+    trained = run.accelerator.unwrap_model(run.model)
+    meta |= {"base_model": model_name(trained), "num_layers": c.num_layers, "layer_pick": c.layer_pick}
+    meta["depth"] = model_depth(trained.config) if any(hasattr(trained.config, k) for k in DEPTH_KEYS) else None
     cal = data.windows.calibration_features  # SQuAD v2 training data: the threshold's questions
     return Evaluator(
         accelerator=run.accelerator,
