@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from bertqa.model import ADAPTER_CONFIG, build_model, is_adapter_folder, model_depth
+
 __all__ = [
     "ADAPTER_DIR",
     "DEFAULT_TARGETS",
@@ -40,7 +42,6 @@ EXTRA = 'pip install -e ".[lora]" (peft)'
 # Where a saved model of a LoRA run keeps the adapter alone (peft's adapter_config.json and weights, the QA head with
 # them), with the tokenizer and bertqa.json, so the folder answers by itself once its base is found.
 ADAPTER_DIR = "adapter"
-ADAPTER_CONFIG = "adapter_config.json"
 
 # The attention projections of each family (model_type): what the adapters go on unless lora_targets names others.
 DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
@@ -127,12 +128,6 @@ def merged(model: torch.nn.Module) -> torch.nn.Module:
     return copy.deepcopy(model).merge_and_unload()
 
 
-def is_adapter_folder(path: str | Path) -> bool:
-    """Whether `path` holds a peft adapter (a LoRA run's `adapter/`) rather than a whole model."""
-    path = Path(path).expanduser()
-    return (path / ADAPTER_CONFIG).is_file() and not (path / "config.json").is_file()
-
-
 def base_of(folder: str | Path) -> dict[str, Any]:
     """What an adapter folder says of its base: the model's name (`base_model`; peft's record of the path it was
     loaded from when bertqa.json has none), the encoder layers a smaller student kept (`num_layers`, `layer_pick`),
@@ -153,8 +148,6 @@ def load_adapter(folder: str | Path, *, base_model: str | None = None) -> torch.
     to the layers a smaller student kept), the adapter put on it and merged in for answering. A base that cannot
     be the one it was trained on (the merged model it came with, another depth, weights the adapter has no place
     for) is refused."""
-    from bertqa.model import build_model, model_depth
-
     folder = Path(folder).expanduser()
     base = base_of(folder)
     name = base_model or base["base_model"]
@@ -212,8 +205,6 @@ def _quiet_transformers() -> Iterator[None]:
 def load_trained(model_dir: str | Path, *, base_model: str | None = None) -> torch.nn.Module:
     """A trained QA model to answer with: a model folder, or an adapter folder put on its base (the one it names,
     or `base_model`)."""
-    from bertqa.model import build_model
-
     if is_adapter_folder(model_dir):
         return load_adapter(model_dir, base_model=base_model)
     if base_model is not None:

@@ -13,11 +13,13 @@ from typing import Any
 import torch
 
 __all__ = [
+    "ADAPTER_CONFIG",
     "MODEL_ALIASES",
     "ModelNotFoundError",
     "build_model",
     "build_tokenizer",
     "check_model_folder",
+    "is_adapter_folder",
     "keep_layers",
     "load_pretrained",
     "model_depth",
@@ -201,10 +203,20 @@ def load_pretrained(kind: str, loader: Any, name: str, **kwargs: Any) -> Any:
         ) from err
 
 
+# peft's record of an adapter: a folder with it and no config.json holds an adapter alone (`bertqa.adapters`).
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def is_adapter_folder(path: str | Path) -> bool:
+    """Whether `path` holds a peft adapter (a LoRA run's `adapter/`) rather than a whole model."""
+    path = Path(path).expanduser()
+    return (path / ADAPTER_CONFIG).is_file() and not (path / "config.json").is_file()
+
+
 def refuse_adapter(name: str, *, kind: str = "model") -> None:
     """Refuse, with what to pass instead, a LoRA adapter folder where a whole model is needed."""
     path = Path(name).expanduser()
-    if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
+    if is_adapter_folder(path):
         merged = path.parent if (path.parent / "config.json").is_file() else None
         instead = f"pass {merged}, the model it was merged into, or" if merged else "pass"
         raise ModelNotFoundError(

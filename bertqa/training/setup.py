@@ -22,7 +22,7 @@ from bertqa import batching, inference
 from bertqa.cache import prepare_data
 from bertqa.config import computation_changes
 from bertqa.data import check_labels
-from bertqa.model import DEPTH_KEYS, check_model_limits, model_depth, model_name
+from bertqa.model import check_model_limits, model_depth, model_name
 from bertqa.sources import DEFAULT_NO_ANSWER_THRESHOLD, run_examples
 from bertqa.training import checkpoint, optim, runtime
 from bertqa.training.budget import PROBE_UPDATES, BudgetSpec, TimeBudget, parse_duration
@@ -235,7 +235,7 @@ def adapt(c: TrainConfig, model: torch.nn.Module) -> torch.nn.Module:
             )
         targets = lora_targets(model, c.lora_targets)
         model = add_lora(model, r=c.lora_r, alpha=c.lora_alpha, dropout=c.lora_dropout, targets=targets)
-        alpha = 2 * c.lora_r if c.lora_alpha is None else c.lora_alpha
+        alpha = model.peft_config["default"].lora_alpha  # the one add_lora chose where lora_alpha is unset
         what = f"LoRA r={c.lora_r} (alpha {alpha:g}, dropout {c.lora_dropout:g}) on {', '.join(targets)}"
         _say_trainable(model, f"{what}, the QA head trained in full")
     if c.freeze_embeddings or c.freeze_layers:
@@ -516,7 +516,10 @@ def _evaluator(c: TrainConfig, run: Run, data: Data, signals: SignalCatcher, *, 
     # What the model was made from: the base a LoRA adapter goes back on, shortened as a student was.
     trained = run.accelerator.unwrap_model(run.model)
     meta |= {"base_model": model_name(trained), "num_layers": c.num_layers, "layer_pick": c.layer_pick}
-    meta["depth"] = model_depth(trained.config) if any(hasattr(trained.config, k) for k in DEPTH_KEYS) else None
+    try:
+        meta["depth"] = model_depth(trained.config)
+    except ValueError:  # a model whose layers are not counted: no depth to check an adapter's base against
+        meta["depth"] = None
     cal = data.windows.calibration_features  # SQuAD v2 training data: the threshold's questions
     return Evaluator(
         accelerator=run.accelerator,
