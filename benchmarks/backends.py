@@ -73,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     from bertqa.training.runtime import resolve_precision
 
     settings = load_settings(args.model)
-    data = args.data or settings["eval_data"] or ("dev-v2.0" if settings["v2"] else "dev-v1.1")
+    named = None if settings["eval_rule"] else settings["eval_data"]  # a held-out share is described, not named
+    data = args.data or named or ("dev-v2.0" if settings["v2"] else "dev-v1.1")
     examples, _ = load_examples(data, max_examples=args.questions, seed=0, column_map=settings["column_map"])
     records = [{"id": ex.id, "question": ex.question, "context": ex.context} for ex in examples]
     v2 = is_v2(examples) or bool(settings["v2"])

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from bertqa.model import ADAPTER_CONFIG, build_model, is_adapter_folder, model_depth
+from bertqa.model import ADAPTER_CONFIG, build_model, is_adapter_folder, model_depth, quiet_transformers
 
 __all__ = [
     "ADAPTER_DIR",
@@ -157,7 +157,7 @@ def load_adapter(folder: str | Path, *, base_model: str | None = None) -> torch.
         _check_given_base(folder, base_model, named=base["base_model"])
     logger.info("loading the adapter %s on its base model %s", folder, name)
     try:
-        with _quiet_transformers():  # the base's QA head is replaced by the adapter's: not a fresh one to train
+        with quiet_transformers():  # the base's QA head is replaced by the adapter's: not a fresh one to train
             model = build_model(name, num_layers=base["num_layers"], layer_pick=base["layer_pick"])
     except (OSError, ValueError) as err:
         where = "given" if base_model is not None else f"named in {folder / 'bertqa.json'}"
@@ -188,18 +188,6 @@ def _check_given_base(folder: Path, base_model: str, *, named: str | None) -> No
         )
     if named is not None and base_model != named:
         logger.warning("the adapter %s names the base %s; putting it on %s as asked", folder, named, base_model)
-
-
-@contextlib.contextmanager
-def _quiet_transformers() -> Iterator[None]:
-    from transformers.utils import logging as hf_logging
-
-    level = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(level)
 
 
 def load_trained(model_dir: str | Path, *, base_model: str | None = None) -> torch.nn.Module:

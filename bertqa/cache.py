@@ -42,7 +42,7 @@ __all__ = [
     "write_entry",
 ]
 
-FORMAT = 2  # 2: flat .npy arrays with a checksummed manifest (1 was a pickle of Python lists)
+FORMAT = 3  # 3: exact context offsets for every tokenizer family; 2: flat .npy arrays; 1: a pickle of Python lists
 logger = logging.getLogger("bertqa")
 
 

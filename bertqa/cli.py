@@ -204,6 +204,23 @@ class ScriptParser(argparse.ArgumentParser):
             "the one the adapter names)",
         )
 
+    def add_version(self, *, threshold_default: str) -> None:
+        """`--v2` and `--threshold`: how a model answers where its `bertqa.json` does not say (a model bertqa did
+        not train answers as SQuAD 1.1), or otherwise than it says. A threshold makes "no answer" possible, so it
+        implies --v2 rather than being ignored on a SQuAD 1.1 model."""
+        self.add_flag(
+            "--v2",
+            default=None,
+            help="answer as a SQuAD 2.0 model, 'no answer' possible; --v2 false: always a span (default: as the "
+            "model's bertqa.json says; a model without one answers as SQuAD 1.1)",
+        )
+        self.add_argument(
+            "--threshold",
+            type=finite_float,
+            help="no-answer threshold: 'no answer' where the no-answer score (null score minus best span score) is "
+            f"above it; implies --v2 (default: {threshold_default})",
+        )
+
     def add_precision(self, *, choices: tuple[str, ...] = ("auto", "no", "bf16"), help: str) -> None:
         """`--mixed-precision` (train.py's name), and `--precision`, the name these scripts had first."""
         self.add_argument(

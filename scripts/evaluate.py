@@ -3,6 +3,10 @@
 Examples:
   python scripts/evaluate.py runs/quick/final_model --data dev-v1.1
   accelerate launch --num_processes 2 scripts/evaluate.py runs/v2/best_model --data dev-v2.0 --out runs/v2/eval
+  python scripts/evaluate.py deepset/roberta-base-squad2 --v2 --data dev-v2.0   # any transformers QA model
+
+A model without bertqa.json (saved by plain transformers, or a hub id) is scored with windows that fit it, as a SQuAD
+1.1 model unless --v2 or --threshold says it is a SQuAD 2.0 one; the log says which.
 
 Without --data it scores the questions the model was evaluated on in training: the evaluation data recorded with
 it, or the share its run held out of the training data (drawn again by the recorded rule).
@@ -11,8 +15,9 @@ Writes to --out (main process only): predictions.json (id -> answer, "" for no a
 null_odds.json (id -> no-answer score, for the official v2 script's --na-prob-file), questions.jsonl (one line per
 question, worst first: question, gold answers, prediction, its probability, EM, F1, what kind of error, and for v2
 the no-answer score and probability), scores.json (the metrics, and how many questions of each kind of error). All
-are strict JSON: a score that does not exist (a context with no possible span) is null. The output folder is checked
-before any work, and an earlier evaluation is never overwritten unless --overwrite is given.
+are strict JSON: a score that does not exist (a context with no possible span) is null. The output folder (default
+eval/MODEL/DATA in the working folder, said at the start) is checked before any work, and an earlier evaluation is
+never overwritten unless --overwrite is given.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from bertqa.cli import finite_float, output_folder, positive_int, run, script_parser, setup_logging
+from bertqa.cli import output_folder, positive_int, run, script_parser, setup_logging
 
 logger = logging.getLogger("bertqa")
 
@@ -52,10 +57,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_precision(help="auto: bf16 where native")
     parser.add_base_model()
     parser.add_argument("--batch-size", type=positive_int, default=64, help="windows per batch on each process")
+    parser.add_version(threshold_default="the one saved, else 0")
     parser.add_argument(
-        "--threshold", type=finite_float, help="v2 no-answer threshold (default: the one saved, else 0)"
+        "--out",
+        type=Path,
+        help="output folder (default: eval/MODEL/DATA in the working folder, e.g. eval/quick-final_model/dev-v1.1, "
+        "or DATA-2, ... if taken; never inside the model folder, which travels with every copy of the model)",
     )
-    parser.add_argument("--out", type=Path, help="output folder (default: <model>/eval, or eval-2, ... if taken)")
     parser.add_flag("--overwrite", help="replace the results in an existing --out folder")
     return parser.parse_args(argv)
 
@@ -64,13 +72,14 @@ def recorded_eval_data(model_dir: str | Path, settings: dict[str, Any]) -> str |
     """The evaluation data saved with a model (`bertqa.json`), to score it on the same questions again; None when
     the run held its evaluation questions out of its training data by a rule recorded there (`eval_rule`)."""
     if not (Path(model_dir) / "bertqa.json").is_file():
-        logger.info("%s has no bertqa.json: evaluating on dev-v1.1 (pass --data for other data)", model_dir)
+        other = "dev-v2.0 to score its 'no answer'" if settings["v2"] else "other data"
+        logger.info("%s has no bertqa.json: evaluating on dev-v1.1 (pass --data %s)", model_dir, other)
         return "dev-v1.1"
+    if settings.get("eval_rule"):  # a held-out share (its eval_data says which, in words)
+        return None
     if settings.get("eval_data"):
         logger.info("evaluating on %s, the evaluation data recorded with the model", settings["eval_data"])
         return str(settings["eval_data"])
-    if settings.get("eval_rule"):
-        return None
     raise ValueError(
         f"{model_dir} records no evaluation data to use again (it was evaluated on examples passed to fit); pass --data"
     )
@@ -155,6 +164,7 @@ def evaluate_model(
     seed: int = 42,
     batch_size: int = 64,
     threshold: float | None = None,
+    v2: bool | None = None,
     mixed_precision: str = "auto",
     column_map: str | None = None,
     skip_bad_records: bool | None = None,
@@ -164,22 +174,23 @@ def evaluate_model(
 
     `eval_data` defaults to the evaluation data recorded with the model (dev-v1.1 for a model without
     `bertqa.json`). For v2 data the no-answer threshold is `threshold`, else the one saved with the model, else 0.
+    A model without `bertqa.json` (any transformers QA model) is scored with windows that fit it, as SQuAD 1.1 unless
+    `v2` or a `threshold` makes it a SQuAD 2.0 model (`bertqa.deploy.settings`); a threshold is never ignored.
     A model trained for the other SQuAD version than the data's is scored all the same, with a loud warning. A LoRA
     adapter folder is put on its base (`base_model`, else the one it names).
     Returns (metrics, predictions, examples); metrics on every process, predictions on the main one.
     """
     from bertqa.data import Window, tokenize_examples
     from bertqa.deploy.backends import is_exported, load_qa_model, precision_for
-    from bertqa.deploy.serving import load_settings
-    from bertqa.examples import is_v2
+    from bertqa.deploy.settings import answer_settings
     from bertqa.inference import eval_batches, evaluate
     from bertqa.model import build_tokenizer
     from bertqa.postprocess import Calibration
     from bertqa.training.runtime import make_accelerator, resolve_precision
 
-    settings = load_settings(model_dir)
-    eval_data = eval_data or recorded_eval_data(model_dir, settings)
     tokenizer = build_tokenizer(model_dir)
+    settings, saved = answer_settings(model_dir, tokenizer, v2=v2, threshold=threshold)
+    eval_data = eval_data or recorded_eval_data(model_dir, settings)
     accelerator = make_accelerator(mixed_precision=resolve_precision(precision_for(model_dir, mixed_precision)))
     subset = {"answerable_only": answerable_only, "max_examples": max_examples, "seed": seed}
     reading = {"column_map": column_map, "skip_bad_records": skip_bad_records}
@@ -191,10 +202,41 @@ def evaluate_model(
     # before the process group is shut down.
     model = load_qa_model(model_dir, base_model=base_model)
     model = model if is_exported(model_dir) else accelerator.prepare_model(model, evaluation_mode=True)
-    # As in training: a v2 model is scored as v2 on any data (its "no answer" counts), v2 data with any model.
+    asked = v2 is not None or threshold is not None  # said by answer_settings; nothing to compare with training
+    scored_v2 = _scored_version(model_dir, settings, examples, eval_data, compare=saved and not asked)
+    logger.info(
+        "evaluating %d examples (%d windows, %s) on %d processes",
+        *(len(examples), len(features), "v2.0" if scored_v2 else "v1.1", accelerator.num_processes),
+    )
+    if threshold is None and scored_v2 and settings["no_answer_threshold"] is not None:
+        _warn_if_tuned_on_eval_data(model_dir, settings, eval_data)
+    threshold = settings["no_answer_threshold"] or 0.0  # as asked, else as saved (answer_settings)
+    loader = eval_batches(features, batch_size=batch_size, pad_token_id=tokenizer.pad_token_id, accelerator=accelerator)
+    metrics, predictions = evaluate(
+        accelerator,
+        model,
+        loader,
+        examples,
+        v2=scored_v2,
+        max_answer_length=settings["max_answer_length"],
+        threshold=threshold,
+        progress=True,
+    )
+    metrics["no_answer_threshold"] = threshold if scored_v2 else None
+    metrics["calibration"] = Calibration.from_settings(settings).to_settings()  # how probabilities are given
+    return metrics, predictions, examples
+
+
+def _scored_version(
+    model_dir: str, settings: dict[str, Any], examples: list[Any], eval_data: str, *, compare: bool
+) -> bool:
+    """Whether to score as SQuAD 2.0. As in training: a model answering as v2 is scored as v2 on any data (its "no
+    answer" counts), v2 data with any model. With `compare`, a model trained for the other version than the data's
+    is said loudly."""
+    from bertqa.examples import is_v2
+
     data_v2, model_v2 = is_v2(examples), bool(settings["v2"])
-    v2 = data_v2 or model_v2
-    if (Path(model_dir) / "bertqa.json").is_file() and data_v2 != model_v2:
+    if compare and data_v2 != model_v2:
         logger.warning(
             "VERSION MISMATCH: %s was trained on SQuAD %s data but %s is SQuAD %s: %s",
             *(model_dir, "v2.0" if model_v2 else "v1.1", eval_data, "v2.0" if data_v2 else "v1.1"),
@@ -203,28 +245,7 @@ def evaluate_model(
             else "it is scored as v2.0 with the model's no-answer threshold, as in training, so each "
             "'no answer' counts as wrong here (every question has an answer)",
         )
-    logger.info(
-        "evaluating %d examples (%d windows, %s) on %d processes",
-        *(len(examples), len(features), "v2.0" if v2 else "v1.1", accelerator.num_processes),
-    )
-    if threshold is None:
-        threshold = settings["no_answer_threshold"] or 0.0
-        if v2:
-            _warn_if_tuned_on_eval_data(model_dir, settings, eval_data)
-    loader = eval_batches(features, batch_size=batch_size, pad_token_id=tokenizer.pad_token_id, accelerator=accelerator)
-    metrics, predictions = evaluate(
-        accelerator,
-        model,
-        loader,
-        examples,
-        v2=v2,
-        max_answer_length=settings["max_answer_length"],
-        threshold=threshold,
-        progress=True,
-    )
-    metrics["no_answer_threshold"] = threshold if v2 else None
-    metrics["calibration"] = Calibration.from_settings(settings).to_settings()  # how probabilities are given
-    return metrics, predictions, examples
+    return data_v2 or model_v2
 
 
 def _warn_if_tuned_on_eval_data(model_dir: str, settings: dict[str, Any], eval_data: str) -> None:
@@ -250,8 +271,10 @@ def main(argv: list[str] | None = None) -> int:
     from bertqa.postprocess import STATED, Calibration, confidence, error_summary, question_report
     from bertqa.training.reporting import dumps, plot_reliability
 
-    check_model_folder(args.model)  # before <model>/eval is made: a mistyped path must not become a folder
-    out = output_folder(args.out, Path(args.model) / "eval", overwrite=args.overwrite, results=RESULTS)
+    check_model_folder(args.model)  # before any folder is made: a mistyped path must not become one
+    default = default_out(args.model, args.data)
+    out = output_folder(args.out, default, overwrite=args.overwrite, results=RESULTS)
+    logger.info("results go to %s%s", out, " (--out to choose another folder)" if args.out is None else "")
     try:
         metrics, predictions, examples = evaluate_model(
             args.model,
@@ -261,6 +284,7 @@ def main(argv: list[str] | None = None) -> int:
             seed=args.seed,
             batch_size=args.batch_size,
             threshold=args.threshold,
+            v2=args.v2,
             column_map=args.column_map,
             skip_bad_records=args.skip_bad_records,
             mixed_precision=args.mixed_precision,
@@ -293,6 +317,31 @@ def main(argv: list[str] | None = None) -> int:
     print(dumps(shown))
     print(f"wrote {', '.join(RESULTS)} to {out}")
     return 0
+
+
+def default_out(model: str, data: str | None) -> Path:
+    """Where results go unless --out says: eval/MODEL/DATA in the working folder. MODEL is a folder's name with its
+    parent's (runs/quick/final_model: quick-final_model) or a hub id with "--" for "/"; DATA the data's name (its
+    file name without endings, a hub id as above), or the recorded evaluation data's ("held-out" for a held-out
+    share)."""
+    import re
+
+    from bertqa.deploy.serving import load_settings
+    from bertqa.sources import split_article_range
+
+    path = Path(model).expanduser()
+    if path.is_dir():
+        resolved = path.resolve()
+        model_label = "-".join(p for p in (resolved.parent.name, resolved.name) if p)
+    else:
+        model_label = model.replace("/", "--")
+    if data is None and path.is_dir() and (path / "bertqa.json").is_file():
+        settings = load_settings(path)
+        data = "held-out" if settings.get("eval_rule") else settings.get("eval_data")
+    name = str(split_article_range(data or "dev-v1.1")[0])
+    stem = Path(name).name if Path(name).exists() else name.replace("/", "--")
+    stem = re.sub(r"(\.(json|jsonl|csv|parquet))?(\.gz)?$", "", stem)
+    return Path("eval") / re.sub(r"[^\w.-]+", "_", model_label) / (re.sub(r"[^\w.-]+", "_", stem) or "data")
 
 
 def describe_errors(counts: dict[str, int], total: int) -> str:

@@ -7,7 +7,9 @@ Examples:
 
 Needs the export extra: pip install -e ".[export]". The folder written holds model.onnx, the tokenizer, config.json
 and bertqa.json (window settings, v2 flag, no-answer threshold, and the export's own check), so predict.py,
-evaluate.py and serve.py take it like the model folder it came from.
+evaluate.py and serve.py take it like the model folder it came from. A model without bertqa.json (saved by plain
+transformers, or a hub id) is exported with windows that fit it, as a SQuAD 1.1 model unless --v2 or --threshold
+says it is a SQuAD 2.0 one; the export records which, so that it answers the same later.
 
 The export checks itself before anything is written: both models run on real SQuAD dev windows. An fp32 export
 whose logits differ from PyTorch's by more than 1e-3 is refused; for int8 the share of questions answered as
@@ -25,7 +27,11 @@ from bertqa.cli import positive_int, run, script_parser, setup_logging
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = script_parser(__doc__)
-    parser.add_argument("model", help="saved model folder (final_model/best_model of a run, or its adapter/)")
+    parser.add_argument(
+        "model",
+        help="saved model folder (final_model/best_model of a run, or its adapter/), or any transformers QA model (a "
+        "folder saved by plain transformers, a hub id)",
+    )
     parser.add_argument("out", type=Path, help="folder to write the exported model to")
     parser.add_base_model()
     parser.add_argument("--format", default="onnx", choices=("onnx",), help="export format (default: %(default)s)")
@@ -49,6 +55,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "runs on any ONNX runtime",
     )
     parser.add_flag("--no-fuse", dest="fuse", negate=True, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    parser.add_version(threshold_default="the one saved with a v2 model, else 0 with --v2")
     parser.add_flag("--overwrite", help="replace an existing output folder")
     return parser.parse_args(argv)
 
@@ -73,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
         fuse=args.fuse,
         overwrite=args.overwrite,
         base_model=args.base_model,
+        v2=args.v2,
+        threshold=args.threshold,
     )
     print(report.format())
     return 0

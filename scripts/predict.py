@@ -12,6 +12,11 @@ Each output line (strict JSON) has the id (as given, else the question's positio
 For models trained on SQuAD v2 the answer is "" (start/end null) when the no-answer score is above the threshold
 saved with the model (override with --threshold), and `no_answer_probability` is given.
 
+Any transformers question-answering model answers too: a folder saved by plain transformers, or a hub id. Without
+bertqa.json it answers with windows that fit it, as a SQuAD 1.1 model (always a span) unless --v2 or --threshold
+says it is a SQuAD 2.0 one; the log says which, and says loudly when its QA head was never trained:
+  python scripts/predict.py deepset/roberta-base-squad2 --v2 -q "Who wrote it?" -c "It was written by Ann Lee."
+
 What the probabilities mean: `probability` is the model's chance that the answer is exactly right, and
 `no_answer_probability` its chance that the question has no answer. `scripts/evaluate.py` measures how well they
 hold on data with known answers (its expected calibration error, reliability.png): on a MiniLM fine-tuned for 100
@@ -27,7 +32,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from bertqa.cli import finite_float, non_negative_int, positive_int, run, script_parser, setup_logging
+from bertqa.cli import non_negative_int, positive_int, run, script_parser, setup_logging
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -37,9 +42,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("-q", "--question", help="one question (with --context)")
     parser.add_argument("-c", "--context", help="the passage to answer from")
     parser.add_argument("--file", type=Path, help="JSON list or JSONL of {question, context[, id]} objects")
-    parser.add_argument(
-        "--threshold", type=finite_float, help="no-answer threshold (default: the one saved with the model)"
-    )
+    parser.add_version(threshold_default="the one saved with a v2 model, else 0 with --v2")
     parser.add_argument(
         "--batch-size", type=positive_int, help="windows per forward pass (default: 4 on a CPU, 64 on a GPU)"
     )
@@ -88,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         args.model,
         batch_size=args.batch_size,
         threshold=args.threshold,
+        v2=args.v2,
         precision=args.mixed_precision,
         base_model=args.base_model,
     )

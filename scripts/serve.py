@@ -11,8 +11,13 @@ Needs the serve extra: pip install -e ".[serve]". Endpoints:
                   Returns what predict.py prints (an object or a list to match). Errors are {"error": ...}:
                   400 malformed JSON, 413 body too large, 422 a bad field or limit (named), 408 a body that does
                   not arrive, 503 busy, 504 too slow.
-  GET  /health    the model, its backend (torch-fp32, torch-bf16, onnx-fp32, onnx-int8), version and limits
+  GET  /health    the model, its backend (torch-fp32, torch-bf16, onnx-fp32, onnx-int8), how it answers (v2,
+                  threshold, settings from bertqa.json or defaults), untrained_head (why its QA head looks never
+                  trained, else null), version and limits
   GET  /openapi.json  the API's OpenAPI description
+
+Any transformers question-answering model serves too (a folder saved by plain transformers, or a hub id): it
+answers as a SQuAD 1.1 model unless --v2 or --threshold says otherwise.
 
 Questions that arrive together are answered in one batch (up to --max-batch questions, waiting at most
 --max-wait-ms for more). It listens on 127.0.0.1 unless --host says otherwise; it has no authentication, so do not
@@ -23,10 +28,8 @@ from __future__ import annotations
 
 import argparse
 import logging
-from pathlib import Path
 
 from bertqa.cli import (
-    finite_float,
     non_negative_float,
     port_number,
     positive_float,
@@ -57,15 +60,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     d = ServiceLimits()
     parser = script_parser(__doc__)
     parser.add_argument(
-        "model", type=Path, help="saved model folder, a LoRA run's adapter/ folder, or one scripts/export.py wrote"
+        "model",
+        help="saved model folder, a LoRA run's adapter/ folder, one scripts/export.py wrote, or any transformers "
+        "QA model (a folder saved by plain transformers, a hub id)",
     )
     parser.add_argument(
         "--host", default="127.0.0.1", help="address to listen on (default: %(default)s, this machine only)"
     )
     parser.add_argument("--port", type=port_number, default=8000, help="port (default: %(default)s)")
-    parser.add_argument(
-        "--threshold", type=finite_float, help="v2 no-answer threshold (default: the one saved with the model)"
-    )
+    parser.add_version(threshold_default="the one saved with a v2 model, else 0 with --v2")
     parser.add_precision(help="PyTorch models: auto = bf16 where native")
     parser.add_base_model()
     parser.add_argument(
@@ -102,8 +105,6 @@ def main(argv: list[str] | None = None) -> int:
     from bertqa.model import check_model_folder
 
     check_model_folder(args.model)  # a mistyped path or a run's folder, named with what to pass instead
-    if not args.model.is_dir():
-        raise FileNotFoundError(f"model folder {args.model} does not exist")
     try:
         import uvicorn
     except ImportError as err:
@@ -117,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         args.model,
         batch_size=args.batch_size,
         threshold=args.threshold,
+        v2=args.v2,
         precision=args.mixed_precision,
         base_model=args.base_model,
     )
@@ -124,9 +126,11 @@ def main(argv: list[str] | None = None) -> int:
         logger.warning(
             "listening on %s: reachable from other machines, and the service has no authentication", args.host
         )
-    logger.info(
-        "serving %s (%s%s) on http://%s:%d/ : the page at /, POST /answer, GET /health; Ctrl-C stops",
-        *(args.model, answerer.backend, ", v2" if answerer.v2 else "", args.host, args.port),
+    untrained = ", UNTRAINED QA HEAD: its answers are noise" if answerer.untrained_head else ""
+    logger.log(
+        logging.WARNING if untrained else logging.INFO,
+        "serving %s (%s%s%s) on http://%s:%d/ : the page at /, POST /answer, GET /health; Ctrl-C stops",
+        *(args.model, answerer.backend, ", v2" if answerer.v2 else "", untrained, args.host, args.port),
     )
     app = create_app(answerer, limits)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=args.access_log)

@@ -106,3 +106,11 @@ def tiny_dir(tmp_path_factory, tokenizer):
     make_tiny().save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def family_dirs(tmp_path_factory):
+    """Tiny BERT, RoBERTa and DeBERTa-v2 models saved as plain Hugging Face folders (`tests.families`), built once."""
+    from tests.families import save_families
+
+    return save_families(tmp_path_factory.mktemp("families"))

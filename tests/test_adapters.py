@@ -8,6 +8,7 @@ import shutil
 
 import pytest
 import torch
+from huggingface_hub import ModelCard
 from transformers import AutoModelForQuestionAnswering
 
 from bertqa import adapters, engine
@@ -80,6 +81,10 @@ def test_a_lora_run_says_what_trains_and_saves_merged_models_with_the_adapter(tm
         p.name for p in adapter.iterdir()
     }
     assert json.loads((adapter / "bertqa.json").read_text())["base_model"] == str(tiny_dir)
+    # Its card is bertqa's (peft writes a README.md of its own first), for peft to load it on its base
+    card = ModelCard.load(adapter / "README.md")
+    assert card.data.library_name == "peft" and "lora" in card.data.tags and "PeftModel.from_pretrained" in card.text
+    assert f'MODEL = "{adapter}"' in card.text and "merged in" in card.text
     assert (adapter / "adapter_model.safetensors").stat().st_size < (final / "model.safetensors").stat().st_size / 2
     # The adapter on its base answers as the merged model does
     assert torch.allclose(logits(adapters.load_trained(adapter), tokenizer), logits(plain, tokenizer), atol=1e-5)

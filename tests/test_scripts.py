@@ -49,7 +49,8 @@ def script(name: str, *args: str, launch: list[str] | None = None, check: bool =
     """Run a script of scripts/ by its name, or any other file by its path from the repository root."""
     path = ROOT / name if "/" in name else ROOT / "scripts" / name
     cmd = [*(launch or [sys.executable]), str(path), *map(str, args)]
-    result = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600, **kw)
+    kw.setdefault("cwd", ROOT)  # evaluate.py writes to eval/ in its working folder unless --out says
+    result = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600, **kw)
     if check and result.returncode != 0:
         raise AssertionError(f"{name} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     return result
@@ -112,12 +113,13 @@ def test_train_evaluate_predict(tmp_path, tiny_dir):
     preds = json.loads((out / "predictions.json").read_text())
     assert len(preds) == 24 and len(json.loads((out / "null_odds.json").read_text())) == 24
     # Without --data: the evaluation data recorded with the model; the wrong SQuAD version is scored, loudly.
-    recorded = script("evaluate.py", run / "final_model", "--max-examples", "8").stderr
+    recorded = script("evaluate.py", run / "final_model", "--max-examples", "8", cwd=tmp_path).stderr
     assert "evaluating on dev-v2.0, the evaluation data recorded with the model" in recorded
     # Trained without unanswerable questions, its threshold was chosen on that same evaluation data: said so.
     assert meta["threshold_calibrated_on"]["source"].startswith("the evaluation data")
     assert "was chosen on its evaluation data dev-v2.0" in recorded and "optimistic" in recorded
-    mismatch = script("evaluate.py", run / "final_model", "--data", "dev-v1.1", "--max-examples", "8").stderr
+    mismatch = script("evaluate.py", run / "final_model", "--data", "dev-v1.1", "--max-examples", "8", cwd=tmp_path)
+    mismatch = mismatch.stderr
     assert "VERSION MISMATCH" in mismatch and "scored as v2.0 with the model's no-answer threshold" in mismatch
 
     questions = tmp_path / "q.jsonl"
@@ -266,9 +268,12 @@ def test_evaluations_never_overwrite_each_other(tmp_path, tiny_dir):
     model = tmp_path / "model"
     shutil.copytree(tiny_dir, model)
     for _ in range(2):
-        script("evaluate.py", model, "--max-examples", "4")
-    assert (model / "eval" / "scores.json").is_file() and (model / "eval-2" / "scores.json").is_file()
-    result = script("evaluate.py", model, "--max-examples", "4", "--out", model / "eval", check=False)
+        said = script("evaluate.py", model, "--max-examples", "4", cwd=tmp_path).stderr
+    out = tmp_path / "eval" / f"{tmp_path.name}-model"  # by the model folder's name and its parent's
+    assert (out / "dev-v1.1" / "scores.json").is_file() and (out / "dev-v1.1-2" / "scores.json").is_file()
+    assert f"results go to {Path('eval') / out.name / 'dev-v1.1-2'}" in said
+    assert not (model / "eval").exists()  # nothing written into the model folder, which travels with the model
+    result = script("evaluate.py", model, "--max-examples", "4", "--out", out / "dev-v1.1", check=False)
     assert result.returncode == 2 and "--overwrite" in result.stderr
 
 
@@ -396,6 +401,10 @@ def test_evaluate_without_data_scores_the_share_the_run_held_out_to_the_digit(tm
     last = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][-1]
     result = script("evaluate.py", run / "final_model", "--out", tmp_path / "eval")
     assert "questions the run held out of dev-v1.1 (20%, seed 42), drawn again" in result.stderr
+    meta = json.loads((run / "final_model" / "bertqa.json").read_text())  # the held-out share said in words
+    said = r"dev-v1\.1: [\d,]+ of the training questions held out \(2\d%; 20% asked\), seed 42; (\d+) of them scored"
+    assert int(re.fullmatch(said, meta["eval_data"])[1]) == last["total"], meta["eval_data"]
+    assert meta["trained"]["eval_split"] in meta["eval_data"] and meta["trained"]["eval_data"] == "dev-v1.1"
     scores = json.loads((tmp_path / "eval" / "scores.json").read_text())
     assert (scores["exact"], scores["f1"], scores["total"]) == (last["exact"], last["f1"], last["total"])
     rows = [json.loads(line) for line in (tmp_path / "eval" / "questions.jsonl").read_text().splitlines()]

@@ -4,6 +4,7 @@ the server, a real uvicorn server under concurrent clients, and the page in a re
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -147,6 +148,7 @@ class StubAnswerer:
     """What create_app needs of an Answerer, answering like `fake_answer` after `delay` seconds."""
 
     model_dir, backend, v2, threshold, calibration = "stub", "stub-backend", False, None, NO_CALIBRATION
+    settings_from, untrained_head = "bertqa.json", None
 
     def __init__(self, delay: float = 0.0) -> None:
         self.delay = delay
@@ -175,9 +177,11 @@ def test_the_app_answers_objects_and_lists_and_names_errors():
         assert client.head("/health").status_code == 200
         assert client.get("/docs").status_code == 404 and client.get("/openapi.json").json()["info"]["title"]
         big = client.post("/answer", content=b"[" + b" " * 3000 + b"]")  # refused from its Content-Length
-        assert big.status_code == 413
+        assert big.status_code == 413 and big.json()["error"].startswith("the body has 3,002 bytes; ")
+        assert big.headers["connection"] == "close"  # the rest of a body is never left to read on the connection
         chunks = (b" " * 500 for _ in range(6))  # no Content-Length: refused once the stream passes the limit
-        assert client.post("/answer", content=chunks).status_code == 413
+        big = client.post("/answer", content=chunks)  # the rest read and dropped, even from a stream that has ended
+        assert big.status_code == 413 and big.json()["error"].startswith("the body has 3,000 bytes; ")
         page = client.get("/")
         assert page.status_code == 200 and 'id="ask"' in page.text and "http" not in page.text.split("<script>")[1]
 
@@ -206,6 +210,88 @@ def post(url: str, body) -> tuple[int, object]:
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as err:
         return err.code, json.loads(err.read())
+
+
+@contextlib.contextmanager
+def running(app):
+    """`app` served by uvicorn on a free loopback port, in a thread of this process: its URL."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, port=free_port(), log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            assert thread.is_alive(), "uvicorn did not start"
+            time.sleep(0.02)
+        yield f"http://127.0.0.1:{server.config.port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+def read_while_sending(url: str, head: str, body: bytes = b"") -> tuple[bytes, float]:
+    """Send `head` (the request line and headers, one a line) and `body` from a thread while reading the reply until
+    the server closes, as curl and browsers do: what the client reads, and after how many seconds."""
+    with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])), timeout=10) as conn:
+
+        def send() -> None:
+            with contextlib.suppress(OSError):  # a server that stops reading may reset the connection
+                conn.sendall(head.replace("\n", "\r\n").encode() + b"\r\n" + body)
+
+        sender = threading.Thread(target=send, daemon=True)
+        t0 = time.monotonic()
+        sender.start()
+        reply = b""
+        with contextlib.suppress(ConnectionResetError):  # after the reply, when the body was left unread
+            while chunk := conn.recv(1 << 16):
+                reply += chunk
+        sender.join(timeout=10)
+        return reply, time.monotonic() - t0
+
+
+FIVE_MB = b"x" * 5_000_000
+LIMIT_NAMED = "this service takes at most 1,048,576"  # the default max_body_bytes
+
+
+def test_a_body_over_the_limit_is_read_and_refused_not_reset():
+    """urllib sends its whole body before it reads the reply: had the server closed with the body unread, the kernel
+    would reset the connection and urllib would raise "connection reset" instead of reading the 413."""
+    with running(create_app(StubAnswerer())) as url:
+        chunked = (FIVE_MB[i : i + 65536] for i in range(0, len(FIVE_MB), 65536))  # no Content-Length
+        for body in (FIVE_MB, chunked):
+            request = urllib.request.Request(f"{url}/answer", data=body, headers={"Content-Type": "application/json"})
+            with pytest.raises(urllib.error.HTTPError) as refused:  # before the fix: URLError, connection reset
+                urllib.request.urlopen(request, timeout=30)
+            error = json.loads(refused.value.read())["error"]
+            assert refused.value.code == 413 and error == f"the body has 5,000,000 bytes; {LIMIT_NAMED}", error
+            assert refused.value.headers["Connection"] == "close"
+        # A client that waits for a go-ahead is refused from its Content-Length before it sends the body.
+        head = "POST /answer HTTP/1.1\nHost: x\nContent-Length: 5000000\nExpect: 100-continue\n"
+        reply, seconds = read_while_sending(url, head)
+        assert reply.startswith(b"HTTP/1.1 413") and b"100 Continue" not in reply and LIMIT_NAMED.encode() in reply
+        assert b"connection: close" in reply.lower() and seconds < 5
+        status, answer = post(f"{url}/answer", OK)  # and the server goes on
+        assert status == 200 and answer["answer"] == "?ohW"
+
+
+def test_a_body_past_the_drained_bound_or_short_of_its_length_still_gets_its_413():
+    limits = ServiceLimits(timeout_s=1.0, max_discard_bytes=1 << 20)  # bodies up to 2 MiB are read to their end
+    with running(create_app(StubAnswerer(), limits)) as url:
+        declared = "POST /answer HTTP/1.1\nHost: x\nContent-Length: 5000000\n"
+        reply, seconds = read_while_sending(url, declared, FIVE_MB)  # refused from its length, nothing read
+        assert reply.startswith(b"HTTP/1.1 413") and b"5,000,000 bytes; " + LIMIT_NAMED.encode() in reply
+        assert b"connection: close" in reply.lower() and seconds < 5
+        chunks = b"".join(b"10000\r\n" + b"x" * 65536 + b"\r\n" for _ in range(80)) + b"0\r\n\r\n"
+        chunked = "POST /answer HTTP/1.1\nHost: x\nTransfer-Encoding: chunked\n"
+        reply, seconds = read_while_sending(url, chunked, chunks)  # refused once 2 MiB are in
+        assert reply.startswith(b"HTTP/1.1 413") and b"the body has more than 2," in reply and seconds < 5
+        # A body that stops short of its Content-Length: refused at the request's timeout.
+        short = "POST /answer HTTP/1.1\nHost: x\nContent-Length: 1500000\n"
+        reply, seconds = read_while_sending(url, short, FIVE_MB[:1_200_000])
+        assert reply.startswith(b"HTTP/1.1 413") and b"1,500,000 bytes; " + LIMIT_NAMED.encode() in reply
+        assert b"connection: close" in reply.lower() and 0.9 < seconds < 5
+        assert post(f"{url}/answer", OK)[0] == 200  # and the server goes on
 
 
 @pytest.fixture(scope="module")

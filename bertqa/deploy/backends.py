@@ -9,6 +9,7 @@ ONNX Runtime is an optional extra (`pip install -e ".[export]"`), imported only 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +23,17 @@ __all__ = [
     "OnnxQAModel",
     "backend_name",
     "is_exported",
+    "load_checked",
     "load_qa_model",
     "load_settings",
     "precision_for",
+    "saved_settings",
+    "untrained_head",
 ]
 
+logger = logging.getLogger("bertqa")
 ONNX_FILE = "model.onnx"
+SETTINGS_FILE = "bertqa.json"
 EXTRA = 'pip install -e ".[export]" (onnxruntime)'
 
 # What a model folder without bertqa.json (e.g. a plain hub checkpoint) is used with.
@@ -52,9 +58,42 @@ DEFAULT_SETTINGS: dict[str, Any] = {
 
 def load_settings(model_dir: str | Path) -> dict[str, Any]:
     """The window settings and no-answer threshold saved next to a model by training, else the defaults."""
-    path = Path(model_dir) / "bertqa.json"
-    saved = json.loads(path.read_text()) if path.is_file() else {}
-    return {**DEFAULT_SETTINGS, **{k: v for k, v in saved.items() if k in DEFAULT_SETTINGS}}
+    return with_defaults(saved_settings(model_dir))
+
+
+def with_defaults(saved: dict[str, Any] | None) -> dict[str, Any]:
+    """The answering settings among `saved` (a `bertqa.json`), the defaults for the rest."""
+    return {**DEFAULT_SETTINGS, **{k: v for k, v in (saved or {}).items() if k in DEFAULT_SETTINGS}}
+
+
+def saved_settings(model_dir: str | Path) -> dict[str, Any] | None:
+    """The `bertqa.json` saved with a model, whole; None for a model bertqa did not train. A hub id's is read from
+    the hub's cache, else from the hub where it can be reached: a bertqa model pushed there answers as it was
+    scored."""
+    local = Path(model_dir).expanduser()
+    if local.is_dir() or not _hub_id(str(model_dir)):
+        path = local / SETTINGS_FILE
+        return json.loads(path.read_text()) if path.is_file() else None
+    from huggingface_hub import hf_hub_download
+
+    from bertqa.hub import hub_unreachable
+
+    for cached_only in (True, False):
+        if not cached_only and hub_unreachable() is not None:
+            return None
+        try:
+            path = hf_hub_download(str(model_dir), SETTINGS_FILE, local_files_only=cached_only)
+        except Exception:  # not cached, or not there (a model bertqa did not train): the hub's error types vary
+            continue
+        return json.loads(Path(path).read_text())
+    return None
+
+
+def _hub_id(name: str) -> bool:
+    """Whether `name` can be a hub id (NAME or ORG/NAME) rather than an alias or a local path."""
+    from bertqa.model import MODEL_ALIASES, looks_local
+
+    return name not in MODEL_ALIASES and not looks_local(name) and name.count("/") <= 1
 
 
 def is_exported(model_dir: str | Path) -> bool:
@@ -125,13 +164,92 @@ class OnnxQAModel(torch.nn.Module):
 
 def load_qa_model(model_dir: str | Path, *, device: str = "cpu", base_model: str | None = None) -> torch.nn.Module:
     """The model of a folder to answer with, in evaluation mode: ONNX Runtime for an exported folder, else the
-    PyTorch model on `device` (a LoRA adapter folder on its base, or `base_model`: `bertqa.adapters.load_trained`)."""
+    PyTorch model on `device` (a LoRA adapter folder on its base, or `base_model`: `bertqa.adapters.load_trained`).
+    A QA head that looks untrained is said loudly (`load_checked`)."""
+    return load_checked(model_dir, device=device, base_model=base_model)[0]
+
+
+def load_checked(
+    model_dir: str | Path, *, device: str = "cpu", base_model: str | None = None
+) -> tuple[torch.nn.Module, str | None]:
+    """`load_qa_model`, and why its QA head looks never trained (None: it does not; `untrained_head`). That is
+    said in the log as a warning before the model answers anything: its answers would be noise that looks like
+    answers. An exported folder says what its export found."""
     if is_exported(model_dir):
         if base_model is not None:
             raise ValueError(
                 f"{model_dir} is an exported model, not a LoRA adapter: a base model is for adapter folders"
             )
-        return OnnxQAModel(Path(model_dir) / ONNX_FILE, device=device).eval()
-    from bertqa.adapters import load_trained
+        model: torch.nn.Module = OnnxQAModel(Path(model_dir) / ONNX_FILE, device=device).eval()
+        untrained = (load_settings(model_dir)["export"] or {}).get("untrained_head")
+    else:
+        model, missing = _load_torch(model_dir, base_model=base_model)
+        untrained = untrained_head(model, missing, trained_steps=_trained_steps(saved_settings(model_dir)))
+        model = model.to(device).eval()
+    if untrained is not None:
+        logger.warning(
+            "UNTRAINED QA HEAD: %s %s. Its answers are noise until it is fine-tuned for question answering "
+            "(scripts/train.py --model %s)",
+            *(model_dir, untrained, model_dir),
+        )
+    return model, untrained
 
-    return load_trained(model_dir, base_model=base_model).to(device).eval()
+
+def _load_torch(model_dir: str | Path, *, base_model: str | None) -> tuple[torch.nn.Module, set[str]]:
+    """The PyTorch model of a folder, alias or hub id, and the weights its checkpoint lacked (transformers
+    initialised them). transformers' own report of them is left out: `load_checked` says what they mean."""
+    from bertqa.adapters import load_trained
+    from bertqa.model import is_adapter_folder, load_pretrained, quiet_transformers
+
+    if base_model is not None or is_adapter_folder(model_dir):
+        return load_trained(model_dir, base_model=base_model), set()  # the head comes with the adapter
+    from transformers import AutoModelForQuestionAnswering
+
+    with quiet_transformers():
+        model, info = load_pretrained(
+            "model",
+            AutoModelForQuestionAnswering.from_pretrained,
+            str(model_dir),
+            dtype=torch.float32,
+            output_loading_info=True,
+        )
+    missing = set(info["missing_keys"])
+    prefix = f"{model.base_model_prefix}."
+    encoder = sorted(key for key in missing if key.startswith(prefix))
+    if encoder:
+        logger.warning(
+            "%s: %d of its encoder's weights are not in its checkpoint and were initialised at random (%s%s)",
+            *(model_dir, len(encoder), ", ".join(encoder[:3]), ", ..." if len(encoder) > 3 else ""),
+        )
+    return model, missing
+
+
+def _trained_steps(saved: dict[str, Any] | None) -> int:
+    """How many updates bertqa trained a model for, as its `bertqa.json` records (0: not recorded)."""
+    record = (saved or {}).get("eval")
+    step = record.get("step") if isinstance(record, dict) else None
+    return step if isinstance(step, int) else 0
+
+
+def untrained_head(model: torch.nn.Module, missing: set[str], *, trained_steps: int = 0) -> str | None:
+    """Why `model`'s QA head looks never trained, or None. Two tells: its weights were not in the checkpoint
+    (`missing`: a base encoder loaded for question answering, whose head transformers made up), or every bias of
+    the head is exactly zero, as transformers initialises it (a base encoder saved with its fresh head). Training
+    moves a bias off zero in its first updates, though not always both of them (the loss barely depends on a
+    bias added to every position), so a model whose `bertqa.json` records updates (`trained_steps`) is believed."""
+    prefix = f"{getattr(model, 'base_model_prefix', '')}."
+    head = sorted(key for key in missing if not key.startswith(prefix))
+    if head:
+        return (
+            f"has no trained QA head: {', '.join(head)} are not in its checkpoint (a base encoder, not a "
+            "question-answering model), so they were initialised at random"
+        )
+    if trained_steps > 0 or prefix == ".":
+        return None
+    biases = [p for name, p in model.named_parameters() if not name.startswith(prefix) and name.endswith("bias")]
+    if biases and not any(bool(p.detach().any()) for p in biases):
+        return (
+            "has a QA head as transformers initialises it, never trained: its bias is exactly zero, which "
+            "training moves"
+        )
+    return None

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from bertqa.card import write_card
 from bertqa.deploy.backends import ONNX_FILE, OnnxQAModel
 
 __all__ = ["FP32_TOLERANCE", "ExportCheckError", "ExportReport", "export_onnx"]
@@ -89,22 +90,26 @@ def export_onnx(
     fuse: bool = True,
     overwrite: bool = False,
     base_model: str | None = None,
+    v2: bool | None = None,
+    threshold: float | None = None,
 ) -> ExportReport:
     """Export the model folder `model_dir` to the folder `out` as ONNX (`quantize="int8"`: dynamic int8 weights),
     check it against PyTorch on `check_questions` questions of `check_data` (default: the SQuAD dev set of the
     model's version), and write the folder only if the check passes. `fuse` rewrites the graph with ONNX Runtime's
     fused operators (faster; off: a plain ONNX graph that other runtimes run too). An existing non-empty `out` is
-    replaced only with `overwrite`; a LoRA adapter folder is put on its base (`base_model`, else the one it names)."""
+    replaced only with `overwrite`; a LoRA adapter folder is put on its base (`base_model`, else the one it names).
+    `v2` and `threshold` say how a model answers where its `bertqa.json` does not (any transformers QA model:
+    `bertqa.deploy.settings`), and are recorded in the export's, so that it answers the same later."""
     out = Path(out)
     _refuse_before_work(model_dir, out, quantize=quantize, overwrite=overwrite)
-    from bertqa.adapters import load_trained
-    from bertqa.deploy.backends import load_settings
+    from bertqa.deploy.backends import load_checked
+    from bertqa.deploy.settings import answer_settings
     from bertqa.model import build_tokenizer
 
     t0 = time.perf_counter()
-    settings = load_settings(model_dir)
     tokenizer = build_tokenizer(model_dir)
-    model = load_trained(model_dir, base_model=base_model).eval()  # an adapter folder: on its base, merged
+    settings, _ = answer_settings(model_dir, tokenizer, v2=v2, threshold=threshold)
+    model, untrained = load_checked(model_dir, base_model=base_model)  # an adapter folder: on its base, merged
     check_data = check_data or ("dev-v2.0" if settings["v2"] else "dev-v1.1")
     examples, features, loader = _check_windows(check_data, check_questions, tokenizer, settings)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
@@ -127,7 +132,7 @@ def export_onnx(
             size_mib=(tmp / ONNX_FILE).stat().st_size / 2**20,
             seconds=time.perf_counter() - t0,
         )
-        _write_companions(model, tokenizer, model_dir, tmp, report, fuse=fuse)
+        _write_companions(model, tokenizer, model_dir, tmp, report, fuse=fuse, settings=settings, untrained=untrained)
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
@@ -314,17 +319,27 @@ def _compare(
 
 
 def _write_companions(
-    model: torch.nn.Module, tokenizer: Any, model_dir: str | Path, folder: Path, report: ExportReport, *, fuse: bool
+    model: torch.nn.Module,
+    tokenizer: Any,
+    model_dir: str | Path,
+    folder: Path,
+    report: ExportReport,
+    *,
+    fuse: bool,
+    settings: dict[str, Any],
+    untrained: str | None,
 ) -> None:
-    """The tokenizer, the model's config and `bertqa.json` (the source's, plus what the export was)."""
+    """The tokenizer, the model's config and `bertqa.json`: the source's, with the settings it was answered with
+    (a model without one: the windows that fit it, its version and threshold as asked), and what the export was."""
     import json
 
     import onnxruntime
 
+    from bertqa.deploy.backends import saved_settings
+
     tokenizer.save_pretrained(folder)
     model.config.save_pretrained(folder)
-    source = Path(model_dir) / "bertqa.json"
-    meta = json.loads(source.read_text()) if source.is_file() else {}
+    meta = {**(saved_settings(model_dir) or {}), **settings}
     source_eval = meta.pop("eval", None)  # the PyTorch model's scores: kept, but named as such
     meta["export"] = {
         "format": "onnx",
@@ -334,9 +349,7 @@ def _write_companions(
         "check": {k: v for k, v in report.to_dict().items() if k not in ("source", "out", "quantize")},
         "versions": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__},
         "source_eval": source_eval,
+        "untrained_head": untrained,  # said again wherever the export answers
     }
-    if not source.is_file():  # a plain model folder: save what answering it needs, the defaults
-        from bertqa.deploy.serving import DEFAULT_SETTINGS
-
-        meta = {**DEFAULT_SETTINGS, **meta}
     (folder / "bertqa.json").write_text(json.dumps(meta, indent=2) + "\n")
+    write_card(folder, meta, kind="export")

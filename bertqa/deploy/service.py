@@ -3,19 +3,22 @@ uvicorn, as `scripts/serve.py` does).
 
 - `POST /answer` takes one `{"question", "context"[, "id"]}` object or a list of them (`?top_k=N` for candidates)
   and returns what `scripts/predict.py` prints, an object or a list to match.
-- `GET /health` names the model, its backend and the bertqa version; `GET /` is the page.
+- `GET /health` names the model, its backend, how it answers (SQuAD version, threshold, settings from
+  `bertqa.json` or defaults), whether its QA head looks untrained, and the bertqa version; `GET /` is the page.
 
 Questions that arrive together are answered together: `Batcher` waits a few milliseconds for more requests, up to a
 number of questions, runs them as one batch on one worker thread (the event loop stays free for health checks,
 timeouts and new requests) and hands each request its own answers. Every limit is checked before any work, and
-refused with a 4xx JSON `{"error": ...}` that names the problem and the record; a request that waits longer than
-its timeout gets a 504 while the server goes on. FastAPI and uvicorn are the optional extra `serve`.
+refused with a 4xx JSON `{"error": ...}` that names the problem and the record (a body over its limit is read and
+dropped, to a bound, before its 413, so that the client can read the reply); a request that waits longer than its
+timeout gets a 504 while the server goes on. FastAPI and uvicorn are the optional extra `serve`.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the endpoints' annotations (`request: Request`) at run
 # time, from names that are imported inside `create_app`.
 import asyncio
 import concurrent.futures
+import contextlib
 import dataclasses
 import difflib
 import json
@@ -45,6 +48,7 @@ class ServiceLimits:
     """What one request may hold, how long it may take, and how questions are batched."""
 
     max_body_bytes: int = 1 << 20
+    max_discard_bytes: int = 64 << 20  # of a body over max_body_bytes, read past it and dropped before the 413
     max_questions: int = 64  # records in one request
     max_context_chars: int = 20_000  # about 4,000 words: a long article, tens of windows
     max_question_chars: int = 1_000
@@ -57,12 +61,14 @@ class ServiceLimits:
 
 
 class RequestError(Exception):
-    """A request refused: an HTTP status and a message that names the problem."""
+    """A request refused: an HTTP status and a message that names the problem; `close`: the connection is closed
+    after the reply (the client may still be sending a body this server will not read)."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, *, close: bool = False) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.close = close
 
 
 def parse_questions(body: bytes, limits: ServiceLimits) -> tuple[list[dict[str, Any]], bool]:
@@ -255,7 +261,6 @@ class Batcher:
 
 def create_app(answerer: "Answerer", limits: ServiceLimits | None = None) -> "FastAPI":
     """The FastAPI application serving `answerer` within `limits`."""
-    import contextlib
     import importlib.resources
 
     try:
@@ -288,12 +293,12 @@ def create_app(answerer: "Answerer", limits: ServiceLimits | None = None) -> "Fa
     return app
 
 
-def _json(obj: Any, status: int = 200) -> "Response":
+def _json(obj: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> "Response":
     from fastapi.responses import Response
 
     from bertqa.training.reporting import dumps
 
-    return Response(dumps(obj, ensure_ascii=False), status, media_type="application/json")
+    return Response(dumps(obj, ensure_ascii=False), status, headers, media_type="application/json")
 
 
 def _add_error_handlers(app: "FastAPI") -> None:
@@ -303,7 +308,7 @@ def _add_error_handlers(app: "FastAPI") -> None:
 
     @app.exception_handler(RequestError)
     async def refused(request: Request, err: RequestError) -> "Response":
-        return _json({"error": err.message}, err.status)
+        return _json({"error": err.message}, err.status, {"Connection": "close"} if err.close else None)
 
     @app.exception_handler(Exception)
     async def fault(request: Request, err: Exception) -> "Response":  # a bug of ours: still JSON, and logged
@@ -336,6 +341,8 @@ def _add_routes(app: "FastAPI", answerer: "Answerer", batcher: Batcher, limits: 
                 "status": "ok",
                 **described,
                 "no_answer_threshold": answerer.threshold,
+                "settings": answerer.settings_from,  # bertqa.json, or defaults for a model bertqa did not train
+                "untrained_head": answerer.untrained_head,  # why its QA head looks never trained; null if it does not
                 "calibration": answerer.calibration.to_settings(),
                 "version": __version__,
                 "batches": batcher.batches,
@@ -356,6 +363,10 @@ def _add_routes(app: "FastAPI", answerer: "Answerer", batcher: Batcher, limits: 
             raise RequestError(408, f"the body did not arrive within {limits.timeout_s:g} s") from None
         except ClientDisconnect:  # nobody is left to answer
             return Response(status_code=400)
+        except _TooLarge as err:  # the rest read and dropped first, so that the client reads the 413
+            size = await _discard(request, err, limits, deadline=started + limits.timeout_s)
+            most = limits.max_body_bytes
+            raise RequestError(413, f"the body has {size}; this service takes at most {most:,}", close=True) from None
         records, many = parse_questions(body, limits)
         remaining = limits.timeout_s - (time.monotonic() - started)
         try:
@@ -377,14 +388,68 @@ def _top_k(params: Mapping[str, str], most: int) -> int:
     return int(text)
 
 
-async def _body(request: Any, most: int) -> bytes:
-    """The body, read no further than `most` bytes: a larger one is refused without holding it in memory."""
+class _TooLarge(Exception):
+    """A body over the limit: `read` bytes of it have been read (and dropped), `chunks` yields the rest."""
+
+    def __init__(self, read: int, chunks: AsyncIterator[bytes]) -> None:
+        super().__init__(read)
+        self.read, self.chunks = read, chunks
+
+
+def _declared_size(request: Any) -> int | None:
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > most:
-        raise RequestError(413, f"the body has {int(declared):,} bytes; this service takes at most {most:,}")
+    return int(declared) if declared is not None and declared.isdigit() else None
+
+
+async def _body(request: Any, most: int) -> bytes:
+    """The body, read no further than `most` bytes: a larger one raises `_TooLarge` without being held in memory."""
+    declared = _declared_size(request)
+    chunks = request.stream()  # one iterator: the request's stream cannot be started again once it has ended
+    if declared is not None and declared > most:
+        raise _TooLarge(0, chunks)
     body = bytearray()
-    async for chunk in request.stream():
+    async for chunk in chunks:
         body += chunk
         if len(body) > most:
-            raise RequestError(413, f"the body has more than {most:,} bytes; this service takes at most {most:,}")
+            raise _TooLarge(len(body), chunks)
     return bytes(body)
+
+
+async def _discard(request: Any, big: _TooLarge, limits: ServiceLimits, *, deadline: float) -> str:
+    """Read and drop the rest of a body over the limit, holding none of it; its size as far as it is known, for the
+    413 (which closes the connection).
+
+    A server that closes a connection with bytes unread makes the kernel reset it, and a client that sends its whole
+    body before it reads (Python's urllib, requests) then sees "connection reset" instead of the 413. So the rest is
+    read, until `deadline` (`time.monotonic()`) and no more than `max_discard_bytes` past the limit. That costs
+    bandwidth and time, not memory: the default 64 MiB takes under a second on a local network and about 5 s at
+    100 Mbit/s, well within the 30 s timeout, and covers the usual mistake (a file posted whole instead of a
+    passage). The byte bound, not the timeout alone, caps the bandwidth one request can waste on a fast link. A body
+    declared larger than the bound is not read at all (its client would be reset anyway, after a wasted upload), nor
+    one whose client waits for a go-ahead (`Expect: 100-continue`): reading would invite the body, and refused at
+    once, it is never sent.
+    """
+    declared = _declared_size(request)
+    bound = limits.max_body_bytes + limits.max_discard_bytes
+    waiting = request.headers.get("expect", "").lower() == "100-continue"
+    if declared is not None and (declared > bound or waiting):
+        return f"{declared:,} bytes"
+
+    read = big.read
+
+    async def drain() -> None:
+        nonlocal read
+        async for chunk in big.chunks:  # goes on from where `_body` stopped
+            read += len(chunk)
+            if read > bound:
+                return
+
+    from starlette.requests import ClientDisconnect
+
+    ended = False
+    with contextlib.suppress(asyncio.TimeoutError, ClientDisconnect):  # refused all the same
+        await asyncio.wait_for(drain(), max(deadline - time.monotonic(), 0))
+        ended = read <= bound
+    if declared is not None:
+        return f"{declared:,} bytes"
+    return f"{read:,} bytes" if ended else f"more than {read:,} bytes"

@@ -72,8 +72,14 @@ class Answerer:
     ONNX Runtime instead (`bertqa.deploy.backends`), in the precision it was exported in, with the same windows, span
     search and threshold. A LoRA run's `adapter/` folder answers on the base model it names (or `base_model`).
 
+    Any transformers question-answering model answers too, a folder saved by plain transformers or a hub id: with
+    windows that fit it, as a SQuAD 1.1 model unless `v2=True` or a `threshold` makes "no answer" possible
+    (`bertqa.deploy.settings`); the log says which. A model whose QA head was never trained is said loudly
+    (`untrained_head` gives why; None otherwise).
+
         answerer = Answerer("runs/quick/final_model")
         answerer([{"question": "Who wrote it?", "context": "The book was written by Ann Lee in 1990."}])
+        Answerer("deepset/roberta-base-squad2", v2=True)  # a SQuAD 2.0 model bertqa did not train
     """
 
     def __init__(
@@ -85,17 +91,20 @@ class Answerer:
         batch_size: int | None = None,
         threshold: float | None = None,
         base_model: str | None = None,
+        v2: bool | None = None,
     ) -> None:
-        from bertqa.deploy.backends import backend_name, is_exported, load_qa_model, precision_for
+        from bertqa.deploy.backends import backend_name, is_exported, load_checked, precision_for
+        from bertqa.deploy.settings import answer_settings
         from bertqa.model import build_tokenizer
 
         self.model_dir = str(model_dir)
-        self.settings = load_settings(model_dir)
         self.tokenizer = build_tokenizer(model_dir)
+        self.settings, saved = answer_settings(model_dir, self.tokenizer, v2=v2, threshold=threshold)
+        self.settings_from = "bertqa.json" if saved else "defaults (no bertqa.json)"
         precision = precision_for(model_dir, precision)
         exported = is_exported(model_dir)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() and not exported else "cpu"))
-        self.model = load_qa_model(model_dir, device=self.device.type, base_model=base_model)
+        self.model, self.untrained_head = load_checked(model_dir, device=self.device.type, base_model=base_model)
         if self.device.type == "cpu":
             keep_freed_memory()
         self.bf16 = resolve_precision(precision, device=self.device.type) == "bf16"
@@ -104,9 +113,9 @@ class Answerer:
         # answered 300 dev questions as fast as 16 (PyTorch) or 10% faster (ONNX int8), and the 12-32 questions
         # of a service's batch 1.2-1.4x faster; 64 was 1.4x slower than 16. GPUs want more.
         self.batch_size = batch_size or (64 if self.device.type == "cuda" else 4)
-        saved = self.settings["no_answer_threshold"]
+        # The version and threshold asked for are in the settings (`answer_settings`).
         self.v2 = bool(self.settings["v2"])
-        self.threshold = threshold if threshold is not None else (saved if self.v2 else None)
+        self.threshold = self.settings["no_answer_threshold"] if self.v2 else None
         # Probabilities are given with the calibration chosen in training where the model's were off.
         self.calibration = Calibration.from_settings(self.settings)
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bertqa.adapters import ADAPTER_DIR, is_lora, merged
+from bertqa.card import write_card
 from bertqa.config import computation_changes, kept_on_resume
 from bertqa.postprocess import NO_CALIBRATION
 from bertqa.sources import DEFAULT_NO_ANSWER_THRESHOLD
@@ -323,8 +324,10 @@ def model_meta(
     the evaluation data's, which is the training one's unless it has its own; whether bad records were skipped),
     and for v2 where its no-answer threshold is chosen."""
     meta = {**window.to_dict(), "max_answer_length": max_answer_length, "v2": examples.v2}
-    meta["eval_data"] = examples.eval_data  # None: a held-out share or examples passed in cannot be named again
+    meta["eval_data"] = examples.eval_data  # None: examples passed in cannot be named again
     meta["eval_rule"] = examples.eval_rule  # a held-out share: how `evaluate.py` draws the same questions again
+    if examples.eval_rule is not None:  # said in words; the rule is what finds the questions again
+        meta["eval_data"] = held_out_words(examples)
     meta["column_map"] = column_map
     meta["eval_column_map"] = column_map if eval_column_map is None else eval_column_map
     meta["skip_bad_records"] = skip_bad_records
@@ -341,6 +344,15 @@ def model_meta(
             "questions": len(on or examples.eval),
         }
     return meta
+
+
+def held_out_words(examples: RunExamples) -> str:
+    """A held-out evaluation share in words: "dev-v1.1: 2,153 of the training questions held out (20%; 20% asked),
+    seed 42; 24 of them scored"."""
+    said = f"{examples.train_data}: {examples.eval_described}, seed {(examples.eval_rule or {}).get('seed')}"
+    scored = f"{len(examples.eval):,}"
+    # The description counts the share as held out; max_eval_examples may score fewer of them
+    return said if examples.eval_described.startswith(f"{scored} ") else f"{said}; {scored} of them scored"
 
 
 def save_model(accelerator: Accelerator, model: Any, tokenizer: Any, path: Path, meta: dict[str, Any]) -> None:
@@ -365,10 +377,11 @@ def save_model(accelerator: Accelerator, model: Any, tokenizer: Any, path: Path,
 
         def write() -> None:
             if is_lora(unwrapped):  # the adapter alone, and the plain model with it merged in
-                _write_model(unwrapped, tokenizer, tmp / ADAPTER_DIR, settings, save=accelerator.save)
-                _write_model(merged(unwrapped), tokenizer, tmp, settings, save=accelerator.save)
+                adapter = (tmp / ADAPTER_DIR, path / ADAPTER_DIR)
+                _write_model(unwrapped, tokenizer, adapter, settings, save=accelerator.save, kind="adapter")
+                _write_model(merged(unwrapped), tokenizer, (tmp, path), settings, save=accelerator.save)
             else:
-                _write_model(unwrapped, tokenizer, tmp, settings, save=accelerator.save, state_dict=whole)
+                _write_model(unwrapped, tokenizer, (tmp, path), settings, save=accelerator.save, state_dict=whole)
 
         failed = _attempt(write)
         if failed is None:
@@ -383,11 +396,22 @@ def save_model(accelerator: Accelerator, model: Any, tokenizer: Any, path: Path,
 
 
 def _write_model(
-    model: Any, tokenizer: Any, folder: Path, settings: dict[str, Any], *, save: Any, state_dict: Any = None
+    model: Any,
+    tokenizer: Any,
+    folders: tuple[Path, Path],
+    settings: dict[str, Any],
+    *,
+    save: Any,
+    state_dict: Any = None,
+    kind: str = "model",
 ) -> None:
+    """The model, its tokenizer, `bertqa.json` and its card into `folders[0]`, which becomes `folders[1]` (the
+    name the card's code loads it by). The card is written last: peft writes a README.md of its own."""
+    folder, final = folders
     model.save_pretrained(folder, save_function=save, state_dict=state_dict)
     tokenizer.save_pretrained(folder)
     (folder / "bertqa.json").write_text(json.dumps(settings, indent=2) + "\n")
+    write_card(folder, settings, kind=kind, ref=str(final))
 
 
 def resume_point(

@@ -95,6 +95,7 @@ class Evaluator:
             )
         memory = peak_memory(self.accelerator)  # training's peak so far (an evaluation holds far less)
         record = {"step": state.step, "epoch": state.epoch, **train_stats, **metrics, **calibrated, **memory}
+        record["train_time_s"] = state.train_time_s  # of the updates so far, over every resume
         self.recorder.log_eval(record)
         # The untrained model of an evaluation before training is a baseline, never kept as the best model.
         if self.best_model is not None and state.step > 0 and metrics["f1"] > state.best_model_f1:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import logging
 import math
 import pickle
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -200,6 +201,7 @@ class Run:
     timing: bool = False  # a time budget's warm-up is being timed: nothing else is to run between its updates
     finished: bool = False  # the loop is over: what follows is the end of the run
     train_time_s: float = 0.0
+    tick: float = 0.0  # when the update in progress began: its time is added to `TrainState.train_time_s`
     saved: tuple[int, str | None] | None = None  # (update, stop) the latest checkpoint holds
     saved_folder: Path | None = None  # and where it is
     pass_end: int = 0  # the update the pass in progress was told to end at
@@ -214,6 +216,7 @@ class Run:
         updates told to the hooks and its log points recorded."""
         batches = self.order.batches(self.accelerator, self.state) if batches is None else batches
         self.pass_end = max_steps or self.total_steps
+        self.tick = time.perf_counter()
         stats = self.one_pass(
             batches, max_steps=self.pass_end, callbacks=[self._updated], on_log=self.recorder.log_train
         )
@@ -221,7 +224,9 @@ class Run:
         return stats
 
     def _updated(self, update: Update) -> None:
+        self.state.train_time_s += time.perf_counter() - self.tick  # the update alone: not what the hooks do next
         self.hooks.update(self, update)
+        self.tick = time.perf_counter()
         if self.total_steps < self.pass_end:  # a hook shortened the run: this pass (and the run) ends there
             self.state.end_step = self.pass_end = self.total_steps
 

@@ -20,6 +20,7 @@ import torch
 
 from bertqa import batching, inference
 from bertqa.cache import prepare_data
+from bertqa.card import provenance
 from bertqa.config import computation_changes
 from bertqa.data import check_labels
 from bertqa.model import check_model_limits, model_depth, model_name
@@ -520,6 +521,15 @@ def _evaluator(c: TrainConfig, run: Run, data: Data, signals: SignalCatcher, *, 
         meta["depth"] = model_depth(trained.config)
     except ValueError:  # a model whose layers are not counted: no depth to check an adapter's base against
         meta["depth"] = None
+    meta["trained"] = provenance(
+        run.record,
+        examples=examples,
+        labels=data.labels,
+        precision=run.accelerator.mixed_precision,
+        device_type=run.accelerator.device.type,
+        processes=run.accelerator.num_processes,
+        base_model=meta["base_model"],
+    )
     cal = data.windows.calibration_features  # SQuAD v2 training data: the threshold's questions
     return Evaluator(
         accelerator=run.accelerator,

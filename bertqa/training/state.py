@@ -73,6 +73,8 @@ class TrainState:
     # The update the run ends at, when a callback moved it from where the loop was told (a time budget's run that
     # fell behind its plan or ran ahead of it); `train_one_epoch` stops there
     end_step: int | None = None
+    # Seconds spent training (updates, not evaluations or checkpoints), over every resume of the run
+    train_time_s: float = 0.0
     # The hooks' own states (`Hook.state_dict()`, by hook), read just before each checkpoint is written
     hooks: dict[str, Any] = field(default_factory=dict)
 
