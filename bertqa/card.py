@@ -52,8 +52,8 @@ def _squad_id(source: str) -> str | None:
 
     if source in _SQUAD_HUB:
         return _SQUAD_HUB[source]
-    if source in _SQUAD_IDS:
-        return _SQUAD_IDS[source]
+    if source.partition(":")[0] in _SQUAD_IDS:  # a hub id, with or without a split ("squad:validation")
+        return _SQUAD_IDS[source.partition(":")[0]]
     with contextlib.suppress(OSError):
         for name, path in BUNDLED.items():
             if Path(source).exists() and Path(source).resolve() == path.resolve():
@@ -159,7 +159,7 @@ def provenance(
         "eval_split": examples.eval_described,
         "eval_questions": len(examples.eval),
         "data_licence": data_licence(examples.train_data, examples.eval_data),
-        "precision": precision,
+        "precision": _precision(precision),
         "hardware": hardware(device_type, processes),
         "label_check": {"labelled": labels.n_labelled, "decoded_to_gold": labels.n_match},
         "seed": config.get("seed"),
@@ -241,7 +241,9 @@ def _eval_results(
     dataset = {
         "dataset_type": _squad_id(parts[0]) or Path(parts[0]).name,
         "dataset_name": f"{trained.get('eval_split') or eval_data} ({record.get('total', 0):,.0f} questions)",
-        "dataset_split": "validation" if any(p.startswith("dev-") for p in parts) else None,
+        "dataset_split": "validation"
+        if any(p.startswith("dev-") or p.endswith(":validation") for p in parts)
+        else None,
     }
     task = {"task_type": "question-answering", "task_name": "Extractive question answering"}
     metrics = {**_V1_METRICS, **(_V2_METRICS if v2 else {})}
@@ -292,6 +294,16 @@ def _title(settings: Mapping[str, Any], kind: str) -> str:
     line = f"{what}: given a question and a passage, it {answers}."
     if settings.get("trained") or settings.get("base_model"):  # trained by bertqa (a third-party model is not)
         line += f" Fine-tuned from {_base_link(settings.get('base_model'))} with bertqa."
+    lora = ((settings.get("trained") or {}).get("settings") or {}).get("lora_r")
+    if lora and kind == "model":
+        line += (
+            f" Trained with LoRA (r={lora}): the adapters are merged into these weights; `adapter/` holds them alone."
+        )
+    untrained = (settings.get("export") or {}).get("untrained_head")
+    if untrained:
+        line += (
+            f"\n\n**Its QA head looks never trained**: it {untrained}. Its answers are noise until it is fine-tuned."
+        )
     return f"# {_name(settings)}\n\n{line}"
 
 
@@ -342,7 +354,7 @@ def _training(settings: Mapping[str, Any]) -> str:
     share = f" ({100 * labels.get('decoded_to_gold', 0) / checked:.2f}%)" if checked else ""
     lines = [
         f"- Data: {trained['train_data']} ({trained.get('train_questions', 0):,} training questions); evaluated on "
-        f"{trained.get('eval_split')} ({trained.get('eval_questions', 0):,} questions).",
+        f"{_evaluated_on(settings)}.",
         f"- Label self-check before training: {labels.get('decoded_to_gold', 0):,} of {checked:,} in-window answer "
         f"labels decode back to the gold answer text{share}.",
         f"- Command: `{trained.get('command')}`",
@@ -357,6 +369,14 @@ def _training(settings: Mapping[str, Any]) -> str:
     if settings.get("v2"):
         lines.append(_threshold_line(settings))
     return "## Training\n\n" + "\n".join(lines)
+
+
+def _evaluated_on(settings: Mapping[str, Any]) -> str:
+    """The evaluation questions in words: a held-out share as `bertqa.json` says it (how many were scored too)."""
+    trained = settings.get("trained") or {}
+    if settings.get("eval_rule") and settings.get("eval_data"):
+        return str(settings["eval_data"])
+    return f"{trained.get('eval_split')} ({trained.get('eval_questions', 0):,} questions)"
 
 
 def _memory(record: Mapping[str, Any]) -> str:
@@ -407,7 +427,8 @@ def _plain(settings: Mapping[str, Any], ref: str) -> str:
     longest = settings.get("max_answer_length") or 30
     return (
         "With plain transformers (the folder is a `save_pretrained` model; this short version reads the first window "
-        f"only, and takes the best span of at most {longest} tokens of the passage):\n\n"
+        f"only, and takes the best span of at most {longest} tokens of the passage"
+        f"{', never no answer: bertqa applies the threshold' if settings.get('v2') else ''}):\n\n"
         "```python\nimport torch\nfrom transformers import AutoModelForQuestionAnswering, AutoTokenizer\n\n"
         f'MODEL = "{ref}"\ntokenizer = AutoTokenizer.from_pretrained(MODEL)\n'
         "model = AutoModelForQuestionAnswering.from_pretrained(MODEL).eval()\n"
@@ -452,10 +473,14 @@ def _onnx(settings: Mapping[str, Any], ref: str) -> str:
 
 def _limits(settings: Mapping[str, Any]) -> str:
     trained = settings.get("trained") or {}
+    scored = settings.get("eval") or (settings.get("export") or {}).get("source_eval")
     where = trained.get("eval_split") or trained.get("eval_data") or "its own evaluation data"
     lines = [
         f"- Scored only on {where}: how it does on other domains, on other languages, on questions written "
-        "differently or on passages longer than a few windows was not measured.",
+        "differently or on passages longer than a few windows was not measured."
+        if scored
+        else "- No evaluation is recorded with it: score it on data like yours (`scripts/evaluate.py`) before "
+        "relying on it.",
         "- It answers with a span of the passage given, never with text of its own; answers longer than "
         f"{settings.get('max_answer_length')} tokens are not proposed.",
     ]

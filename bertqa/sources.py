@@ -127,7 +127,7 @@ def run_examples(
     unless it has an `eval_column_map` ("standard": the usual names); `skip_bad_records` drops invalid records
     (counted, the first few named, in the load reports) instead of stopping.
     """
-    arguments = dict(locals())  # what draws a held-out evaluation share again (`RunExamples.eval_rule`)
+    arguments = {**locals(), "train_data": findable(train_data)}  # draws a held-out share again, from anywhere
     options = {"answerable": answerable, "seed": seed, "column_map": column_map, "skip_bad_records": skip_bad_records}
     train, train_report = _training_side(train_data, train_examples, options)
     alone = train_examples is not None and eval_examples is None and eval_data is None and eval_split is None

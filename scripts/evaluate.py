@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -72,9 +73,9 @@ def recorded_eval_data(model_dir: str | Path, settings: dict[str, Any]) -> str |
     """The evaluation data saved with a model (`bertqa.json`), to score it on the same questions again; None when
     the run held its evaluation questions out of its training data by a rule recorded there (`eval_rule`)."""
     if not (Path(model_dir) / "bertqa.json").is_file():
-        other = "dev-v2.0 to score its 'no answer'" if settings["v2"] else "other data"
-        logger.info("%s has no bertqa.json: evaluating on dev-v1.1 (pass --data %s)", model_dir, other)
-        return "dev-v1.1"
+        data = plain_model_data(v2=bool(settings["v2"]))
+        logger.info("%s has no bertqa.json: evaluating on %s (pass --data for other data)", model_dir, data)
+        return data
     if settings.get("eval_rule"):  # a held-out share (its eval_data says which, in words)
         return None
     if settings.get("eval_data"):
@@ -83,6 +84,12 @@ def recorded_eval_data(model_dir: str | Path, settings: dict[str, Any]) -> str |
     raise ValueError(
         f"{model_dir} records no evaluation data to use again (it was evaluated on examples passed to fit); pass --data"
     )
+
+
+def plain_model_data(*, v2: bool) -> str:
+    """What a model without `bertqa.json` is scored on unless --data says: the SQuAD dev set of the version it
+    answers as (SQuAD 2.0 with --v2 or --threshold)."""
+    return "dev-v2.0" if v2 else "dev-v1.1"
 
 
 def load_eval_examples(
@@ -203,7 +210,7 @@ def evaluate_model(
     model = load_qa_model(model_dir, base_model=base_model)
     model = model if is_exported(model_dir) else accelerator.prepare_model(model, evaluation_mode=True)
     asked = v2 is not None or threshold is not None  # said by answer_settings; nothing to compare with training
-    scored_v2 = _scored_version(model_dir, settings, examples, eval_data, compare=saved and not asked)
+    scored_v2 = _scored_version(model_dir, settings, examples, eval_data, compare=not asked, saved=saved)
     logger.info(
         "evaluating %d examples (%d windows, %s) on %d processes",
         *(len(examples), len(features), "v2.0" if scored_v2 else "v1.1", accelerator.num_processes),
@@ -228,15 +235,23 @@ def evaluate_model(
 
 
 def _scored_version(
-    model_dir: str, settings: dict[str, Any], examples: list[Any], eval_data: str, *, compare: bool
+    model_dir: str, settings: dict[str, Any], examples: list[Any], eval_data: str, *, compare: bool, saved: bool
 ) -> bool:
     """Whether to score as SQuAD 2.0. As in training: a model answering as v2 is scored as v2 on any data (its "no
-    answer" counts), v2 data with any model. With `compare`, a model trained for the other version than the data's
-    is said loudly."""
+    answer" counts), v2 data with any model. With `compare` (no version asked for), a model trained for the other
+    version than the data's is said loudly, and so is v2 data given to a model that does not say (`saved`: it has
+    a bertqa.json) what it was trained for."""
     from bertqa.examples import is_v2
 
     data_v2, model_v2 = is_v2(examples), bool(settings["v2"])
-    if compare and data_v2 != model_v2:
+    if compare and not saved and data_v2:  # nothing says what it was trained for: the likely fix, said
+        logger.warning(
+            "%s has unanswerable questions, and %s answers as a SQuAD 1.1 model (it has no bertqa.json): each of "
+            "them counts as wrong unless it may say 'no answer'; pass --v2 (or --threshold) if it is a SQuAD 2.0 model",
+            eval_data,
+            model_dir,
+        )
+    elif compare and saved and data_v2 != model_v2:
         logger.warning(
             "VERSION MISMATCH: %s was trained on SQuAD %s data but %s is SQuAD %s: %s",
             *(model_dir, "v2.0" if model_v2 else "v1.1", eval_data, "v2.0" if data_v2 else "v1.1"),
@@ -272,7 +287,8 @@ def main(argv: list[str] | None = None) -> int:
     from bertqa.training.reporting import dumps, plot_reliability
 
     check_model_folder(args.model)  # before any folder is made: a mistyped path must not become one
-    default = default_out(args.model, args.data)
+    v2_asked = bool(args.v2) or (args.v2 is None and args.threshold is not None)  # as answer_settings reads them
+    default = default_out(args.model, args.data or None, v2=v2_asked)
     out = output_folder(args.out, default, overwrite=args.overwrite, results=RESULTS)
     logger.info("results go to %s%s", out, " (--out to choose another folder)" if args.out is None else "")
     try:
@@ -291,8 +307,10 @@ def main(argv: list[str] | None = None) -> int:
             base_model=args.base_model,
         )
     except BaseException:
-        with contextlib.suppress(OSError):
-            out.rmdir()  # only if still empty: a failed evaluation leaves no empty folder behind
+        # Only folders left empty: a failed evaluation leaves none behind (eval/MODEL/DATA: three of them)
+        for folder in (out, *([out.parent, out.parent.parent] if args.out is None else [])):
+            with contextlib.suppress(OSError):
+                folder.rmdir()
         raise
     if not predictions:  # not the main process
         return 0
@@ -319,29 +337,36 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def default_out(model: str, data: str | None) -> Path:
-    """Where results go unless --out says: eval/MODEL/DATA in the working folder. MODEL is a folder's name with its
-    parent's (runs/quick/final_model: quick-final_model) or a hub id with "--" for "/"; DATA the data's name (its
-    file name without endings, a hub id as above), or the recorded evaluation data's ("held-out" for a held-out
-    share)."""
-    import re
-
+def default_out(model: str, data: str | None, *, v2: bool = False) -> Path:
+    """Where results go unless --out says: eval/MODEL/DATA in the working folder (beside the model folder when the
+    working folder is inside it: results never go into the model, which travels with every copy and push). MODEL is
+    a folder's name with its parent's (runs/quick/final_model: quick-final_model) or a hub id with "--" for "/";
+    DATA the data's name (its file name without endings, a hub id as above, an article range kept:
+    dev-v2.0_articles_3-5), or the recorded evaluation data's ("held-out" for a held-out share)."""
     from bertqa.deploy.serving import load_settings
     from bertqa.sources import split_article_range
 
-    path = Path(model).expanduser()
+    path, root = Path(model).expanduser(), Path("eval")
     if path.is_dir():
         resolved = path.resolve()
         model_label = "-".join(p for p in (resolved.parent.name, resolved.name) if p)
+        if Path.cwd().resolve().is_relative_to(resolved):
+            root = resolved.parent / "eval"
     else:
         model_label = model.replace("/", "--")
     if data is None and path.is_dir() and (path / "bertqa.json").is_file():
         settings = load_settings(path)
         data = "held-out" if settings.get("eval_rule") else settings.get("eval_data")
-    name = str(split_article_range(data or "dev-v1.1")[0])
-    stem = Path(name).name if Path(name).exists() else name.replace("/", "--")
+    name, articles = split_article_range(data or plain_model_data(v2=v2))
+    stem = Path(name).name if Path(name).exists() else str(name).replace("/", "--")
     stem = re.sub(r"(\.(json|jsonl|csv|parquet))?(\.gz)?$", "", stem)
-    return Path("eval") / re.sub(r"[^\w.-]+", "_", model_label) / (re.sub(r"[^\w.-]+", "_", stem) or "data")
+    if articles is not None:
+        stem += f"_articles_{articles.start or 0}-{'' if articles.stop is None else articles.stop}"
+    return root / _folder_name(model_label) / _folder_name(stem)
+
+
+def _folder_name(text: str) -> str:
+    return re.sub(r"[^\w.-]+", "_", text).strip("_") or "data"
 
 
 def describe_errors(counts: dict[str, int], total: int) -> str:

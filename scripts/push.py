@@ -34,9 +34,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging()
-    from bertqa.deploy.share import files_to_push, push_model
+    from bertqa.deploy.share import check_repo_id, files_to_push, push_model
 
     if args.dry_run:
+        check_repo_id(args.repo_id)
         files = files_to_push(args.model)
         print(f"would push {len(files)} files of {args.model} to {args.repo_id}:")
         print("\n".join(f"  {name}" for name in files))

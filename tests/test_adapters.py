@@ -85,6 +85,7 @@ def test_a_lora_run_says_what_trains_and_saves_merged_models_with_the_adapter(tm
     card = ModelCard.load(adapter / "README.md")
     assert card.data.library_name == "peft" and "lora" in card.data.tags and "PeftModel.from_pretrained" in card.text
     assert f'MODEL = "{adapter}"' in card.text and "merged in" in card.text
+    assert "Trained with LoRA (r=4): the adapters are merged into these weights" in (final / "README.md").read_text()
     assert (adapter / "adapter_model.safetensors").stat().st_size < (final / "model.safetensors").stat().st_size / 2
     # The adapter on its base answers as the merged model does
     assert torch.allclose(logits(adapters.load_trained(adapter), tokenizer), logits(plain, tokenizer), atol=1e-5)

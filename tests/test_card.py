@@ -117,6 +117,7 @@ def test_data_licences_are_said_only_where_known(tmp_path):
     assert card.data_licence("train-v1.1", "dev-v2.0[:25]") == SQUAD
     assert card.data_licence(str(BUNDLED["dev-v1.1"]), "rajpurkar/squad_v2") == SQUAD
     assert card.data_licence("dev-v1.1+squad_v2") == SQUAD
+    assert card.data_licence("squad:train", "rajpurkar/squad_v2:validation") == SQUAD  # hub ids with a split
     mine = tmp_path / "mine.jsonl"
     mine.write_text("")
     assert card.data_licence("dev-v1.1", str(mine)) is None  # the user's own data: theirs to state
@@ -154,6 +155,13 @@ def test_the_files_a_push_sends_are_the_model_folders_own(run, tmp_path):
     (folder / ".cache").mkdir()
     (folder / ".cache" / "x").write_text("")
     (folder / "weights.tmp").write_text("")
+    nested = folder / "eval" / "quick-final_model" / "dev-v1.1"  # where evaluate.py run inside the model writes
+    nested.mkdir(parents=True)
+    (nested / "scores.json").write_text("{}")
+    (nested / "predictions.json").write_text("{}")
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not the model's")
+    (folder / "notes.txt").symlink_to(secret)  # a link out of the folder: left out
     assert share.files_to_push(folder) == expected
 
 
@@ -239,6 +247,12 @@ def test_push_stops_where_the_hub_refuses_and_says_why(run, tmp_path):
     assert refused.returncode == 2 and seconds < 30, refused.stderr
     assert "error: the hub refused the push to someone/tiny-qa:" in refused.stderr
     assert "the token was not accepted" in refused.stderr
+
+
+@pytest.mark.parametrize("repo_id", ["a b/c", "x/y/z", "", "me/", "me/" + "n" * 100, "me/--x"])
+def test_a_repository_id_the_hub_would_refuse_is_refused_before_anything(repo_id):
+    with pytest.raises(ValueError, match=re.escape(f"{repo_id!r} is not a Hub repository id")):
+        share.check_repo_id(repo_id)
 
 
 @pytest.mark.e2e

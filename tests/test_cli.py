@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -310,3 +311,23 @@ def test_a_script_closes_its_process_group_on_every_way_out(tmp_path):
         with pytest.raises(SystemExit) as exited:
             cli.run(main)
         assert exited.value.code == code and not dist.is_initialized()
+
+
+def test_evaluation_results_go_to_eval_model_data_never_inside_the_model(tmp_path, monkeypatch, tiny_dir):
+    default_out = load_script("scripts/evaluate.py").default_out
+    model = tmp_path / "runs" / "quick" / "final_model"
+    shutil.copytree(tiny_dir, model)
+    monkeypatch.chdir(tmp_path)
+    assert default_out(str(model), "dev-v1.1") == Path("eval/quick-final_model/dev-v1.1")
+    assert default_out("runs/quick/final_model", "dev-v2.0[3:5]") == Path(
+        "eval/quick-final_model/dev-v2.0_articles_3-5"
+    )
+    assert default_out("deepset/roberta-base-squad2", None, v2=True) == Path(
+        "eval/deepset--roberta-base-squad2/dev-v2.0"
+    )
+    assert default_out("minilm-l6", "squad:validation") == Path("eval/minilm-l6/squad_validation")
+    mine = tmp_path / "my data.jsonl.gz"
+    mine.write_text("")
+    assert default_out(str(model), str(mine)) == Path("eval/quick-final_model/my_data")
+    monkeypatch.chdir(model)  # inside the model folder: beside it, not in it
+    assert default_out(".", None) == model.parent / "eval" / "quick-final_model" / "dev-v1.1"

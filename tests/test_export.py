@@ -52,6 +52,7 @@ def test_fp32_export_matches_pytorch_and_is_a_complete_folder(exports, tiny_dir)
     assert card.data.library_name == "onnx" and "onnx" in card.data.tags and not card.data.eval_results
     assert f"logits differ by at most {report.max_abs_diff:.2g}" in card.text and str(tiny_dir) in card.text
     assert f"{report.same_answers} of {report.questions} answers are the same" in card.text
+    assert f'MODEL = "{folder}"' in card.text  # the folder it became, not the one it was written in
 
 
 def test_answerer_gives_the_same_answers_from_the_exported_folder(exports, tiny_dir, questions):

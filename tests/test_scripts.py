@@ -393,6 +393,45 @@ def test_a_training_log_written_to_a_file_reads_as_plain_lines(tmp_path, tiny_di
     assert re.search(r"no-answer threshold .*, chosen on \d+ held-out questions: there it answers \d+ of", text)
 
 
+def test_a_share_held_out_of_a_file_named_relative_to_one_folder_is_drawn_again_from_another(tmp_path, tiny_dir):
+    from bertqa.sources import load_examples
+
+    examples, _ = load_examples("dev-v1.1[:3]")
+    work, other = tmp_path / "work", tmp_path / "other"
+    work.mkdir(), other.mkdir()
+    rows = [
+        {
+            "id": ex.id,
+            "title": ex.title,
+            "context": ex.context,
+            "question": ex.question,
+            "answers": {"text": list(ex.answer_texts), "answer_start": list(ex.answer_starts)},
+        }
+        for ex in examples[:60]
+    ]
+    (work / "mine.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    run = tmp_path / "run"
+    settings = [
+        "--model",
+        tiny_dir,
+        *SMALL[8:],
+        "--train-data",
+        "mine.jsonl",
+        "--max-steps",
+        "2",
+        "--label-check-min",
+        "0.8",
+    ]
+    script("train.py", *settings, "--output-dir", run, cwd=work)
+    last = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][-1]
+    said = script("evaluate.py", run / "final_model", cwd=other).stderr
+    assert f"held out of {work / 'mine.jsonl'}" in said
+    scores = json.loads((other / "eval" / "run-final_model" / "held-out" / "scores.json").read_text())
+    assert (scores["f1"], scores["total"]) == (last["f1"], last["total"])
+    card = (run / "final_model" / "README.md").read_text()
+    assert f"- Data: {work / 'mine.jsonl'} (" in card and "the training data's licence is not recorded" in card
+
+
 def test_evaluate_without_data_scores_the_share_the_run_held_out_to_the_digit(tmp_path, tiny_dir):
     run = tmp_path / "run"
     held_out = ["--train-data", "dev-v1.1", "--eval-split", "0.2", "--max-train-examples", "60"]

@@ -293,6 +293,11 @@ def test_evaluate_takes_a_plain_folder_and_honours_a_threshold(plain, tmp_path):
     script("evaluate.py", plain["trained"], *common, "--threshold", ALWAYS, "--out", tmp_path / "t")
     assert json.loads((tmp_path / "t" / "scores.json").read_text())["no_answer_threshold"] == ALWAYS
     assert set(json.loads((tmp_path / "t" / "predictions.json").read_text()).values()) == {""}  # "no answer"
+    # Without --data, the dev set of the version it answers as, in eval/MODEL/DATA of the working folder
+    as_v2 = script("evaluate.py", plain["trained"], "--v2", "--max-examples", "4", "--precision", "no", cwd=tmp_path)
+    assert "has no bertqa.json: evaluating on dev-v2.0" in as_v2.stderr
+    out = tmp_path / "eval" / f"{Path(plain['trained']).parent.name}-{Path(plain['trained']).name}" / "dev-v2.0"
+    assert json.loads((out / "scores.json").read_text())["total"] == 4
 
 
 @pytest.mark.e2e
@@ -303,6 +308,9 @@ def test_an_export_records_v2_and_threshold_and_its_untrained_head(plain, tmp_pa
     meta = json.loads((out / "bertqa.json").read_text())
     assert (meta["v2"], meta["no_answer_threshold"], meta["max_seq_length"]) == (True, ALWAYS, 384)
     assert "initialises" in meta["export"]["untrained_head"]
+    card = (out / "README.md").read_text()  # its card says so too, and that nothing scored it
+    assert f"**Its QA head looks never trained**: it {meta['export']['untrained_head']}" in card
+    assert "No evaluation is recorded with it" in card and "Fine-tuned" not in card
     caplog.set_level("INFO", logger="bertqa")
     answerer = Answerer(out)  # answers as it was exported, without being told again
     assert (answerer.v2, answerer.threshold, answerer.settings_from) == (True, ALWAYS, "bertqa.json")

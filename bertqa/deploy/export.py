@@ -352,4 +352,4 @@ def _write_companions(
         "untrained_head": untrained,  # said again wherever the export answers
     }
     (folder / "bertqa.json").write_text(json.dumps(meta, indent=2) + "\n")
-    write_card(folder, meta, kind="export")
+    write_card(folder, meta, kind="export", ref=report.out)  # `folder` is renamed to `report.out` once checked

@@ -11,6 +11,7 @@ either failing names the repository and what to do.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import shutil
 import tempfile
@@ -19,7 +20,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["PushError", "Pushed", "files_to_push", "push_model"]
+__all__ = ["PushError", "Pushed", "check_repo_id", "files_to_push", "push_model"]
 
 logger = logging.getLogger("bertqa")
 
@@ -46,7 +47,6 @@ class Pushed:
 def files_to_push(folder: str | Path) -> list[str]:
     """The files of a model folder that a push sends, as paths inside it ("adapter/adapter_config.json"), sorted.
     Refuses what is not a model folder: a training run's, a checkpoint, a file, one without a model."""
-    from bertqa.adapters import ADAPTER_DIR
     from bertqa.model import ADAPTER_CONFIG, check_model_folder
 
     path = Path(folder).expanduser()
@@ -58,14 +58,19 @@ def files_to_push(folder: str | Path) -> list[str]:
             f"{folder} holds no model (no config.json, nor {ADAPTER_CONFIG}): push a model folder such as "
             "runs/NAME/final_model, its adapter/, or an exported folder"
         )
-    files = []
+    files, outside = [], []
     for file in sorted(p for p in path.rglob("*") if p.is_file()):
         parts = file.relative_to(path).parts
         if any(part.startswith(".") or part.endswith(".tmp") or part == "__pycache__" for part in parts):
             continue
-        if len(parts) > 1 and parts[0] != ADAPTER_DIR and (path / parts[0] / _RESULTS).is_file():
-            continue  # an evaluation's results kept inside the model: not the model
+        if any((path.joinpath(*parts[:k]) / _RESULTS).is_file() for k in range(1, len(parts))):
+            continue  # an evaluation's results kept inside the model (at any depth): not the model
+        if not file.resolve().is_relative_to(path.resolve()):
+            outside.append("/".join(parts))  # a link out of the folder: what it points at is not the model's
+            continue
         files.append("/".join(parts))
+    if outside:
+        logger.warning("%s: left out, links to files outside the folder: %s", folder, ", ".join(outside))
     return files
 
 
@@ -84,6 +89,7 @@ def push_model(
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError
 
+    check_repo_id(repo_id)
     files = files_to_push(folder)
     api = HfApi(token=token)
     _check_reachable(api, repo_id)
@@ -103,9 +109,21 @@ def push_model(
     return Pushed(repo_id, revision or "main", tuple(files), str(commit.commit_url))
 
 
+def check_repo_id(repo_id: str) -> None:
+    """Refuse, before anything is sent, a repository id the Hub would refuse: NAME or ORG/NAME, of letters, digits,
+    "-", "_" and "." (not "--" or ".." inside, nor "-" or "." at either end), at most 96 characters."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as err:
+        raise ValueError(f"{repo_id!r} is not a Hub repository id: {' '.join(str(err).split())}") from None
+
+
 def _check_reachable(api: object, repo_id: str) -> None:
     """Fail within seconds, naming `repo_id`, where there is no token or no hub to push to."""
-    from huggingface_hub import constants, get_token
+    from huggingface_hub import get_token
 
     from bertqa.hub import endpoint_unreachable
 
@@ -114,10 +132,15 @@ def _check_reachable(api: object, repo_id: str) -> None:
             f"cannot push to {repo_id}: no Hugging Face token found. Log in with `hf auth login`, or set HF_TOKEN "
             "to a token with write access (https://huggingface.co/settings/tokens)"
         )
-    # The hub client's own offline switch (the datasets and transformers ones do not stop a push)
-    reason = "HF_HUB_OFFLINE=1 is set" if constants.HF_HUB_OFFLINE else endpoint_unreachable()
+    # The hub client's own offline switches (the datasets one does not stop a push)
+    switch = next((name for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE") if _on(name)), None)
+    reason = f"{switch}={os.environ[switch]} is set" if switch else endpoint_unreachable()
     if reason is not None:
         raise PushError(f"cannot push to {repo_id}: the hub cannot be used here ({reason}); push where it can")
+
+
+def _on(name: str) -> bool:
+    return os.environ.get(name, "").strip().upper() in ("1", "ON", "YES", "TRUE")
 
 
 def _said(err: Exception) -> str:
