@@ -31,6 +31,20 @@ def make_tiny(seed: int = 0, **overrides: float) -> torch.nn.Module:
     return build_model("minilm-l6", pretrained=False, config_overrides={**TINY, **overrides})
 
 
+def as_records(examples, *, ids: bool = False) -> list[dict]:
+    """Examples as records in the file schema (title, context, question, answers{text, answer_start}[, id])."""
+    return [
+        {
+            **({"id": ex.id} if ids else {}),
+            "title": ex.title,
+            "context": ex.context,
+            "question": ex.question,
+            "answers": {"text": list(ex.answer_texts), "answer_start": list(ex.answer_starts)},
+        }
+        for ex in examples
+    ]
+
+
 def tiny_config(tmp_path, **changes) -> TrainConfig:
     base = dict(
         model="minilm-l6",

@@ -19,7 +19,7 @@ from bertqa.inference import eval_batches, predict_logits
 from bertqa.model import build_model
 from bertqa.training import optim
 from bertqa.training.checkpoint import latest_checkpoint, list_checkpoints
-from tests.conftest import TINY, tiny_config
+from tests.conftest import TINY, as_records, tiny_config
 
 
 def weights(model):
@@ -309,17 +309,7 @@ def test_fit_takes_a_datasets_object_and_holds_out_evaluation_data(tmp_path, tin
     import datasets
 
     examples, _ = sources.load_examples("dev-v1.1", max_examples=60, seed=5)
-    records = datasets.Dataset.from_list(
-        [
-            {
-                "title": ex.title,
-                "context": ex.context,
-                "question": ex.question,
-                "answers": {"text": list(ex.answer_texts), "answer_start": list(ex.answer_starts)},
-            }
-            for ex in examples
-        ]
-    )
+    records = datasets.Dataset.from_list(as_records(examples))
     summary = engine.fit(
         tiny_config(tmp_path, eval_split=0.25, eval_data=None, max_eval_examples=None),
         model=tiny(),
@@ -471,15 +461,7 @@ def test_only_the_main_process_prints_and_all_log_the_runs_mean_loss(monkeypatch
 
 def test_fit_takes_records_in_the_file_schema_and_holds_out_evaluation_data(tmp_path, tiny, caplog):
     examples, _ = sources.load_examples("dev-v1.1", max_examples=30, seed=5)
-    records = [
-        {
-            "title": ex.title,
-            "context": ex.context,
-            "question": ex.question,
-            "answers": {"text": list(ex.answer_texts), "answer_start": list(ex.answer_starts)},
-        }
-        for ex in examples
-    ]
+    records = as_records(examples)
     summary = engine.fit(
         tiny_config(tmp_path, eval_data=None, max_eval_examples=None), model=tiny(), train_examples=records
     )
@@ -551,16 +533,7 @@ def test_a_threshold_is_not_chosen_on_too_few_of_either_kind(tmp_path, tiny, cap
 
     answerable, _ = load_squad("dev-v1.1")
     unanswerable = [ex for ex in load_squad("dev-v2.0")[0] if ex.is_impossible][:2]
-    records = [
-        {
-            "id": ex.id,
-            "title": ex.title,
-            "context": ex.context,
-            "question": ex.question,
-            "answers": {"text": list(ex.answer_texts), "answer_start": list(ex.answer_starts)},
-        }
-        for ex in [*answerable[:31], *unanswerable]
-    ]
+    records = as_records([*answerable[:31], *unanswerable], ids=True)
     config = tiny_config(tmp_path, save_model=True, eval_data="dev-v2.0[30:]", max_train_examples=None)
     with caplog.at_level(logging.INFO, logger="bertqa"):
         summary = engine.fit(config, model=tiny(), train_examples=records)

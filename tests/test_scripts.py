@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.conftest import as_records
+
 # End to end: scripts, processes and whole runs (seconds each); `make test-fast` leaves them out.
 pytestmark = pytest.mark.e2e
 
@@ -399,16 +401,7 @@ def test_a_share_held_out_of_a_file_named_relative_to_one_folder_is_drawn_again_
     examples, _ = load_examples("dev-v1.1[:3]")
     work, other = tmp_path / "work", tmp_path / "other"
     work.mkdir(), other.mkdir()
-    rows = [
-        {
-            "id": ex.id,
-            "title": ex.title,
-            "context": ex.context,
-            "question": ex.question,
-            "answers": {"text": list(ex.answer_texts), "answer_start": list(ex.answer_starts)},
-        }
-        for ex in examples[:60]
-    ]
+    rows = as_records(examples[:60], ids=True)
     (work / "mine.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     run = tmp_path / "run"
     settings = [
