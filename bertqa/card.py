@@ -433,14 +433,15 @@ def _plain(settings: Mapping[str, Any], ref: str) -> str:
         f'MODEL = "{ref}"\ntokenizer = AutoTokenizer.from_pretrained(MODEL)\n'
         "model = AutoModelForQuestionAnswering.from_pretrained(MODEL).eval()\n"
         'question, context = "Who wrote the book?", "The book was written by Ann Lee in 1990."\n'
-        f'inputs = tokenizer(question, context, truncation="only_second", max_length={settings.get("max_seq_length")}, '
-        'return_tensors="pt", return_offsets_mapping=True)\noffsets = inputs.pop("offset_mapping")[0]\n'
+        "inputs = tokenizer(\n"
+        f'    question, context, truncation="only_second", max_length={settings.get("max_seq_length")}, '
+        'return_tensors="pt", return_offsets_mapping=True\n)\noffsets = inputs.pop("offset_mapping")[0]\n'
         "with torch.no_grad():\n    out = model(**inputs)\n"
         "in_context = torch.tensor([part == 1 for part in inputs.sequence_ids(0)])\n"
         "n = len(in_context)  # spans start <= end < start + the longest answer, both in the passage\n"
         f"allowed = torch.ones(n, n, dtype=torch.bool).triu().tril({longest - 1}) & in_context[:, None] & in_context\n"
         "scores = out.start_logits[0][:, None] + out.end_logits[0][None, :]\n"
-        "start, end = divmod(int(scores.masked_fill(~allowed, float('-inf')).argmax()), n)\n"
+        'start, end = divmod(int(scores.masked_fill(~allowed, float("-inf")).argmax()), n)\n'
         "print(context[offsets[start][0] : offsets[end][1]])\n```"
     )
 
