@@ -32,7 +32,7 @@ __all__ = [
 
 CARD_FILE = "README.md"
 SQUAD_LICENCE = "CC BY-SA 4.0"
-SQUAD_CREDIT = "SQuAD (Rajpurkar et al.), CC BY-SA 4.0"
+SQUAD_CREDIT = f"SQuAD (Rajpurkar et al.), {SQUAD_LICENCE}"
 # The Hub's ids for what bertqa names by alias or bundles: the card's metadata links to them.
 HUB_BASES = {"minilm-l6": "sentence-transformers/all-MiniLM-L6-v2"}
 _SQUAD_HUB = {"train-v1.1": "rajpurkar/squad", "dev-v1.1": "rajpurkar/squad", "dev-v2.0": "rajpurkar/squad_v2"}
@@ -55,9 +55,9 @@ def _squad_id(source: str) -> str | None:
     if source.partition(":")[0] in _SQUAD_IDS:  # a hub id, with or without a split ("squad:validation")
         return _SQUAD_IDS[source.partition(":")[0]]
     with contextlib.suppress(OSError):
-        for name, path in BUNDLED.items():
-            if Path(source).exists() and Path(source).resolve() == path.resolve():
-                return _SQUAD_HUB[name]
+        if Path(source).exists():  # a bundled file by its path
+            found = Path(source).resolve()
+            return next((_SQUAD_HUB[name] for name, path in BUNDLED.items() if path.resolve() == found), None)
     return None
 
 
@@ -93,13 +93,12 @@ def base_licence(base: str | None) -> str | None:
 
 def _hub_card(repo_id: str) -> Any:
     """A hub model's card: from the hub's cache, else the hub when it can be reached (None otherwise)."""
-    from huggingface_hub import ModelCard, hf_hub_download
+    from huggingface_hub import ModelCard
 
-    from bertqa.hub import hub_unreachable
+    from bertqa.hub import hub_file
 
-    with contextlib.suppress(Exception):
-        return ModelCard.load(hf_hub_download(repo_id, CARD_FILE, local_files_only=True))
-    return None if hub_unreachable() else ModelCard.load(repo_id)
+    path = hub_file(repo_id, CARD_FILE)
+    return ModelCard.load(path) if path is not None else None
 
 
 def hardware(device_type: str, processes: int) -> str:
@@ -186,13 +185,11 @@ def card_text(settings: Mapping[str, Any], *, kind: str = "model", ref: str = "p
 
 def _hub_base(base: str | None) -> str | None:
     """The base model as a Hub id (an alias by its Hub id); None for a local folder, which the Hub cannot link."""
-    from bertqa.model import looks_local
+    from bertqa.model import is_hub_id
 
     if not base:
         return None
-    if base in HUB_BASES:
-        return HUB_BASES[base]
-    return None if looks_local(base) or Path(base).expanduser().exists() else base
+    return HUB_BASES[base] if base in HUB_BASES else base if is_hub_id(base) else None
 
 
 def _datasets(trained: Mapping[str, Any]) -> list[str]:
@@ -264,6 +261,11 @@ def _eval_results(
 # -- prose: what a person reads -------------------------------------------------------------------------------------
 
 
+def _scores(settings: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """The evaluation record the model was saved after; for an export, its source's (which the export keeps)."""
+    return settings.get("eval") or (settings.get("export") or {}).get("source_eval")
+
+
 def _threshold(settings: Mapping[str, Any]) -> float | None:
     return settings.get("no_answer_threshold") if settings.get("v2") else None
 
@@ -314,7 +316,7 @@ def _pct(value: Any) -> str:
 def _results(settings: Mapping[str, Any], kind: str) -> str:
     """The scores of the evaluation the model was saved after (for an export: its source's, and the export check)."""
     export = settings.get("export") or {}
-    record = export.get("source_eval") if kind == "export" else settings.get("eval")
+    record = _scores(settings)
     trained = settings.get("trained") or {}
     check = f"\n\n{_export_check(export)}" if kind == "export" else ""
     if not record:
@@ -348,7 +350,7 @@ def _training(settings: Mapping[str, Any]) -> str:
     trained = settings.get("trained")
     if not trained:
         return "## Training\n\nThis folder does not record how the model was trained."
-    record = settings.get("eval") or (settings.get("export") or {}).get("source_eval") or {}
+    record = _scores(settings) or {}
     labels = trained.get("label_check") or {}
     checked = labels.get("labelled") or 0
     share = f" ({100 * labels.get('decoded_to_gold', 0) / checked:.2f}%)" if checked else ""
@@ -474,7 +476,7 @@ def _onnx(settings: Mapping[str, Any], ref: str) -> str:
 
 def _limits(settings: Mapping[str, Any]) -> str:
     trained = settings.get("trained") or {}
-    scored = settings.get("eval") or (settings.get("export") or {}).get("source_eval")
+    scored = _scores(settings)
     where = trained.get("eval_split") or trained.get("eval_data") or "its own evaluation data"
     lines = [
         f"- Scored only on {where}: how it does on other domains, on other languages, on questions written "

@@ -7,7 +7,7 @@ from __future__ import annotations
 import functools
 import os
 
-__all__ = ["PROBE_TIMEOUT_S", "endpoint_unreachable", "hub_unreachable", "offline_setting"]
+__all__ = ["PROBE_TIMEOUT_S", "endpoint_unreachable", "hub_file", "hub_unreachable", "offline_setting"]
 
 PROBE_TIMEOUT_S = 5.0  # long enough for a slow but working connection, short against a minute of retries
 _OFFLINE_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")
@@ -41,4 +41,19 @@ def endpoint_unreachable() -> str | None:
         get_session().head(constants.ENDPOINT, timeout=PROBE_TIMEOUT_S)  # any answer, even an error page, will do
     except Exception as err:  # the HTTP client's own error types differ between huggingface_hub versions
         return f"{constants.ENDPOINT} cannot be reached ({type(err).__name__}: {str(err)[:120]})"
+    return None
+
+
+def hub_file(repo_id: str, filename: str) -> str | None:
+    """The local path of a file of a hub model repository: from the hub's cache, else downloaded where the hub can
+    be reached; None where it is in neither, or the repository has no such file."""
+    from huggingface_hub import hf_hub_download
+
+    for cached_only in (True, False):
+        if not cached_only and hub_unreachable() is not None:
+            return None
+        try:
+            return hf_hub_download(repo_id, filename, local_files_only=cached_only)
+        except Exception:  # not cached, or not there: the hub client's error types vary between versions
+            continue
     return None

@@ -21,6 +21,7 @@ __all__ = [
     "build_tokenizer",
     "check_model_folder",
     "is_adapter_folder",
+    "is_hub_id",
     "keep_layers",
     "load_pretrained",
     "model_depth",
@@ -74,6 +75,11 @@ def looks_local(name: str) -> bool:
         return True
     parts = name.split("/")
     return len(parts) > 2 or (len(parts) == 2 and Path(parts[0]).is_dir())
+
+
+def is_hub_id(name: str) -> bool:
+    """Whether a model name means a hub repository (NAME or ORG/NAME): not an alias, nor a local path."""
+    return name not in MODEL_ALIASES and not looks_local(name) and not Path(name).expanduser().exists()
 
 
 def check_model_folder(name: str | Path) -> None:

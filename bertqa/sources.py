@@ -151,7 +151,7 @@ def run_examples(
         reports += _add_negatives(sides, pools, negatives, seed=seed, eval_too=held_out_eval)
     calibration_off = _drop_thin_calibration(sides) or calibration_off
     found = {"reports": tuple(reports), "eval_described": described, "eval_data": named}
-    found["train_data"] = findable(train_data) if train_examples is None else None
+    found["train_data"] = arguments["train_data"] if train_examples is None else None
     if named is None and train_examples is None and eval_examples is None:  # drawn by a rule: it can be again
         found["eval_rule"] = {k: v for k, v in arguments.items() if k not in ("train_examples", "eval_examples")}
     return RunExamples(**sides, calibration_split=calibration_split, calibration_off=calibration_off, **found)

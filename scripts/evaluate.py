@@ -287,8 +287,9 @@ def main(argv: list[str] | None = None) -> int:
     from bertqa.training.reporting import dumps, plot_reliability
 
     check_model_folder(args.model)  # before any folder is made: a mistyped path must not become one
-    v2_asked = bool(args.v2) or (args.v2 is None and args.threshold is not None)  # as answer_settings reads them
-    default = default_out(args.model, args.data or None, v2=v2_asked)
+    from bertqa.deploy.settings import answers_v2
+
+    default = default_out(args.model, args.data or None, v2=answers_v2(False, v2=args.v2, threshold=args.threshold))
     out = output_folder(args.out, default, overwrite=args.overwrite, results=RESULTS)
     logger.info("results go to %s%s", out, " (--out to choose another folder)" if args.out is None else "")
     try:

@@ -70,30 +70,12 @@ def saved_settings(model_dir: str | Path) -> dict[str, Any] | None:
     """The `bertqa.json` saved with a model, whole; None for a model bertqa did not train. A hub id's is read from
     the hub's cache, else from the hub where it can be reached: a bertqa model pushed there answers as it was
     scored."""
+    from bertqa.hub import hub_file
+    from bertqa.model import is_hub_id
+
     local = Path(model_dir).expanduser()
-    if local.is_dir() or not _hub_id(str(model_dir)):
-        path = local / SETTINGS_FILE
-        return json.loads(path.read_text()) if path.is_file() else None
-    from huggingface_hub import hf_hub_download
-
-    from bertqa.hub import hub_unreachable
-
-    for cached_only in (True, False):
-        if not cached_only and hub_unreachable() is not None:
-            return None
-        try:
-            path = hf_hub_download(str(model_dir), SETTINGS_FILE, local_files_only=cached_only)
-        except Exception:  # not cached, or not there (a model bertqa did not train): the hub's error types vary
-            continue
-        return json.loads(Path(path).read_text())
-    return None
-
-
-def _hub_id(name: str) -> bool:
-    """Whether `name` can be a hub id (NAME or ORG/NAME) rather than an alias or a local path."""
-    from bertqa.model import MODEL_ALIASES, looks_local
-
-    return name not in MODEL_ALIASES and not looks_local(name) and name.count("/") <= 1
+    found = hub_file(str(model_dir), SETTINGS_FILE) if is_hub_id(str(model_dir)) else local / SETTINGS_FILE
+    return json.loads(Path(found).read_text()) if found is not None and Path(found).is_file() else None
 
 
 def is_exported(model_dir: str | Path) -> bool:

@@ -17,7 +17,7 @@ from typing import Any
 from bertqa.data import Window
 from bertqa.deploy.backends import saved_settings, with_defaults
 
-__all__ = ["answer_settings", "answer_version", "default_window", "readable_length"]
+__all__ = ["answer_settings", "answer_version", "answers_v2", "default_window", "readable_length"]
 
 logger = logging.getLogger("bertqa")
 
@@ -77,6 +77,12 @@ def default_window(tokenizer: Any, config: Any) -> Window:
     return window
 
 
+def answers_v2(saved_v2: bool, *, v2: bool | None, threshold: float | None) -> bool:
+    """Whether a model answers as SQuAD 2.0: as asked (`v2`, or a threshold, which makes "no answer" possible),
+    else as saved (`saved_v2`; a model without `bertqa.json`: no)."""
+    return v2 is not False if v2 is not None or threshold is not None else saved_v2
+
+
 def answer_version(settings: dict[str, Any], *, v2: bool | None, threshold: float | None) -> tuple[dict[str, Any], str]:
     """`settings` with the SQuAD version and threshold to answer with, and how it answers, in words.
 
@@ -92,7 +98,7 @@ def answer_version(settings: dict[str, Any], *, v2: bool | None, threshold: floa
         )
     saved_v2, saved = bool(settings["v2"]), settings["no_answer_threshold"]
     asked = v2 is not None or threshold is not None
-    answer_v2 = v2 is not False if asked else saved_v2
+    answer_v2 = answers_v2(saved_v2, v2=v2, threshold=threshold)
     if not answer_v2:
         said = "as a SQuAD 1.1 model: always a span, never 'no answer' (--v2 or --threshold for SQuAD 2.0)"
         return {**settings, "v2": False, "no_answer_threshold": None}, said
